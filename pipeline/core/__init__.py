@@ -1,0 +1,1 @@
+"""pipeline.core: pure array kernels (co-registration, normalization, change)."""

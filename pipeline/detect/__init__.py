@@ -1,0 +1,1 @@
+"""pipeline.detect: pure; change maps to candidate buildings and compounds."""

@@ -1,0 +1,1 @@
+"""pipeline.fetch: I/O only; reading imagery onto the working grid with provenance."""

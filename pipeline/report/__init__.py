@@ -1,0 +1,1 @@
+"""pipeline.report: I/O; evidence to GeoJSON, rasters and manifest."""
