@@ -151,17 +151,23 @@ class ChangeParams:
 
 @dataclass(frozen=True)
 class ObjectParams:
-    """Buildings from change regions, and compounds from groups of them."""
+    """Buildings from change regions, and compounds from site-scale construction evidence."""
 
     building_min_area_m2: float = 100.0
     building_max_area_m2: float = 20000.0
     building_min_solidity: float = 0.6
     building_min_rectangularity: float = 0.5
+    building_max_elongation: float = 10.0
+    change_min_area_m2: float = 1000.0
+    cell_m: float = 10.0
+    site_sigma_m: float = 20.0
     site_gap_m: float = 60.0
+    texture_eps: float = 0.002
+    min_texture_gain: float = 0.25
     compound_min_area_m2: float = 10000.0
-    compound_min_rectangularity: float = 0.6
-    compound_min_fill: float = 0.15
+    compound_min_fill: float = 0.3
     min_score: float = 0.3
+    score_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""pipeline.detect.compounds: candidate compounds from site-scale construction evidence.
+
+A compound is a block of new construction with a rectilinear outline: texture gain above its
+automatic threshold over a connected area of at least ``compound_min_area_m2``. Its outline is
+the maximum-evidence rectangle in the site's dominant orientation (``rectfit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from affine import Affine
+from skimage import filters, measure
+
+from pipeline.detect.rectfit import dominant_orientation_deg, fit_oriented_rectangle
+from pipeline.detect.texture import grey, texture_gain
+from pipeline.model import ObjectParams
+
+__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold"]
+
+
+@dataclass(frozen=True)
+class CompoundCandidate:
+    """A rectilinear block of construction evidence, polygon in the grid CRS."""
+
+    polygon: shapely.Polygon
+    orientation_deg: float
+    length_m: float
+    width_m: float
+    evidence_fill: float
+    gain_inside: float
+    gain_outside: float
+    gain_threshold: float
+    cell_m: float
+
+
+def evidence_threshold(gain: np.ndarray, *, floor: float) -> float:
+    """Otsu threshold of the valid texture gains, never below ``floor`` (a log ratio).
+
+    The floor keeps an unchanged pair (gains near 0 everywhere) from yielding a threshold
+    inside its noise.
+    """
+    values = gain[np.isfinite(gain)]
+    if values.size == 0 or float(values.max()) <= float(values.min()):
+        return float(floor)
+    return float(max(filters.threshold_otsu(values), floor))
+
+
+def find_compounds(
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    transform: Affine,
+    res_m: float,
+    params: ObjectParams,
+) -> tuple[list[CompoundCandidate], np.ndarray, float]:
+    """Find compound outlines in a co-registered, normalized ``(band, y, x)`` pair.
+
+    Returns
+    -------
+    ``(candidates, gain, threshold)``: candidates sorted by evidence (strongest first), the
+    texture-gain map on the cell grid, and the threshold applied to it.
+    """
+    factor = max(1, int(round(params.cell_m / res_m)))
+    cell_m = factor * res_m
+    gain = texture_gain(
+        before,
+        after,
+        factor=factor,
+        sigma_cells=params.site_sigma_m / cell_m,
+        eps=params.texture_eps,
+    )
+    threshold = evidence_threshold(gain, floor=math.log1p(params.min_texture_gain))
+    evidence = np.isfinite(gain) & (gain > threshold)
+    labels = measure.label(evidence, connectivity=2)
+    min_cells = params.compound_min_area_m2 / cell_m**2
+    margin = int(math.ceil(params.site_gap_m / cell_m))
+    after_grey = grey(after)
+    found = []
+    for region in measure.regionprops(labels):
+        if region.area < min_cells:
+            continue
+        cand = _fit_region(
+            gain, labels, region, after_grey,
+            threshold=threshold, margin=margin, factor=factor, transform=transform,
+            cell_m=cell_m,
+        )
+        if cand is not None and cand.polygon.area >= params.compound_min_area_m2:
+            found.append(cand)
+    found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
+    return found, gain, threshold
+
+
+def _fit_region(
+    gain: np.ndarray,
+    labels: np.ndarray,
+    region: measure._regionprops.RegionProperties,
+    after_grey: np.ndarray,
+    *,
+    threshold: float,
+    margin: int,
+    factor: int,
+    transform: Affine,
+    cell_m: float,
+) -> CompoundCandidate | None:
+    r0, c0, r1, c1 = region.bbox
+    r0, c0 = max(0, r0 - margin), max(0, c0 - margin)
+    r1, c1 = min(gain.shape[0], r1 + margin), min(gain.shape[1], c1 + margin)
+    crop = np.clip(np.nan_to_num(gain[r0:r1, c0:c1], nan=-1.0), -1.0, 1.0) - threshold
+    other = (labels[r0:r1, c0:c1] > 0) & (labels[r0:r1, c0:c1] != region.label)
+    crop = np.where(other, -1.0, crop)
+    fine = after_grey[r0 * factor : r1 * factor, c0 * factor : c1 * factor]
+    angle = dominant_orientation_deg(np.nan_to_num(fine, nan=float(np.nanmean(fine))))
+    fit = fit_oriented_rectangle(crop, angle)
+    if fit is None:
+        return None
+    _, corners = fit
+    # Cell-index corners (cell i spans i-0.5..i+0.5) to pixel corners, then to the grid CRS.
+    rows = (corners[:, 0] + 0.5 + r0) * factor
+    cols = (corners[:, 1] + 0.5 + c0) * factor
+    xs, ys = transform * (cols, rows)
+    polygon = shapely.Polygon(np.column_stack([xs, ys]))
+    inside, ring = _cell_masks(polygon, gain.shape, transform, factor, cell_m)
+    g = np.where(np.isfinite(gain), gain, np.nan)
+    sides = sorted(
+        float(np.hypot(xs[i + 1] - xs[i], ys[i + 1] - ys[i])) for i in range(2)
+    )
+    return CompoundCandidate(
+        polygon=polygon,
+        orientation_deg=angle,
+        length_m=sides[1],
+        width_m=sides[0],
+        evidence_fill=float(np.mean(g[inside] > threshold)) if inside.any() else 0.0,
+        gain_inside=float(np.nanmean(g[inside])) if inside.any() else 0.0,
+        gain_outside=float(np.nanmean(g[ring])) if ring.any() else 0.0,
+        gain_threshold=threshold,
+        cell_m=cell_m,
+    )
+
+
+def _cell_masks(
+    polygon: shapely.Polygon,
+    shape: tuple[int, int],
+    transform: Affine,
+    factor: int,
+    cell_m: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells whose centre is inside ``polygon``, and a ring of about two cells around it."""
+    from rasterio import features
+
+    cell_transform = transform * Affine.scale(factor)
+    inside = features.rasterize([polygon], out_shape=shape, transform=cell_transform) > 0
+    grown = polygon.buffer(2.5 * cell_m, join_style="mitre")
+    outer = features.rasterize([grown], out_shape=shape, transform=cell_transform) > 0
+    return inside, outer & ~inside
