@@ -1,0 +1,191 @@
+"""pipeline.config: ``configs/*.toml`` to a validated, frozen ``RunConfig``.
+
+The only module that reads configuration files or the environment. Precedence: command-line
+overrides > config file > dataclass defaults. Errors name the key path, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pipeline.errors import ConfigError
+from pipeline.model import ChangeParams, CoregParams, DetectParams, ObjectParams
+
+__all__ = ["RunConfig", "load_config", "default_config_path", "PROJECT_ROOT"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "objects": ObjectParams}
+_RESAMPLING = ("nearest", "bilinear", "cubic", "average")
+
+
+def default_config_path() -> Path:
+    """``$SITEWATCH_CONFIG`` if set, else ``configs/default.toml`` of this checkout."""
+    env = os.environ.get("SITEWATCH_CONFIG")
+    return Path(env) if env else PROJECT_ROOT / "configs" / "default.toml"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a detect run needs besides its inputs."""
+
+    params: DetectParams = field(default_factory=DetectParams)
+    res_m: float | None = None
+    resampling: str = "bilinear"
+    radius_m: float = 1000.0
+    sites_path: Path = PROJECT_ROOT / "configs" / "sites.geojson"
+    config_path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, as written to the manifest."""
+        return {
+            "config_path": str(self.config_path) if self.config_path else None,
+            "grid": {"res_m": self.res_m, "resampling": self.resampling},
+            "aoi": {"radius_m": self.radius_m, "sites": str(self.sites_path)},
+            **self.params.to_dict(),
+        }
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Validate and coerce one value against a dataclass field's type hint."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(key, value, options[0])
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(get_args(hint)):
+            raise ConfigError(f"{key}: expected a list of {len(get_args(hint))} numbers, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(
+            zip(value, get_args(hint), strict=True)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return hint(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected text, got {value!r}")
+    return value
+
+
+def _build(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+            raise ConfigError(f"{section}.{key}: unknown key.{hint}")
+        kwargs[key] = _check_value(f"{section}.{key}", value, hints[key])
+    obj = cls(**kwargs)
+    _check_ranges(section, obj)
+    return obj
+
+
+def _check_ranges(section: str, obj: Any) -> None:
+    """Reject values that parse but make no sense (negative sizes, fractions above 1)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if (f.name.endswith(("_m", "_m2", "_px", "_factor")) or f.name == "cell_m") and v < 0:
+            raise ConfigError(f"{section}.{f.name}: expected a value >= 0, got {v!r}")
+        if f.name.startswith("min_") and f.name.endswith(("score", "fill")) and not 0 <= v <= 1:
+            raise ConfigError(f"{section}.{f.name}: expected 0 <= x <= 1, got {v!r}")
+    if section == "change" and obj.threshold is not None and obj.threshold <= 0:
+        raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
+    if section == "objects" and obj.cell_m <= 0:
+        raise ConfigError(f"objects.cell_m: expected a positive number, got {obj.cell_m!r}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Pass --config with an existing "
+                          f"TOML file, or omit it to use {PROJECT_ROOT / 'configs' / 'default.toml'}.")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config file {path} is not valid TOML: {e}. Fix the line named.") from e
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if not name:
+        raise ConfigError(f"Override {key!r} must be written 'section.key', e.g. 'change.threshold'.")
+    data.setdefault(section, {})[name] = value
+
+
+def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config, apply ``overrides`` (dotted keys, ``None`` values skipped), validate.
+
+    Raises
+    ------
+    ConfigError
+        Missing or malformed file, unknown section or key, or a value of the wrong type or
+        out of range; the message names the key path.
+    """
+    config_path = Path(path) if path is not None else default_config_path()
+    data = _read_toml(config_path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    known = {*_SECTIONS, "grid", "aoi"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(f"{section}: unknown section in {config_path}. "
+                              f"Known sections: {', '.join(sorted(known))}.")
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: expected a [{section}] table in {config_path}.")
+    params = DetectParams(**{s: _build(cls, s, data.get(s, {})) for s, cls in _SECTIONS.items()})
+    grid = data.get("grid", {})
+    aoi = data.get("aoi", {})
+    for key in grid:
+        if key not in ("res_m", "resampling"):
+            raise ConfigError(f"grid.{key}: unknown key. Known keys: res_m, resampling.")
+    for key in aoi:
+        if key not in ("radius_m", "sites"):
+            raise ConfigError(f"aoi.{key}: unknown key. Known keys: radius_m, sites.")
+    res_m = _check_value("grid.res_m", grid.get("res_m", 0), float)
+    if res_m < 0:
+        raise ConfigError(f"grid.res_m: expected 0 (use the inputs' resolution) or a positive "
+                          f"number of metres, got {res_m!r}")
+    resampling = _check_value("grid.resampling", grid.get("resampling", "bilinear"), str)
+    if resampling not in _RESAMPLING:
+        raise ConfigError(f"grid.resampling: expected one of {', '.join(_RESAMPLING)}, got {resampling!r}")
+    radius_m = _check_value("aoi.radius_m", aoi.get("radius_m", 1000.0), float)
+    if not 0 < radius_m <= 100_000:
+        raise ConfigError(f"aoi.radius_m: expected 0 < radius_m <= 100000 metres, got {radius_m!r}")
+    sites = Path(_check_value("aoi.sites", aoi.get("sites", "sites.geojson"), str))
+    if not sites.is_absolute():
+        sites = config_path.parent / sites
+    return RunConfig(
+        params=params,
+        res_m=res_m or None,
+        resampling=resampling,
+        radius_m=radius_m,
+        sites_path=sites,
+        config_path=config_path.resolve(),
+    )
