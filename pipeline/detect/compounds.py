@@ -15,8 +15,8 @@ import shapely
 from affine import Affine
 from skimage import filters, measure
 
-from pipeline.detect.rectfit import dominant_orientation_deg, fit_oriented_rectangle
-from pipeline.detect.texture import grey, texture_gain
+from pipeline.detect.rectfit import dominant_orientation_deg, fit_oriented_rectangle, snap_sides
+from pipeline.detect.texture import edge_strength, grey, texture_gain
 from pipeline.model import ObjectParams
 
 __all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold"]
@@ -79,14 +79,15 @@ def find_compounds(
     min_cells = params.compound_min_area_m2 / cell_m**2
     margin = int(math.ceil(params.site_gap_m / cell_m))
     after_grey = grey(after)
+    new_edges = _new_edges(before, after)
     found = []
     for region in measure.regionprops(labels):
         if region.area < min_cells:
             continue
         cand = _fit_region(
-            gain, labels, region, after_grey,
+            gain, labels, region, after_grey, new_edges,
             threshold=threshold, margin=margin, factor=factor, transform=transform,
-            cell_m=cell_m,
+            cell_m=cell_m, search_px=2 * params.site_sigma_m / res_m,
         )
         if cand is not None and cand.polygon.area >= params.compound_min_area_m2:
             found.append(cand)
@@ -99,8 +100,10 @@ def _fit_region(
     labels: np.ndarray,
     region: measure._regionprops.RegionProperties,
     after_grey: np.ndarray,
+    new_edges: np.ndarray,
     *,
     threshold: float,
+    search_px: float,
     margin: int,
     factor: int,
     transform: Affine,
@@ -109,7 +112,8 @@ def _fit_region(
     r0, c0, r1, c1 = region.bbox
     r0, c0 = max(0, r0 - margin), max(0, c0 - margin)
     r1, c1 = min(gain.shape[0], r1 + margin), min(gain.shape[1], c1 + margin)
-    crop = np.clip(np.nan_to_num(gain[r0:r1, c0:c1], nan=-1.0), -1.0, 1.0) - threshold
+    # Evidence above threshold counts up to +1 per cell, below it down to -1.
+    crop = np.clip(np.nan_to_num(gain[r0:r1, c0:c1] - threshold, nan=-1.0), -1.0, 1.0)
     other = (labels[r0:r1, c0:c1] > 0) & (labels[r0:r1, c0:c1] != region.label)
     crop = np.where(other, -1.0, crop)
     fine = after_grey[r0 * factor : r1 * factor, c0 * factor : c1 * factor]
@@ -119,8 +123,9 @@ def _fit_region(
         return None
     _, corners = fit
     # Cell-index corners (cell i spans i-0.5..i+0.5) to pixel corners, then to the grid CRS.
-    rows = (corners[:, 0] + 0.5 + r0) * factor
-    cols = (corners[:, 1] + 0.5 + c0) * factor
+    px = np.column_stack([(corners[:, 0] + 0.5 + r0) * factor, (corners[:, 1] + 0.5 + c0) * factor])
+    px = snap_sides(px, new_edges, search_px=search_px)
+    rows, cols = px[:, 0], px[:, 1]
     xs, ys = transform * (cols, rows)
     polygon = shapely.Polygon(np.column_stack([xs, ys]))
     inside, ring = _cell_masks(polygon, gain.shape, transform, factor, cell_m)
@@ -139,6 +144,16 @@ def _fit_region(
         gain_threshold=threshold,
         cell_m=cell_m,
     )
+
+
+def _new_edges(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Edge strength gained between the dates (after minus before, floored at 0)."""
+    g_before, g_after = grey(before), grey(after)
+    values = g_before[np.isfinite(g_before)]
+    lo, hi = np.percentile(values, [2, 98]) if values.size else (0.0, 1.0)
+    scale = float(hi - lo) if hi > lo else 1.0
+    gained = edge_strength(g_after / scale) - edge_strength(g_before / scale)
+    return np.clip(np.nan_to_num(gained), 0.0, None)
 
 
 def _cell_masks(

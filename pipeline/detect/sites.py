@@ -121,7 +121,7 @@ def detect_sites(
         min_solidity=op.building_min_solidity, min_rectangularity=op.building_min_rectangularity,
         max_elongation=op.building_max_elongation)]
     building_ids = {o.label: i + 1 for i, o in enumerate(buildings)}
-    centroids = shapely.points([(o.polygon.centroid.x, o.polygon.centroid.y) for o in buildings])
+    centroids = [o.polygon.centroid for o in buildings]
 
     compounds: list[Evidence] = []
     parent_of: dict[int, str] = {}

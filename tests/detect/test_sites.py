@@ -1,0 +1,113 @@
+"""Tests for pipeline.detect: texture evidence, objects and compound evidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from affine import Affine
+
+from pipeline.detect.objects import extract_objects, is_building_like
+from pipeline.detect.sites import detect_sites
+from pipeline.detect.texture import block_mean, texture_gain
+from pipeline.model import DetectParams, SourceRef
+
+RES = 2.0
+TRANSFORM = Affine(RES, 0, 500000.0, 0, -RES, 4800000.0)
+REF = SourceRef(provider="test", item_id="synthetic")
+
+
+def _scene(seed=0, shape=(300, 300)):
+    """Smooth ground with mild noise, three bands."""
+    rng = np.random.default_rng(seed)
+    base = 100 + rng.normal(0, 2, size=shape).astype(np.float32)
+    return np.stack([base, base * 0.9, base * 1.1]).astype(np.float32)
+
+
+def _with_compound(before):
+    """After: a walled rectangle (rows 80-199, cols 60-239) holding 4 x 3 bright blocks."""
+    after = before.copy()
+    after[:, 80:200, 60:240] += 15.0  # graded ground inside the wall
+    after[:, 80:82, 60:240] = 220
+    after[:, 198:200, 60:240] = 220
+    after[:, 80:200, 60:62] = 220
+    after[:, 80:200, 238:240] = 220
+    for r in range(95, 190, 32):
+        for c in range(75, 230, 40):
+            after[:, r : r + 14, c : c + 24] = 200.0
+    return after
+
+
+def _mask_from(before, after, thr=30.0):
+    mag = np.sqrt(((after - before) ** 2).mean(axis=0)).astype(np.float32)
+    return (mag > thr).astype(np.uint8), mag
+
+
+def test_block_mean_ignores_nan_and_reports_valid_share():
+    """Block means skip NaN; the valid share counts only existing pixels."""
+    a = np.arange(16, dtype=np.float32).reshape(4, 4)
+    a[0, 0] = np.nan
+    mean, valid = block_mean(a, 2)
+    assert mean[0, 0] == pytest.approx((1 + 4 + 5) / 3)
+    assert valid[0, 0] == pytest.approx(0.75)
+    assert valid[1, 1] == 1.0
+
+
+def test_texture_gain_zero_for_identical_pair():
+    """Identical dates give zero texture gain everywhere."""
+    before = _scene()
+    gain = texture_gain(before, before.copy(), factor=5, sigma_cells=2.0)
+    np.testing.assert_allclose(gain, 0.0, atol=1e-6)
+
+
+def test_texture_gain_rises_over_construction():
+    """Texture gain inside the new compound exceeds log(2), and stays near 0 far from it."""
+    before = _scene()
+    gain = texture_gain(before, _with_compound(before), factor=5, sigma_cells=2.0)
+    assert np.nanmean(gain[20:36, 16:44]) > np.log(2)
+    assert abs(np.nanmean(gain[0:8, 0:8])) < 0.1
+
+
+def test_extract_objects_measures_rectangular_block():
+    """A planted 10 x 20 px block is one building-like object of 800 m2."""
+    mask = np.zeros((60, 60), np.uint8)
+    mask[10:20, 10:30] = 1
+    mag = mask.astype(np.float32) * 50
+    objs = extract_objects(mask, mag, mag, transform=TRANSFORM, threshold=25.0, min_area_m2=10)
+    assert len(objs) == 1
+    o = objs[0]
+    assert o.area_m2 == pytest.approx(800.0)
+    assert o.rectangularity > 0.95 and o.solidity > 0.95
+    assert o.contrast == pytest.approx(2.0)
+    assert is_building_like(o, min_area_m2=100, max_area_m2=2000, min_solidity=0.6,
+                            min_rectangularity=0.5)
+
+
+def test_detect_sites_finds_synthetic_compound():
+    """The walled block of buildings is one compound whose outline overlaps the wall (IoU > 0.7)."""
+    import shapely
+
+    before = _scene()
+    after = _with_compound(before)
+    mask, mag = _mask_from(before, after)
+    found = detect_sites(before, after, mask, mag, transform=TRANSFORM, crs="EPSG:32633",
+                         threshold=30.0, params=DetectParams(), before_ref=REF, after_ref=REF)
+    compounds = [e for e in found if e.kind == "compound"]
+    assert len(compounds) == 1
+    x0, y0 = TRANSFORM * (60, 80)
+    x1, y1 = TRANSFORM * (240, 200)
+    wall = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    c = compounds[0]
+    assert c.geometry.intersection(wall).area / c.geometry.union(wall).area > 0.7
+    assert 0 <= c.score <= 1
+    buildings = [e for e in found if e.kind == "new_building"]
+    assert c.measurements["building_count"] == len([b for b in buildings if b.parent == c.id])
+    assert c.measurements["building_count"] >= 10
+
+
+def test_detect_sites_nothing_on_identical_pair():
+    """No compound and no building when after equals before."""
+    before = _scene()
+    mask, mag = _mask_from(before, before.copy())
+    found = detect_sites(before, before.copy(), mask, mag, transform=TRANSFORM, crs="EPSG:32633",
+                         threshold=30.0, params=DetectParams(), before_ref=REF, after_ref=REF)
+    assert found == []
