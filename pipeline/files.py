@@ -37,6 +37,10 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    # mkstemp creates 0600; evidence is meant to be shared, so use the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
     tmp = Path(tmp_name)
     try:
         yield tmp
