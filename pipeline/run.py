@@ -28,7 +28,7 @@ from pipeline.core.change import change_magnitude, change_mask
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
-from pipeline.errors import FetchError, NoValidDataError
+from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
 from pipeline.fetch.local import common_resolution, describe_raster, read_to_grid
 from pipeline.model import CoregResult, Evidence, GridPlan, params_hash
 from pipeline.report.geojson import evidence_to_features, write_geojson
@@ -168,6 +168,11 @@ def run_detect(
             after, after_ref = read_to_grid(paths[1], plan, role="after", acquired=after_date,
                                             resampling=config.resampling)
             _check_dates(before_ref.acquired, after_ref.acquired)
+            if before_ref.sha256 == after_ref.sha256:
+                warnings.warn(
+                    f"The before and after files are identical (SHA-256 {before_ref.sha256[:12]}…):"
+                    " no change can be found. Check that --before and --after name different"
+                    " acquisitions.", PipelineWarning, stacklevel=2)
             before = _mask_outside(before, aoi, plan)
             after = _mask_outside(after, aoi, plan)
             _check_overlap(before, after, paths)
@@ -209,9 +214,11 @@ def run_detect(
                 config=config.to_dict(), params=params, steps=steps.records,
                 started_utc=started, finished_utc=datetime.now(UTC),
                 extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
-                       "warnings": [str(w.message) for w in caught]},
+                       "warnings": [str(w.message) for w in caught
+                                    if issubclass(w.category, PipelineWarning)]},
             )
             write_manifest(manifest, stage / "manifest.json")
+    caught = [w for w in caught if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return DetectResult(

@@ -1,0 +1,200 @@
+"""End-to-end tests of ``sitewatch detect``: the real default, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+from click.testing import CliRunner
+
+from _helpers import ROOT, write_geotiff
+from pipeline.cli import SEED_AFTER, SEED_BEFORE, cli
+from pipeline.report.validate import validate_geojson
+
+SEEDS = [str(SEED_BEFORE), str(SEED_AFTER)]
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("*/*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One run of the embedded default (seeds/ pair, site 'dabancheng')."""
+    out = tmp_path_factory.mktemp("out")
+    result = _run(["detect", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_detect_default_writes_evidence_folder(default_run):
+    """The default run writes the four evidence files into out/dabancheng/<run-id>/."""
+    out, result = default_run
+    (run_dir,) = _run_dirs(out)
+    assert run_dir.parent.name == "dabancheng"
+    names = {p.name for p in run_dir.iterdir()}
+    assert names == {"changes.geojson", "change_mask.tif", "change_magnitude.tif", "manifest.json"}
+    assert result.stdout.splitlines()[0] == f"wrote {run_dir}"
+    assert "compound-0001\tcompound" in result.stdout
+
+
+def test_detect_default_geojson_is_rfc7946(default_run):
+    """changes.geojson passes the RFC 7946 validator and carries dates and sources."""
+    out, _ = default_run
+    fc = json.loads(next(out.glob("*/*/changes.geojson")).read_text())
+    ok, errors, _ = validate_geojson(fc)
+    assert ok, errors[:5]
+    assert all(0 <= f["properties"]["score"] <= 1 for f in fc["features"])
+    props = next(f["properties"] for f in fc["features"] if f["properties"]["kind"] == "compound")
+    assert props["before_date"] == "2017-03-02" and props["after_date"] == "2018-10-11"
+    assert props["id"] == "compound-0001" and props["building_count"] > 10
+
+
+def test_detect_default_top_compound_matches_label(default_run, dabancheng_dir):
+    """The top-scored compound overlaps a hand-drawn outline with IoU >= 0.6."""
+    out, _ = default_run
+    fc = json.loads(next(out.glob("*/*/changes.geojson")).read_text())
+    compounds = [f for f in fc["features"] if f["properties"]["kind"] == "compound"]
+    top = max(compounds, key=lambda f: f["properties"]["score"])
+    labels = json.loads((dabancheng_dir / "compound_label.geojson").read_text())["features"]
+    # IoU in a metric CRS: lon/lat degrees are not equal-area.
+    from pyproj import Transformer
+
+    to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32645", always_xy=True)
+
+    def utm(geom):
+        return shapely.transform(shapely.geometry.shape(geom),
+                                 lambda c: np.column_stack(to_utm.transform(c[:, 0], c[:, 1])))
+
+    found = utm(top["geometry"])
+    ious = [found.intersection(utm(f["geometry"])).area / found.union(utm(f["geometry"])).area
+            for f in labels]
+    assert max(ious) >= 0.6, ious
+
+
+def test_detect_same_image_reports_no_compound(tmp_path):
+    """With after = before there is no compound (and no building)."""
+    result = _run(["detect", "--out", str(tmp_path), "-q", "--before", SEEDS[1], "--after", SEEDS[1]])
+    assert result.exit_code == 0, result.output
+    fc = json.loads(next(tmp_path.glob("*/*/changes.geojson")).read_text())
+    assert [f for f in fc["features"] if f["properties"]["kind"] != "change"] == []
+    assert "identical" in result.stderr
+
+
+def test_detect_second_run_never_overwrites(default_run):
+    """A second run gets its own folder; the first run's files are unchanged."""
+    out, _ = default_run
+    first = _run_dirs(out)[0]
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    result = _run(["detect", "--out", str(out), "-q"])
+    assert result.exit_code == 0
+    assert len(_run_dirs(out)) == 2
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_console_script_and_module_show_examples():
+    """`python -m pipeline detect --help` works and shows examples."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "detect", "--help"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert proc.returncode == 0
+    assert "Examples:" in proc.stdout and "$ sitewatch detect" in proc.stdout
+
+
+def _nodata_pair(tmp_path: Path) -> tuple[Path, Path]:
+    data = np.zeros((3, 64, 64), np.uint8)
+    write_geotiff(tmp_path / "empty_2017-01-01.tif", data)
+    return tmp_path / "empty_2017-01-01.tif", tmp_path / "empty_2017-01-01.tif"
+
+
+def _far_pair(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (3, 64, 64), dtype=np.uint8)
+    a = write_geotiff(tmp_path / "west_2017-01-01.tif", data,
+                      transform=Affine(10.0, 0, 600000.0, 0, -10.0, 4805000.0))
+    b = write_geotiff(tmp_path / "east_2018-01-01.tif", data,
+                      transform=Affine(10.0, 0, 601000.0, 0, -10.0, 4805000.0))
+    return a, b
+
+
+BAD_INPUTS = {
+    "aoi out of range": (["--aoi", "200,95"], "outside"),
+    "aoi malformed": (["--aoi", "88.3;43.4"], "AOI"),
+    "aoi unknown site": (["--aoi", "nosuchsite"], "nosuchsite"),
+    "aoi bbox reversed": (["--aoi", "88.3,43.4,88.2,43.3"], "AOI"),
+    "aoi outside imagery": (["--aoi", "10.0,50.0", "--before", SEEDS[0], "--after", SEEDS[1]],
+                            "does not overlap"),
+    "missing file": (["--before", "/nonexistent/a.tif", "--after", SEEDS[1]], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_detect_bad_input_clean_error(case, tmp_path):
+    """Each bad input exits non-zero with a clear message, no traceback, no output folder."""
+    args, phrase = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    result = _run(["detect", "--out", str(out), "-q", *args])
+    assert result.exit_code != 0
+    assert phrase in result.stderr
+    assert "Traceback" not in result.output
+    assert _run_dirs(out) == [] if out.exists() else True
+
+
+def test_detect_rejects_non_raster_and_corrupt_files(tmp_path):
+    """A text file and a truncated GeoTIFF are FetchErrors with exit 1."""
+    text = tmp_path / "notes_2017-01-01.tif"
+    text.write_text("not a raster")
+    corrupt = tmp_path / "cut_2018-01-01.tif"
+    corrupt.write_bytes(SEED_AFTER.read_bytes()[:5000])
+    for bad in (text, corrupt):
+        result = _run(["detect", "--out", str(tmp_path / "out"), "-q", "--before", str(bad),
+                       "--after", SEEDS[1]])
+        assert result.exit_code == 1, result.output
+        assert str(bad.name) in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_detect_all_nodata_window(tmp_path):
+    """An all-nodata window is a NoValidDataError naming the problem."""
+    a, b = _nodata_pair(tmp_path)
+    result = _run(["detect", "--out", str(tmp_path / "out"), "-q", "--aoi", "88.28,43.37",
+                   "--radius-m", "200", "--before", str(a), "--after", str(b)])
+    assert result.exit_code == 1
+    assert "nodata" in result.stderr.lower() or "no valid" in result.stderr.lower()
+
+
+def test_detect_pair_without_common_pixels(tmp_path):
+    """Before and after that do not overlap inside the AOI are refused clearly."""
+    a, b = _far_pair(tmp_path)
+    from pyproj import Transformer
+
+    lon, lat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True).transform(600700, 4804700)
+    result = _run(["detect", "--out", str(tmp_path / "out"), "-q", "--aoi", f"{lon},{lat}",
+                   "--radius-m", "600", "--before", str(a), "--after", str(b)])
+    assert result.exit_code == 1
+    assert "overlap" in result.stderr
+
+
+def test_detect_unwritable_out(tmp_path):
+    """An OUT that cannot be created (its parent is a file) fails before any work."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _run(["detect", "--out", str(blocker / "out"), "-q"])
+    assert result.exit_code == 1
+    assert "--out" in result.stderr
+
+
+def test_detect_bad_date_flag_is_usage_error():
+    """A malformed --before-date is a usage error (exit 2) with the expected form."""
+    result = _run(["detect", "--before-date", "03/02/2017"])
+    assert result.exit_code == 2
+    assert "YYYY-MM-DD" in result.stderr
