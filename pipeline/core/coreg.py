@@ -1,0 +1,363 @@
+"""pipeline.core.coreg: sub-pixel co-registration of the after image onto the before image.
+
+The shift is measured by cross-correlation of high-passed, tapered windows of the band mean
+(scikit-image's upsampled DFT registration), after masking nodata and, in a second pass, the
+pixels that differ most between the dates (new buildings, snow). It is trusted only when the
+phase-correlation peak stands out from the next-best peak and the windows agree. Sign
+convention: ``dy, dx`` moves *after* onto *before* (``scipy.ndimage.shift`` sign).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from scipy import ndimage as ndi
+from scipy.signal.windows import tukey
+from skimage.registration import phase_cross_correlation
+
+from pipeline.core.change import _require_same_grid
+from pipeline.errors import CoregistrationError, NoValidDataError, PipelineWarning
+from pipeline.model import CoregParams, CoregResult
+
+__all__ = ["estimate_shift", "coregister", "apply_shift"]
+
+_MAX_WINDOWS = 5
+_MIN_VALID_FRAC = 0.75
+_MAX_OVERLAP = 0.25
+_SCORE_MAX_PX = 1 << 22
+_CHANGE_QUANTILE = 0.9
+_CHANGE_SIGMA_PX = 4.0
+_AGREE_PX = 1.0
+_PEAK_EXCLUDE_PX = 4
+_HIGHPASS_SIGMAS_PX = (1.0, 4.0)
+
+
+def _highpass_np(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Difference of Gaussians of ``img`` on ``valid`` (normalized convolution), tapered; 0 off it."""
+    weight = valid.astype(np.float64)
+    fill = np.where(valid, img, 0.0)
+    out = np.zeros(img.shape)
+    for sign, sigma in zip((1.0, -1.0), _HIGHPASS_SIGMAS_PX, strict=True):
+        # normalized convolution: masked pixels neither contribute nor create edges
+        den = ndi.gaussian_filter(weight, sigma)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out += sign * np.where(den > 1e-3, ndi.gaussian_filter(fill, sigma) / den, 0.0)
+    out = np.where(valid, out, 0.0)
+    if valid.any():
+        out[valid] -= out[valid].mean()
+        if CLIP:
+            scale = CLIP * 1.4826 * np.median(np.abs(out[valid])) + 1e-12
+            out = scale * np.tanh(out / scale)
+    return out * np.outer(tukey(img.shape[0], 0.5), tukey(img.shape[1], 0.5))
+
+
+def _whiten(img_p: np.ndarray) -> np.ndarray:
+    """Spectrum divided by the square root of its magnitude (half-way to phase correlation)."""
+    spec = np.fft.fft2(img_p)
+    return spec / np.sqrt(np.maximum(np.abs(spec), 1e-12 * max(np.abs(spec).max(), 1e-300)))
+
+
+def _peak_ratio_np(ref_w: np.ndarray, mov_w: np.ndarray) -> float:
+    """Height of the correlation peak over the best peak outside ``_PEAK_EXCLUDE_PX`` of it."""
+    surface = np.fft.ifft2(ref_w * np.conj(mov_w)).real
+    iy, ix = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    ny, nx = surface.shape
+    ry = np.minimum(np.abs(np.arange(ny) - iy), ny - np.abs(np.arange(ny) - iy))
+    rx = np.minimum(np.abs(np.arange(nx) - ix), nx - np.abs(np.arange(nx) - ix))
+    near = (ry[:, None] <= _PEAK_EXCLUDE_PX) & (rx[None, :] <= _PEAK_EXCLUDE_PX)
+    second = surface[~near].max() if (~near).any() else 0.0
+    return float(surface[iy, ix] / second) if second > 0 else math.inf
+
+
+def _register_np(ref, mov, ref_ok, mov_ok, upsample_factor):
+    """One registration pass: ``(dy, dx, error, peak_ratio)`` on the usable pixels."""
+    ref_p, mov_p = _highpass_np(ref, ref_ok), _highpass_np(mov, mov_ok)
+    if not (ref_p.any() and mov_p.any()):
+        return 0.0, 0.0, math.nan, 0.0
+    # square-root whitening: sharper than plain cross-correlation, far less noise-driven than
+    # full phase correlation (measured on synthetic pairs: 0.07 px vs up to 0.8 px at 128 px)
+    ref_w, mov_w = _whiten(ref_p), _whiten(mov_p)
+    shift, error, _ = phase_cross_correlation(
+        ref_w, mov_w, upsample_factor=upsample_factor, space="fourier", normalization=None
+    )
+    return float(shift[0]), float(shift[1]), float(error), _peak_ratio_np(ref_w, mov_w)
+
+
+MODE = "ref"
+CLIP = 0
+
+
+def _phase_shift_np(ref, mov, valid, *, upsample_factor: int = 20):
+    """Shift ``(dy, dx, error, peak_ratio)`` moving ``mov`` onto ``ref`` (2-D, NaN = nodata).
+
+    ``valid`` marks the ``ref`` pixels that may be used. Exclusions (``~valid``, and in the
+    second pass the ``1 - _CHANGE_QUANTILE`` share of pixels that differ most once aligned by
+    the first) mask ``ref`` only: a mask shared by both images would pull the peak to zero.
+    ``error`` is scikit-image's normalized RMS error (0 = identical).
+    """
+    ref_ok = valid & np.isfinite(ref)
+    mov_ok = np.isfinite(mov)
+    if ref_ok.sum() < 16 or mov_ok.sum() < 16:
+        return 0.0, 0.0, math.nan, 0.0
+    ref = np.where(ref_ok, ref, 0.0).astype(np.float64)
+    mov = np.where(mov_ok, mov, 0.0).astype(np.float64)
+    first = _register_np(ref, mov, ref_ok, mov_ok, upsample_factor)
+    if MODE == "single":
+        return first
+    dy, dx = first[:2]
+    moved = _apply_shift_np(np.where(mov_ok, mov, np.nan)[None], dy, dx)[0]
+    both = ref_ok & np.isfinite(moved)
+    if both.sum() >= 16:
+        z_ref = (ref - ref[both].mean()) / (ref[both].std() + 1e-12)
+        z_mov = (moved - moved[both].mean()) / (moved[both].std() + 1e-12)
+        diff = _smooth_nan_np(np.where(both, np.abs(z_ref - z_mov), np.nan), _CHANGE_SIGMA_PX)
+        if MODE in ("outlier", "both-out"):
+            d = diff[both]; med = np.median(d); sig = 1.4826 * np.median(np.abs(d - med))
+            changed = diff > med + 3 * sig
+        else:
+            changed = diff > np.nanquantile(diff[both], _CHANGE_QUANTILE)
+        ref_ok = ref_ok & ~changed
+        if MODE in ("both", "both-out"):
+            back = _apply_shift_np(changed[None].astype(float), -dy, -dx)[0]
+            mov_ok = mov_ok & ~(np.nan_to_num(back, nan=0.0) > 0)
+    return _register_np(ref, mov, ref_ok, mov_ok, upsample_factor)
+
+
+def _smooth_nan_np(img, sigma):
+    """NaN-aware Gaussian smoothing (normalized convolution)."""
+    ok = np.isfinite(img)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ndi.gaussian_filter(np.where(ok, img, 0.0), sigma) / ndi.gaussian_filter(ok * 1.0, sigma)
+    return np.where(ok, out, np.nan)
+
+
+def _window_starts(n: int, size: int) -> list[int]:
+    """Start offsets of windows of ``size`` along an axis of ``n``, half-overlapping."""
+    step = max(1, size // 2)
+    return sorted({*range(0, n - size + 1, step), n - size})
+
+
+def _texture_np(img: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Gradient magnitude relative to its mean over ``ok``; zero where not ``ok``."""
+    fill = np.where(ok, img, img[ok].mean())
+    grad = np.hypot(ndi.sobel(fill, 0), ndi.sobel(fill, 1))
+    grad = np.where(ndi.binary_erosion(ok, iterations=2, border_value=1), grad, 0.0)
+    return grad / max(grad[ok].mean(), 1e-12)
+
+
+def _select_windows(ref: xr.DataArray, mov: xr.DataArray, exclude, size_px: int):
+    """Up to ``_MAX_WINDOWS`` windows ``(y0, x0, h, w)`` textured in both dates, mostly valid."""
+    ny, nx = ref.shape
+    step = max(1, math.ceil(math.sqrt(ny * nx / _SCORE_MAX_PX)))
+    sub_r, sub_m = (np.asarray(a[::step, ::step].data, dtype=np.float64) for a in (ref, mov))
+    ok = np.isfinite(sub_r) & np.isfinite(sub_m)
+    if exclude is not None:
+        ok &= ~np.asarray(exclude[::step, ::step], dtype=bool)
+    if ok.sum() < 16:
+        raise NoValidDataError(
+            "No overlap of valid pixels between 'before' and 'after' to co-register on. "
+            "Check the nodata masks and the AOI, or disable co-registration (coreg.enabled)."
+        )
+    tex = np.minimum(_texture_np(sub_r, ok), _texture_np(sub_m, ok))
+    integ = [np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0))) for a in (tex, ok.astype(float))]
+    hy, hx = min(size_px, ny) // step, min(size_px, nx) // step
+    cands = []
+    for y0 in _window_starts(ok.shape[0], hy):
+        for x0 in _window_starts(ok.shape[1], hx):
+            t, v = (s[y0 + hy, x0 + hx] - s[y0, x0 + hx] - s[y0 + hy, x0] + s[y0, x0] for s in integ)
+            enough = v / (hy * hx) >= _MIN_VALID_FRAC
+            # rank mostly-valid windows by texture; failing that, by valid pixels
+            cands.append((enough, t / max(v, 1.0) if enough else v, y0, x0))
+    cands.sort(reverse=True)
+    chosen: list[tuple[int, int]] = []
+    for _, _, y0, x0 in cands:
+        overlap = [max(0, hy - abs(y0 - cy)) * max(0, hx - abs(x0 - cx)) for cy, cx in chosen]
+        if all(o <= _MAX_OVERLAP * hy * hx for o in overlap):
+            chosen.append((y0, x0))
+        if len(chosen) == _MAX_WINDOWS or not cands[0][0]:
+            break
+    hy_full, hx_full = min(size_px, ny), min(size_px, nx)
+    return [(min(y0 * step, ny - hy_full), min(x0 * step, nx - hx_full), hy_full, hx_full)
+            for y0, x0 in chosen]
+
+
+def _combine(results: list[tuple[float, float, float, float]], params: CoregParams) -> CoregResult:
+    """Reduce per-window measurements to one trusted (or untrusted) shift."""
+    strong = [r for r in results if r[3] >= params.min_peak_ratio]
+    if not strong:
+        best = max(results, key=lambda r: r[3])
+        note = (f"weak correlation peak (best ratio {best[3]:.2f} < {params.min_peak_ratio} "
+                f"in {len(results)} windows), shift not applied")
+        warnings.warn(note, PipelineWarning, stacklevel=3)
+        return CoregResult(best[0], best[1], best[2], best[3], applied=False, note=note)
+    dy = float(np.median([r[0] for r in strong]))
+    dx = float(np.median([r[1] for r in strong]))
+    error = float(np.median([r[2] for r in strong]))
+    ratio = float(np.median([r[3] for r in strong]))
+    spread = max(math.hypot(r[0] - dy, r[1] - dx) for r in strong)
+    if spread > _AGREE_PX:
+        note = (f"windows disagree (shifts up to {spread:.2f} px from the median "
+                f"({dy:.2f}, {dx:.2f})), shift not applied")
+        warnings.warn(note, PipelineWarning, stacklevel=3)
+        return CoregResult(dy, dx, error, ratio, applied=False, note=note)
+    note = f"{len(strong)} of {len(results)} windows agree within {spread:.2f} px"
+    return CoregResult(dy, dx, error, ratio, applied=True, note=note)
+
+
+def _check_excess(result: CoregResult, params: CoregParams) -> CoregResult:
+    """Refuse (raise or warn and not apply) a trusted shift longer than ``max_shift_px``."""
+    size = math.hypot(result.dy, result.dx)
+    if not result.applied or size <= params.max_shift_px:
+        return result
+    msg = (f"Measured shift ({result.dy:.2f}, {result.dx:.2f}) px is {size:.2f} px, more than "
+           f"coreg.max_shift_px={params.max_shift_px}. Check the georeferencing of both dates "
+           "or raise coreg.max_shift_px.")
+    if params.on_excess == "raise":
+        raise CoregistrationError(msg)
+    warnings.warn(msg + " Shift not applied.", PipelineWarning, stacklevel=3)
+    return CoregResult(result.dy, result.dx, result.error, result.peak_ratio, applied=False,
+                       note=f"shift of {size:.2f} px exceeds max_shift_px, not applied")
+
+
+def estimate_shift(
+    before: xr.DataArray,
+    after: xr.DataArray,
+    *,
+    params: CoregParams,
+    exclude: xr.DataArray | np.ndarray | None = None,
+) -> CoregResult:
+    """Measure the sub-pixel shift that moves ``after`` onto ``before``.
+
+    Up to five half-overlapping windows of ``params.window_px`` (the whole frame if smaller),
+    textured in both dates and at least 75% valid, are registered on the band mean; each is
+    high-passed (difference of Gaussians), tapered (Tukey) and registered twice, the second time
+    without the 10% of pixels that differ most. The median shift of the windows whose peak
+    ratio reaches ``params.min_peak_ratio`` is trusted when they agree within 1 px.
+
+    Parameters
+    ----------
+    before, after
+        Rasters on the same grid, dims ``("band", "y", "x")``, NaN nodata, NumPy or Dask.
+    params
+        Co-registration parameters.
+    exclude
+        Optional ``(y, x)`` boolean mask of pixels not to register on (known change, cloud).
+
+    Returns
+    -------
+    CoregResult
+        A concrete result (window pixels are computed for Dask inputs). ``error`` is
+        scikit-image's normalized RMS error (0 = identical, 1 = unrelated); ``applied`` is False
+        with a ``note`` when disabled, weak, inconsistent or too large (``on_excess="warn"``).
+
+    Raises
+    ------
+    GridError
+        If the rasters are not on the same grid.
+    NoValidDataError
+        If no valid pixel is shared by both dates.
+    CoregistrationError
+        If the trusted shift exceeds ``params.max_shift_px`` and ``params.on_excess="raise"``.
+    """
+    if not params.enabled:
+        return CoregResult(0.0, 0.0, math.nan, math.nan, applied=False, note="disabled")
+    _require_same_grid(before, after)
+    ref = before.mean("band", skipna=False)
+    mov = after.mean("band", skipna=False)
+    if isinstance(exclude, xr.DataArray):
+        exclude = exclude.data
+    results = []
+    for y0, x0, h, w in _select_windows(ref, mov, exclude, params.window_px):
+        win = np.s_[y0 : y0 + h, x0 : x0 + w]
+        valid = np.ones((h, w), bool) if exclude is None else ~np.asarray(exclude[win], bool)
+        r, m = (np.asarray(a.data[win], dtype=np.float64) for a in (ref, mov))
+        results.append(_phase_shift_np(r, m, valid, upsample_factor=params.upsample_factor))
+    return _check_excess(_combine(results, params), params)
+
+
+def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """Bilinear shift of ``(..., y, x)`` by ``(dy, dx)``; NaN unless every contributor is valid."""
+    ky, kx = math.floor(-dy), math.floor(-dx)
+    fy, fx = -dy - ky, -dx - kx
+    pad = max(abs(ky), abs(kx)) + 2
+    widths = [(0, 0)] * (arr.ndim - 2) + [(pad, pad), (pad, pad)]
+    src = np.pad(arr, widths, constant_values=np.nan)
+    ny, nx = arr.shape[-2:]
+    out = np.zeros(arr.shape, dtype=np.result_type(arr.dtype, np.float32))
+    bad = np.zeros(arr.shape, dtype=bool)
+    for oy, wy in ((0, 1.0 - fy), (1, fy)):
+        for ox, wx in ((0, 1.0 - fx), (1, fx)):
+            if wy * wx == 0.0:
+                continue
+            y0, x0 = pad + ky + oy, pad + kx + ox
+            part = src[..., y0 : y0 + ny, x0 : x0 + nx]
+            bad |= np.isnan(part)
+            out += np.asarray(wy * wx, out.dtype) * np.nan_to_num(part)
+    out[bad] = np.nan
+    return out
+
+
+def apply_shift(da_in: xr.DataArray, dy: float, dx: float) -> xr.DataArray:
+    """Shift a raster by ``(dy, dx)`` pixels (``scipy.ndimage.shift`` sign), bilinear.
+
+    Parameters
+    ----------
+    da_in
+        Raster with ``y``, ``x`` as its last two dims, float, NaN nodata, NumPy or Dask.
+    dy, dx
+        Shift in pixels.
+
+    Returns
+    -------
+    xarray.DataArray
+        Same dims, coords and grid; NaN where any contributing pixel is NaN or outside the
+        frame. Lazy (``map_overlap``, identical to the NumPy result) for Dask input.
+    """
+    data = da_in.data
+    if not np.issubdtype(data.dtype, np.floating):
+        data = data.astype(np.float32)
+    if isinstance(data, da.Array):
+        depth = {i: 0 for i in range(data.ndim - 2)}
+        depth[data.ndim - 2] = math.ceil(abs(dy)) + 2
+        depth[data.ndim - 1] = math.ceil(abs(dx)) + 2
+        shifted = data.map_overlap(_apply_shift_np, depth=depth, boundary="none",
+                                   dtype=np.result_type(data.dtype, np.float32), dy=dy, dx=dx)
+    else:
+        shifted = _apply_shift_np(data, dy, dx)
+    return da_in.copy(data=shifted)
+
+
+def coregister(
+    before: xr.DataArray,
+    after: xr.DataArray,
+    *,
+    params: CoregParams,
+    exclude: xr.DataArray | np.ndarray | None = None,
+) -> tuple[xr.DataArray, CoregResult]:
+    """Measure the shift of ``after`` against ``before`` and apply it when trusted.
+
+    Parameters
+    ----------
+    before, after, params, exclude
+        As in `estimate_shift`.
+
+    Returns
+    -------
+    tuple
+        ``(after_aligned, result)``. ``after_aligned`` has ``after``'s dims, coords and grid,
+        NaN where shifted in from outside the frame or from nodata; it is ``after`` itself when
+        the shift is not applied, and lazy for Dask input. ``result`` is concrete.
+
+    Raises
+    ------
+    GridError, NoValidDataError, CoregistrationError
+        As in `estimate_shift`.
+    """
+    result = estimate_shift(before, after, params=params, exclude=exclude)
+    if not result.applied:
+        return after, result
+    return apply_shift(after, result.dy, result.dx), result

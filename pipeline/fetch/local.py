@@ -1,0 +1,505 @@
+"""pipeline.fetch.local: read local GeoTIFF/COG files onto the working grid with provenance.
+
+Every read goes through GDAL's warper (a ``WarpedVRT`` on the plan's grid), so a source in any
+CRS and resolution lands on the same pixels, and only the source blocks under the grid are
+decoded. Source nodata, masks, alpha and pixels outside the source footprint all become NaN;
+the warper leaves invalid source pixels out of the resampling kernel, so edges are not blended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array
+import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import shapely
+import xarray as xr
+from pyproj import Geod, Transformer
+from pyproj.exceptions import ProjError
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import CRSError, RasterioIOError, WarpOperationError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+from shapely.geometry import box
+
+from pipeline.errors import ConfigError, FetchError, GridError, NoValidDataError, ProvenanceWarning
+from pipeline.files import sha256_file
+from pipeline.model import GridPlan, SourceRef
+
+__all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution"]
+
+log = logging.getLogger(__name__)
+
+WARP_RESAMPLING = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average", "mode",
+                   "max", "min", "med", "q1", "q3", "sum", "rms")
+# Explicit acquisition tags, then (after the file name) TIFF's DateTime, which the TIFF spec
+# defines as the file's creation time: often a processing or export date, not the sensing date.
+_ACQUISITION_TAGS = ("ACQUISITION_DATE", "DATE_ACQUIRED", "ACQUISITIONDATETIME", "DATETIME")
+_CREATION_TAG = "TIFFTAG_DATETIME"
+_TAG_DATE = re.compile(r"\s*(\d{4})([-:/_]?)(\d{2})\2(\d{2})(?!\d)")
+_NAME_DATE = re.compile(r"(?<!\d)(\d{4})([-_]?)(\d{2})\2(\d{2})(?!\d)")
+_EARLIEST = date(1970, 1, 1)
+# rasterio rejects tolerance=0; a tiny one makes GDAL transform every pixel exactly, so a
+# window read (Dask chunk) gives the same values as the full read.
+_WARP_TOLERANCE_PX = 1e-6
+_PROBE_MAX_PX = 4096 * 4096
+_READ_ERRORS = (RasterioIOError, WarpOperationError)
+_GEOD = Geod(ellps="WGS84")
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What a raster file holds, read from its header.
+
+    ``crs`` is an authority string (``"EPSG:32645"``) or WKT; ``res_m`` the nominal (coarsest
+    axis) pixel size in metres, measured at the raster centre for a geographic CRS; ``bounds``
+    is in ``crs``; ``count`` counts all bands including alpha.
+    """
+
+    path: str
+    crs: str
+    res_m: float
+    bounds: tuple[float, float, float, float]
+    bounds_lonlat: tuple[float, float, float, float]
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    tags: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def describe_raster(path: str | Path) -> RasterInfo:
+    """Read a raster's header, and probe its first and last blocks.
+
+    Parameters
+    ----------
+    path
+        A GeoTIFF/COG (anything GDAL reads with a north-up geotransform and a CRS).
+
+    Returns
+    -------
+    RasterInfo
+
+    Raises
+    ------
+    FetchError
+        Missing, not a raster, corrupt or truncated, no CRS, rotated/sheared, or zero-size.
+    """
+    return _inspect(path)[0]
+
+
+def acquisition_date(path: str | Path, tags: dict[str, str]) -> tuple[date | None, str | None]:
+    """Find the acquisition date of an image.
+
+    Looked for, in order: the tags ``ACQUISITION_DATE``, ``DATE_ACQUIRED``,
+    ``ACQUISITIONDATETIME``, ``datetime`` (any case); the first valid ``YYYY-MM-DD`` or
+    ``YYYYMMDD`` in the file name; then ``TIFFTAG_DATETIME``, with a ``ProvenanceWarning``
+    because TIFF defines it as the file's creation time. Dates must lie in 1970..today.
+
+    Returns
+    -------
+    tuple
+        ``(date, "metadata" | "filename")``, or ``(None, None)`` when nothing is found.
+    """
+    upper = {str(k).upper(): str(v) for k, v in tags.items()}
+    from_tags = [d for k in _ACQUISITION_TAGS if (d := _parse_date(_TAG_DATE, upper.get(k)))]
+    from_name = _parse_date(_NAME_DATE, Path(path).name, search=True)
+    if from_tags and from_name and from_tags[0] != from_name:
+        _warn(f"{path}: metadata gives acquisition date {from_tags[0]}, the file name {from_name}; "
+              "using the metadata.")
+    if from_tags:
+        return from_tags[0], "metadata"
+    if from_name:
+        return from_name, "filename"
+    created = _parse_date(_TAG_DATE, upper.get(_CREATION_TAG))
+    if created is None:
+        return None, None
+    _warn(f"{path}: taking TIFFTAG_DATETIME {created} as the acquisition date, but TIFF defines "
+          "it as the file's creation time, which may be a processing date.")
+    return created, "metadata"
+
+
+def read_to_grid(
+    path: str | Path,
+    plan: GridPlan,
+    *,
+    role: str,
+    acquired: date | None = None,
+    resampling: str = "bilinear",
+    chunks: int | None = None,
+) -> tuple[xr.DataArray, SourceRef]:
+    """Warp a local raster onto the plan's grid.
+
+    Parameters
+    ----------
+    path
+        GeoTIFF/COG in any CRS and resolution; it may cover the plan only in part.
+    plan
+        The working grid.
+    role
+        ``"before"`` or ``"after"``; used in messages and attrs.
+    acquired
+        Acquisition date given by the user; wins over metadata and file name.
+    resampling
+        GDAL warp resampling name (see ``WARP_RESAMPLING``).
+    chunks
+        Chunk size in pixels for a lazy Dask array whose tasks each open the file and warp
+        their own window; ``None`` reads eagerly into NumPy. Both give identical values.
+
+    Returns
+    -------
+    tuple
+        ``(da, ref)``: ``da`` has dims ``("band", "y", "x")``, float32, NaN = nodata (source
+        nodata, masks, alpha and outside the footprint), x/y at pixel centres, band 1..n (alpha
+        excluded), rioxarray CRS and transform of the plan, attrs ``role``, ``source_path``,
+        ``acquired``; ``ref`` is the ``SourceRef`` with the file's SHA-256.
+
+    Raises
+    ------
+    FetchError
+        The file cannot be read, or its acquisition date is unknown.
+    NoValidDataError
+        The plan lies outside the image, or every pixel under it is nodata.
+    ConfigError
+        Unknown ``resampling`` or bad ``chunks``.
+    """
+    method = _resampling(resampling)
+    if chunks is not None and (type(chunks) is not int or chunks < 1):
+        raise ConfigError(f"chunks must be a positive number of pixels or None, got {chunks!r}.")
+    info, bands = _inspect(path)
+    when, date_source = _resolve_date(info, acquired, role)
+    if not _overlaps(info, plan):
+        raise NoValidDataError(_no_data_message(info, plan, role, outside=True))
+    if chunks is None:
+        data = _read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
+        has_data = not bool(np.isnan(data).all())
+    else:
+        data = _read_lazy(info.path, plan, method, bands, chunks)
+        # Reads the window once more, but the user gets the error now, not mid-computation.
+        has_data = not bool(dask.array.isnan(data).all().compute())
+    if not has_data:
+        raise NoValidDataError(_no_data_message(info, plan, role, outside=False))
+    da = _to_dataarray(data, plan, role, info.path, when)
+    ref = SourceRef(
+        provider="local", item_id=Path(info.path).name, acquired=when, path=info.path,
+        url=None, sha256=sha256_file(info.path), crs=info.crs, res_m=info.res_m,
+        date_source=date_source, extra={"bands": len(bands), "dtype": info.dtype,
+                                        "nodata": _json_nodata(info.nodata)},
+    )
+    log.info("Read %s image %s onto %s grid %dx%d at %g m", role, ref.item_id, plan.crs,
+             plan.width, plan.height, plan.res_m)
+    return da, ref
+
+
+def common_resolution(infos: list[RasterInfo]) -> float:
+    """Return the coarsest nominal resolution of the inputs in metres, rounded to a millimetre.
+
+    Raises
+    ------
+    GridError
+        If ``infos`` is empty.
+    """
+    if not infos:
+        raise GridError("common_resolution needs at least one raster; got none.")
+    return round(max(info.res_m for info in infos), 3)
+
+
+# --- header ---------------------------------------------------------------------------------
+
+
+def _inspect(path: str | Path) -> tuple[RasterInfo, list[int]]:
+    """Open, validate and describe a raster; also return its data (non-alpha) band indexes."""
+    src_path = _existing_file(path)
+    try:
+        src = rasterio.open(src_path)
+    except RasterioIOError as e:
+        raise FetchError(
+            f"{src_path} is not a raster GDAL can read (GeoTIFF/COG expected): {e}"
+        ) from e
+    with src:
+        _check_georeferencing(src, src_path)
+        info = RasterInfo(
+            path=str(src_path), crs=_crs_string(src.crs), res_m=_nominal_res_m(src, src_path),
+            bounds=_bounds(src), bounds_lonlat=_bounds_lonlat(src, src_path), width=src.width,
+            height=src.height, count=src.count, dtype=src.dtypes[0], nodata=src.nodata,
+            tags=_tags(src),
+        )
+        alpha = ColorInterp.alpha
+        bands = [i for i, c in zip(src.indexes, src.colorinterp, strict=True) if c != alpha]
+        _probe(src, src_path)
+    if not bands:
+        raise FetchError(f"{src_path} holds only an alpha band; no image data to read.")
+    return info, bands
+
+
+def _existing_file(path: str | Path) -> Path:
+    """Absolute path of an existing regular file, else FetchError."""
+    src_path = Path(path).expanduser()
+    try:
+        exists, is_dir = src_path.exists(), src_path.is_dir()
+    except OSError as e:
+        raise FetchError(f"Raster path {str(path)[:200]!r} cannot be checked: {e}") from e
+    if not exists:
+        raise FetchError(f"Raster {src_path} does not exist; check the path.")
+    if is_dir:
+        raise FetchError(f"Raster {src_path} is a directory; give the path of a GeoTIFF file.")
+    return src_path.resolve()
+
+
+def _check_georeferencing(src: Any, path: Path) -> None:
+    """Reject rasters without pixels, CRS or a north-up geotransform."""
+    if src.width == 0 or src.height == 0 or src.count == 0:
+        raise FetchError(f"{path} has no pixels ({src.width} x {src.height}, {src.count} bands).")
+    if src.crs is None:
+        how = (
+            "it has only ground control points; warp it first, e.g. gdalwarp -t_srs EPSG:32645"
+            if src.gcps[0]
+            else "georeference it first, e.g. gdal_translate -a_srs EPSG:32645 -a_ullr ..."
+        )
+        raise FetchError(f"{path} has no coordinate reference system; {how} in.tif out.tif.")
+    t = src.transform
+    if t.b != 0 or t.d != 0:
+        raise FetchError(
+            f"{path} has a rotated or sheared geotransform {tuple(t)[:6]}; Sitewatch needs a "
+            "north-up grid: warp it first, e.g. gdalwarp in.tif out.tif."
+        )
+    if t.is_identity:
+        raise FetchError(f"{path} has a CRS but no geotransform; georeference it first.")
+
+
+def _crs_string(crs: Any) -> str:
+    """``"EPSG:nnnn"`` (or another authority code) when known, else WKT."""
+    epsg = crs.to_epsg()
+    if epsg:
+        return f"EPSG:{epsg}"
+    auth = crs.to_authority()
+    return f"{auth[0]}:{auth[1]}" if auth else crs.to_wkt()
+
+
+def _bounds(src: Any) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) in the raster's CRS, whatever the sign of the pixel height."""
+    left, bottom, right, top = src.bounds
+    return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+
+
+def _bounds_lonlat(src: Any, path: Path) -> tuple[float, float, float, float]:
+    """Densified lon/lat bounds."""
+    try:
+        return tuple(transform_bounds(src.crs, "EPSG:4326", *_bounds(src), densify_pts=21))
+    except (CRSError, ProjError) as e:
+        raise FetchError(f"{path}: its CRS cannot be transformed to lon/lat: {e}") from e
+
+
+def _nominal_res_m(src: Any, path: Path) -> float:
+    """Coarser of the two pixel sides in metres (geodesic at the centre if geographic)."""
+    xres, yres = abs(src.transform.a), abs(src.transform.e)
+    if src.crs.is_geographic:
+        minx, miny, maxx, maxy = _bounds(src)
+        cx, cy = (minx + maxx) / 2, min(max((miny + maxy) / 2, -89.0), 89.0)
+        dx = _GEOD.inv(cx - xres / 2, cy, cx + xres / 2, cy)[2]
+        dy = _GEOD.inv(cx, cy - yres / 2, cx, cy + yres / 2)[2]
+        return float(max(dx, dy))
+    try:
+        factor = src.crs.linear_units_factor[1]
+    except CRSError as e:
+        raise FetchError(f"{path}: the linear unit of its CRS is unknown: {e}") from e
+    return float(max(xres, yres) * factor)
+
+
+def _tags(src: Any) -> dict[str, str]:
+    """Default-domain tags, plus GDAL's IMAGERY domain (acquisition time of some formats)."""
+    tags = dict(src.tags())
+    for key, value in src.tags(ns="IMAGERY").items():
+        tags.setdefault(key, value)
+    return tags
+
+
+def _probe(src: Any, path: Path) -> None:
+    """Decode the first and the last block, which catches most truncated or corrupt files."""
+    block_h, block_w = src.block_shapes[0]
+    if block_h * block_w > _PROBE_MAX_PX:
+        return
+    last_row = (src.height - 1) // block_h * block_h
+    last_col = (src.width - 1) // block_w * block_w
+    windows = [
+        (1, Window(0, 0, min(block_w, src.width), min(block_h, src.height))),
+        (src.count, Window(last_col, last_row, src.width - last_col, src.height - last_row)),
+    ]
+    try:
+        for band, window in windows:
+            src.read(band, window=window)
+    except _READ_ERRORS as e:
+        raise FetchError(_corrupt_message(path, e)) from e
+
+
+def _corrupt_message(path: str | Path, e: Exception) -> str:
+    """Message for a failed pixel read."""
+    cause = f" ({e.__cause__})" if e.__cause__ else ""
+    return (
+        f"{path} could not be read: {e}{cause}. The file is probably corrupt or truncated; "
+        "download or export it again (and check its SHA-256)."
+    )
+
+
+# --- dates ----------------------------------------------------------------------------------
+
+
+def _parse_date(pattern: re.Pattern[str], text: str | None, *, search: bool = False) -> date | None:
+    """First date matched by ``pattern`` in ``text`` that is real and within 1970..today."""
+    if not text:
+        return None
+    matches = pattern.finditer(text) if search else [m for m in [pattern.match(text)] if m]
+    for match in matches:
+        try:
+            found = date(int(match.group(1)), int(match.group(3)), int(match.group(4)))
+        except ValueError:
+            continue
+        if _EARLIEST <= found <= date.today():
+            return found
+    return None
+
+
+def _resolve_date(info: RasterInfo, acquired: date | None, role: str) -> tuple[date, str]:
+    """The user's date, else the file's, else FetchError naming the CLI flag to pass."""
+    if acquired is not None:
+        if not isinstance(acquired, date):
+            raise ConfigError(f"acquired must be a date, got {acquired!r}.")
+        return (acquired.date() if isinstance(acquired, datetime) else acquired), "user"
+    when, source = acquisition_date(info.path, info.tags)
+    if when is None or source is None:
+        flag = f"--{role}-date" if role in ("before", "after") else "--before-date/--after-date"
+        raise FetchError(
+            f"The acquisition date of the {role} image {info.path} is unknown: no date in its "
+            "metadata (ACQUISITION_DATE, DATE_ACQUIRED, TIFFTAG_DATETIME) or its file name. "
+            f"Pass {flag} in YYYY-MM-DD form (e.g. {flag} 2017-03-02)."
+        )
+    return when, source
+
+
+# --- pixels ---------------------------------------------------------------------------------
+
+
+def _resampling(name: str) -> Resampling:
+    """Resampling enum for a GDAL warp method name."""
+    if name not in WARP_RESAMPLING:
+        known = ", ".join(WARP_RESAMPLING)
+        raise ConfigError(f"Resampling {name!r} is not known; use one of {known}.")
+    return Resampling[name]
+
+
+def _read_window(
+    path: str, plan: GridPlan, method: Resampling, bands: list[int], window: tuple[int, ...]
+) -> np.ndarray:
+    """Warp one (col, row, width, height) window of the plan; float32, NaN = nodata."""
+    try:
+        with rasterio.open(path) as src:
+            options: dict[str, Any] = {"src_nodata": src.nodata} if src.nodata is not None else {}
+            with WarpedVRT(
+                src, crs=plan.crs, transform=plan.transform, width=plan.width, height=plan.height,
+                resampling=method, nodata=np.nan, dtype="float32",
+                tolerance=_WARP_TOLERANCE_PX, **options,
+            ) as vrt:
+                # The VRT's nodata is NaN, so invalid pixels read as NaN without a mask pass.
+                return vrt.read(indexes=bands, window=Window(*window))
+    except _READ_ERRORS as e:
+        raise FetchError(_corrupt_message(path, e)) from e
+
+
+def _read_lazy(
+    path: str, plan: GridPlan, method: Resampling, bands: list[int], chunks: int
+) -> dask.array.Array:
+    """Dask array of the plan whose tasks each warp their own window (nothing big in the graph)."""
+    read = dask.delayed(_read_window, pure=True)
+    rows = []
+    for row in range(0, plan.height, chunks):
+        height = min(chunks, plan.height - row)
+        blocks = []
+        for col in range(0, plan.width, chunks):
+            width = min(chunks, plan.width - col)
+            task = read(path, plan, method, bands, (col, row, width, height))
+            blocks.append(dask.array.from_delayed(task, (len(bands), height, width), np.float32))
+        rows.append(blocks)
+    return dask.array.block(rows)
+
+
+def _to_dataarray(data: Any, plan: GridPlan, role: str, path: str, when: date) -> xr.DataArray:
+    """Wrap pixels with pixel-centre coordinates and rioxarray georeferencing."""
+    minx, _, _, maxy = plan.bounds
+    da = xr.DataArray(
+        data,
+        dims=("band", "y", "x"),
+        coords={
+            "band": np.arange(1, data.shape[0] + 1),
+            "y": maxy - (np.arange(plan.height) + 0.5) * plan.res_m,
+            "x": minx + (np.arange(plan.width) + 0.5) * plan.res_m,
+        },
+        name=role,
+        attrs={"role": role, "source_path": path, "acquired": when.isoformat()},
+    )
+    da = da.rio.write_crs(plan.crs).rio.write_transform(plan.transform)
+    return da.rio.write_nodata(np.nan, encoded=False)
+
+
+# --- footprint ------------------------------------------------------------------------------
+
+
+def _overlaps(info: RasterInfo, plan: GridPlan) -> bool:
+    """True if the plan's area overlaps the image footprint (True when it cannot tell)."""
+    minx, miny, maxx, maxy = plan.bounds
+    outline = shapely.segmentize(box(*plan.bounds), max(maxx - minx, maxy - miny) / 16)
+    transformer = Transformer.from_crs(plan.crs, info.crs, always_xy=True)
+
+    def _apply(coords: np.ndarray) -> np.ndarray:
+        return np.column_stack(transformer.transform(coords[:, 0], coords[:, 1]))
+
+    try:
+        projected = shapely.transform(outline, _apply)
+    except ProjError:
+        return True
+    if not np.isfinite(shapely.get_coordinates(projected)).all() or not projected.is_valid:
+        return True
+    return projected.intersection(box(*info.bounds)).area > 0
+
+
+def _plan_lonlat(plan: GridPlan) -> tuple[float, float, float, float]:
+    """The plan's bounds in lon/lat."""
+    return tuple(transform_bounds(plan.crs, "EPSG:4326", *plan.bounds, densify_pts=21))
+
+
+def _extent(bounds: tuple[float, float, float, float]) -> str:
+    """'lon a..b, lat c..d' for messages."""
+    return f"lon {bounds[0]:.5f}..{bounds[2]:.5f}, lat {bounds[1]:.5f}..{bounds[3]:.5f}"
+
+
+def _no_data_message(info: RasterInfo, plan: GridPlan, role: str, *, outside: bool) -> str:
+    """NoValidDataError text: AOI outside the footprint, or inside it but all nodata."""
+    image, aoi = _extent(info.bounds_lonlat), _extent(_plan_lonlat(plan))
+    if outside:
+        return (f"The AOI does not overlap the {role} image {info.path}: image covers {image}; "
+                f"AOI covers {aoi}; choose an AOI inside the image or another image.")
+    return (f"The {role} image {info.path} overlaps the AOI ({aoi}) but every pixel there is "
+            f"nodata (nodata value {info.nodata}, masks or alpha); the image covers {image}. "
+            "Choose an AOI over the image's valid area or another image.")
+
+
+def _warn(message: str) -> None:
+    """Emit a ProvenanceWarning that tells the user how to override the date."""
+    warnings.warn(f"{message} Pass --before-date/--after-date to override.", ProvenanceWarning,
+                  stacklevel=3)
+
+
+def _json_nodata(nodata: float | None) -> float | str | None:
+    """Nodata for JSON: NaN is not valid JSON, so it becomes the string 'nan'."""
+    return "nan" if nodata is not None and math.isnan(nodata) else nodata
