@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyogrio
 import pyogrio.errors
 import shapely
@@ -160,11 +159,9 @@ def utm_crs(aoi: Aoi) -> str:
     centroid = aoi.geometry.centroid
     lon, lat = float(centroid.x), float(centroid.y)
     if not UTM_MIN_LAT <= lat <= UTM_MAX_LAT:
-        raise AoiError(
-            f"AOI '{aoi.id}' is centred at latitude {lat:.5f}, outside the UTM range "
-            f"{UTM_MIN_LAT:g}..{UTM_MAX_LAT:g}; pass an explicit projected crs (e.g. a polar "
-            "stereographic EPSG:3413 or EPSG:3031) to plan_grid."
-        )
+        raise AoiError(f"AOI '{aoi.id}' is centred at latitude {lat:.5f}, outside the UTM range "
+                       f"{UTM_MIN_LAT:g}..{UTM_MAX_LAT:g}; pass an explicit projected crs (e.g. "
+                       "a polar stereographic EPSG:3413 or EPSG:3031) to plan_grid.")
     return _utm_code(lon, lat)
 
 
@@ -193,9 +190,8 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
     if not (isinstance(res_m, int | float) and math.isfinite(res_m) and res_m > 0):
         raise GridError(f"Grid resolution must be a positive number of metres, got {res_m!r}.")
     target = _metric_crs(crs) if crs is not None else utm_crs(aoi)
-    bounds = _transformer(LONLAT_CRS, target).transform_bounds(
-        *aoi.geometry.bounds, densify_pts=21
-    )
+    bounds = _transformer(LONLAT_CRS, target).transform_bounds(*aoi.geometry.bounds,
+                                                               densify_pts=21)
     if not all(math.isfinite(v) for v in bounds):
         raise GridError(f"AOI '{aoi.id}' cannot be projected to {target}; choose another crs.")
     return GridPlan.snapped(target, tuple(float(v) for v in bounds), float(res_m))
@@ -208,8 +204,6 @@ def aoi_polygon_in(aoi: Aoi, crs: str) -> BaseGeometry:
     dense = shapely.segmentize(aoi.geometry, _SEGMENT_DEG)
     return _reproject(dense, LONLAT_CRS, crs)
 
-
-# --- parsing helpers -------------------------------------------------------------------------
 
 Fail = Callable[[str], Exception]
 
@@ -376,9 +370,6 @@ def _read_vector(path: Path, error: type[Exception], what: str) -> Any:
         ) from e
 
 
-# --- geometry helpers ------------------------------------------------------------------------
-
-
 def _clean_polygon(geom: BaseGeometry, fail: Fail) -> Polygon | MultiPolygon:
     """make_valid, keep polygon parts, and check lon/lat and UTM ranges and the antimeridian."""
     parts = shapely.get_parts(shapely.make_valid(geom))
@@ -400,8 +391,6 @@ def _clean_polygon(geom: BaseGeometry, fail: Fail) -> Polygon | MultiPolygon:
             f"its centre latitude {lat:.5f} is outside {UTM_MIN_LAT:g}..{UTM_MAX_LAT:g}, "
             "where the UTM working grid is defined"
         )
-    if not isinstance(result, Polygon | MultiPolygon):
-        raise fail(f"it became a {result.geom_type} once made valid; draw a simple polygon")
     return result
 
 
@@ -450,16 +439,7 @@ def _transformer(src: str, dst: str) -> Transformer:
 
 def _reproject(geom: BaseGeometry, src: str, dst: str) -> BaseGeometry:
     """Reproject a shapely geometry between CRSs."""
-    transformer = _transformer(src, dst)
-
-    def _apply(coords: np.ndarray) -> np.ndarray:
-        try:
-            x, y = transformer.transform(coords[:, 0], coords[:, 1])
-        except ProjError as e:
-            raise GridError(f"Cannot reproject geometry from {src} to {dst}: {e}") from e
-        return np.column_stack([x, y])
-
-    return shapely.transform(geom, _apply)
+    return shapely.transform(geom, _transformer(src, dst).transform, interleaved=False)
 
 
 def _coord(value: float, hemispheres: str) -> str:

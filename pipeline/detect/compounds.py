@@ -126,7 +126,7 @@ def _fit_region(
     px = np.column_stack([(corners[:, 0] + 0.5 + r0) * factor, (corners[:, 1] + 0.5 + c0) * factor])
     px = snap_sides(px, new_edges, search_px=search_px)
     rows, cols = px[:, 0], px[:, 1]
-    xs, ys = transform * (cols, rows)
+    xs, ys = transform @ (cols, rows)
     polygon = shapely.Polygon(np.column_stack([xs, ys]))
     inside, ring = _cell_masks(polygon, gain.shape, transform, factor, cell_m)
     g = np.where(np.isfinite(gain), gain, np.nan)
@@ -166,7 +166,7 @@ def _cell_masks(
     """Cells whose centre is inside ``polygon``, and a ring of about two cells around it."""
     from rasterio import features
 
-    cell_transform = transform * Affine.scale(factor)
+    cell_transform = transform @ Affine.scale(factor)
     inside = features.rasterize([polygon], out_shape=shape, transform=cell_transform) > 0
     grown = polygon.buffer(2.5 * cell_m, join_style="mitre")
     outer = features.rasterize([grown], out_shape=shape, transform=cell_transform) > 0

@@ -50,8 +50,12 @@ _CREATION_TAG = "TIFFTAG_DATETIME"
 _TAG_DATE = re.compile(r"\s*(\d{4})([-:/_]?)(\d{2})\2(\d{2})(?!\d)")
 _NAME_DATE = re.compile(r"(?<!\d)(\d{4})([-_]?)(\d{2})\2(\d{2})(?!\d)")
 _EARLIEST = date(1970, 1, 1)
-# rasterio rejects tolerance=0; a tiny one makes GDAL transform every pixel exactly, so a
-# window read (Dask chunk) gives the same values as the full read.
+# GDAL adapts its resampling kernel to each warp request's source window (scale when
+# downsampling, approximate transformer), so a pixel's value depends on the request it falls
+# in. Every read is therefore made of the same fixed tiles of the plan, each warped through
+# its own VRT: values are identical whatever the Dask chunking, and reproducible.
+WARP_TILE_PX = 512
+# rasterio rejects tolerance=0; a tiny one makes GDAL transform (almost) every pixel exactly.
 _WARP_TOLERANCE_PX = 1e-6
 _PROBE_MAX_PX = 4096 * 4096
 _READ_ERRORS = (RasterioIOError, WarpOperationError)
@@ -156,7 +160,8 @@ def read_to_grid(
         GDAL warp resampling name (see ``WARP_RESAMPLING``).
     chunks
         Chunk size in pixels for a lazy Dask array whose tasks each open the file and warp
-        their own window; ``None`` reads eagerly into NumPy. Both give identical values.
+        their own window, rounded up to a multiple of ``WARP_TILE_PX``; ``None`` reads eagerly
+        into NumPy. Both give identical values.
 
     Returns
     -------
@@ -192,12 +197,10 @@ def read_to_grid(
     if not has_data:
         raise NoValidDataError(_no_data_message(info, plan, role, outside=False))
     da = _to_dataarray(data, plan, role, info.path, when)
-    ref = SourceRef(
-        provider="local", item_id=Path(info.path).name, acquired=when, path=info.path,
-        url=None, sha256=sha256_file(info.path), crs=info.crs, res_m=info.res_m,
-        date_source=date_source, extra={"bands": len(bands), "dtype": info.dtype,
-                                        "nodata": _json_nodata(info.nodata)},
-    )
+    extra = {"bands": len(bands), "dtype": info.dtype, "nodata": _json_nodata(info.nodata)}
+    ref = SourceRef(provider="local", item_id=Path(info.path).name, acquired=when,
+                    path=info.path, url=None, sha256=sha256_file(info.path), crs=info.crs,
+                    res_m=info.res_m, date_source=date_source, extra=extra)
     log.info("Read %s image %s onto %s grid %dx%d at %g m", role, ref.item_id, plan.crs,
              plan.width, plan.height, plan.res_m)
     return da, ref
@@ -216,9 +219,6 @@ def common_resolution(infos: list[RasterInfo]) -> float:
     return round(max(info.res_m for info in infos), 3)
 
 
-# --- header ---------------------------------------------------------------------------------
-
-
 def _inspect(path: str | Path) -> tuple[RasterInfo, list[int]]:
     """Open, validate and describe a raster; also return its data (non-alpha) band indexes."""
     src_path = _existing_file(path)
@@ -230,14 +230,21 @@ def _inspect(path: str | Path) -> tuple[RasterInfo, list[int]]:
         ) from e
     with src:
         _check_georeferencing(src, src_path)
-        info = RasterInfo(
-            path=str(src_path), crs=_crs_string(src.crs), res_m=_nominal_res_m(src, src_path),
-            bounds=_bounds(src), bounds_lonlat=_bounds_lonlat(src, src_path), width=src.width,
-            height=src.height, count=src.count, dtype=src.dtypes[0], nodata=src.nodata,
-            tags=_tags(src),
-        )
-        alpha = ColorInterp.alpha
-        bands = [i for i, c in zip(src.indexes, src.colorinterp, strict=True) if c != alpha]
+        left, bottom, right, top = src.bounds  # min/max: a south-up raster has bottom > top
+        bounds = (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+        try:
+            lonlat = tuple(transform_bounds(src.crs, "EPSG:4326", *bounds, densify_pts=21))
+            epsg, auth = src.crs.to_epsg(), src.crs.to_authority()
+        except (CRSError, ProjError) as e:
+            raise FetchError(f"{src_path}: its CRS cannot be transformed to lon/lat: {e}") from e
+        crs = f"EPSG:{epsg}" if epsg else f"{auth[0]}:{auth[1]}" if auth else src.crs.to_wkt()
+        # GDAL's IMAGERY domain holds the acquisition time of some formats.
+        tags = {**src.tags(ns="IMAGERY"), **src.tags()}
+        res_m = _nominal_res_m(src, bounds, src_path)
+        info = RasterInfo(str(src_path), crs, res_m, bounds, lonlat, src.width, src.height,
+                          src.count, src.dtypes[0], src.nodata, tags)
+        bands = [i for i, c in zip(src.indexes, src.colorinterp, strict=True)
+                 if c != ColorInterp.alpha]
         _probe(src, src_path)
     if not bands:
         raise FetchError(f"{src_path} holds only an alpha band; no image data to read.")
@@ -249,12 +256,12 @@ def _existing_file(path: str | Path) -> Path:
     src_path = Path(path).expanduser()
     try:
         exists, is_dir = src_path.exists(), src_path.is_dir()
-    except OSError as e:
+    except OSError as e:  # e.g. a name too long for the file system
         raise FetchError(f"Raster path {str(path)[:200]!r} cannot be checked: {e}") from e
     if not exists:
         raise FetchError(f"Raster {src_path} does not exist; check the path.")
     if is_dir:
-        raise FetchError(f"Raster {src_path} is a directory; give the path of a GeoTIFF file.")
+        raise FetchError(f"Raster {src_path} is a directory; give the path of a GeoTIFF.")
     return src_path.resolve()
 
 
@@ -263,11 +270,8 @@ def _check_georeferencing(src: Any, path: Path) -> None:
     if src.width == 0 or src.height == 0 or src.count == 0:
         raise FetchError(f"{path} has no pixels ({src.width} x {src.height}, {src.count} bands).")
     if src.crs is None:
-        how = (
-            "it has only ground control points; warp it first, e.g. gdalwarp -t_srs EPSG:32645"
-            if src.gcps[0]
-            else "georeference it first, e.g. gdal_translate -a_srs EPSG:32645 -a_ullr ..."
-        )
+        how = ("it has only ground control points; warp it first, e.g. gdalwarp -t_srs EPSG:32645"
+               if src.gcps[0] else "georeference it first, e.g. gdal_translate -a_srs EPSG:32645")
         raise FetchError(f"{path} has no coordinate reference system; {how} in.tif out.tif.")
     t = src.transform
     if t.b != 0 or t.d != 0:
@@ -279,51 +283,18 @@ def _check_georeferencing(src: Any, path: Path) -> None:
         raise FetchError(f"{path} has a CRS but no geotransform; georeference it first.")
 
 
-def _crs_string(crs: Any) -> str:
-    """``"EPSG:nnnn"`` (or another authority code) when known, else WKT."""
-    epsg = crs.to_epsg()
-    if epsg:
-        return f"EPSG:{epsg}"
-    auth = crs.to_authority()
-    return f"{auth[0]}:{auth[1]}" if auth else crs.to_wkt()
-
-
-def _bounds(src: Any) -> tuple[float, float, float, float]:
-    """(minx, miny, maxx, maxy) in the raster's CRS, whatever the sign of the pixel height."""
-    left, bottom, right, top = src.bounds
-    return (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
-
-
-def _bounds_lonlat(src: Any, path: Path) -> tuple[float, float, float, float]:
-    """Densified lon/lat bounds."""
-    try:
-        return tuple(transform_bounds(src.crs, "EPSG:4326", *_bounds(src), densify_pts=21))
-    except (CRSError, ProjError) as e:
-        raise FetchError(f"{path}: its CRS cannot be transformed to lon/lat: {e}") from e
-
-
-def _nominal_res_m(src: Any, path: Path) -> float:
+def _nominal_res_m(src: Any, bounds: tuple[float, ...], path: Path) -> float:
     """Coarser of the two pixel sides in metres (geodesic at the centre if geographic)."""
     xres, yres = abs(src.transform.a), abs(src.transform.e)
     if src.crs.is_geographic:
-        minx, miny, maxx, maxy = _bounds(src)
-        cx, cy = (minx + maxx) / 2, min(max((miny + maxy) / 2, -89.0), 89.0)
+        cx, cy = (bounds[0] + bounds[2]) / 2, min(max((bounds[1] + bounds[3]) / 2, -89.0), 89.0)
         dx = _GEOD.inv(cx - xres / 2, cy, cx + xres / 2, cy)[2]
         dy = _GEOD.inv(cx, cy - yres / 2, cx, cy + yres / 2)[2]
         return float(max(dx, dy))
     try:
-        factor = src.crs.linear_units_factor[1]
+        return float(max(xres, yres) * src.crs.linear_units_factor[1])
     except CRSError as e:
         raise FetchError(f"{path}: the linear unit of its CRS is unknown: {e}") from e
-    return float(max(xres, yres) * factor)
-
-
-def _tags(src: Any) -> dict[str, str]:
-    """Default-domain tags, plus GDAL's IMAGERY domain (acquisition time of some formats)."""
-    tags = dict(src.tags())
-    for key, value in src.tags(ns="IMAGERY").items():
-        tags.setdefault(key, value)
-    return tags
 
 
 def _probe(src: Any, path: Path) -> None:
@@ -333,13 +304,10 @@ def _probe(src: Any, path: Path) -> None:
         return
     last_row = (src.height - 1) // block_h * block_h
     last_col = (src.width - 1) // block_w * block_w
-    windows = [
-        (1, Window(0, 0, min(block_w, src.width), min(block_h, src.height))),
-        (src.count, Window(last_col, last_row, src.width - last_col, src.height - last_row)),
-    ]
     try:
-        for band, window in windows:
-            src.read(band, window=window)
+        src.read(1, window=Window(0, 0, min(block_w, src.width), min(block_h, src.height)))
+        src.read(src.count, window=Window(last_col, last_row, src.width - last_col,
+                                          src.height - last_row))
     except _READ_ERRORS as e:
         raise FetchError(_corrupt_message(path, e)) from e
 
@@ -347,13 +315,8 @@ def _probe(src: Any, path: Path) -> None:
 def _corrupt_message(path: str | Path, e: Exception) -> str:
     """Message for a failed pixel read."""
     cause = f" ({e.__cause__})" if e.__cause__ else ""
-    return (
-        f"{path} could not be read: {e}{cause}. The file is probably corrupt or truncated; "
-        "download or export it again (and check its SHA-256)."
-    )
-
-
-# --- dates ----------------------------------------------------------------------------------
+    return (f"{path} could not be read: {e}{cause}. The file is probably corrupt or truncated; "
+            "download or export it again (and check its SHA-256).")
 
 
 def _parse_date(pattern: re.Pattern[str], text: str | None, *, search: bool = False) -> date | None:
@@ -388,9 +351,6 @@ def _resolve_date(info: RasterInfo, acquired: date | None, role: str) -> tuple[d
     return when, source
 
 
-# --- pixels ---------------------------------------------------------------------------------
-
-
 def _resampling(name: str) -> Resampling:
     """Resampling enum for a GDAL warp method name."""
     if name not in WARP_RESAMPLING:
@@ -402,32 +362,46 @@ def _resampling(name: str) -> Resampling:
 def _read_window(
     path: str, plan: GridPlan, method: Resampling, bands: list[int], window: tuple[int, ...]
 ) -> np.ndarray:
-    """Warp one (col, row, width, height) window of the plan; float32, NaN = nodata."""
+    """Warp a tile-aligned (col, row, width, height) window of the plan, tile by tile."""
+    col0, row0, width, height = window
+    out = np.empty((len(bands), height, width), np.float32)
     try:
         with rasterio.open(path) as src:
-            options: dict[str, Any] = {"src_nodata": src.nodata} if src.nodata is not None else {}
-            with WarpedVRT(
-                src, crs=plan.crs, transform=plan.transform, width=plan.width, height=plan.height,
-                resampling=method, nodata=np.nan, dtype="float32",
-                tolerance=_WARP_TOLERANCE_PX, **options,
-            ) as vrt:
-                # The VRT's nodata is NaN, so invalid pixels read as NaN without a mask pass.
-                return vrt.read(indexes=bands, window=Window(*window))
+            for row in range(row0, row0 + height, WARP_TILE_PX):
+                for col in range(col0, col0 + width, WARP_TILE_PX):
+                    w = min(WARP_TILE_PX, col0 + width - col)
+                    h = min(WARP_TILE_PX, row0 + height - row)
+                    tile = _warp_tile(src, plan, method, bands, Window(col, row, w, h))
+                    out[:, row - row0:row - row0 + h, col - col0:col - col0 + w] = tile
     except _READ_ERRORS as e:
         raise FetchError(_corrupt_message(path, e)) from e
+    return out
+
+
+def _warp_tile(src: Any, plan: GridPlan, method: Resampling, bands: list[int], tile: Window) -> Any:
+    """Warp one tile through a fresh VRT, so its pixels never depend on earlier reads."""
+    options: dict[str, Any] = {"src_nodata": src.nodata} if src.nodata is not None else {}
+    with WarpedVRT(
+        src, crs=plan.crs, transform=plan.transform, width=plan.width, height=plan.height,
+        resampling=method, nodata=np.nan, dtype="float32", tolerance=_WARP_TOLERANCE_PX,
+        **options,
+    ) as vrt:
+        # The VRT's nodata is NaN, so invalid pixels read as NaN without a mask pass.
+        return vrt.read(indexes=bands, window=tile)
 
 
 def _read_lazy(
     path: str, plan: GridPlan, method: Resampling, bands: list[int], chunks: int
 ) -> dask.array.Array:
     """Dask array of the plan whose tasks each warp their own window (nothing big in the graph)."""
+    step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
     read = dask.delayed(_read_window, pure=True)
     rows = []
-    for row in range(0, plan.height, chunks):
-        height = min(chunks, plan.height - row)
+    for row in range(0, plan.height, step):
+        height = min(step, plan.height - row)
         blocks = []
-        for col in range(0, plan.width, chunks):
-            width = min(chunks, plan.width - col)
+        for col in range(0, plan.width, step):
+            width = min(step, plan.width - col)
             task = read(path, plan, method, bands, (col, row, width, height))
             blocks.append(dask.array.from_delayed(task, (len(bands), height, width), np.float32))
         rows.append(blocks)
@@ -437,22 +411,13 @@ def _read_lazy(
 def _to_dataarray(data: Any, plan: GridPlan, role: str, path: str, when: date) -> xr.DataArray:
     """Wrap pixels with pixel-centre coordinates and rioxarray georeferencing."""
     minx, _, _, maxy = plan.bounds
-    da = xr.DataArray(
-        data,
-        dims=("band", "y", "x"),
-        coords={
-            "band": np.arange(1, data.shape[0] + 1),
-            "y": maxy - (np.arange(plan.height) + 0.5) * plan.res_m,
-            "x": minx + (np.arange(plan.width) + 0.5) * plan.res_m,
-        },
-        name=role,
-        attrs={"role": role, "source_path": path, "acquired": when.isoformat()},
-    )
+    coords = {"band": np.arange(1, data.shape[0] + 1),
+              "y": maxy - (np.arange(plan.height) + 0.5) * plan.res_m,
+              "x": minx + (np.arange(plan.width) + 0.5) * plan.res_m}
+    attrs = {"role": role, "source_path": path, "acquired": when.isoformat()}
+    da = xr.DataArray(data, dims=("band", "y", "x"), coords=coords, name=role, attrs=attrs)
     da = da.rio.write_crs(plan.crs).rio.write_transform(plan.transform)
     return da.rio.write_nodata(np.nan, encoded=False)
-
-
-# --- footprint ------------------------------------------------------------------------------
 
 
 def _overlaps(info: RasterInfo, plan: GridPlan) -> bool:
@@ -460,12 +425,8 @@ def _overlaps(info: RasterInfo, plan: GridPlan) -> bool:
     minx, miny, maxx, maxy = plan.bounds
     outline = shapely.segmentize(box(*plan.bounds), max(maxx - minx, maxy - miny) / 16)
     transformer = Transformer.from_crs(plan.crs, info.crs, always_xy=True)
-
-    def _apply(coords: np.ndarray) -> np.ndarray:
-        return np.column_stack(transformer.transform(coords[:, 0], coords[:, 1]))
-
     try:
-        projected = shapely.transform(outline, _apply)
+        projected = shapely.transform(outline, transformer.transform, interleaved=False)
     except ProjError:
         return True
     if not np.isfinite(shapely.get_coordinates(projected)).all() or not projected.is_valid:
@@ -473,19 +434,16 @@ def _overlaps(info: RasterInfo, plan: GridPlan) -> bool:
     return projected.intersection(box(*info.bounds)).area > 0
 
 
-def _plan_lonlat(plan: GridPlan) -> tuple[float, float, float, float]:
-    """The plan's bounds in lon/lat."""
-    return tuple(transform_bounds(plan.crs, "EPSG:4326", *plan.bounds, densify_pts=21))
-
-
-def _extent(bounds: tuple[float, float, float, float]) -> str:
-    """'lon a..b, lat c..d' for messages."""
+def _extent(bounds: tuple[float, ...], crs: str = "EPSG:4326") -> str:
+    """'lon a..b, lat c..d' for messages, from bounds in ``crs``."""
+    if crs != "EPSG:4326":
+        bounds = transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)
     return f"lon {bounds[0]:.5f}..{bounds[2]:.5f}, lat {bounds[1]:.5f}..{bounds[3]:.5f}"
 
 
 def _no_data_message(info: RasterInfo, plan: GridPlan, role: str, *, outside: bool) -> str:
     """NoValidDataError text: AOI outside the footprint, or inside it but all nodata."""
-    image, aoi = _extent(info.bounds_lonlat), _extent(_plan_lonlat(plan))
+    image, aoi = _extent(info.bounds_lonlat), _extent(plan.bounds, plan.crs)
     if outside:
         return (f"The AOI does not overlap the {role} image {info.path}: image covers {image}; "
                 f"AOI covers {aoi}; choose an AOI inside the image or another image.")

@@ -93,8 +93,8 @@ def test_detect_sites_finds_synthetic_compound():
                          threshold=30.0, params=DetectParams(), before_ref=REF, after_ref=REF)
     compounds = [e for e in found if e.kind == "compound"]
     assert len(compounds) == 1
-    x0, y0 = TRANSFORM * (60, 80)
-    x1, y1 = TRANSFORM * (240, 200)
+    x0, y0 = TRANSFORM @ (60, 80)
+    x1, y1 = TRANSFORM @ (240, 200)
     wall = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
     c = compounds[0]
     assert c.geometry.intersection(wall).area / c.geometry.union(wall).area > 0.7
