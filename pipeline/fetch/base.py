@@ -1,0 +1,108 @@
+"""pipeline.fetch.base: the one interface every imagery source implements.
+
+A source is an entry of ``configs/sources.toml`` (``SourceConfig``); fetching it for an AOI,
+a working grid and a date window gives a ``Scene``: pixels on the grid plus provenance.
+Adding a source is one module with a ``fetch`` function of the ``Fetch`` signature, registered
+in ``pipeline.fetch.registry``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any, Literal, Protocol
+
+import xarray as xr
+
+from pipeline.errors import ConfigError
+from pipeline.model import GridPlan, SourceRef
+
+__all__ = ["SourceType", "DateWindow", "SourceConfig", "Scene", "FetchContext", "Fetch"]
+
+SourceType = Literal["stac", "xyz", "wayback", "local"]
+_WINDOW = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*(?:/\s*(\d{4}-\d{2}-\d{2})\s*)?$")
+
+
+@dataclass(frozen=True)
+class DateWindow:
+    """An inclusive window of acquisition dates, ``start <= end``."""
+
+    start: date
+    end: date
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise ConfigError(f"Date window {self.start}/{self.end} ends before it starts. "
+                              f"Write it as START/END, e.g. 2017-01-01/2017-04-30.")
+
+    @classmethod
+    def parse(cls, text: str, *, pad_days: int = 0) -> DateWindow:
+        """Parse ``YYYY-MM-DD`` (widened by ``pad_days`` each way) or ``YYYY-MM-DD/YYYY-MM-DD``."""
+        m = _WINDOW.match(text or "")
+        if not m:
+            raise ConfigError(f"Date {text!r} is not a date or a window. Write YYYY-MM-DD "
+                              f"(e.g. 2017-03-02) or START/END (e.g. 2017-01-01/2017-04-30).")
+        try:
+            start = date.fromisoformat(m.group(1))
+            end = date.fromisoformat(m.group(2)) if m.group(2) else start
+        except ValueError as e:
+            raise ConfigError(f"Date {text!r} is not a real calendar date: {e}.") from e
+        if not m.group(2) and pad_days:
+            start, end = start - timedelta(days=pad_days), end + timedelta(days=pad_days)
+        return cls(start, end)
+
+    @property
+    def middle(self) -> date:
+        """The window's central date."""
+        return self.start + (self.end - self.start) / 2
+
+    def __str__(self) -> str:
+        return f"{self.start.isoformat()}/{self.end.isoformat()}"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One entry of ``configs/sources.toml``: its name, type and type-specific options."""
+
+    name: str
+    type: SourceType
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass
+class Scene:
+    """One date's pixels on the working grid, with where they came from.
+
+    ``data`` has dims ``("band", "y", "x")``, float32, NaN = nodata, x/y at pixel centres, the
+    grid's CRS and transform written with rioxarray, and a ``band`` coordinate of band names
+    (e.g. ``red``, ``green``, ``blue``, ``nir``, ``swir16``). ``refs`` lists every item, tile
+    release or file that contributed; ``acquired`` is the representative acquisition date
+    (``None`` when unknown, e.g. a Wayback release without metadata); ``info`` carries
+    source-specific figures (clear-pixel share, composite method, zoom, requests made).
+    """
+
+    data: xr.DataArray
+    refs: list[SourceRef]
+    acquired: date | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FetchContext:
+    """What every fetch shares: the on-disk cache, offline mode and progress reporting."""
+
+    cache_dir: Any  # pathlib.Path of the cache root
+    offline: bool = False
+    progress: Any = None  # Callable[[int, int], None] | None
+    user_agent: str = "sitewatch (+https://github.com/sitewatch/sitewatch)"
+    timeout_s: float = 30.0
+    max_retries: int = 4
+    max_concurrency: int = 4
+
+
+class Fetch(Protocol):
+    """The signature of every source module's ``fetch``."""
+
+    def __call__(self, plan: GridPlan, window: DateWindow, source: SourceConfig, *,
+                 role: str, context: FetchContext) -> Scene: ...
