@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pipeline.errors import ConfigError
+from pipeline.fetch.base import SourceConfig
 from pipeline.model import ChangeParams, CoregParams, DetectParams, ObjectParams
 
-__all__ = ["RunConfig", "load_config", "default_config_path", "PROJECT_ROOT"]
+__all__ = [
+    "RunConfig", "load_config", "load_sources", "default_config_path", "default_sources_path",
+    "PROJECT_ROOT",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "objects": ObjectParams}
@@ -112,7 +116,7 @@ def _check_ranges(section: str, obj: Any) -> None:
             continue
         if (f.name.endswith(("_m", "_m2", "_px", "_factor")) or f.name == "cell_m") and v < 0:
             raise ConfigError(f"{section}.{f.name}: expected a value >= 0, got {v!r}")
-        if f.name.startswith("min_") and f.name.endswith(("score", "fill")) and not 0 <= v <= 1:
+        if f.name.endswith(("_score", "_fill", "_solidity", "_rectangularity")) and not 0 <= v <= 1:
             raise ConfigError(f"{section}.{f.name}: expected 0 <= x <= 1, got {v!r}")
     if section == "change" and obj.threshold is not None and obj.threshold <= 0:
         raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
@@ -189,3 +193,51 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
         sites_path=sites,
         config_path=config_path.resolve(),
     )
+
+
+_SOURCE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "stac": ("url", "collection"),
+    "xyz": ("url",),
+    "wayback": ("config_url", "tile_url", "tilemap_url", "metadata_url"),
+    "local": (),
+}
+
+
+def default_sources_path() -> Path:
+    """``configs/sources.toml`` of this checkout."""
+    return PROJECT_ROOT / "configs" / "sources.toml"
+
+
+def load_sources(path: str | Path | None = None) -> dict[str, SourceConfig]:
+    """Read the imagery sources: one ``[sources.<name>]`` table each, with a ``type``.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, unknown type, a missing required key, or a URL that is not http(s);
+        the message names the source and the key.
+    """
+    sources_path = Path(path) if path is not None else default_sources_path()
+    data = _read_toml(sources_path).get("sources")
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{sources_path} has no [sources.<name>] tables. Add one per imagery "
+                          f"source, e.g. [sources.earth-search] with type = \"stac\".")
+    out = {}
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"sources.{name}: expected a table in {sources_path}.")
+        kind = table.get("type")
+        if kind not in _SOURCE_REQUIRED:
+            raise ConfigError(f"sources.{name}.type: expected one of "
+                              f"{', '.join(_SOURCE_REQUIRED)}, got {kind!r}.")
+        for key in _SOURCE_REQUIRED[kind]:
+            if not isinstance(table.get(key), str) or not table[key]:
+                raise ConfigError(f"sources.{name}.{key}: required for a {kind} source.")
+        for key, value in table.items():
+            if key.endswith("url") and isinstance(value, str) and not value.startswith(
+                    ("http://", "https://")):
+                raise ConfigError(f"sources.{name}.{key}: only http:// and https:// URLs are "
+                                  f"fetched, got {value!r}.")
+        options = {k: v for k, v in table.items() if k != "type"}
+        out[name] = SourceConfig(name=name, type=kind, options=options)
+    return out

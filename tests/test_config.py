@@ -1,0 +1,70 @@
+"""Tests for pipeline.config: defaults, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config, load_sources
+from pipeline.errors import ConfigError
+from pipeline.model import DetectParams
+
+
+def test_load_config_default_matches_dataclass_defaults():
+    """configs/default.toml states the same values as the code's defaults."""
+    cfg = load_config()
+    assert cfg.params == DetectParams()
+    assert cfg.res_m is None and cfg.radius_m == 1000.0
+    assert cfg.sites_path.name == "sites.geojson" and cfg.sites_path.exists()
+
+
+def test_load_config_overrides_win(tmp_path):
+    """Command-line overrides beat the file; None overrides are skipped."""
+    path = tmp_path / "c.toml"
+    path.write_text("[change]\nthreshold_method = 'kittler'\nthreshold = 12.5\n")
+    cfg = load_config(path, overrides={"change.threshold": 30.0, "grid.res_m": None})
+    assert cfg.params.change.threshold == 30.0
+    assert cfg.params.change.threshold_method == "kittler"
+    assert cfg.to_dict()["change"]["threshold"] == 30.0
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("[change]\nthreshhold = 3\n", "change.threshhold: unknown key. Did you mean 'threshold'"),
+        ("[change]\nthreshold_method = 'mean'\n", "change.threshold_method: expected one of"),
+        ("[coreg]\nmax_shift_px = 'big'\n", "coreg.max_shift_px: expected a number"),
+        ("[objects]\ncompound_min_fill = 1.5\n", "objects.compound_min_fill: expected 0 <= x <= 1"),
+        ("[change]\nthreshold = -1\n", "change.threshold: expected a positive number"),
+        ("[grid]\nres_m = -2\n", "grid.res_m"),
+        ("[aoi]\nradius_m = 0\n", "aoi.radius_m"),
+        ("[colour]\nx = 1\n", "colour: unknown section"),
+        ("[change\n", "not valid TOML"),
+        ("[objects]\nscore_weights = [1, 2]\n", "objects.score_weights"),
+    ],
+)
+def test_load_config_errors_name_the_key(tmp_path, text, phrase):
+    """Each bad value is a ConfigError whose message names the key path."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=phrase.replace("(", r"\(").replace(".", r"\.")):
+        load_config(path)
+
+
+def test_load_config_missing_file(tmp_path):
+    """A missing config file says which path and what to do."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_load_sources_rejects_non_http_and_missing_keys(tmp_path):
+    """Sources need their type's keys and http(s) URLs only."""
+    path = tmp_path / "s.toml"
+    path.write_text("[sources.a]\ntype = 'stac'\nurl = 'file:///etc/passwd'\ncollection = 'x'\n")
+    with pytest.raises(ConfigError, match="only http:// and https://"):
+        load_sources(path)
+    path.write_text("[sources.a]\ntype = 'xyz'\n")
+    with pytest.raises(ConfigError, match="sources.a.url: required"):
+        load_sources(path)
+    path.write_text("[sources.a]\ntype = 'ftp'\n")
+    with pytest.raises(ConfigError, match="sources.a.type"):
+        load_sources(path)
