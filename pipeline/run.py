@@ -30,13 +30,19 @@ from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
 from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
 from pipeline.fetch.local import common_resolution, describe_raster, read_to_grid
-from pipeline.model import CoregResult, Evidence, GridPlan, params_hash
+from pipeline.fetch.base import Scene
+from pipeline.model import CoregResult, Evidence, GridPlan, SourceRef, params_hash
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.manifest import build_manifest, write_manifest
 from pipeline.report.rasters import write_cog
-from pipeline.report.rundir import check_out_root, new_run_id, staged_run_dir
+from pipeline.report.rundir import (
+    check_out_root,
+    new_run_id,
+    staged_run_dir,
+    unique_run_dir_name,
+)
 
-__all__ = ["DetectResult", "run_detect", "STEPS"]
+__all__ = ["DetectResult", "run_detect", "detect_scenes", "read_local_pair", "STEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +101,13 @@ def _mask_outside(da: xr.DataArray, aoi: Aoi, plan: GridPlan) -> xr.DataArray:
     return da.where(~xr.DataArray(outside, dims=("y", "x")))
 
 
-def _check_overlap(before: xr.DataArray, after: xr.DataArray, paths: tuple[Path, Path]) -> None:
+def _check_overlap(before: xr.DataArray, after: xr.DataArray, before_ref: SourceRef,
+                   after_ref: SourceRef) -> None:
     both = np.isfinite(before.values).all(axis=0) & np.isfinite(after.values).all(axis=0)
     if not both.any():
         raise NoValidDataError(
-            f"The before image {paths[0]} and the after image {paths[1]} have no valid pixel in "
+            f"The before image {before_ref.path or before_ref.item_id} and the after image "
+            f"{after_ref.path or after_ref.item_id} have no valid pixel in "
             f"common inside the AOI: they do not overlap there. Choose images that both cover "
             f"the AOI, or an AOI where they overlap."
         )
@@ -111,6 +119,50 @@ def _check_dates(before: date | None, after: date | None) -> None:
             f"The before image is dated {before} and the after image {after}: before is later. "
             f"Swap --before and --after (or fix --before-date/--after-date)."
         )
+
+
+def _summary_ref(scene: Scene, role: str) -> SourceRef:
+    """One SourceRef for a scene: the single input itself, or a summary of a composite."""
+    if len(scene.refs) == 1:
+        return scene.refs[0]
+    first = scene.refs[0]
+    return SourceRef(
+        provider=first.provider,
+        item_id=f"composite of {len(scene.refs)}: " + ", ".join(r.item_id for r in scene.refs),
+        acquired=scene.acquired, release=first.release, url=first.url, crs=first.crs,
+        res_m=first.res_m, date_source="composite",
+        extra={"role": role, "items": [r.item_id for r in scene.refs]},
+    )
+
+
+def read_local_pair(
+    aoi: Aoi,
+    before_path: str | Path,
+    after_path: str | Path,
+    *,
+    config: RunConfig,
+    before_date: date | None = None,
+    after_date: date | None = None,
+) -> tuple[GridPlan, Scene, Scene]:
+    """Read two local rasters onto the AOI's UTM grid at the coarser input resolution.
+
+    Returns
+    -------
+    ``(plan, before, after)``; each scene's data is NumPy-backed ``(band, y, x)`` float32.
+    """
+    paths = (Path(before_path), Path(after_path))
+    infos = [describe_raster(p) for p in paths]
+    plan = plan_grid(aoi, config.res_m or common_resolution(infos))
+    scenes = []
+    for path, role, when in zip(paths, ("before", "after"), (before_date, after_date), strict=True):
+        data, ref = read_to_grid(path, plan, role=role, acquired=when, resampling=config.resampling)
+        scenes.append(Scene(data=data, refs=[ref], acquired=ref.acquired, info={"path": str(path)}))
+    if scenes[0].refs[0].sha256 == scenes[1].refs[0].sha256:
+        warnings.warn(
+            f"The before and after files are identical (SHA-256 {scenes[0].refs[0].sha256[:12]}…):"
+            " no change can be found. Check that --before and --after name different"
+            " acquisitions.", PipelineWarning, stacklevel=2)
+    return plan, scenes[0], scenes[1]
 
 
 def run_detect(
@@ -151,32 +203,43 @@ def run_detect(
         Any input, grid or output problem, with a message that names the fix. Nothing is left
         under ``out_root`` when a run fails.
     """
+    return detect_scenes(
+        aoi,
+        lambda: read_local_pair(aoi, before_path, after_path, config=config,
+                                before_date=before_date, after_date=after_date),
+        config=config, out_root=out_root, progress=progress,
+    )
+
+
+def detect_scenes(
+    aoi: Aoi,
+    load: Callable[[], tuple[GridPlan, Scene, Scene]],
+    *,
+    config: RunConfig,
+    out_root: str | Path,
+    progress: Progress | None = None,
+) -> DetectResult:
+    """Load a pair of scenes with ``load``, detect, and write the evidence folder.
+
+    ``load`` runs as the ``read`` step (after the output folder is checked, so a bad ``--out``
+    fails before any download). Every later stage is the same for every source.
+    """
     started = datetime.now(UTC)
-    paths = (Path(before_path), Path(after_path))
     out = check_out_root(out_root)
     steps = _Steps(progress)
     params = config.params
-    caught: list[warnings.WarningMessage] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with steps.step("read") as info:
-            infos = [describe_raster(p) for p in paths]
-            res_m = config.res_m or common_resolution(infos)
-            plan = plan_grid(aoi, res_m)
-            before, before_ref = read_to_grid(paths[0], plan, role="before", acquired=before_date,
-                                              resampling=config.resampling)
-            after, after_ref = read_to_grid(paths[1], plan, role="after", acquired=after_date,
-                                            resampling=config.resampling)
+            plan, before_scene, after_scene = load()
+            before_ref = _summary_ref(before_scene, "before")
+            after_ref = _summary_ref(after_scene, "after")
             _check_dates(before_ref.acquired, after_ref.acquired)
-            if before_ref.sha256 == after_ref.sha256:
-                warnings.warn(
-                    f"The before and after files are identical (SHA-256 {before_ref.sha256[:12]}…):"
-                    " no change can be found. Check that --before and --after name different"
-                    " acquisitions.", PipelineWarning, stacklevel=2)
-            before = _mask_outside(before, aoi, plan)
-            after = _mask_outside(after, aoi, plan)
-            _check_overlap(before, after, paths)
-            info.update(grid_crs=plan.crs, res_m=res_m, shape=list(plan.shape))
+            before = _mask_outside(before_scene.data, aoi, plan)
+            after = _mask_outside(after_scene.data, aoi, plan)
+            _check_overlap(before, after, before_ref, after_ref)
+            info.update(grid_crs=plan.crs, res_m=plan.res_m, shape=list(plan.shape),
+                        before=before_scene.info, after=after_scene.info)
         with steps.step("coregister") as info:
             after, coreg = coregister(before, after, params=params.coreg)
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
@@ -186,7 +249,7 @@ def run_detect(
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
             magnitude = change_magnitude(before, after)
-            mask, threshold = change_mask(magnitude, params=params.change, res_m=res_m)
+            mask, threshold = change_mask(magnitude, params=params.change, res_m=plan.res_m)
             mask_np = np.asarray(mask.values)
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=float(np.mean(mask_np == 1)))
@@ -198,31 +261,44 @@ def run_detect(
             )
             info.update({k: sum(e.kind == k for e in evidence)
                          for k in ("compound", "new_building", "change")})
-        run_id = new_run_id(started, params_hash(params))
+        run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
+        inputs = {f"{role}:{i}": ref for role, scene in (("before", before_scene),
+                                                           ("after", after_scene))
+                  for i, ref in enumerate(scene.refs)}
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
-            fc = evidence_to_features(evidence, method=_method_label(config))
-            names = ["changes.geojson", "change_mask.tif", "change_magnitude.tif"]
-            write_geojson(fc, stage / names[0])
-            write_cog(mask, stage / names[1], dtype="uint8", nodata=255,
-                      description="change (1), no change (0), nodata (255)")
-            write_cog(magnitude, stage / names[2], dtype="float32", nodata=float("nan"),
-                      description="change magnitude (CVA, before's units)")
-            manifest = build_manifest(
-                run_id=run_id, run_dir=stage,
-                aoi={"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__},
-                inputs={"before": before_ref, "after": after_ref}, outputs=names,
-                config=config.to_dict(), params=params, steps=steps.records,
-                started_utc=started, finished_utc=datetime.now(UTC),
-                extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
-                       "warnings": [str(w.message) for w in caught
-                                    if issubclass(w.category, PipelineWarning)]},
-            )
-            write_manifest(manifest, stage / "manifest.json")
-    caught = [w for w in caught if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
-    for w in caught:
+            _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
+                           aoi=aoi, plan=plan, inputs=inputs, steps=steps.records,
+                           started=started, caught=caught)
+    shown = [w for w in caught
+             if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
+    for w in shown:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return DetectResult(
         run_dir=out / aoi.id / run_id, run_id=run_id, evidence=evidence, coreg=coreg,
         threshold=threshold, grid=plan, steps=steps.records,
-        warnings=[str(w.message) for w in caught],
+        warnings=[str(w.message) for w in shown],
     )
+
+
+def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
+                   magnitude: xr.DataArray, *, config: RunConfig, run_id: str, aoi: Aoi,
+                   plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
+                   started: datetime, caught: list[warnings.WarningMessage]) -> None:
+    """Write the evidence files and, last, the manifest that hashes them."""
+    fc = evidence_to_features(evidence, method=_method_label(config))
+    names = ["changes.geojson", "change_mask.tif", "change_magnitude.tif"]
+    write_geojson(fc, stage / names[0])
+    write_cog(mask, stage / names[1], dtype="uint8", nodata=255,
+              description="change (1), no change (0), nodata (255)")
+    write_cog(magnitude, stage / names[2], dtype="float32", nodata=float("nan"),
+              description="change magnitude (CVA, before's units)")
+    manifest = build_manifest(
+        run_id=run_id, run_dir=stage,
+        aoi={"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__},
+        inputs=inputs, outputs=names, config=config.to_dict(), params=config.params,
+        steps=steps, started_utc=started, finished_utc=datetime.now(UTC),
+        extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
+               "warnings": [str(w.message) for w in caught
+                            if issubclass(w.category, PipelineWarning)]},
+    )
+    write_manifest(manifest, stage / "manifest.json")
