@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 detect: $(STAMP)
-	$(BIN)/sitewatch detect --aoi "$$AOI" --out "$$OUT" \
+	@$(BIN)/sitewatch detect --aoi "$$AOI" --out "$$OUT" \
 	  $${BEFORE:+--before "$$BEFORE"} $${AFTER:+--after "$$AFTER"} \
 	  $${RADIUS_M:+--radius-m "$$RADIUS_M"} $${CONFIG:+--config "$$CONFIG"}
 
