@@ -121,8 +121,9 @@ def _textures(
     out = []
     # after = before's content moved by -shift, so ndimage.shift(after, shift) ~ before
     for move in ((0.0, 0.0), (-shift[0], -shift[1])):
+        low = _render(coarse, move)
         stack = [
-            100.0 + 18.0 * _render(fine + 0.3 * pb, move) + 15.0 * (1 + 0.2 * b) * _render(coarse, move)
+            100.0 + 18.0 * _render(fine + 0.3 * pb, move) + 15.0 * (1 + 0.2 * b) * low
             for b, pb in enumerate(per_band)
         ]
         out.append(np.stack(stack)[(slice(None), *crop)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -213,6 +212,7 @@ def _remove_small_np(mask: np.ndarray, min_px: float) -> np.ndarray:
     keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
     keep[0] = False
     mask = keep[labels]
+    del labels  # int32 labels are 4 bytes a pixel: free them before labelling the holes
     holes, n = ndi.label(~mask)
     fill = np.bincount(holes.ravel(), minlength=n + 1) < min_px
     fill[0] = False

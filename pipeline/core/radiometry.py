@@ -181,7 +181,9 @@ def normalize(
     if method == "none":
         return after
     if method not in ("histogram", "linear"):
-        raise ValueError(f"Unknown normalize method {method!r}; use 'histogram', 'linear' or 'none'.")
+        raise ValueError(
+            f"Unknown normalize method {method!r}; use 'histogram', 'linear' or 'none'."
+        )
     _require_same_grid(before, after)
     if before.sizes["band"] != after.sizes["band"]:
         raise GridError(
