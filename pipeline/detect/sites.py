@@ -6,8 +6,10 @@ and every feature carries the measurements behind its score.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import shapely
@@ -16,7 +18,7 @@ from affine import Affine
 from pipeline.detect.compounds import CompoundCandidate, find_compounds
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
 from pipeline.detect.texture import grey
-from pipeline.model import DetectParams, Evidence, ObjectParams, SourceRef
+from pipeline.model import DetectParams, Evidence, EvidenceKind, ObjectParams, SourceRef
 
 __all__ = ["detect_sites", "building_score", "compound_score"]
 
@@ -49,6 +51,36 @@ def compound_score(
     w = np.asarray(weights, dtype=float)
     score = float(np.dot(w / w.sum(), list(terms.values())))
     return score, terms
+
+
+def _change_score(obj: ChangeObject) -> float:
+    """Contrast of a change region: 0 at the threshold, 1 at twice the threshold."""
+    return float(min(1.0, max(0.0, obj.contrast - 1.0)))
+
+
+def _compound_measures(cand: CompoundCandidate) -> dict[str, float]:
+    return {
+        "orientation_deg": cand.orientation_deg,
+        "length_m": cand.length_m,
+        "width_m": cand.width_m,
+        "perimeter_m": float(cand.polygon.length),
+        "evidence_fill": cand.evidence_fill,
+        "texture_gain_inside": cand.gain_inside,
+        "texture_gain_outside": cand.gain_outside,
+        "texture_gain_threshold": cand.gain_threshold,
+        "cell_m": cand.cell_m,
+    }
+
+
+def _evidence(kind: EvidenceKind, idx: int, geom: shapely.Geometry, score: float,
+              measures: dict[str, Any], parent: str | None = None, *, crs: str, res_m: float,
+              before: SourceRef, after: SourceRef, params: DetectParams) -> Evidence:
+    return Evidence(
+        id=f"{kind}-{idx:04d}", kind=kind, geometry=geom, crs=crs,
+        score=round(float(score), 4), area_m2=float(geom.area),
+        measurements={**measures, "resolution_m": res_m}, before=before, after=after,
+        params=params, parent=parent,
+    )
 
 
 def _object_measures(obj: ChangeObject) -> dict[str, float]:
@@ -108,56 +140,45 @@ def detect_sites(
     )
     candidates, _, _ = find_compounds(before, after, transform=transform, res_m=res_m, params=op)
 
-    def make(kind, idx, geom, score, measures, parent=None):  # noqa: ANN001, ANN202
-        return Evidence(
-            id=f"{kind}-{idx:04d}", kind=kind, geometry=geom, crs=crs,
-            score=round(float(score), 4), area_m2=float(geom.area),
-            measurements={**measures, "resolution_m": res_m}, before=before_ref,
-            after=after_ref, params=params, parent=parent,
-        )
-
+    make = functools.partial(_evidence, crs=crs, res_m=res_m, before=before_ref,
+                             after=after_ref, params=params)
     buildings = [o for o in objects if is_building_like(
         o, min_area_m2=op.building_min_area_m2, max_area_m2=op.building_max_area_m2,
         min_solidity=op.building_min_solidity, min_rectangularity=op.building_min_rectangularity,
         max_elongation=op.building_max_elongation)]
-    building_ids = {o.label: i + 1 for i, o in enumerate(buildings)}
-    centroids = [o.polygon.centroid for o in buildings]
+    buildings.sort(key=lambda o: (-building_score(o), o.label))
+    building_labels = {o.label for o in buildings}
 
-    compounds: list[Evidence] = []
-    parent_of: dict[int, str] = {}
-    for cand in candidates:
-        inside = [b for b, c in zip(buildings, centroids, strict=True)
-                  if cand.polygon.contains(c) and b.label not in parent_of]
+    accepted = []
+    claimed: set[int] = set()
+    for cand in candidates:  # strongest evidence first claims the buildings inside it
+        inside = [b for b in buildings
+                  if b.label not in claimed and cand.polygon.contains(b.polygon.centroid)]
         score, terms = compound_score(cand, len(inside), op.score_weights)
         if score < op.min_score or cand.evidence_fill < op.compound_min_fill:
             continue
-        cid = f"compound-{len(compounds) + 1:04d}"
-        for b in inside:
-            parent_of[b.label] = cid
-        compounds.append(make("compound", len(compounds) + 1, cand.polygon, score, {
-            **terms,
-            "orientation_deg": cand.orientation_deg,
-            "length_m": cand.length_m,
-            "width_m": cand.width_m,
-            "perimeter_m": float(cand.polygon.length),
-            "evidence_fill": cand.evidence_fill,
-            "texture_gain_inside": cand.gain_inside,
-            "texture_gain_outside": cand.gain_outside,
-            "texture_gain_threshold": cand.gain_threshold,
-            "cell_m": cand.cell_m,
+        claimed.update(b.label for b in inside)
+        accepted.append((score, cand, inside, terms))
+    accepted.sort(key=lambda t: -t[0])
+
+    found: list[Evidence] = []
+    parent_of: dict[int, str] = {}
+    for idx, (score, cand, inside, terms) in enumerate(accepted, start=1):
+        compound = make("compound", idx, cand.polygon, score, {
+            **terms, **_compound_measures(cand),
             "building_count": len(inside),
             "building_area_m2": float(sum(b.area_m2 for b in inside)),
-        }))
-
-    found = list(compounds)
-    for b in buildings:
-        found.append(make("new_building", building_ids[b.label], b.polygon, building_score(b),
+        })
+        parent_of.update({b.label: compound.id for b in inside})
+        found.append(compound)
+    for idx, b in enumerate(buildings, start=1):
+        found.append(make("new_building", idx, b.polygon, building_score(b),
                           _object_measures(b), parent=parent_of.get(b.label)))
-    others = [o for o in objects if o.label not in building_ids
+    others = [o for o in objects if o.label not in building_labels
               and o.area_m2 >= op.change_min_area_m2]
-    for i, o in enumerate(others, start=1):
-        found.append(make("change", i, o.polygon, min(1.0, max(0.0, o.contrast - 1.0)),
-                          _object_measures(o)))
+    others.sort(key=lambda o: (-_change_score(o), o.label))
+    for idx, o in enumerate(others, start=1):
+        found.append(make("change", idx, o.polygon, _change_score(o), _object_measures(o)))
     order = {"compound": 0, "new_building": 1, "change": 2}
     found.sort(key=lambda e: (order[e.kind], -e.score, e.id))
     return found
