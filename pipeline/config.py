@@ -182,9 +182,13 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
     radius_m = _check_value("aoi.radius_m", aoi.get("radius_m", 1000.0), float)
     if not 0 < radius_m <= 100_000:
         raise ConfigError(f"aoi.radius_m: expected 0 < radius_m <= 100000 metres, got {radius_m!r}")
-    sites = Path(_check_value("aoi.sites", aoi.get("sites", "sites.geojson"), str))
+    # A config that names no site file uses the project's; a relative name is relative to it.
+    sites = Path(_check_value("aoi.sites", aoi.get("sites", str(RunConfig.sites_path)), str))
     if not sites.is_absolute():
         sites = config_path.parent / sites
+    if "sites" in aoi and not sites.exists():
+        raise ConfigError(f"aoi.sites: the site file {sites} does not exist. Fix the path in "
+                          f"{config_path} (relative paths are relative to that file).")
     return RunConfig(
         params=params,
         res_m=res_m or None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import platform
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -151,7 +152,8 @@ def write_manifest(manifest: dict[str, Any], path: str | Path, *, overwrite: boo
     """
     path = Path(path)
     text = json.dumps(
-        manifest, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False, default=_jsonable
+        _finite(manifest), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False,
+        default=_jsonable
     )
     try:
         return atomic_write_text(path, text + "\n", overwrite=overwrite)
@@ -275,6 +277,18 @@ def _utc_iso(moment: datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError(f"Timestamp {moment!r} has no time zone; pass datetime.now(timezone.utc)")
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN and infinities (unknown figures, e.g. a skipped step's score) by null."""
+    if isinstance(value, numbers.Real) and not isinstance(value, int) \
+            and not math.isfinite(float(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -207,3 +207,16 @@ def test_verify_manifest_missing_manifest(tmp_path: Path) -> None:
     """A folder without a manifest fails with a message, not an exception."""
     ok, errors, _ = verify_manifest(tmp_path)
     assert not ok and "cannot be read" in errors[0]
+
+
+def test_write_manifest_turns_non_finite_into_null(tmp_path):
+    """NaN and infinities (unknown figures) are written as null, never as invalid JSON."""
+    import json
+
+    import numpy as np
+
+    from pipeline.report.manifest import write_manifest
+
+    path = write_manifest({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": 2}},
+                          tmp_path / "manifest.json")
+    assert json.loads(path.read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": 2}}
