@@ -13,6 +13,7 @@ BEFORE   ?=
 AFTER    ?=
 RADIUS_M ?=
 CONFIG   ?=
+BENCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG
 
 .PHONY: setup detect test bench lint clean
@@ -34,7 +35,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

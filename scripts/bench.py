@@ -1,0 +1,906 @@
+#!/usr/bin/env python
+"""scripts/bench.py: wall time and peak memory of a detect run on a large synthetic pair.
+
+Prints figures, never asserts them. For each ``--size`` it makes (once, cached under
+``--workdir``) a synthetic before/after pair of tiled, DEFLATE-compressed uint8 RGB GeoTIFFs
+at 0.5 m in EPSG:32645 near Dabancheng, then measures, each in a fresh subprocess so peak
+memory is clean:
+
+* the time to read both files fully with rasterio (and, beside it, in 2048-pixel windows);
+* the whole ``pipeline.run.run_detect`` on an AOI that is the image's lon/lat bbox, with the
+  seconds and the peak resident memory of every stage.
+
+stdout gets the tables; progress goes to stderr; ``docs/benchmarks.md`` gets the same tables
+with the date, machine and library versions. Targets (issue "make bench"): detect within 4x
+of the read time, peak memory under 2048 MB whatever the AOI size.
+
+Examples::
+
+    .venv/bin/python scripts/bench.py --size 1024          # smoke run, about a minute
+    .venv/bin/python scripts/bench.py --size 2048,4096,8192 --timeout 900
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sitewatch-bench"
+DEFAULT_DOCS = PROJECT_ROOT / "docs" / "benchmarks.md"
+TARGET_RATIO = 4.0
+TARGET_PEAK_MB = 2048.0
+PERF_ENV = ("GDAL_CACHEMAX", "GDAL_NUM_THREADS", "VSI_CACHE", "OMP_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SITEWATCH_CONFIG")
+STAGES = ("read", "coregister", "normalize", "change", "detect", "write")
+
+# --- the synthetic scene --------------------------------------------------------------------
+GENERATOR_VERSION = 1  # bump whenever the pixels change, so cached pairs are rebuilt
+SEED = 20240601
+RES_M = 0.5
+CRS = "EPSG:32645"
+CENTRE_LONLAT = (88.29, 43.38)
+BLOCK_PX = 512
+WRITE_PX = 2048
+HALO_PX = 4
+SHIFT_PX = (0.37, -0.61)  # (dy, dx) the after image's content is moved by
+GAIN = (1.08, 1.06, 1.05)  # after = gain * scene + offset, per band
+OFFSET = 5.0
+NOISE_DN = 2.0  # sensor noise, independent per date
+DATES = ("2019-05-02", "2021-06-14")
+OCTAVES_PX = ((512, 1.0), (128, 0.6), (32, 0.4), (8, 0.3), (3, 0.15))
+TINT = ((1.05, 4.0), (0.98, 0.0), (0.92, -2.0))  # per band: g * a + b
+ROAD_RGB = (158, 152, 142)
+YARD_RGB = (178, 168, 152)
+WALL_RGB = (206, 205, 200)
+NEW_ROOFS = ((232, 230, 224), (224, 222, 216), (84, 122, 178), (72, 110, 165), (170, 98, 76))
+OLD_ROOFS = ((168, 158, 148), (150, 140, 128), (186, 176, 160))
+SHADOW_FACTOR = 0.45
+
+log = logging.getLogger("bench")
+
+
+@dataclass
+class Scene:
+    """Everything needed to render any window of the pair; features in global pixel coords."""
+
+    size: int
+    origin: tuple[float, float]
+    lattices: list[tuple[int, float, np.ndarray]]
+    tints: list[np.ndarray]
+    layers: dict[str, list[tuple[Any, int]]] = field(default_factory=dict)
+    compounds: list[dict[str, Any]] = field(default_factory=list)
+    n_new_houses: int = 0
+
+
+def _origin(size: int) -> tuple[float, float]:
+    """(minx, maxy) in CRS of a size x size image centred near CENTRE_LONLAT, whole metres."""
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", CRS, always_xy=True).transform(*CENTRE_LONLAT)
+    half = size * RES_M / 2
+    return float(round(x - half)), float(round(y + half))
+
+
+def _rotated_rect(cx: float, cy: float, length: float, width: float, angle_deg: float) -> Any:
+    from shapely import affinity
+    from shapely.geometry import box
+
+    rect = box(cx - length / 2, cy - width / 2, cx + length / 2, cy + width / 2)
+    return affinity.rotate(rect, angle_deg, origin=(cx, cy))
+
+
+def _compound(rng: np.random.Generator, size: int, taken: list[Any]) -> dict[str, Any] | None:
+    """A walled rectangle with rows of blocks (px units) placed clear of ``taken``, or None."""
+    from shapely import affinity
+
+    length = min(rng.uniform(480, 1120), 0.45 * size)
+    width = length * rng.uniform(0.45, 0.8)
+    angle = float(rng.uniform(-25, 25))
+    centre = _place(rng, size, math.hypot(length, width) / 2 + 20, taken)
+    if centre is None:
+        return None
+    cx, cy = centre.x, centre.y
+    outline = _rotated_rect(cx, cy, length, width, angle)
+    bl, bw = rng.uniform(48, 88), rng.uniform(20, 32)  # 24-44 m x 10-16 m blocks
+    gap_u, gap_v, margin = 24.0, 36.0, 40.0
+    blocks = []
+    u = -length / 2 + margin
+    while u + bl <= length / 2 - margin:
+        v = -width / 2 + margin
+        while v + bw <= width / 2 - margin:
+            if rng.random() > 0.15:  # some lots stay empty
+                blocks.append(_rotated_rect(cx + u + bl / 2, cy + v + bw / 2, bl, bw, 0.0))
+            v += bw + gap_v
+        u += bl + gap_u
+    blocks = [affinity.rotate(b, angle, origin=(cx, cy)) for b in blocks]
+    return {"outline": outline, "blocks": blocks, "angle_deg": angle,
+            "length_m": length * RES_M, "width_m": width * RES_M}
+
+
+def _place(rng: np.random.Generator, size: int, radius: float, taken: list[Any]) -> Any:
+    """A random centre point whose disc of ``radius`` px fits and avoids ``taken`` shapes."""
+    from shapely.geometry import Point
+
+    for _ in range(500):
+        p = Point(rng.uniform(radius, size - radius), rng.uniform(radius, size - radius))
+        if not any(p.buffer(radius).intersects(t) for t in taken):
+            return p
+    return None
+
+
+def _villages(rng: np.random.Generator, size: int, taken: list[Any]) -> list[tuple[Any, int]]:
+    """Clusters of old houses present in both dates."""
+    houses: list[tuple[Any, int]] = []
+    for _ in range(max(1, round(size * size / 4096**2 * 2))):
+        centre = _place(rng, size, min(300.0, size / 5), taken)
+        if centre is None:
+            continue
+        taken.append(centre.buffer(min(300.0, size / 5)))
+        for _ in range(int(rng.integers(60, 140))):
+            r, a = rng.uniform(0, min(280.0, size / 5.5)), rng.uniform(0, 2 * math.pi)
+            cx, cy = centre.x + r * math.cos(a), centre.y + r * math.sin(a)
+            rect = _rotated_rect(cx, cy, rng.uniform(16, 30), rng.uniform(14, 24),
+                                 float(rng.uniform(-10, 10)))
+            houses.append((rect, int(rng.integers(len(OLD_ROOFS)))))
+    return houses
+
+
+def _roads(rng: np.random.Generator, size: int) -> list[Any]:
+    from shapely.geometry import LineString
+
+    roads = []
+    for _ in range(1 + size // 4096):
+        y0, y1 = rng.uniform(0, size, 2)
+        line = LineString([(-10, y0), (size + 10, y1)])
+        roads.append(line.buffer(rng.uniform(12, 20), cap_style=2))
+    return roads
+
+
+def make_scene(size: int, seed: int = SEED) -> Scene:
+    """Draw the scene layout for a ``size`` x ``size`` pair (deterministic from ``seed``)."""
+    from shapely import affinity
+
+    rng = np.random.default_rng([seed, size])
+    lattices = [(cell, w, rng.standard_normal((math.ceil((size + 16) / cell) + 2,) * 2,
+                                              dtype=np.float32)) for cell, w in OCTAVES_PX]
+    tints = [rng.standard_normal((math.ceil((size + 16) / 256) + 2,) * 2, dtype=np.float32)
+             for _ in range(3)]
+    scene = Scene(size=size, origin=_origin(size), lattices=lattices, tints=tints)
+    roads = _roads(rng, size)
+    taken: list[Any] = []  # compounds and houses may sit beside (or over) the roads
+    for _ in range(max(1, round(size * size / 2900**2))):
+        comp = _compound(rng, size, taken)
+        if comp is not None:
+            taken.append(comp["outline"].buffer(80))
+            scene.compounds.append(comp)
+    old_houses = _villages(rng, size, taken)
+    new_houses = []
+    for _ in range(max(1, round(size * size / 2048**2))):
+        centre = _place(rng, size, 60.0, taken)
+        if centre is not None:
+            house = _rotated_rect(centre.x, centre.y, rng.uniform(28, 44), rng.uniform(24, 36),
+                                  float(rng.uniform(-30, 30)))
+            taken.append(house.buffer(20))
+            new_houses.append((house, int(rng.integers(len(NEW_ROOFS)))))
+    scene.n_new_houses = len(new_houses)
+    blocks = [(b, int(rng.integers(len(NEW_ROOFS)))) for c in scene.compounds for b in c["blocks"]]
+    new_roofs = blocks + new_houses
+
+    def shadows(items: list[tuple[Any, int]], dx: float, dy: float) -> list[tuple[Any, int]]:
+        return [(affinity.translate(g, dx, dy), 1) for g, _ in items]
+
+    walls = [(c["outline"].exterior.buffer(1.5), 1) for c in scene.compounds]
+    scene.layers = {
+        "road": [(g, 1) for g in roads],
+        "old_shadow": shadows(old_houses, 4, 6),
+        "old_roof": [(g, i + 1) for g, i in old_houses],
+        "yard": [(c["outline"], 1) for c in scene.compounds],
+        "new_shadow": shadows(new_roofs, 4, 6) + shadows(walls, 2, 3),
+        "new_roof": [(g, i + 1) for g, i in new_roofs],
+        "wall": walls,
+    }
+    return scene
+
+
+def _smooth(f: np.ndarray) -> np.ndarray:
+    return f * f * (3.0 - 2.0 * f)
+
+
+def _value_noise(lattice: np.ndarray, cell: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Smooth value noise at global pixel rows x cols: the same values whatever the window."""
+    u, v = (rows + 8.0) / cell, (cols + 8.0) / cell
+    i, j = np.floor(u).astype(np.intp), np.floor(v).astype(np.intp)
+    fy, fx = _smooth(u - i).astype(np.float32)[:, None], _smooth(v - j).astype(np.float32)[None]
+    ii, jj = i[:, None], j[None, :]
+    top = lattice[ii, jj] + (lattice[ii, jj + 1] - lattice[ii, jj]) * fx
+    bottom = lattice[ii + 1, jj] + (lattice[ii + 1, jj + 1] - lattice[ii + 1, jj]) * fx
+    return top + (bottom - top) * fy
+
+
+def _rasterize(scene: Scene, name: str, r0: int, c0: int, shape: tuple[int, int]) -> np.ndarray:
+    """Burn one layer into a window whose top-left global pixel is (r0, c0); 0 = nothing."""
+    from affine import Affine
+    from rasterio import features
+    from shapely.geometry import box
+
+    window = box(c0, r0, c0 + shape[1], r0 + shape[0])
+    items = [(g, v) for g, v in scene.layers[name] if g.intersects(window)]
+    if not items:
+        return np.zeros(shape, np.uint8)
+    return features.rasterize(items, out_shape=shape, transform=Affine.translation(c0, r0),
+                              fill=0, dtype="uint8")
+
+
+def _paint(img: np.ndarray, where: np.ndarray, rgb: Any, alpha: float = 1.0) -> None:
+    if where.any():
+        colour = np.asarray(rgb, np.float32)
+        colour = colour[:, None] if colour.ndim == 1 else colour.T
+        img[:, where] = (1 - alpha) * img[:, where] + alpha * colour
+
+
+def _ground(scene: Scene, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(3, h, w) float32 textured desert ground."""
+    total = sum(w * _value_noise(lat, cell, rows, cols) for cell, w, lat in scene.lattices)
+    norm = 0.62 * math.sqrt(sum(w * w for _, w, _ in scene.lattices))
+    grey = 100.0 + 26.0 * total / norm
+    return np.stack([grey * a + b + 4.0 * _value_noise(t, 256, rows, cols)
+                     for (a, b), t in zip(TINT, scene.tints, strict=True)])
+
+
+def render_window(scene: Scene, r0: int, c0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both dates of one window as (3, h, w) uint8 (nodata 0 is never produced)."""
+    from scipy import ndimage as ndi
+
+    hr0, hc0, hh, hw = r0 - HALO_PX, c0 - HALO_PX, h + 2 * HALO_PX, w + 2 * HALO_PX
+    rows = np.arange(hr0, hr0 + hh, dtype=np.float32)
+    cols = np.arange(hc0, hc0 + hw, dtype=np.float32)
+    before = _ground(scene, rows, cols)
+    burn = {name: _rasterize(scene, name, hr0, hc0, (hh, hw)) for name in scene.layers}
+    _paint(before, burn["road"] > 0, ROAD_RGB, 0.8)
+    before[:, burn["old_shadow"] > 0] *= SHADOW_FACTOR
+    roof = burn["old_roof"] > 0
+    _paint(before, roof, np.asarray(OLD_ROOFS)[burn["old_roof"][roof] - 1])
+    after = before.copy()
+    _paint(after, burn["yard"] > 0, YARD_RGB, 0.6)
+    after[:, burn["new_shadow"] > 0] *= SHADOW_FACTOR
+    roof = burn["new_roof"] > 0
+    _paint(after, roof, np.asarray(NEW_ROOFS)[burn["new_roof"][roof] - 1])
+    _paint(after, burn["wall"] > 0, WALL_RGB)
+    for b in range(3):
+        after[b] = ndi.shift(after[b] * GAIN[b] + OFFSET, SHIFT_PX, order=1, mode="nearest")
+    rng = np.random.default_rng([SEED, scene.size, r0, c0])
+    out = []
+    for img in (before, after):
+        img = img[:, HALO_PX:-HALO_PX, HALO_PX:-HALO_PX]
+        img = img + rng.normal(0.0, NOISE_DN, img.shape).astype(np.float32)
+        out.append(np.clip(np.rint(img), 1, 255).astype(np.uint8))
+    return out[0], out[1]
+
+
+def _truth(scene: Scene) -> dict[str, Any]:
+    """Compound outlines in map coordinates and the scene's parameters."""
+    from shapely import affinity
+
+    x0, y0 = scene.origin
+    to_map = (RES_M, 0.0, 0.0, -RES_M, x0, y0)
+    return {
+        "generator_version": GENERATOR_VERSION, "seed": SEED, "size": scene.size,
+        "res_m": RES_M, "crs": CRS, "shift_px": SHIFT_PX, "gain": GAIN, "offset": OFFSET,
+        "noise_dn": NOISE_DN, "dates": DATES, "new_isolated_buildings": scene.n_new_houses,
+        "compounds": [{"wkt": affinity.affine_transform(c["outline"], to_map).wkt,
+                       "buildings": len(c["blocks"]), "angle_deg": c["angle_deg"],
+                       "length_m": c["length_m"], "width_m": c["width_m"]}
+                      for c in scene.compounds],
+    }
+
+
+def ensure_pair(size: int, workdir: Path, *, regenerate: bool = False) -> dict[str, Any]:
+    """Paths of the cached pair for ``size``, generating it window by window when missing."""
+    pair_dir = workdir / f"pair-v{GENERATOR_VERSION}-{size}"
+    paths = [pair_dir / f"{role}_{day}.tif" for role, day in zip(("before", "after"), DATES,
+                                                                  strict=True)]
+    truth_path = pair_dir / "truth.json"
+    if truth_path.exists() and all(p.exists() for p in paths) and not regenerate:
+        log.info("size %d: reusing %s", size, pair_dir)
+        return {"before": paths[0], "after": paths[1], "truth": json.loads(truth_path.read_text())}
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    truth_path.unlink(missing_ok=True)  # truth.json is written last: it marks a complete pair
+    start = time.perf_counter()
+    scene = make_scene(size)
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": CRS,
+               "transform": Affine(RES_M, 0, scene.origin[0], 0, -RES_M, scene.origin[1]),
+               "nodata": 0, "tiled": True, "blockxsize": BLOCK_PX, "blockysize": BLOCK_PX,
+               "compress": "deflate", "interleave": "pixel", "BIGTIFF": "IF_SAFER",
+               "NUM_THREADS": "ALL_CPUS"}
+    tmp = [p.with_suffix(".part.tif") for p in paths]
+    with (rasterio.open(tmp[0], "w", **profile) as dst_b,
+          rasterio.open(tmp[1], "w", **profile) as dst_a):
+        for dst, day in ((dst_b, DATES[0]), (dst_a, DATES[1])):
+            dst.update_tags(ACQUISITION_DATE=day, SOURCE="sitewatch scripts/bench.py synthetic")
+        starts = range(0, size, WRITE_PX)
+        for k, (r0, c0) in enumerate((r, c) for r in starts for c in starts):
+            h, w = min(WRITE_PX, size - r0), min(WRITE_PX, size - c0)
+            before, after = render_window(scene, r0, c0, h, w)
+            dst_b.write(before, window=Window(c0, r0, w, h))
+            dst_a.write(after, window=Window(c0, r0, w, h))
+            log.info("size %d: generated window %d/%d", size, k + 1, len(starts) ** 2)
+    for src, dst in zip(tmp, paths, strict=True):
+        src.replace(dst)
+    truth = _truth(scene)
+    truth_path.write_text(json.dumps(truth, indent=1))
+    log.info("size %d: pair generated in %.1f s (%.0f MB on disk) in %s", size,
+             time.perf_counter() - start, sum(p.stat().st_size for p in paths) / 2**20, pair_dir)
+    return {"before": paths[0], "after": paths[1], "truth": truth}
+
+
+def aoi_text(path: Path) -> str:
+    """'minlon,minlat,maxlon,maxlat': the image's densified lon/lat bbox, rounded outward."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    with rasterio.open(path) as src:
+        w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
+    return ",".join(f"{v:.6f}" for v in (math.floor(w * 1e6) / 1e6, math.floor(s * 1e6) / 1e6,
+                                          math.ceil(e * 1e6) / 1e6, math.ceil(n * 1e6) / 1e6))
+
+
+# --- measuring in a child process -----------------------------------------------------------
+
+
+def _proc_status_mb(key: str, pid: int | str = "self") -> float:
+    """A ``/proc/<pid>/status`` memory field (VmHWM, VmRSS) in MB; 0 if unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``); False if not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    tmp.replace(path)
+
+
+class PeakSampler(threading.Thread):
+    """Samples RSS every few ms; at each new high notes where the main thread is in pipeline/."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:  # noqa: D107
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+        self.main_id = threading.main_thread().ident
+        self.high_mb, self.where = 0.0, ""
+
+    def run(self) -> None:
+        """Sample until stopped."""
+        while not self.stopped.is_set():
+            rss = _proc_status_mb("VmRSS")
+            if rss > self.high_mb:
+                frame = sys._current_frames().get(self.main_id)
+                self.high_mb, self.where = rss, _pipeline_frames(frame)
+            time.sleep(self.interval_s)
+
+    def take(self) -> tuple[float, str]:
+        """The high and its place since the last call; starts a new period."""
+        high, where = self.high_mb, self.where
+        self.high_mb, self.where = 0.0, ""
+        return high, where
+
+
+def _pipeline_frames(frame: Any, depth: int = 3) -> str:
+    """'file:line function' of the innermost ``depth`` frames in pipeline/, innermost first."""
+    root = str(PROJECT_ROOT / "pipeline")
+    found = []
+    while frame is not None and len(found) < depth:
+        code = frame.f_code
+        if code.co_filename.startswith(root):
+            rel = os.path.relpath(code.co_filename, PROJECT_ROOT)
+            found.append(f"{rel}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " < ".join(found)
+
+
+class StageMemory:
+    """The ``progress`` callback of run_detect: per-stage peak RSS via VmHWM resets."""
+
+    def __init__(self, status_path: Path, sampler: PeakSampler | None = None) -> None:  # noqa: D107
+        self.status_path = status_path
+        self.sampler = sampler
+        self.stages: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None
+        self.peak_mb = _proc_status_mb("VmHWM")
+        self.exact = True
+
+    def __call__(self, name: str, index: int, total: int) -> None:
+        """Stage ``name`` starts: close the previous one, reset the high-water mark."""
+        self._close()
+        self.exact = _reset_hwm() and self.exact
+        self.current = {"name": name, "rss_start_mb": round(_proc_status_mb("VmRSS")),
+                        "t0": time.perf_counter()}
+        _write_json(self.status_path, {"stage": name, "stages": self.stages})
+
+    def finish(self) -> None:
+        """The run returned: close the last stage."""
+        self._close()
+        _write_json(self.status_path, {"stage": "done", "stages": self.stages})
+
+    def _close(self) -> None:
+        if self.sampler is not None:
+            high, where = self.sampler.take()
+            if self.current is not None:
+                self.current.update(sampled_peak_mb=round(high), peak_at=where)
+        if self.current is not None:
+            peak = _proc_status_mb("VmHWM")
+            self.current["peak_mb"] = round(peak)
+            self.current["rss_end_mb"] = round(_proc_status_mb("VmRSS"))
+            # replaced by the run's own step timer when the run completes
+            self.current["seconds"] = round(time.perf_counter() - self.current.pop("t0"), 3)
+            self.peak_mb = max(self.peak_mb, peak)
+            self.stages.append(self.current)
+            self.current = None
+
+
+def child_read(paths: list[str], window_px: int | None) -> dict[str, Any]:
+    """Read both files fully (kept in memory), or in windows (discarded); seconds and peak."""
+    import rasterio
+    from rasterio.windows import Window
+
+    start = time.perf_counter()
+    kept, n_px = [], 0
+    for path in paths:
+        with rasterio.open(path) as src:
+            if window_px is None:
+                kept.append(src.read())
+                n_px += kept[-1].size
+                continue
+            for r0 in range(0, src.height, window_px):
+                for c0 in range(0, src.width, window_px):
+                    win = Window(c0, r0, min(window_px, src.width - c0),
+                                 min(window_px, src.height - r0))
+                    n_px += src.read(window=win).size
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "values": n_px, "peak_mb": _proc_status_mb("VmHWM")}
+
+
+def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
+                 *, peak_stacks: bool = False) -> dict[str, Any]:
+    """The whole run_detect on the pair; wall seconds, stages, per-stage peak RSS, findings."""
+    from pipeline.aoi import parse_aoi
+    from pipeline.config import load_config
+    from pipeline.run import run_detect
+
+    config = load_config()
+    area = parse_aoi(aoi)
+    sampler = PeakSampler() if peak_stacks else None
+    if sampler is not None:
+        sampler.start()
+    tracker = StageMemory(status_path, sampler)
+    baseline = _proc_status_mb("VmRSS")
+    with tempfile.TemporaryDirectory(prefix="detect-out-", dir=workdir) as out_root:
+        start = time.perf_counter()
+        result = run_detect(area, paths[0], paths[1], config=config, out_root=out_root,
+                            progress=tracker)
+        seconds = time.perf_counter() - start
+        tracker.finish()
+    by_name = {s["name"]: s for s in tracker.stages}
+    for step in result.steps:
+        if step["name"] in by_name:
+            by_name[step["name"]].update(seconds=step["seconds"], details=step.get("details", {}))
+    kinds = ("compound", "new_building", "change")
+    return {
+        "seconds": seconds, "peak_mb": tracker.peak_mb, "peak_exact": tracker.exact,
+        "baseline_mb": baseline, "stages": tracker.stages, "grid_shape": list(result.grid.shape),
+        "counts": {k: sum(e.kind == k for e in result.evidence) for k in kinds},
+        "compounds_wkt": [e.geometry.wkt for e in result.evidence if e.kind == "compound"],
+        "coreg": {"dy": result.coreg.dy, "dx": result.coreg.dx, "applied": result.coreg.applied,
+                  "note": result.coreg.note},
+        "threshold": result.threshold, "warnings": result.warnings,
+    }
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Entry point of a measuring subprocess: one measurement, written to --result as JSON."""
+    logging.basicConfig(level=logging.INFO if args.verbose >= 0 else logging.WARNING,
+                        stream=sys.stderr,
+                        format=f"  [{args.child} %(relativeCreated)6.0f ms] %(name)s: %(message)s")
+    paths = [args.before, args.after]
+    if args.child == "read":
+        out = child_read(paths, None)
+    elif args.child == "readwin":
+        out = child_read(paths, args.window_px)
+    else:
+        out = child_detect(paths, args.aoi, Path(args.workdir), Path(args.status),
+                           peak_stacks=args.peak_stacks)
+    _write_json(Path(args.result), out)
+    return 0
+
+
+@dataclass
+class Outcome:
+    """A finished (or stopped) child measurement."""
+
+    ok: bool
+    data: dict[str, Any]
+    wall_s: float
+    sampled_peak_mb: float
+    problem: str | None = None
+    last_stage: str | None = None
+
+
+def run_child(mode: str, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str = "") -> Outcome:
+    """Run one measurement in a subprocess, stopping it past --timeout or --max-rss-mb."""
+    with tempfile.TemporaryDirectory(prefix="child-", dir=cfg.workdir) as tmp:
+        result, status = Path(tmp) / "result.json", Path(tmp) / "status.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
+               "--before", str(pair["before"]), "--after", str(pair["after"]), "--aoi", aoi,
+               "--workdir", str(cfg.workdir), "--window-px", str(cfg.window_px),
+               "--result", str(result), "--status", str(status)] + ["-q"] * (cfg.verbose < 0)
+        cmd += ["--peak-stacks"] * cfg.peak_stacks
+        start = time.perf_counter()
+        # the child's stdout goes to our stderr: our stdout carries only the tables
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=sys.stderr)
+        sampled, problem = 0.0, None
+        while True:
+            pid, wait_status, _ = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(wait_status)
+                break
+            rss = _proc_status_mb("VmRSS", proc.pid)
+            sampled = max(sampled, rss)
+            elapsed = time.perf_counter() - start
+            if problem is None and rss > cfg.max_rss_mb:
+                problem = f"stopped: RSS {rss:.0f} MB > --max-rss-mb {cfg.max_rss_mb:.0f}"
+            elif problem is None and elapsed > cfg.timeout:
+                problem = f"stopped: still running after --timeout {cfg.timeout:.0f} s"
+            if problem and proc.returncode is None:
+                proc.kill()
+            time.sleep(0.1)
+        wall = time.perf_counter() - start
+        last = json.loads(status.read_text()) if status.exists() else {}
+        if problem is None and proc.returncode != 0:
+            problem = f"failed: exit code {proc.returncode}" + (
+                " (killed by a signal; out of memory?)" if proc.returncode < 0 else "")
+        data = json.loads(result.read_text()) if result.exists() and problem is None else {}
+        if problem:
+            data.setdefault("stages", last.get("stages", []))
+        return Outcome(problem is None, data, wall, sampled, problem, last.get("stage"))
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+def _median_read(mode: str, pair: dict[str, Any], cfg: argparse.Namespace) -> dict[str, Any]:
+    runs = [run_child(mode, pair, cfg) for _ in range(cfg.repeat)]
+    good = [r.data for r in runs if r.ok]
+    if not good:
+        return {"seconds": math.nan, "peak_mb": math.nan, "problem": runs[-1].problem}
+    return {"seconds": statistics.median(r["seconds"] for r in good),
+            "all_seconds": [round(r["seconds"], 3) for r in good],
+            "peak_mb": max(r["peak_mb"] for r in good)}
+
+
+def _best_ious(truth: dict[str, Any], found_wkt: list[str]) -> list[float]:
+    """For each truth compound, the best IoU with a reported compound (0 if none)."""
+    from shapely import wkt
+
+    found = [wkt.loads(w) for w in found_wkt]
+    best = []
+    for comp in truth["compounds"]:
+        t = wkt.loads(comp["wkt"])
+        best.append(max((t.intersection(f).area / t.union(f).area for f in found), default=0.0))
+    return best
+
+
+def bench_size(size: int, cfg: argparse.Namespace) -> dict[str, Any]:
+    """All measurements for one size."""
+    pair = ensure_pair(size, cfg.workdir, regenerate=cfg.regenerate)
+    aoi = aoi_text(pair["after"])
+    log.info("size %d: reading both inputs fully (%d runs)", size, cfg.repeat)
+    read = _median_read("read", pair, cfg)
+    log.info("size %d: read %.2f s; now in %d-px windows", size, read["seconds"], cfg.window_px)
+    readwin = _median_read("readwin", pair, cfg)
+    log.info("size %d: detect on AOI %s", size, aoi)
+    det = run_child("detect", pair, cfg, aoi)
+    row: dict[str, Any] = {
+        "size": size, "aoi": aoi, "read": read, "readwin": readwin, "detect": det.data,
+        "detect_ok": det.ok, "problem": det.problem, "last_stage": det.last_stage,
+        "detect_s": det.data.get("seconds", math.nan), "detect_wall_s": det.wall_s,
+        "peak_mb": det.data.get("peak_mb", det.sampled_peak_mb),
+        "sampled_peak_mb": det.sampled_peak_mb,
+        "truth": pair["truth"],
+        "disk_mb": sum(Path(pair[k]).stat().st_size for k in ("before", "after")) / 2**20,
+    }
+    if det.ok:
+        row["ious"] = _best_ious(pair["truth"], det.data["compounds_wkt"])
+        log.info("size %d: detect %.1f s, peak %.0f MB", size, row["detect_s"], row["peak_mb"])
+    else:
+        log.warning("size %d: detect %s during stage %r (sampled peak %.0f MB, %.0f s)",
+                    size, det.problem, det.last_stage, det.sampled_peak_mb, det.wall_s)
+    return row
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The summary table: one row per size, with the targets marked."""
+    head = ["size", "grid (y x)", "read s", "read 2048-win s", "detect s", "ratio", "peak MB",
+            "read peak MB", "ratio <= 4", "peak < 2048 MB"]
+    out = [head]
+    for r in rows:
+        ratio = r["detect_s"] / r["read"]["seconds"] if r["detect_ok"] else math.nan
+        grid = r["detect"].get("grid_shape")
+        peak_txt = _fmt(r["peak_mb"], 0) + ("" if r["detect_ok"] else " (so far)")
+        out.append([
+            f"{r['size']}", f"{grid[0]} x {grid[1]}" if grid else "-",
+            _fmt(r["read"]["seconds"]), _fmt(r["readwin"]["seconds"]),
+            _fmt(r["detect_s"], 1) if r["detect_ok"] else r["problem"] or "-",
+            _fmt(ratio, 1), peak_txt, _fmt(r["read"]["peak_mb"], 0),
+            _met(ratio <= TARGET_RATIO) if r["detect_ok"] else "not met",
+            _met(r["peak_mb"] < TARGET_PEAK_MB),
+        ])
+    return out
+
+
+def stage_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per size and stage: seconds, share of detect, RSS at start / peak / end."""
+    with_where = any(s.get("peak_at") for r in rows for s in r["detect"].get("stages", []))
+    out = [["size", "stage", "s", "share", "RSS start MB", "peak MB", "RSS end MB"]
+           + ["pipeline line at the peak (sampled)"] * with_where]
+    for r in rows:
+        stages = {s["name"]: s for s in r["detect"].get("stages", [])}
+        total = r["detect_s"] if r["detect_ok"] else math.nan
+        for name in STAGES:
+            s = stages.get(name)
+            if s is None:
+                if name == r["last_stage"]:
+                    out.append([str(r["size"]), name, r["problem"] or "stopped", "-", "-", "-", "-"]
+                               + ["-"] * with_where)
+                continue
+            sec = s.get("seconds", math.nan)
+            share = f"{100 * sec / total:.0f} %" if r["detect_ok"] else "-"
+            out.append([str(r["size"]), name, _fmt(sec, 1), share,
+                        str(s["rss_start_mb"]), str(s["peak_mb"]), str(s.get("rss_end_mb", "-"))]
+                       + [s.get("peak_at") or "-"] * with_where)
+    return out
+
+
+def finding_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """What detect reported against the scene's truth (a sanity check of the run)."""
+    out = [["size", "compounds: IoU >= 0.5 / truth (best IoUs)", "new buildings (reported / truth)",
+            "other change", "shift measured (truth)", "input MB on disk"]]
+    for r in rows:
+        t, d = r["truth"], r["detect"]
+        truth_b = sum(c["buildings"] for c in t["compounds"]) + t["new_isolated_buildings"]
+        counts, ious = d.get("counts", {}), r.get("ious", [])
+        coreg = d.get("coreg")
+        shift = (f"{coreg['dy']:+.2f}, {coreg['dx']:+.2f}"
+                 f"{'' if coreg['applied'] else ' (not applied)'}") if coreg else "-"
+        out.append([
+            str(r["size"]),
+            f"{sum(i >= 0.5 for i in ious)} of {len(t['compounds'])}, {counts.get('compound', '-')}"
+            f" reported ({' '.join(f'{i:.2f}' for i in ious) or '-'})",
+            f"{counts.get('new_building', '-')} / {truth_b}", str(counts.get("change", "-")),
+            f"{shift} ({-t['shift_px'][0]:+.2f}, {-t['shift_px'][1]:+.2f})", _fmt(r["disk_mb"], 0),
+        ])
+    return out
+
+
+def text_table(rows: list[list[str]]) -> str:
+    """Aligned plain-text table, header underlined."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def md_table(rows: list[list[str]]) -> str:
+    """GitHub markdown table."""
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, RAM, OS, Python and library versions, git state of pipeline/."""
+    import rasterio
+    import scipy
+    import shapely
+    import skimage
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo")
+                if line.startswith("model name")), "?")
+    versions = {"numpy": np.__version__, "scipy": scipy.__version__,
+                "scikit-image": skimage.__version__, "rasterio": rasterio.__version__,
+                "GDAL": rasterio.__gdal_version__, "shapely": shapely.__version__}
+    for mod in ("xarray", "dask", "rioxarray", "pyproj", "pipeline"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "missing"
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                  check=False).stdout.strip()
+        except OSError:
+            return "?"
+
+    dirty = git("status", "--porcelain", "--", "pipeline")
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram_gb": f"{_mem_total_mb() / 1024:.1f}",
+            "os": platform.platform(), "python": platform.python_version(),
+            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+            "git": f"{git('rev-parse', '--short', 'HEAD')}"
+                   f"{' + uncommitted changes in pipeline/' if dirty else ''}",
+            "gdal_env": ", ".join(f"{k}={os.environ[k]}" for k in PERF_ENV if k in os.environ)
+                        or "none of " + ", ".join(PERF_ENV) + " set"}
+
+
+def write_docs(
+    path: Path, rows: list[dict[str, Any]], info: dict[str, str], argv: list[str]
+) -> None:
+    """Write the markdown report (overwrites: it describes the latest run)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = f"""# Benchmarks: `make bench`
+
+Written by `scripts/bench.py` (do not edit by hand; rerun it). Figures are measured, not
+asserted. Targets: the whole detect within {TARGET_RATIO:g}x of the time to read both inputs,
+and peak memory under {TARGET_PEAK_MB:g} MB whatever the AOI size.
+
+- Date: {now}
+- Command: `{' '.join(['python scripts/bench.py', *argv])}`
+- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; {info['os']}
+- Python {info['python']}; {info['versions']}
+- Code: git {info['git']}
+- Performance-related environment: {info['gdal_env']}
+
+Inputs: synthetic pairs (size x size x 3 uint8, {RES_M} m, {CRS}, tiled {BLOCK_PX},
+DEFLATE, nodata 0), textured ground in both dates; in the after date walled compounds with
+rows of blocks, isolated new buildings, a shift of {SHIFT_PX} px and gain {GAIN} + {OFFSET}.
+Files are in the page cache (just generated or read). The AOI is the image's lon/lat bbox, so
+the working grid is a little larger than the image (its corners are nodata). Each figure is
+from its own subprocess; read times are medians of the runs; peak = highest VmHWM of the
+process (per stage: VmHWM reset at each stage start, so it is the peak during that stage,
+everything still held from earlier stages included).
+
+## Summary
+
+{md_table(summary_rows(rows))}
+
+## Detect stages
+
+Seconds from the run's own step timer; share of the whole detect; resident memory at the
+stage's start, its peak during the stage, and at its end.
+
+{md_table(stage_rows(rows))}
+
+## What was found (sanity check, not a quality measure)
+
+{md_table(finding_rows(rows))}
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _mem_total_mb() -> float:
+    """MemTotal from /proc/meminfo in MB; 0 if unknown."""
+    return next((int(line.split()[1]) / 1024 for line in _lines("/proc/meminfo")
+                 if line.startswith("MemTotal")), 0.0)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``--size`` text to a list of sizes in pixels."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--size {text!r}: expected e.g. 1024 or 2048,4096") from None
+    if not sizes or any(s < 256 for s in sizes):
+        raise argparse.ArgumentTypeError(f"--size {text!r}: sizes must be >= 256 pixels")
+    return sizes
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options (the hidden ``--child`` ones are for measuring subprocesses)."""
+    mem_mb = _mem_total_mb() or 16384.0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", type=parse_sizes, default=[8192],
+                   help="comma-separated square image sizes in pixels, e.g. 1024 or 2048,4096")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                   help="cache of generated pairs and scratch space for outputs")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each read measurement (median)")
+    p.add_argument("--window-px", type=int, default=2048, help="window of the windowed read")
+    p.add_argument("--timeout", type=float, default=1800.0, help="stop a measurement after s")
+    p.add_argument("--max-rss-mb", type=float, default=round(0.8 * mem_mb),
+                   help="stop a measurement whose RSS exceeds this")
+    p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="markdown report path")
+    p.add_argument("--no-docs", action="store_true", help="do not write the markdown report")
+    p.add_argument("--regenerate", action="store_true", help="rebuild cached pairs")
+    p.add_argument("--peak-stacks", action="store_true",
+                   help="sample RSS every 5 ms in detect and report the pipeline line at each "
+                        "stage's peak (adds a little overhead)")
+    p.add_argument("-q", "--quiet", action="count", default=0, help="less progress on stderr")
+    for name in ("--child", "--before", "--after", "--aoi", "--result", "--status"):
+        p.add_argument(name, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.verbose = -args.quiet
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark every ``--size``, print the tables, write the markdown report."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args)
+    logging.basicConfig(level=logging.INFO if args.quiet == 0 else logging.WARNING,
+                        stream=sys.stderr, format="bench: %(message)s")
+    args.workdir = args.workdir.expanduser().resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = [bench_size(size, args) for size in args.size]
+    results_dir = args.workdir / "results"
+    results_dir.mkdir(exist_ok=True)
+    raw = results_dir / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    raw.write_text(json.dumps({"argv": argv, "rows": rows}, indent=1, default=str))
+    log.info("raw results in %s", raw)
+    print(text_table(summary_rows(rows)))
+    print()
+    print("detect stages (peak: highest RSS during the stage):")
+    print(text_table(stage_rows(rows)))
+    print()
+    print(text_table(finding_rows(rows)))
+    if not args.no_docs:
+        write_docs(args.docs, rows, machine(), argv)
+        log.info("wrote %s", args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
