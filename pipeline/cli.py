@@ -53,16 +53,6 @@ config_opt = click.option(
 )
 
 
-def _iso_date(_ctx: click.Context, param: click.Parameter, value: str | None) -> date | None:
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date; write it as YYYY-MM-DD, e.g. 2017-03-02",
-                                 param=param) from None
-
-
 def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn PipelineError into a one-paragraph message and exit code 1."""
 
@@ -117,10 +107,16 @@ def cli() -> None:
               help="Before image (GeoTIFF/COG) [default: the seeds/ sample pair].")
 @click.option("--after", "after_path", type=click.Path(path_type=Path), default=None,
               help="After image (GeoTIFF/COG) [default: the seeds/ sample pair].")
-@click.option("--before-date", callback=_iso_date, default=None,
-              help="Acquisition date of the before image (YYYY-MM-DD) when the file has none.")
-@click.option("--after-date", callback=_iso_date, default=None,
-              help="Acquisition date of the after image (YYYY-MM-DD) when the file has none.")
+@click.option("--before-date", default=None,
+              help="With a file: its acquisition date (YYYY-MM-DD) when the file has none. With "
+                   "--source: the date (searched +-45 days) or window START/END to fetch.")
+@click.option("--after-date", default=None,
+              help="As --before-date, for the after image.")
+@click.option("--source", "source_name", default=None,
+              help="Fetch the dates without a file from this entry of configs/sources.toml "
+                   "(e.g. earth-search, landsat, esri-wayback).")
+@click.option("--offline", is_flag=True,
+              help="Use only what is in the download cache; say what is missing.")
 @click.option("--radius-m", type=float, default=None,
               help="Radius around a 'lon,lat' AOI in metres [default: aoi.radius_m, 1000].")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
@@ -139,7 +135,8 @@ def cli() -> None:
 @quiet_opt
 @_handle_errors
 def detect(aoi: str, before_path: Path | None, after_path: Path | None,
-           before_date: date | None, after_date: date | None, radius_m: float | None,
+           before_date: str | None, after_date: str | None, source_name: str | None,
+           offline: bool, radius_m: float | None,
            out_root: Path, res_m: float | None, threshold: float | None,
            threshold_method: str | None, normalize_method: str | None, all_findings: bool,
            config_path: Path | None, verbose: int, quiet: int) -> None:
@@ -159,28 +156,87 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
       $ sitewatch detect --aoi 88.27,43.37,88.31,43.39 --before a.tif --after b.tif \\
             --before-date 2017-03-02 --after-date 2018-10-11 --out evidence/
       $ sitewatch detect --aoi site.geojson --before a.tif --after b.tif --threshold 25
+      $ sitewatch detect --aoi 88.28994,43.38385 --radius-m 2000 --source earth-search \
+            --before-date 2017-03-01/2017-05-31 --after-date 2018-09-01/2018-10-31
+      $ sitewatch detect --aoi dabancheng --source esri-wayback \
+            --before-date 2017-06-01 --after-date 2019-06-01 --offline
     """
+    from pipeline.acquire import acquire_pair, fetch_context
     from pipeline.aoi import load_sites, parse_aoi
-    from pipeline.run import run_detect
+    from pipeline.run import detect_scenes
 
-    if (before_path is None) != (after_path is None):
-        raise click.UsageError("Give both --before and --after, or neither to use the seeds/ sample pair.")
-    if before_path is None:
-        before_path, after_path = SEED_BEFORE, SEED_AFTER
-        log.info("No --before/--after: using the embedded sample pair in seeds/")
     config = load_config(config_path, overrides={
         "aoi.radius_m": radius_m, "grid.res_m": res_m, "change.threshold": threshold,
         "change.threshold_method": threshold_method, "change.normalize": normalize_method,
     })
     sites = load_sites(config.sites_path) if config.sites_path.exists() else {}
     area = parse_aoi(aoi, radius_m=config.radius_m, sites=sites)
+    before, after = _acquisitions(config, source_name, (before_path, after_path),
+                                  (before_date, after_date))
+    context = fetch_context(config, offline=offline)
     bar = _StageBar(enabled=quiet == 0 and sys.stderr.isatty())
     try:
-        result = run_detect(area, before_path, after_path, config=config, out_root=out_root,
-                            before_date=before_date, after_date=after_date, progress=bar)
+        result = detect_scenes(
+            area, lambda: acquire_pair(area, before, after, config=config, context=context),
+            config=config, out_root=out_root, progress=bar)
     finally:
         bar.close()
     _print_result(result, all_findings=all_findings)
+
+
+def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None, Path | None],
+                  dates: tuple[str | None, str | None]) -> tuple[Any, Any]:
+    """Each role from its file, or from --source and its date; the seeds/ pair by default."""
+    from pipeline.acquire import Acquisition
+    from pipeline.config import default_sources_path, load_sources
+    from pipeline.fetch.base import DateWindow
+
+    roles = ("before", "after")
+    if source_name is None:
+        if (paths[0] is None) != (paths[1] is None):
+            raise click.UsageError("Give both --before and --after, or --source to fetch the "
+                                   "other date, or neither to use the seeds/ sample pair.")
+        if paths[0] is None:
+            log.info("No --before/--after: using the embedded sample pair in seeds/")
+            paths = (SEED_BEFORE, SEED_AFTER)
+        return tuple(Acquisition(role=r, path=p, acquired=_one_date(d, f"--{r}-date"))
+                     for r, p, d in zip(roles, paths, dates, strict=True))
+    sources_file = config.config_path if _has_sources(config.config_path) else default_sources_path()
+    sources = load_sources(sources_file)
+    if source_name not in sources:
+        raise click.BadParameter(f"{source_name!r} is not a source in {sources_file}; known: "
+                                 f"{', '.join(sources)}.", param_hint="--source")
+    wants = []
+    for role, path, text in zip(roles, paths, dates, strict=True):
+        if path is not None:
+            wants.append(Acquisition(role=role, path=path, acquired=_one_date(text, f"--{role}-date")))
+        elif text is None:
+            raise click.UsageError(f"--source {source_name} needs --{role}-date (YYYY-MM-DD or "
+                                   f"START/END) for the {role} image.")
+        else:
+            wants.append(Acquisition(role=role, source=sources[source_name],
+                                     window=DateWindow.parse(text, pad_days=45)))
+    return wants[0], wants[1]
+
+
+def _has_sources(path: Path | None) -> bool:
+    import tomllib
+
+    if path is None or not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return "sources" in tomllib.load(fh)
+
+
+def _one_date(text: str | None, flag: str) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a date; write it as YYYY-MM-DD, e.g. "
+                                 f"2017-03-02 (a window START/END needs --source)",
+                                 param_hint=flag) from None
 
 
 def _print_result(result: Any, *, all_findings: bool) -> None:

@@ -47,6 +47,10 @@ class RunConfig:
     radius_m: float = 1000.0
     sites_path: Path = PROJECT_ROOT / "configs" / "sites.geojson"
     config_path: Path | None = None
+    cache_dir: Path = Path("~/.cache/sitewatch").expanduser()
+    timeout_s: float = 30.0
+    max_retries: int = 4
+    max_concurrency: int = 4
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data, as written to the manifest."""
@@ -54,6 +58,8 @@ class RunConfig:
             "config_path": str(self.config_path) if self.config_path else None,
             "grid": {"res_m": self.res_m, "resampling": self.resampling},
             "aoi": {"radius_m": self.radius_m, "sites": str(self.sites_path)},
+            "fetch": {"cache_dir": str(self.cache_dir), "timeout_s": self.timeout_s,
+                      "max_retries": self.max_retries, "max_concurrency": self.max_concurrency},
             **self.params.to_dict(),
         }
 
@@ -156,7 +162,7 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
-    known = {*_SECTIONS, "grid", "aoi"}
+    known = {*_SECTIONS, "grid", "aoi", "fetch", "sources"}
     for section in data:
         if section not in known:
             raise ConfigError(f"{section}: unknown section in {config_path}. "
@@ -196,7 +202,26 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
         radius_m=radius_m,
         sites_path=sites,
         config_path=config_path.resolve(),
+        **_fetch_settings(data.get("fetch", {})),
     )
+
+
+def _fetch_settings(fetch: dict[str, Any]) -> dict[str, Any]:
+    """The [fetch] table: cache folder ($SITEWATCH_CACHE wins), timeouts, retries, concurrency."""
+    known = {"cache_dir": str, "timeout_s": float, "max_retries": int, "max_concurrency": int}
+    for key in fetch:
+        if key not in known:
+            raise ConfigError(f"fetch.{key}: unknown key. Known keys: {', '.join(known)}.")
+    out: dict[str, Any] = {k: _check_value(f"fetch.{k}", v, known[k]) for k, v in fetch.items()}
+    env = os.environ.get("SITEWATCH_CACHE")
+    if env or out.get("cache_dir"):
+        out["cache_dir"] = Path(env or out["cache_dir"]).expanduser()
+    else:
+        out.pop("cache_dir", None)
+    for key in ("timeout_s", "max_retries", "max_concurrency"):
+        if key in out and out[key] <= 0:
+            raise ConfigError(f"fetch.{key}: expected a positive number, got {out[key]!r}")
+    return out
 
 
 _SOURCE_REQUIRED: dict[str, tuple[str, ...]] = {
