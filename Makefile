@@ -13,8 +13,12 @@ BEFORE   ?=
 AFTER    ?=
 RADIUS_M ?=
 CONFIG   ?=
+SOURCE   ?=
+BEFORE_DATE ?=
+AFTER_DATE  ?=
+OFFLINE  ?=
 BENCH_ARGS ?=
-export AOI OUT BEFORE AFTER RADIUS_M CONFIG
+export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 
 .PHONY: setup detect test bench lint clean
 
@@ -29,7 +33,9 @@ $(STAMP): pyproject.toml
 detect: $(STAMP)
 	@$(BIN)/sitewatch detect --aoi "$$AOI" --out "$$OUT" \
 	  $${BEFORE:+--before "$$BEFORE"} $${AFTER:+--after "$$AFTER"} \
-	  $${RADIUS_M:+--radius-m "$$RADIUS_M"} $${CONFIG:+--config "$$CONFIG"}
+	  $${RADIUS_M:+--radius-m "$$RADIUS_M"} $${CONFIG:+--config "$$CONFIG"} \
+	  $${SOURCE:+--source "$$SOURCE"} $${BEFORE_DATE:+--before-date "$$BEFORE_DATE"} \
+	  $${AFTER_DATE:+--after-date "$$AFTER_DATE"} $${OFFLINE:+--offline}
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
