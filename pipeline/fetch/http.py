@@ -1,0 +1,458 @@
+"""pipeline.fetch.http: a small, strict HTTP client for tiles, JSON documents and catalogues.
+
+One ``HttpClient`` wraps a ``requests.Session`` with the run's User-Agent, connect/read
+timeouts and a request counter. Retries are done with **tenacity** (not urllib3's ``Retry``,
+which cannot cap ``Retry-After`` or retry a body cut off mid-read): connection errors,
+timeouts, bodies shorter than their ``Content-Length``, 429 and 5xx answers are retried
+``FetchContext.max_retries`` times with exponential backoff, or after the server's
+``Retry-After`` (capped at ``RETRY_AFTER_MAX_S``). Other 4xx answers are not retried.
+404, 410 and 204 raise ``NotFound``, a ``FetchError`` the caller can treat as nodata.
+
+Bodies are checked against what the caller expects (``"json"``, ``"image"`` or ``"any"``), so
+an HTML error page served with status 200 never reaches a decoder or the cache. Only http and
+https URLs are fetched, and redirects to any other scheme are refused.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from pipeline.errors import FetchError
+from pipeline.fetch.base import FetchContext
+
+__all__ = ["Expect", "NotFound", "Response", "HttpClient", "get_bytes", "check_url",
+           "check_body", "map_concurrent"]
+
+log = logging.getLogger(__name__)
+
+Expect = Literal["json", "image", "any"]
+T = TypeVar("T")
+R = TypeVar("R")
+
+BACKOFF_S = 0.5  # first retry delay; doubled each attempt
+BACKOFF_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 60.0
+MAX_REDIRECTS = 10
+MAX_BODY_BYTES = 512 << 20
+MISSING_STATUS = frozenset({204, 404, 410})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 1 << 16
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00",
+                b"MM\x00+")
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_WORDS = {1: "once", 2: "twice", 3: "three times", 4: "four times", 5: "five times",
+          6: "six times", 7: "seven times", 8: "eight times", 9: "nine times", 10: "ten times"}
+
+
+class NotFound(FetchError):
+    """The server says the resource does not exist (404, 410) or is empty (204).
+
+    For tiles this means nodata, not a failure. ``status`` is the HTTP status; ``cached`` is
+    True when the answer came from a negative cache entry rather than the network.
+    """
+
+    def __init__(self, url: str, status: int, *, cached: bool = False) -> None:
+        """Record the URL, the status and whether the answer came from the cache."""
+        super().__init__(f"{url} does not exist on the server (HTTP {status}).")
+        self.url = url
+        self.status = status
+        self.cached = cached
+
+
+@dataclass(frozen=True)
+class Response:
+    """A successful answer: the body as bytes, already checked against what was expected."""
+
+    url: str
+    final_url: str
+    status: int
+    content: bytes
+    content_type: str
+
+
+class _Retryable(Exception):
+    """One failed attempt worth repeating (429/5xx, timeout, dropped connection, cut-off body)."""
+
+    def __init__(self, reason: str, kind: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+        self.retry_after_s = retry_after_s
+
+
+class HttpClient:
+    """HTTP GET/POST with timeouts, bounded retries, body checks and a request counter.
+
+    Parameters
+    ----------
+    context
+        Supplies ``user_agent``, ``timeout_s`` (connect and read), ``max_retries`` and
+        ``max_concurrency``.
+    session
+        A ``requests.Session`` to use (one is created otherwise).
+    backoff_s
+        First retry delay in seconds, doubled per attempt up to ``BACKOFF_MAX_S``.
+    retry_after_max_s
+        Longest ``Retry-After`` honoured; longer requests wait this long.
+    max_body_bytes
+        Bodies larger than this are refused.
+
+    Notes
+    -----
+    ``requests_made`` counts every HTTP request sent, retries and redirect hops included.
+    The client is safe to share between the threads of ``get_many``.
+    """
+
+    def __init__(self, context: FetchContext, *, session: requests.Session | None = None,
+                 backoff_s: float | None = None, retry_after_max_s: float = RETRY_AFTER_MAX_S,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        """Set up the session, its User-Agent and a connection pool of max_concurrency."""
+        self.context = context
+        self.backoff_s = BACKOFF_S if backoff_s is None else float(backoff_s)
+        self.retry_after_max_s = float(retry_after_max_s)
+        self.max_body_bytes = int(max_body_bytes)
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = context.user_agent
+        pool = max(10, int(context.max_concurrency))
+        adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._lock = threading.Lock()
+        self._requests = 0
+
+    @property
+    def requests_made(self) -> int:
+        """Number of HTTP requests sent so far (retries and redirects included)."""
+        with self._lock:
+            return self._requests
+
+    def fetch(self, url: str, *, expect: Expect = "any", method: str = "GET",
+              json_body: Any = None, headers: dict[str, str] | None = None) -> Response:
+        """Send one request (with retries) and return the checked answer.
+
+        Parameters
+        ----------
+        url
+            An http(s) URL.
+        expect
+            ``"json"``: the body must parse as JSON; ``"image"``: it must start like a PNG,
+            JPEG, TIFF or WebP file; ``"any"``: no check.
+        method
+            ``"GET"`` or ``"POST"``.
+        json_body
+            Sent as a JSON body (POST).
+        headers
+            Extra request headers.
+
+        Returns
+        -------
+        Response
+
+        Raises
+        ------
+        NotFound
+            On 404, 410 or 204 (not retried).
+        FetchError
+            Any other failure, after retries where they make sense; chained to the cause.
+        """
+        check_url(url)
+        attempts = max(0, int(self.context.max_retries)) + 1
+        retrying = Retrying(stop=stop_after_attempt(attempts), wait=self._wait,
+                            retry=retry_if_exception_type(_Retryable), reraise=True,
+                            before_sleep=_log_retry(url))
+        try:
+            response = retrying(self._attempt, url, method, json_body, headers)
+        except _Retryable as e:
+            raise FetchError(_give_up_message(url, e, attempts, self.context.timeout_s)) from e
+        check_body(url, response.content, response.content_type, expect=expect)
+        return response
+
+    def get_bytes(self, url: str, *, expect: Expect = "any",
+                  headers: dict[str, str] | None = None) -> bytes:
+        """GET ``url`` and return its checked body (see ``fetch``)."""
+        return self.fetch(url, expect=expect, headers=headers).content
+
+    def get_json(self, url: str, *, headers: dict[str, str] | None = None) -> Any:
+        """GET ``url`` and return its body parsed as JSON (see ``fetch``)."""
+        return json.loads(self.fetch(url, expect="json", headers=headers).content)
+
+    def post_json(self, url: str, payload: Any, *, headers: dict[str, str] | None = None) -> Any:
+        """POST ``payload`` as JSON to ``url`` and return the JSON answer (see ``fetch``)."""
+        response = self.fetch(url, expect="json", method="POST", json_body=payload,
+                              headers=headers)
+        return json.loads(response.content)
+
+    def get_many(self, urls: Iterable[str], *, expect: Expect = "any") -> dict[str, bytes | None]:
+        """GET many URLs, at most ``context.max_concurrency`` at a time.
+
+        Returns
+        -------
+        dict
+            URL to body, in the order given (duplicates fetched once); ``None`` for a URL that
+            raised ``NotFound``. Any other failure is raised once the running requests end.
+        """
+        unique = list(dict.fromkeys(urls))
+
+        def one(url: str) -> bytes | None:
+            try:
+                return self.get_bytes(url, expect=expect)
+            except NotFound:
+                return None
+
+        bodies = map_concurrent(one, unique, max_workers=self.context.max_concurrency,
+                                progress=self.context.progress)
+        return dict(zip(unique, bodies, strict=True))
+
+    def close(self) -> None:
+        """Close the session's connections."""
+        self.session.close()
+
+    def __enter__(self) -> HttpClient:
+        """Use as a context manager that closes the session."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the session."""
+        self.close()
+
+    def _count(self) -> None:
+        """Count one request sent."""
+        with self._lock:
+            self._requests += 1
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Seconds before the next attempt: the capped Retry-After, else exponential backoff."""
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, _Retryable) and error.retry_after_s is not None:
+            return min(error.retry_after_s, self.retry_after_max_s)
+        return min(self.backoff_s * 2 ** (state.attempt_number - 1), BACKOFF_MAX_S)
+
+    def _attempt(self, url: str, method: str, json_body: Any,
+                 headers: dict[str, str] | None) -> Response:
+        """One attempt, following redirects by hand so each hop's scheme is checked."""
+        current = url
+        for _ in range(MAX_REDIRECTS + 1):
+            self._count()
+            timeout = (self.context.timeout_s, self.context.timeout_s)
+            try:
+                resp = self.session.request(method, current, json=json_body, headers=headers,
+                                            timeout=timeout, stream=True, allow_redirects=False)
+            except requests.Timeout as e:
+                raise _Retryable(f"no answer within {self.context.timeout_s:g} s", "timeout") from e
+            except requests.ConnectionError as e:
+                raise _Retryable(f"could not connect ({_short(e)})", "connection") from e
+            except requests.RequestException as e:
+                raise FetchError(f"Could not fetch {url}: {e}") from e
+            with resp:
+                if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
+                    current = _redirect_target(url, current, resp.headers["Location"])
+                    if resp.status_code == 303:
+                        method, json_body = "GET", None
+                    continue
+                return self._read(url, current, resp)
+        raise FetchError(f"Could not fetch {url}: more than {MAX_REDIRECTS} redirects; "
+                         "check the URL in configs/sources.toml.")
+
+    def _read(self, url: str, final_url: str, resp: requests.Response) -> Response:
+        """Turn a non-redirect answer into a Response, NotFound, FetchError or _Retryable."""
+        status = resp.status_code
+        if status in MISSING_STATUS:
+            raise NotFound(url, status)
+        if status == 429 or 500 <= status < 600:
+            reason = f"server answered {status}" + (" (too many requests)" if status == 429 else "")
+            raise _Retryable(reason, "status", retry_after_s=_retry_after_s(resp))
+        if status >= 400 or not 200 <= status < 300:
+            snippet = _describe(resp.raw.read(2048, decode_content=True) or b"",
+                                resp.headers.get("Content-Type", ""))
+            raise FetchError(f"Could not fetch {url}: server answered {status} "
+                             f"({resp.reason}); got {snippet}. {_status_hint(status)}")
+        body = self._read_body(resp)
+        return Response(url, final_url, status, body, resp.headers.get("Content-Type", ""))
+
+    def _read_body(self, resp: requests.Response) -> bytes:
+        """Read the whole body, refusing oversized ones and detecting truncation."""
+        chunks, size = [], 0
+        try:
+            for chunk in resp.iter_content(_CHUNK):
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise FetchError(f"Could not fetch {resp.url}: the body is larger than "
+                                     f"{self.max_body_bytes >> 20} MiB; refusing it.")
+                chunks.append(chunk)
+        except requests.exceptions.ChunkedEncodingError as e:
+            raise _Retryable(f"the body was cut off after {size} bytes", "truncated") from e
+        except requests.ConnectionError as e:
+            if isinstance(e.args[0] if e.args else None, urllib3.exceptions.ReadTimeoutError):
+                raise _Retryable(f"no data within {self.context.timeout_s:g} s", "timeout") from e
+            raise _Retryable(f"connection lost ({_short(e)})", "connection") from e
+        body = b"".join(chunks)
+        declared = resp.headers.get("Content-Length", "")
+        identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
+        if identity and declared.isdigit() and int(declared) != len(body):
+            raise _Retryable(f"the body was cut off: got {len(body)} of {declared} bytes",
+                             "truncated")
+        return body
+
+
+def get_bytes(url: str, *, context: FetchContext, expect: Expect = "any",
+              client: HttpClient | None = None) -> bytes:
+    """GET one URL with a new (or the given) client; see ``HttpClient.fetch``."""
+    if client is not None:
+        return client.get_bytes(url, expect=expect)
+    with HttpClient(context) as own:
+        return own.get_bytes(url, expect=expect)
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` if it is an absolute http(s) URL with a host, else raise FetchError."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise FetchError(f"Refusing to fetch {url!r}: only absolute http:// and https:// URLs "
+                         "are fetched; check the URL in configs/sources.toml.")
+    return url
+
+
+def check_body(url: str, body: bytes, content_type: str, *, expect: Expect) -> None:
+    """Raise FetchError unless ``body`` is what ``expect`` asks for (see ``HttpClient.fetch``)."""
+    if expect == "any":
+        return
+    if expect == "image":
+        if _is_image(body):
+            return
+        raise FetchError(f"{url} did not return an image: got {_describe(body, content_type)}. "
+                         "The server may be failing or the URL template may be wrong.")
+    if expect == "json":
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FetchError(f"{url} did not return valid JSON: got "
+                             f"{_describe(body, content_type)} ({e}).") from e
+        return
+    raise ValueError(f"expect must be 'json', 'image' or 'any', got {expect!r}")
+
+
+def map_concurrent(func: Callable[[T], R], items: Iterable[T], *, max_workers: int,
+                   progress: Callable[[int, int], None] | None = None) -> list[R]:
+    """Apply ``func`` to ``items`` on at most ``max_workers`` threads; results in input order.
+
+    The first exception is raised once running calls end; calls not started are cancelled.
+    ``progress(done, total)`` is called after each completed item.
+    """
+    todo = list(items)
+    if not todo:
+        return []
+    results: list[Any] = [None] * len(todo)
+    workers = max(1, min(int(max_workers), len(todo)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sitewatch-fetch") as pool:
+        futures = {pool.submit(func, item): i for i, item in enumerate(todo)}
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                results[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, len(todo))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return results
+
+
+def _is_image(body: bytes) -> bool:
+    """True if ``body`` starts like a PNG, JPEG, TIFF/BigTIFF or WebP file."""
+    return body.startswith(_IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+
+
+def _describe(body: bytes, content_type: str) -> str:
+    """Short description of an unexpected body for messages (never the whole payload)."""
+    kind = content_type.split(";")[0].strip() or "no Content-Type"
+    head = body[:1024].lstrip().lower()
+    if "html" in kind or head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        title = _TITLE.search(body[:4096])
+        named = f", title {title.group(1).decode(errors='replace').strip()[:80]!r}" if title else ""
+        return f"an HTML page ({kind}, {len(body)} bytes{named})"
+    if not body:
+        return f"an empty body ({kind})"
+    return f"{len(body)} bytes of {kind} starting {body[:24]!r}"
+
+
+def _retry_after_s(resp: requests.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), else None."""
+    value = resp.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _redirect_target(url: str, current: str, location: str) -> str:
+    """Absolute redirect target, refused unless http(s)."""
+    target = urljoin(current, location)
+    if urlsplit(target).scheme.lower() not in ("http", "https"):
+        raise FetchError(f"Could not fetch {url}: the server redirected to {target!r}, which is "
+                         "not an http(s) URL; refusing to follow it.")
+    if urlsplit(current).scheme == "https" and urlsplit(target).scheme == "http":
+        log.warning("Redirect from https to plain http: %s -> %s", current, target)
+    return target
+
+
+def _status_hint(status: int) -> str:
+    """What to do about a non-retried 4xx."""
+    if status in (401, 403):
+        return "The source refused access: it may need a key, or it may be blocking this client."
+    if status == 400:
+        return "The request was rejected as malformed; check the source's URL template."
+    return "Check the URL in configs/sources.toml."
+
+
+def _give_up_message(url: str, error: _Retryable, attempts: int, timeout_s: float) -> str:
+    """The final message after every attempt failed."""
+    times = _WORDS.get(attempts, f"{attempts} times")
+    what = f"{error.reason} {times}"
+    if error.kind == "timeout":
+        return (f"Could not fetch {url}: {what} (timeout {timeout_s:g} s); the source may be slow "
+                "or down. Try again later, raise the timeout, or use --offline with a cache.")
+    if error.kind == "truncated":
+        return (f"Could not fetch {url}: {what}; the connection or the server is unreliable. "
+                "Try again later or use --offline with a cache.")
+    if error.kind == "connection":
+        return (f"Could not fetch {url}: {what}; check the network and the URL, or use "
+                "--offline with a cache.")
+    return (f"Could not fetch {url}: {what}; the source may be down. Try again later or use "
+            "--offline with a cache.")
+
+
+def _log_retry(url: str) -> Callable[[RetryCallState], None]:
+    """tenacity hook logging each retry at INFO."""
+    def hook(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.info("Retrying %s in %.2f s after attempt %d: %s", url, delay, state.attempt_number,
+                 error)
+    return hook
+
+
+def _short(error: Exception) -> str:
+    """First line of an exception's text, shortened."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:160]
