@@ -1,0 +1,65 @@
+"""`sitewatch detect --source` end to end against the loopback Wayback of tests/fetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from fetch.test_wayback import FakeWayback, content, fake  # noqa: F401  (fixtures)
+
+from pipeline.cli import cli
+
+AOI = ["--aoi", "88.29,43.384", "--radius-m", "400"]
+
+
+def _config(fake: FakeWayback, tmp_path: Path) -> Path:
+    """A config whose [sources.test-wayback] points at the loopback server."""
+    opts = {**fake.source.options, "res_m": fake.plan.res_m}
+    lines = ["[fetch]", f'cache_dir = "{tmp_path / "cache"}"', "timeout_s = 2.0",
+             "max_retries = 1", "", "[sources.test-wayback]", 'type = "wayback"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _detect(config: Path, out: Path, *extra: str):
+    args = ["detect", *AOI, "--source", "test-wayback", "--config", str(config),
+            "--out", str(out), "-q", *extra]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def test_detect_from_wayback_records_releases_and_reruns_offline(fake, tmp_path):
+    """A Wayback run keeps release and acquisition dates; an offline rerun makes no request."""
+    config = _config(fake, tmp_path)
+    dates = ["--before-date", "2017-03-01/2017-06-30", "--after-date", "2018-10-01/2018-12-31"]
+    first = _detect(config, tmp_path / "out", *dates)
+    assert first.exit_code == 0, first.output
+    manifest = json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
+    refs = {i["role"]: i for i in manifest["inputs"]}
+    assert refs["before:0"]["acquired"] == "2017-03-02"
+    assert "release 4073" in refs["before:0"]["release"]
+    assert refs["after:0"]["acquired"] == "2018-10-11"
+    requests = fake.server.total_requests
+    second = _detect(config, tmp_path / "out", *dates, "--offline")
+    assert second.exit_code == 0, second.output
+    assert fake.server.total_requests == requests
+    assert len(list((tmp_path / "out").glob("*/*/manifest.json"))) == 2
+
+
+def test_detect_from_wayback_same_imagery_stops(fake, tmp_path):
+    """Windows that resolve to the same imagery stop with a clear error, not 'no change'."""
+    config = _config(fake, tmp_path)
+    result = _detect(config, tmp_path / "out", "--before-date", "2017-05-01/2017-06-30",
+                     "--after-date", "2018-01-01/2018-02-28")
+    assert result.exit_code == 1
+    assert "same imagery" in result.stderr
+    assert not list((tmp_path / "out").glob("*/*"))
+
+
+def test_detect_source_needs_dates(fake, tmp_path):
+    """--source without a date for a role is a usage error naming the flag."""
+    result = _detect(_config(fake, tmp_path), tmp_path / "out", "--before-date", "2017-03-02")
+    assert result.exit_code == 2
+    assert "--after-date" in result.stderr
