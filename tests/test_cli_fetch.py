@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from fetch.test_stac import api, catalogue, surface  # noqa: F401  (fixtures)
 from fetch.test_wayback import FakeWayback, content, fake  # noqa: F401  (fixtures)
 
 from pipeline.cli import cli
@@ -63,3 +64,31 @@ def test_detect_source_needs_dates(fake, tmp_path):
     result = _detect(_config(fake, tmp_path), tmp_path / "out", "--before-date", "2017-03-02")
     assert result.exit_code == 2
     assert "--after-date" in result.stderr
+
+
+def test_detect_from_stac_across_baseline_change_flags_nothing(api, surface, tmp_path):
+    """Two S2 dates of one surface, baselines 03.01 and 04.00: a full run reports no compound."""
+    from fetch.test_stac import COLLECTION
+    from pyproj import Transformer
+
+    server, _ = api
+    t = surface["transform"]
+    to_lonlat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True)
+    west, south = to_lonlat.transform(t.c + 2000, t.f - 5000)
+    east, north = to_lonlat.transform(t.c + 5000, t.f - 2000)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[fetch]\ncache_dir = "{tmp_path / "cache"}"\ntimeout_s = 2.0\nmax_retries = 1\n\n'
+        f'[sources.test-stac]\ntype = "stac"\nurl = "{server.url("/")}"\n'
+        f'collection = "{COLLECTION}"\nindices = []\n')
+    result = CliRunner().invoke(cli, [
+        "detect", "--aoi", f"{west},{south},{east},{north}", "--source", "test-stac",
+        "--before-date", "2020-06-01/2020-06-03", "--after-date", "2020-06-06/2020-06-08",
+        "--config", str(config), "--out", str(tmp_path / "out"), "-q"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    fc = json.loads(next((tmp_path / "out").glob("*/*/changes.geojson")).read_text())
+    assert [f for f in fc["features"] if f["properties"]["kind"] == "compound"] == []
+    manifest = json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
+    baselines = sorted(i["extra"]["processing_baseline"] for i in manifest["inputs"])
+    assert baselines == ["03.01", "04.00"]
