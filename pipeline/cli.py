@@ -184,6 +184,66 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
     _print_result(result, all_findings=all_findings)
 
 
+@cli.command(short_help="Re-hash an evidence folder; fail if anything changed.")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verbose_opt
+@quiet_opt
+@_handle_errors
+def verify(run_dir: Path, verbose: int, quiet: int) -> None:
+    """Check every file listed in RUN_DIR/manifest.json against its SHA-256 and size.
+
+    Prints one line per problem on stdout and exits 1 if any file is missing or changed since
+    the run; files that the manifest does not list are reported as warnings.
+
+    \b
+    Examples:
+      $ sitewatch verify out/dabancheng/20261125T105842Z-1fd56f2f
+    """
+    from pipeline.report.manifest import verify_manifest
+
+    ok, errors, warns = verify_manifest(run_dir)
+    for line in errors:
+        click.echo(f"error\t{line}")
+    for line in warns:
+        click.echo(f"warning\t{line}")
+    click.echo(f"{'ok' if ok else 'FAILED'}\t{run_dir}")
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command(short_help="Check a GeoJSON file against RFC 7946.")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@verbose_opt
+@quiet_opt
+@_handle_errors
+def validate(path: Path, verbose: int, quiet: int) -> None:
+    """Check PATH (GeoJSON) against the rules of RFC 7946: lon/lat ranges, ring orientation,
+    closed rings, valid geometries, no crs member, at most 7 decimals, unique ids.
+
+    Exits 1 when it finds errors (warnings alone exit 0).
+
+    \b
+    Examples:
+      $ sitewatch validate out/dabancheng/20261125T105842Z-1fd56f2f/changes.geojson
+    """
+    import json
+
+    from pipeline.report.validate import validate_geojson
+
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.ClickException(f"{path} is not JSON: {e}. Give a GeoJSON file.") from None
+    ok, errors, warns = validate_geojson(obj)
+    for line in errors:
+        click.echo(f"error\t{line}")
+    for line in warns:
+        click.echo(f"warning\t{line}")
+    click.echo(f"{'ok' if ok else 'FAILED'}\t{path}")
+    if not ok:
+        sys.exit(1)
+
+
 def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None, Path | None],
                   dates: tuple[str | None, str | None]) -> tuple[Any, Any]:
     """Each role from its file, or from --source and its date; the seeds/ pair by default."""

@@ -198,3 +198,31 @@ def test_detect_bad_date_flag_is_usage_error():
     result = _run(["detect", "--before-date", "03/02/2017"])
     assert result.exit_code == 2
     assert "YYYY-MM-DD" in result.stderr
+
+
+def test_verify_passes_then_fails_after_one_byte_changes(default_run, tmp_path):
+    """`sitewatch verify` passes on a fresh folder and fails once a byte of the GeoJSON changes."""
+    import shutil
+
+    out, _ = default_run
+    run_dir = shutil.copytree(_run_dirs(out)[0], tmp_path / "copy")
+    assert _run(["verify", str(run_dir)]).exit_code == 0
+    geojson = run_dir / "changes.geojson"
+    data = bytearray(geojson.read_bytes())
+    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\n")
+    geojson.write_bytes(bytes(data))
+    result = _run(["verify", str(run_dir)])
+    assert result.exit_code == 1
+    assert "changes.geojson" in result.stdout
+
+
+def test_validate_command_flags_rfc7946_errors(default_run, tmp_path):
+    """`sitewatch validate` accepts the run's GeoJSON and rejects one with a crs member."""
+    out, _ = default_run
+    path = next(out.glob("*/*/changes.geojson"))
+    assert _run(["validate", str(path)]).exit_code == 0
+    bad = json.loads(path.read_text())
+    bad["crs"] = {"type": "name", "properties": {"name": "EPSG:4326"}}
+    (tmp_path / "bad.geojson").write_text(json.dumps(bad))
+    result = _run(["validate", str(tmp_path / "bad.geojson")])
+    assert result.exit_code == 1 and "crs" in result.stdout
