@@ -10,9 +10,14 @@ memory is clean:
 * the whole ``pipeline.run.run_detect`` on an AOI that is the image's lon/lat bbox, with the
   seconds and the peak resident memory of every stage.
 
+Then (``--fetch``, the default; ``--no-fetch`` skips it) ``scripts/bench_fetch.py`` runs in a
+subprocess: the requests and bytes a STAC/COG fetch of a small AOI costs, against the bytes of
+the COG blocks under it, and the requests of a cached rerun.
+
 stdout gets the tables; progress goes to stderr; ``docs/benchmarks.md`` gets the same tables
 with the date, machine and library versions. Targets (issue "make bench"): detect within 4x
-of the read time, peak memory under 2048 MB whatever the AOI size.
+of the read time, peak memory under 2048 MB whatever the AOI size; a COG fetch within 1.25x
+of the intersecting blocks' bytes, and 0 requests on a cached rerun.
 
 Examples::
 
@@ -776,7 +781,8 @@ def machine() -> dict[str, str]:
 
 
 def write_docs(
-    path: Path, rows: list[dict[str, Any]], info: dict[str, str], argv: list[str]
+    path: Path, rows: list[dict[str, Any]], info: dict[str, str], argv: list[str],
+    fetch: dict[str, Any] | None = None,
 ) -> None:
     """Write the markdown report (overwrites: it describes the latest run)."""
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -817,6 +823,8 @@ stage's start, its peak during the stage, and at its end.
 
 {md_table(finding_rows(rows))}
 """
+    if fetch is not None:
+        text += "\n" + fetch_markdown(fetch)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
@@ -832,6 +840,42 @@ def _mem_total_mb() -> float:
     """MemTotal from /proc/meminfo in MB; 0 if unknown."""
     return next((int(line.split()[1]) / 1024 for line in _lines("/proc/meminfo")
                  if line.startswith("MemTotal")), 0.0)
+
+
+def run_fetch_bench(cfg: argparse.Namespace) -> dict[str, Any]:
+    """``scripts/bench_fetch.py`` in a subprocess; its JSON results, or {"problem": ...}."""
+    with tempfile.TemporaryDirectory(prefix="fetch-", dir=cfg.workdir) as tmp:
+        result = Path(tmp) / "fetch.json"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_fetch.py"),
+               "--workdir", str(cfg.workdir), "--json", str(result)]
+        cmd += ["--regenerate"] * cfg.regenerate + ["-q"] * (cfg.verbose < 0)
+        log.info("COG fetch benchmark: %s", " ".join(cmd[1:]))
+        try:  # its stdout is the tables, which we print ourselves from the JSON
+            proc = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                                  timeout=cfg.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"problem": f"stopped: still running after --timeout {cfg.timeout:.0f} s"}
+        if proc.returncode != 0 or not result.exists():
+            return {"problem": f"failed: exit code {proc.returncode}"}
+        return json.loads(result.read_text())
+
+
+def _bench_fetch() -> Any:
+    """The ``scripts/bench_fetch.py`` module (for its tables)."""
+    scripts = str(Path(__file__).resolve().parent)
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import bench_fetch
+
+    return bench_fetch
+
+
+def fetch_markdown(fetch: dict[str, Any]) -> str:
+    """The COG fetch section of docs/benchmarks.md (tables from scripts/bench_fetch.py)."""
+    if "problem" in fetch:
+        return (f"## COG fetch of a small AOI (STAC)\n\n`scripts/bench_fetch.py` "
+                f"{fetch['problem']}; no figures.\n")
+    return _bench_fetch().markdown_section(fetch)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -862,7 +906,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="stop a measurement whose RSS exceeds this")
     p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="markdown report path")
     p.add_argument("--no-docs", action="store_true", help="do not write the markdown report")
-    p.add_argument("--regenerate", action="store_true", help="rebuild cached pairs")
+    p.add_argument("--regenerate", action="store_true",
+                   help="rebuild cached pairs (and the fetch benchmark's tile)")
+    p.add_argument("--fetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run scripts/bench_fetch.py (requests and bytes of a STAC/COG "
+                        "fetch of a small AOI, and of a cached rerun)")
     p.add_argument("--peak-stacks", action="store_true",
                    help="sample RSS every 5 ms in detect and report the pipeline line at each "
                         "stage's peak (adds a little overhead)")
@@ -885,10 +933,12 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.expanduser().resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = [bench_size(size, args) for size in args.size]
+    fetch = run_fetch_bench(args) if args.fetch else None
     results_dir = args.workdir / "results"
     results_dir.mkdir(exist_ok=True)
     raw = results_dir / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    raw.write_text(json.dumps({"argv": argv, "rows": rows}, indent=1, default=str))
+    raw.write_text(json.dumps({"argv": argv, "rows": rows, "fetch": fetch}, indent=1,
+                              default=str))
     log.info("raw results in %s", raw)
     print(text_table(summary_rows(rows)))
     print()
@@ -896,8 +946,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(stage_rows(rows)))
     print()
     print(text_table(finding_rows(rows)))
+    if fetch is not None:
+        print()
+        if "problem" in fetch:
+            print(f"COG fetch benchmark: {fetch['problem']}")
+        else:
+            _bench_fetch().print_tables(fetch)
     if not args.no_docs:
-        write_docs(args.docs, rows, machine(), argv)
+        write_docs(args.docs, rows, machine(), argv, fetch)
         log.info("wrote %s", args.docs)
     return 0
 
