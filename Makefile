@@ -20,7 +20,7 @@ OFFLINE  ?=
 BENCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 
-.PHONY: setup detect test bench lint clean
+.PHONY: setup detect test bench eval train lint clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+eval: $(STAMP)
+	$(BIN)/python -m pipeline.evaluate
+
+train: $(STAMP)
+	$(BIN)/python scripts/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

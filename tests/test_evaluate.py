@@ -1,0 +1,101 @@
+"""Tests for pipeline.evaluate: metrics on hand-made arrays, baselines, the held-out check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from _helpers import SHARED_DATA
+from pipeline.datasets import IGNORE, LabelledPair, read_levir_crops, read_levir_tiles
+from pipeline.evaluate import (
+    check_held_out,
+    cva_otsu,
+    object_counts,
+    object_scores,
+    pca_kmeans,
+    pixel_counts,
+    pixel_scores,
+)
+from pipeline.testing import make_pair
+
+BLOCK = np.s_[20:32, 24:36]
+
+
+def test_pixel_counts_and_scores_exact():
+    """TP/FP/FN/TN and P/R/F1/IoU on a 3 x 3 example; IGNORE pixels are not counted."""
+    pred = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0]], bool)
+    label = np.array([[1, 0, 0], [1, 1, IGNORE], [IGNORE, 0, 0]], np.uint8)
+    counts = pixel_counts(pred, label)
+    assert_array_equal(counts, [2, 1, 1, 3])
+    s = pixel_scores(counts)
+    assert s == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "iou": 0.5})
+
+
+def test_pixel_scores_empty_is_zero():
+    """No prediction and no change give zeros, not NaN."""
+    assert pixel_scores(np.array([0, 0, 0, 9])) == {"precision": 0.0, "recall": 0.0,
+                                                    "f1": 0.0, "iou": 0.0}
+
+
+def test_object_counts_iou_half():
+    """A component matches only at IoU >= 0.5; diagonal neighbours are one component."""
+    label = np.zeros((8, 12), np.uint8)
+    label[1:3, 1:3] = 1           # 4 px, predicted exactly
+    label[5:7, 1:5] = 1           # 8 px, predicted by 4 px: IoU 0.5, matched
+    label[1:3, 8:10] = 1          # 4 px, predicted by 1 px: IoU 0.25, missed
+    pred = np.zeros_like(label, bool)
+    pred[1:3, 1:3] = True
+    pred[5:7, 1:3] = True
+    pred[1, 8] = True
+    pred[6, 10] = pred[7, 11] = True  # one 8-connected false component
+    counts = object_counts(pred, label)
+    assert_array_equal(counts, [4, 2, 3, 2])
+    assert object_scores(counts) == pytest.approx({"obj_precision": 0.5, "obj_recall": 2 / 3})
+
+
+def _iou(mask, block=BLOCK, shape=(64, 64)):
+    truth = np.zeros(shape, bool)
+    truth[block] = True
+    return (mask & truth).sum() / (mask | truth).sum()
+
+
+@pytest.mark.parametrize("method", [cva_otsu, pca_kmeans])
+def test_baselines_find_synthetic_block(method):
+    """Both baselines recover a bright new block on a noisy synthetic pair."""
+    before, after = make_pair(shape=(64, 64), change=BLOCK, noise=3.0, seed=1)
+    mask = method(before.values, after.values)
+    assert mask.shape == (64, 64) and mask.dtype == bool
+    assert _iou(mask) > 0.7
+
+
+def test_baselines_no_change_flags_little():
+    """On a pair without change and with noise, PCA-KMeans' change cluster is the noisier half
+    at most and CVA + Otsu flags some pixels, but neither returns NaN or crashes."""
+    before, after = make_pair(shape=(32, 32), change=None, noise=2.0, seed=2)
+    for method in (cva_otsu, pca_kmeans):
+        mask = method(before.values, after.values)
+        assert mask.shape == (32, 32) and 0 < mask.mean() < 1
+
+
+def _pair(name, rows, row0=0, dataset="levir_cd"):
+    z = np.zeros((3, rows, 8), np.float32)
+    return LabelledPair(dataset, name, z, z, np.zeros((rows, 8), np.uint8), 0.5,
+                        group="_".join(name.removeprefix("levircd_").split("_")[:2]),
+                        extra={"row0": row0})
+
+
+def test_check_held_out_rejects_overlap():
+    """A crop whose rows fall inside a training tile of the same LEVIR-CD tile is refused."""
+    tile = _pair("levircd_test_2_r0256", 768, row0=256, dataset="levir_cd_tiles")
+    assert check_held_out([_pair("test_2_0000_0512", 256)], [tile])  # adjacent: a note
+    with pytest.raises(ValueError, match="not held out"):
+        check_held_out([_pair("test_2_0256_0000", 256)], [tile])
+
+
+def test_real_levir_crops_are_held_out():
+    """No shipped evaluation crop shares a pixel with a training tile (real data)."""
+    if not (SHARED_DATA / "levir_cd").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    notes = check_held_out(read_levir_crops(SHARED_DATA), read_levir_tiles(SHARED_DATA))
+    assert len(notes) == 2 and all("test_2_0000" in n for n in notes)
