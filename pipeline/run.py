@@ -8,6 +8,7 @@ recorded in the manifest.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,10 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import dask
+import dask.array
 import numpy as np
 import xarray as xr
+from affine import Affine
 from rasterio import features
 
 import pipeline
@@ -29,8 +33,8 @@ from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
 from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
-from pipeline.fetch.local import common_resolution, describe_raster, read_to_grid
 from pipeline.fetch.base import Scene
+from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.model import CoregResult, Evidence, GridPlan, SourceRef, params_hash
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.manifest import build_manifest, write_manifest
@@ -93,18 +97,75 @@ def _method_label(cfg: RunConfig) -> str:
     )
 
 
+def _nan_outside_np(block: np.ndarray, geometry: Any, transform: Affine,
+                    block_info: dict | None = None) -> np.ndarray:
+    """A ``(..., y, x)`` block with NaN outside ``geometry`` (new array for Dask blocks)."""
+    ny, nx = block.shape[-2:]
+    if block_info is not None:  # a Dask block: its own window of the grid
+        (row0, _), (col0, _) = block_info[0]["array-location"][-2:]
+        transform = transform * Affine.translation(col0, row0)
+    outside = features.geometry_mask([geometry], out_shape=(ny, nx), transform=transform)
+    if outside.any():
+        if block_info is not None:  # never write into a Dask input block
+            block = block.copy()
+        block[..., outside] = np.nan
+    return block
+
+
 def _mask_outside(da: xr.DataArray, aoi: Aoi, plan: GridPlan) -> xr.DataArray:
-    """NaN outside the AOI polygon, so nothing beyond it is analysed or reported."""
-    outside = features.geometry_mask(
-        [aoi_polygon_in(aoi, plan.crs)], out_shape=plan.shape, transform=plan.transform
-    )
-    return da.where(~xr.DataArray(outside, dims=("y", "x")))
+    """NaN outside the AOI polygon, so nothing beyond it is analysed or reported.
+
+    NumPy data are masked in place (the run owns the scenes ``load`` returns), so no second
+    copy of the image exists; Dask data lazily, each block rasterising its own window.
+    """
+    geometry = aoi_polygon_in(aoi, plan.crs)
+    data = da.data
+    if da.dims[-2:] != ("y", "x") or not np.issubdtype(data.dtype, np.floating):
+        outside = features.geometry_mask([geometry], out_shape=plan.shape,
+                                         transform=plan.transform)
+        return da.where(~xr.DataArray(outside, dims=("y", "x")))
+    if isinstance(data, dask.array.Array):
+        masked = data.map_blocks(_nan_outside_np, geometry=geometry, transform=plan.transform,
+                                 dtype=data.dtype)
+        return da.copy(data=masked)
+    if not data.flags.writeable:
+        data = data.copy()
+    return da.copy(data=_nan_outside_np(data, geometry, plan.transform), deep=False)
 
 
-def _check_overlap(before: xr.DataArray, after: xr.DataArray, before_ref: SourceRef,
-                   after_ref: SourceRef) -> None:
-    both = np.isfinite(before.values).all(axis=0) & np.isfinite(after.values).all(axis=0)
-    if not both.any():
+def _validity(before: xr.DataArray, after: xr.DataArray) -> tuple[Any, Any, Any]:
+    """Whether some pixel is valid in every band of before, of after, and of both.
+
+    Lazy (Dask) reductions for Dask input, so they can share a pass with other work; plain
+    booleans for NumPy, made one band at a time (no stack-sized temporary).
+    """
+    b = before.transpose(..., "y", "x").data
+    a = after.transpose(..., "y", "x").data
+    if isinstance(b, dask.array.Array) or isinstance(a, dask.array.Array):
+        b, a = dask.array.asarray(b), dask.array.asarray(a)
+        ok_b = dask.array.isfinite(b).all(axis=tuple(range(b.ndim - 2)))
+        ok_a = dask.array.isfinite(a).all(axis=tuple(range(a.ndim - 2)))
+        return ok_b.any(), ok_a.any(), (ok_b & ok_a).any()
+    valid = []
+    for data in (b, a):
+        ok = np.ones(data.shape[-2:], bool)
+        for index in np.ndindex(data.shape[:-2]):
+            ok &= np.isfinite(data[index])
+        valid.append(ok)
+    return valid[0].any(), valid[1].any(), (valid[0] & valid[1]).any()
+
+
+def _check_validity(valid: tuple[Any, Any, Any], before_ref: SourceRef,
+                    after_ref: SourceRef) -> None:
+    """NoValidDataError when a date has no valid pixel in the AOI, or the two do not overlap."""
+    for ok, role, ref in zip(valid[:2], ("before", "after"), (before_ref, after_ref), strict=True):
+        if not ok:
+            raise NoValidDataError(
+                f"The {role} image {ref.path or ref.item_id} has no valid pixel inside the AOI: "
+                "every pixel there is nodata (nodata value, masks or alpha). Choose an AOI over "
+                "the image's valid area or another image."
+            )
+    if not valid[2]:
         raise NoValidDataError(
             f"The before image {before_ref.path or before_ref.item_id} and the after image "
             f"{after_ref.path or after_ref.item_id} have no valid pixel in "
@@ -143,19 +204,27 @@ def read_local_pair(
     config: RunConfig,
     before_date: date | None = None,
     after_date: date | None = None,
+    chunks: int | None | Literal["auto"] = "auto",
 ) -> tuple[GridPlan, Scene, Scene]:
     """Read two local rasters onto the AOI's UTM grid at the coarser input resolution.
 
+    ``chunks`` is passed to `read_to_grid`; ``"auto"`` reads grids above ``CHUNKED_MIN_PX``
+    pixels lazily in ``CHUNK_PX`` chunks (see `grid_chunks`) and smaller ones whole.
+
     Returns
     -------
-    ``(plan, before, after)``; each scene's data is NumPy-backed ``(band, y, x)`` float32.
+    ``(plan, before, after)``; each scene's data is ``(band, y, x)`` float32, NumPy-backed, or
+    Dask-backed and lazy when chunked.
     """
     paths = (Path(before_path), Path(after_path))
     infos = [describe_raster(p) for p in paths]
     plan = plan_grid(aoi, config.res_m or common_resolution(infos))
+    chunk_px = grid_chunks(plan) if chunks == "auto" else chunks
     scenes = []
     for path, role, when in zip(paths, ("before", "after"), (before_date, after_date), strict=True):
-        data, ref = read_to_grid(path, plan, role=role, acquired=when, resampling=config.resampling)
+        # a chunked read is checked for valid pixels by detect_scenes, in its own single pass
+        data, ref = read_to_grid(path, plan, role=role, acquired=when, resampling=config.resampling,
+                                 chunks=chunk_px, check_nodata=chunk_px is None)
         scenes.append(Scene(data=data, refs=[ref], acquired=ref.acquired, info={"path": str(path)}))
     if scenes[0].refs[0].sha256 == scenes[1].refs[0].sha256:
         warnings.warn(
@@ -175,6 +244,7 @@ def run_detect(
     before_date: date | None = None,
     after_date: date | None = None,
     progress: Progress | None = None,
+    chunks: int | None | Literal["auto"] = "auto",
 ) -> DetectResult:
     """Run the whole detection on two local rasters and write an evidence folder.
 
@@ -192,6 +262,9 @@ def run_detect(
         Acquisition dates when the files do not carry them.
     progress
         Called as ``progress(step_name, step_index, n_steps)`` before each stage.
+    chunks
+        Chunk size in pixels for a lazy, chunked run (bounded memory), None for an in-memory
+        run, ``"auto"`` to chunk grids above ``CHUNKED_MIN_PX`` pixels. Same results.
 
     Returns
     -------
@@ -206,7 +279,7 @@ def run_detect(
     return detect_scenes(
         aoi,
         lambda: read_local_pair(aoi, before_path, after_path, config=config,
-                                before_date=before_date, after_date=after_date),
+                                before_date=before_date, after_date=after_date, chunks=chunks),
         config=config, out_root=out_root, progress=progress,
     )
 
@@ -222,49 +295,48 @@ def detect_scenes(
     """Load a pair of scenes with ``load``, detect, and write the evidence folder.
 
     ``load`` runs as the ``read`` step (after the output folder is checked, so a bad ``--out``
-    fails before any download). Every later stage is the same for every source.
+    fails before any download). Every later stage is the same for every source. Scenes whose
+    data are Dask arrays are processed chunk by chunk, so memory stays bounded (only the uint8
+    change mask, its labels and small cell grids are held whole): intermediate rasters read
+    more than once (the masked inputs, the normalized after image, the magnitude) are kept as
+    one file per chunk in a temporary folder (``TMPDIR``; up to about 36 bytes a pixel),
+    removed at the end. NumPy scenes are processed in memory (their arrays are masked in
+    place). Both give the same evidence.
     """
     started = datetime.now(UTC)
     out = check_out_root(out_root)
     steps = _Steps(progress)
     params = config.params
-    with warnings.catch_warnings(record=True) as caught:
+    with (warnings.catch_warnings(record=True) as caught,
+          tempfile.TemporaryDirectory(prefix="sitewatch-scratch-") as scratch_dir):
         warnings.simplefilter("always")
+        scratch = _Scratch(Path(scratch_dir))
         with steps.step("read") as info:
-            plan, before_scene, after_scene = load()
-            before_ref = _summary_ref(before_scene, "before")
-            after_ref = _summary_ref(after_scene, "after")
-            _check_dates(before_ref.acquired, after_ref.acquired)
-            before = _mask_outside(before_scene.data, aoi, plan)
-            after = _mask_outside(after_scene.data, aoi, plan)
-            _check_overlap(before, after, before_ref, after_ref)
-            info.update(grid_crs=plan.crs, res_m=plan.res_m, shape=list(plan.shape),
-                        before=before_scene.info, after=after_scene.info)
+            before, after, plan, refs, inputs = _read(load, aoi, info, scratch)
+            before_ref, after_ref = refs
         with steps.step("coregister") as info:
             after, coreg = coregister(before, after, params=params.coreg)
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
-            after = normalize(before, after, method=params.change.normalize)
+            after = _normalized(before, after, method=params.change.normalize, scratch=scratch)
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
-            magnitude = change_magnitude(before, after)
-            mask, threshold = change_mask(magnitude, params=params.change, res_m=plan.res_m)
+            magnitude, mask, threshold = _change(before, after, params=params.change,
+                                                 res_m=plan.res_m, scratch=scratch)
             mask_np = np.asarray(mask.values)
             info.update(threshold=threshold, method=params.change.threshold_method,
-                        changed_share=float(np.mean(mask_np == 1)))
+                        changed_share=float(np.count_nonzero(mask_np == 1) / max(1, mask_np.size)))
         with steps.step("detect") as info:
             evidence = detect_sites(
-                np.asarray(before.values), np.asarray(after.values), mask_np,
-                np.asarray(magnitude.values), transform=plan.transform, crs=plan.crs,
-                threshold=threshold, params=params, before_ref=before_ref, after_ref=after_ref,
+                before.data, after.data, mask_np, magnitude.data, transform=plan.transform,
+                crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
+                after_ref=after_ref,
             )
             info.update({k: sum(e.kind == k for e in evidence)
                          for k in ("compound", "new_building", "change")})
+        del before, after  # only the magnitude is written from here
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
-        inputs = {f"{role}:{i}": ref for role, scene in (("before", before_scene),
-                                                           ("after", after_scene))
-                  for i, ref in enumerate(scene.refs)}
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
             _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
                            aoi=aoi, plan=plan, inputs=inputs, steps=steps.records,
@@ -278,6 +350,136 @@ def detect_scenes(
         threshold=threshold, grid=plan, steps=steps.records,
         warnings=[str(w.message) for w in shown],
     )
+
+
+def _normalized(before: xr.DataArray, after: xr.DataArray, *, method: Any,
+                scratch: _Scratch) -> xr.DataArray:
+    """The normalize stage: after matched to before (stored when chunked)."""
+    read = after
+    after = scratch.keep(normalize(before, after, method=method))
+    if after.data is not read.data:
+        scratch.drop(read)  # the co-registered inputs are read again only through ``after``
+    return after
+
+
+def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
+            scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, float]:
+    """The change stage: ``(magnitude, mask, threshold)``; the magnitude stored when chunked.
+
+    The smoothed magnitude, which the threshold and the mask read three times, is stored for
+    the stage only.
+    """
+    magnitude = scratch.keep(change_magnitude(before, after))
+    smoothed: list[Any] = []
+
+    def persist(data: Any) -> Any:
+        smoothed.append(scratch.keep(data))
+        return smoothed[-1]
+
+    mask, threshold = change_mask(magnitude, params=params, res_m=res_m, persist=persist)
+    scratch.drop(*smoothed)
+    return magnitude, mask, threshold
+
+
+def _save_block(block: np.ndarray, prefix: str, block_info: dict | None = None) -> np.ndarray:
+    """Write one chunk to ``<prefix>-<i>-<j>....npy``; a one-element marker stands for it."""
+    index = block_info[0]["chunk-location"] if block_info else (0,) * block.ndim
+    np.save(f"{prefix}-{'-'.join(map(str, index))}.npy", block, allow_pickle=False)
+    return np.zeros((1,) * block.ndim, np.uint8)
+
+
+class _Scratch:
+    """Per-run folder holding intermediate Dask arrays, one ``.npy`` file per chunk.
+
+    A chunked run reads its intermediate rasters several times (statistics, threshold, objects,
+    texture, the written magnitude): recomputing them would read, shift and map the inputs each
+    time; holding them would make memory grow with the AOI. Written with plain file writes,
+    they live in the page cache or on disk, not in the process. NumPy data pass through.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+        self.prefixes: dict[str, str] = {}  # Dask name of a stored array -> its files' prefix
+
+    def keep(self, *items: Any, also: tuple = ()) -> Any:
+        """Store the Dask-backed ``items`` (arrays or DataArrays) in one pass over their inputs.
+
+        Returns the items (same types, coords and attrs) now reading their chunks back from
+        files; with ``also`` (further Dask results computed in the same pass), ``(items,
+        computed also)``. A single item comes back alone.
+        """
+        arrays = [i.data if isinstance(i, xr.DataArray) else i for i in items]
+        lazy = [a for a in arrays
+                if isinstance(a, dask.array.Array) and a.name not in self.prefixes]
+        prefixes = []
+        for _ in lazy:
+            self.count += 1
+            prefixes.append(str(self.folder / f"array{self.count}"))
+        writes = [arr.map_blocks(_save_block, prefix=prefix, dtype=np.uint8,
+                                 chunks=tuple((1,) * len(c) for c in arr.chunks))
+                  for arr, prefix in zip(lazy, prefixes, strict=True)]
+        computed = dask.compute(*writes, *also)
+        stored = {}
+        for arr, prefix in zip(lazy, prefixes, strict=True):
+            stored[id(arr)] = _load_blocks(prefix, arr.chunks, arr.dtype)
+            self.prefixes[stored[id(arr)].name] = prefix
+        out = []
+        for item, arr in zip(items, arrays, strict=True):
+            data = stored.get(id(arr), arr)
+            if isinstance(item, xr.DataArray):
+                out.append(item if data is arr else item.copy(data=data, deep=False))
+            else:
+                out.append(data)
+        result = out[0] if len(out) == 1 else out
+        return (result, computed[len(writes):]) if also else result
+
+    def drop(self, *items: Any) -> None:
+        """Delete the files of stored items no longer needed (others are ignored)."""
+        for item in items:
+            data = item.data if isinstance(item, xr.DataArray) else item
+            prefix = self.prefixes.pop(getattr(data, "name", None), None)
+            if prefix is not None:
+                for path in self.folder.glob(f"{Path(prefix).name}-*.npy"):
+                    path.unlink()
+
+
+def _load_blocks(prefix: str, chunks: tuple[tuple[int, ...], ...], dtype: Any
+                 ) -> dask.array.Array:
+    """Lazy array of the chunk files `_save_block` wrote (each task reads its own file)."""
+    load = dask.delayed(np.load, pure=True)
+    blocks = np.empty(tuple(len(c) for c in chunks), dtype=object)
+    for index in np.ndindex(blocks.shape):
+        shape = tuple(c[i] for c, i in zip(chunks, index, strict=True))
+        path = f"{prefix}-{'-'.join(map(str, index))}.npy"
+        blocks[index] = dask.array.from_delayed(load(path), shape, dtype=dtype)
+    return dask.array.block(blocks.tolist())
+
+
+def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dict[str, Any],
+          scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, GridPlan,
+                                      tuple[SourceRef, SourceRef], dict[str, SourceRef]]:
+    """The read stage: both scenes masked to the AOI, their provenance, the overlap checked.
+
+    Only the masked arrays are kept (chunked ones in ``scratch``): the scenes are dropped here.
+    """
+    plan, before_scene, after_scene = load()
+    refs = (_summary_ref(before_scene, "before"), _summary_ref(after_scene, "after"))
+    _check_dates(refs[0].acquired, refs[1].acquired)
+    inputs = {f"{role}:{i}": ref for role, scene in (("before", before_scene),
+                                                       ("after", after_scene))
+              for i, ref in enumerate(scene.refs)}
+    chunked = isinstance(before_scene.data.data, dask.array.Array)
+    info.update(grid_crs=plan.crs, res_m=plan.res_m, shape=list(plan.shape),
+                before=before_scene.info, after=after_scene.info,
+                chunks=list(before_scene.data.data.chunksize[-2:]) if chunked else None)
+    before = _mask_outside(before_scene.data, aoi, plan)
+    after = _mask_outside(after_scene.data, aoi, plan)
+    del before_scene, after_scene
+    # chunked: the masked inputs are stored and checked in one pass over the files
+    (before, after), valid = scratch.keep(before, after, also=_validity(before, after))
+    _check_validity(valid, *refs)
+    return before, after, plan, refs, inputs
 
 
 def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,

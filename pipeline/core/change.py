@@ -21,6 +21,7 @@ __all__ = ["change_magnitude", "threshold_value", "change_mask", "MASK_NODATA"]
 
 MASK_NODATA = 255
 _N_BINS = 512
+_STRIP_PX = 1 << 18  # pixels per strip in kernels: small temporaries, few page faults
 
 
 def _require_same_grid(before: xr.DataArray, after: xr.DataArray) -> None:
@@ -49,9 +50,31 @@ def _require_same_grid(before: xr.DataArray, after: xr.DataArray) -> None:
 
 
 def _cva_np(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """Change-vector length over the last axis, divided by sqrt(n bands); NaN if any NaN."""
-    diff = after.astype(np.float64) - before.astype(np.float64)
-    return np.sqrt((diff * diff).mean(axis=-1)).astype(np.float32)
+    """Change-vector length over the last axis, divided by sqrt(n bands); NaN if any NaN.
+
+    Accumulates ``(after - before)**2`` band by band in float32, a strip of rows at a time,
+    so no float64 or whole-stack temporary is made.
+    """
+    n_bands = before.shape[-1]
+    out = np.empty(before.shape[:-1], np.float32)
+    if out.ndim == 0:
+        return _cva_np(before[None], after[None])[0]
+    row_px = max(1, int(np.prod(out.shape[1:])))
+    step = max(1, _STRIP_PX // row_px)
+    for r in range(0, out.shape[0], step):
+        acc = out[r:r + step]
+        diff = np.empty(acc.shape, np.float32)
+        for band in range(n_bands):
+            np.subtract(after[r:r + step, ..., band], before[r:r + step, ..., band], out=diff,
+                        dtype=np.float32)
+            diff *= diff
+            if band == 0:
+                acc[...] = diff
+            else:
+                acc += diff
+        acc /= np.float32(n_bands)
+        np.sqrt(acc, out=acc)
+    return out
 
 
 def change_magnitude(before: xr.DataArray, after: xr.DataArray) -> xr.DataArray:
@@ -206,21 +229,34 @@ def _map2d(kernel: Callable, data, depth: int, dtype, **kwargs):
     return kernel(data, **kwargs)
 
 
+def _sizes_np(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixel count of each label ``0..n``, a strip at a time (bincount wants int64 labels)."""
+    counts = np.zeros(n + 1, np.int64)
+    step = max(1, _STRIP_PX // max(1, labels.shape[-1]))
+    for r in range(0, labels.shape[0], step):
+        counts += np.bincount(labels[r:r + step].ravel(), minlength=n + 1)
+    return counts
+
+
 def _remove_small_np(mask: np.ndarray, min_px: float) -> np.ndarray:
     """Drop 8-connected objects and fill 4-connected holes smaller than ``min_px`` pixels."""
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
-    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_px
+    keep = _sizes_np(labels, n) >= min_px
     keep[0] = False
     mask = keep[labels]
     del labels  # int32 labels are 4 bytes a pixel: free them before labelling the holes
     holes, n = ndi.label(~mask)
-    fill = np.bincount(holes.ravel(), minlength=n + 1) < min_px
+    fill = _sizes_np(holes, n) < min_px
     fill[0] = False
     return mask | fill[holes]
 
 
 def change_mask(
-    magnitude: xr.DataArray, *, params: ChangeParams, res_m: float
+    magnitude: xr.DataArray,
+    *,
+    params: ChangeParams,
+    res_m: float,
+    persist: Callable[[da.Array], da.Array] | None = None,
 ) -> tuple[xr.DataArray, float]:
     """Threshold and clean a change magnitude into a change mask.
 
@@ -238,6 +274,10 @@ def change_mask(
         Change parameters.
     res_m
         Pixel size in metres.
+    persist
+        For Dask input: applied to the smoothed magnitude, which the threshold and the mask
+        then read three times; a function that computes it once and returns it stored
+        (e.g. on disk, chunk by chunk) saves two smoothing passes. None recomputes it.
 
     Returns
     -------
@@ -259,6 +299,8 @@ def change_mask(
     sigma = params.smooth_sigma_px
     if sigma > 0:
         data = _map2d(_smooth_np, data, int(4.0 * sigma + 0.5) + 1, np.float32, sigma=sigma)
+    if persist is not None and isinstance(data, da.Array):
+        data = persist(data)
     thr = threshold_value(magnitude.copy(data=data), method=params.threshold_method,
                           threshold=params.threshold)
     valid = ~np.isnan(data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -153,7 +154,8 @@ def _select_windows(ref: xr.DataArray, mov: xr.DataArray, exclude, size_px: int)
     """Up to ``_MAX_WINDOWS`` windows ``(y0, x0, h, w)`` textured in both dates, mostly valid."""
     ny, nx = ref.shape
     step = max(1, math.ceil(math.sqrt(ny * nx / _SCORE_MAX_PX)))
-    sub_r, sub_m = (np.asarray(a[::step, ::step].data, dtype=np.float64) for a in (ref, mov))
+    sub_r, sub_m = (np.asarray(a, dtype=np.float64)
+                    for a in dask.compute(ref[::step, ::step].data, mov[::step, ::step].data))
     ok = np.isfinite(sub_r) & np.isfinite(sub_m)
     if exclude is not None:
         ok &= ~np.asarray(exclude[::step, ::step], dtype=bool)
@@ -273,34 +275,49 @@ def estimate_shift(
     mov = after.mean("band", skipna=False)
     if isinstance(exclude, xr.DataArray):
         exclude = exclude.data
+    windows = [np.s_[y0 : y0 + h, x0 : x0 + w]
+               for y0, x0, h, w in _select_windows(ref, mov, exclude, params.window_px)]
+    # all windows in one computation: chunks they share are read once
+    pixels = dask.compute(*((ref.data[win], mov.data[win]) for win in windows))
     results = []
-    for y0, x0, h, w in _select_windows(ref, mov, exclude, params.window_px):
-        win = np.s_[y0 : y0 + h, x0 : x0 + w]
+    for win, (r, m) in zip(windows, pixels, strict=True):
+        h, w = r.shape
         valid = np.ones((h, w), bool) if exclude is None else ~np.asarray(exclude[win], bool)
-        r, m = (np.asarray(a.data[win], dtype=np.float64) for a in (ref, mov))
+        r, m = (np.asarray(a, dtype=np.float64) for a in (r, m))
         results.append(_phase_shift_np(r, m, valid, upsample_factor=params.upsample_factor))
     return _check_excess(_combine(results, params), params)
 
 
 def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """Bilinear shift of ``(..., y, x)`` by ``(dy, dx)``; NaN unless every contributor is valid."""
+    """Bilinear shift of ``(..., y, x)`` by ``(dy, dx)``; NaN unless every contributor is valid.
+
+    One plane at a time with float32 weights: the same sums, in the same order, as a padded
+    whole-stack version, without its copies.
+    """
     ky, kx = math.floor(-dy), math.floor(-dx)
     fy, fx = -dy - ky, -dx - kx
-    pad = max(abs(ky), abs(kx)) + 2
-    widths = [(0, 0)] * (arr.ndim - 2) + [(pad, pad), (pad, pad)]
-    src = np.pad(arr, widths, constant_values=np.nan)
+    dtype = np.result_type(arr.dtype, np.float32)
+    corners = [(oy, ox, np.asarray(wy * wx, dtype))
+               for oy, wy in ((0, 1.0 - fy), (1, fy)) for ox, wx in ((0, 1.0 - fx), (1, fx))
+               if wy * wx != 0.0]
     ny, nx = arr.shape[-2:]
-    out = np.zeros(arr.shape, dtype=np.result_type(arr.dtype, np.float32))
-    bad = np.zeros(arr.shape, dtype=bool)
-    for oy, wy in ((0, 1.0 - fy), (1, fy)):
-        for ox, wx in ((0, 1.0 - fx), (1, fx)):
-            if wy * wx == 0.0:
-                continue
-            y0, x0 = pad + ky + oy, pad + kx + ox
-            part = src[..., y0 : y0 + ny, x0 : x0 + nx]
-            bad |= np.isnan(part)
-            out += np.asarray(wy * wx, out.dtype) * np.nan_to_num(part)
-    out[bad] = np.nan
+    # output rows/cols whose every contributor lies inside the frame
+    r0 = max(0, *(-ky - oy for oy, _, _ in corners))
+    r1 = min(ny, *(ny - ky - oy for oy, _, _ in corners))
+    c0 = max(0, *(-kx - ox for _, ox, _ in corners))
+    c1 = min(nx, *(nx - kx - ox for _, ox, _ in corners))
+    out = np.full(arr.shape, np.nan, dtype=dtype)
+    if r1 <= r0 or c1 <= c0:
+        return out
+    scratch = np.empty((r1 - r0, c1 - c0), dtype=dtype)
+    for index in np.ndindex(arr.shape[:-2]):
+        src, acc = arr[index], out[index][r0:r1, c0:c1]
+        for n, (oy, ox, weight) in enumerate(corners):
+            part = src[r0 + ky + oy:r1 + ky + oy, c0 + kx + ox:c1 + kx + ox]
+            # NaN propagates through the sum: a pixel with any invalid contributor stays NaN
+            np.multiply(part, weight, out=acc if n == 0 else scratch)
+            if n:
+                acc += scratch
     return out
 
 

@@ -2,12 +2,14 @@
 
 Statistics come from a regular subsample of at most ``_MAX_SAMPLE_PX`` pixels per band (every
 k-th row and column, the same for NumPy and Dask input, so both give the same result); the
-mapping is then applied to every pixel, lazily for Dask input.
+mapping is then applied to every pixel, lazily for Dask input, into one float32 array per block
+(strip by strip: whole-image float64 temporaries cost more in allocation than in arithmetic).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
@@ -25,6 +27,10 @@ _MAX_SAMPLE_PX = 1 << 20
 _N_QUANTILES = 1024
 _N_ITER = 5
 _CHI2_KEEP = 0.99
+# Quantile mapping: a uniform grid of bins over the knots finds each value's knot interval
+# without a binary search, except in the few bins that hold a knot.
+_BINS_PER_KNOT = 32
+_STRIP_PX = 1 << 18
 
 
 def _sample(before: xr.DataArray, after: xr.DataArray, exclude) -> tuple[np.ndarray, ...]:
@@ -53,11 +59,114 @@ def _quantile_table_np(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.nda
     return xp, fp
 
 
-def _quantile_map_np(arr: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    """Piecewise-linear mapping of ``arr`` through ``(xp, fp)``, clamped at the ends; NaN kept."""
-    out = np.interp(arr, xp, fp).astype(np.float32)
-    out[np.isnan(arr)] = np.nan
+@dataclass(frozen=True)
+class _QuantileMap:
+    """A piecewise-linear map ``(xp, fp)`` (``xp`` strictly increasing) and its bin index."""
+
+    xp: np.ndarray
+    fp: np.ndarray
+    slopes: np.ndarray
+    inv_width: float
+    first_knot: np.ndarray
+    near_knot: np.ndarray
+
+
+def _quantile_map_table(xp: np.ndarray, fp: np.ndarray) -> _QuantileMap:
+    """Precompute slopes and, per uniform bin over ``xp``, the knot interval it falls in."""
+    xp, fp = np.asarray(xp, np.float64), np.asarray(fp, np.float64)
+    n = len(xp)
+    if n < 2:
+        empty = np.zeros(1, np.intp)
+        return _QuantileMap(xp, fp, np.zeros(0), 0.0, empty, np.ones(1, bool))
+    n_bins = _BINS_PER_KNOT * n
+    width = (xp[-1] - xp[0]) / n_bins
+    edges = xp[0] + np.arange(n_bins + 1) * width
+    first = np.clip(np.searchsorted(xp, edges[:-1], side="right") - 1, 0, n - 2)
+    # a bin is unsafe when a knot lies in it or within rounding reach of its edges
+    margin = 1e-3 * width + 1e-9 * max(abs(xp[0]), abs(xp[-1]))
+    near = (np.searchsorted(xp, edges[1:] + margin, side="right")
+            > np.searchsorted(xp, edges[:-1] - margin, side="left"))
+    return _QuantileMap(xp, fp, (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1]), 1.0 / width,
+                        first.astype(np.intp), near)
+
+
+def _interp_np(x: np.ndarray, table: _QuantileMap) -> np.ndarray:
+    """``np.interp(x, xp, fp)`` as float32, bit for bit, several times faster on images.
+
+    Same knot interval (``xp[j] <= x < xp[j + 1]``), same float64 formula
+    ``slope * (x - xp[j]) + fp[j]``, clamped at the ends; NaN stays NaN.
+    """
+    xp, fp = table.xp, table.fp
+    x64 = np.asarray(x, dtype=np.float64, order="C")
+    if len(xp) < 2:
+        return np.where(np.isnan(x64), np.nan, fp[0]).astype(np.float32)
+    k = (x64 - xp[0]) * table.inv_width
+    np.fmax(k, 0, out=k)  # fmax/fmin also turn NaN into a valid bin (the NaN is kept below)
+    np.fmin(k, len(table.first_knot) - 1, out=k)
+    k = k.astype(np.intp)
+    j = table.first_knot[k]
+    unsure = np.flatnonzero(table.near_knot[k])
+    if unsure.size:
+        found = np.searchsorted(xp, x64.ravel()[unsure], side="right") - 1
+        j.ravel()[unsure] = np.clip(found, 0, len(xp) - 2)
+    out = table.slopes[j]
+    out *= x64 - xp[j]
+    out += fp[j]
+    out[x64 < xp[0]] = fp[0]
+    out[x64 >= xp[-1]] = fp[-1]
+    out[np.isnan(x64)] = np.nan
+    return out.astype(np.float32)
+
+
+def _band_views(arr: np.ndarray, out: np.ndarray, band_axis: int):
+    """Yield ``(band index, input strip, output strip)``: each band cut into row strips."""
+    for i in range(arr.shape[band_axis]):
+        index = [slice(None)] * arr.ndim
+        index[band_axis] = i
+        src, dst = arr[tuple(index)], out[tuple(index)]
+        if src.ndim == 0:
+            yield i, src[None], dst[None]
+            continue
+        row_px = max(1, int(np.prod(src.shape[1:])))
+        step = max(1, _STRIP_PX // row_px)
+        for r in range(0, src.shape[0], step):
+            yield i, src[r:r + step], dst[r:r + step]
+
+
+def _quantile_map_np(arr: np.ndarray, tables: list[_QuantileMap], *, band_axis: int = 0
+                     ) -> np.ndarray:
+    """Map every band of ``arr`` through its table into one new float32 array; NaN kept."""
+    out = np.empty(arr.shape, np.float32)
+    for i, src, dst in _band_views(arr, out, band_axis):
+        dst[...] = _interp_np(src, tables[i])
     return out
+
+
+def _linear_map_np(arr: np.ndarray, gains: np.ndarray, offsets: np.ndarray, *,
+                   band_axis: int = 0) -> np.ndarray:
+    """``float32(arr) * gain + offset`` per band, in float32, into one new array."""
+    out = np.empty(arr.shape, np.float32)
+    for i, src, dst in _band_views(arr, out, band_axis):
+        dst[...] = src
+        dst *= gains[i]
+        dst += offsets[i]
+    return out
+
+
+def _map_bands(kernel, after: xr.DataArray, per_band: tuple, **kwargs) -> xr.DataArray:
+    """Apply a per-band kernel to ``after`` (NumPy, or block by block for Dask)."""
+    band_axis = after.dims.index("band")
+    data = after.data
+    if isinstance(data, da.Array):
+
+        def block(arr, block_info=None):
+            lo, hi = block_info[0]["array-location"][band_axis]
+            return kernel(arr, *(p[lo:hi] for p in per_band), band_axis=band_axis)
+
+        out = data.map_blocks(block, dtype=np.float32, **kwargs)
+    else:
+        out = kernel(data, *per_band, band_axis=band_axis)
+    return after.copy(data=out)
 
 
 def _tls_fit(b: np.ndarray, a: np.ndarray) -> tuple[float, float]:
@@ -112,17 +221,13 @@ def _no_data_error(band) -> NoValidDataError:
 def _histogram_match(before, after, exclude) -> xr.DataArray:
     """Per-band quantile mapping of ``after`` onto ``before``."""
     b, a, ex = _sample(before, after, exclude)
-    bands = []
+    tables = []
     for i, band in enumerate(after["band"].values):
         ok = np.isfinite(b[i]) & np.isfinite(a[i]) & ~ex
         if not ok.any():
             raise _no_data_error(band)
-        xp, fp = _quantile_table_np(b[i, ok], a[i, ok])
-        bands.append(xr.apply_ufunc(
-            _quantile_map_np, after.isel(band=i), kwargs={"xp": xp, "fp": fp},
-            dask="parallelized", output_dtypes=[np.float32], keep_attrs=True,
-        ))
-    return xr.concat(bands, dim="band").transpose(*after.dims)
+        tables.append(_quantile_map_table(*_quantile_table_np(b[i, ok], a[i, ok])))
+    return _map_bands(_quantile_map_np, after, (tables,))
 
 
 def _linear_match(before, after, exclude) -> xr.DataArray:
@@ -132,10 +237,7 @@ def _linear_match(before, after, exclude) -> xr.DataArray:
     if ok.sum() < 2:
         raise _no_data_error("all")
     gain, offset = _fit_linear_np(b[:, ok], a[:, ok])
-    g = xr.DataArray(gain.astype(np.float32), dims="band", coords={"band": after["band"]})
-    o = xr.DataArray(offset.astype(np.float32), dims="band", coords={"band": after["band"]})
-    out = (after.astype(np.float32) * g + o).transpose(*after.dims)
-    return out.assign_attrs(after.attrs)
+    return _map_bands(_linear_map_np, after, (gain.astype(np.float32), offset.astype(np.float32)))
 
 
 def normalize(

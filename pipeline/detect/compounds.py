@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import shapely
 from affine import Affine
 from skimage import filters, measure
 
-from pipeline.detect.rectfit import dominant_orientation_deg, fit_oriented_rectangle, snap_sides
-from pipeline.detect.texture import edge_strength, grey, texture_gain
+from pipeline.detect.rectfit import (
+    dominant_orientation_deg,
+    fit_oriented_rectangle,
+    snap_sides,
+    snap_window,
+)
+from pipeline.detect.texture import (
+    EdgeMaps,
+    compute_crops,
+    edge_maps,
+    grey,
+    new_edges,
+    texture_gain_from_edges,
+)
 from pipeline.model import ObjectParams
 
 __all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold"]
@@ -50,14 +63,28 @@ def evidence_threshold(gain: np.ndarray, *, floor: float) -> float:
 
 
 def find_compounds(
-    before: np.ndarray,
-    after: np.ndarray,
+    before: Any,
+    after: Any,
     *,
     transform: Affine,
     res_m: float,
     params: ObjectParams,
+    grey_before: Any = None,
+    grey_after: Any = None,
+    edges: EdgeMaps | None = None,
 ) -> tuple[list[CompoundCandidate], np.ndarray, float]:
     """Find compound outlines in a co-registered, normalized ``(band, y, x)`` pair.
+
+    ``before`` and ``after`` may be NumPy or Dask arrays. With Dask, the texture gain is
+    reduced chunk by chunk to the cell grid and only crops around each candidate are computed
+    (batched), so memory does not grow with the AOI.
+
+    Parameters
+    ----------
+    grey_before, grey_after
+        `texture.grey` of ``before`` and ``after`` when the caller has them already.
+    edges
+        `texture.edge_maps` of the two grey images when the caller has them already.
 
     Returns
     -------
@@ -66,65 +93,77 @@ def find_compounds(
     """
     factor = max(1, int(round(params.cell_m / res_m)))
     cell_m = factor * res_m
-    gain = texture_gain(
-        before,
-        after,
-        factor=factor,
-        sigma_cells=params.site_sigma_m / cell_m,
-        eps=params.texture_eps,
-    )
+    if grey_after is None:
+        grey_after = grey(after)
+    if edges is None:
+        edges = edge_maps(grey(before) if grey_before is None else grey_before, grey_after)
+    gain = texture_gain_from_edges(edges, factor=factor, sigma_cells=params.site_sigma_m / cell_m,
+                                   eps=params.texture_eps)
     threshold = evidence_threshold(gain, floor=math.log1p(params.min_texture_gain))
     evidence = np.isfinite(gain) & (gain > threshold)
     labels = measure.label(evidence, connectivity=2)
     min_cells = params.compound_min_area_m2 / cell_m**2
     margin = int(math.ceil(params.site_gap_m / cell_m))
-    after_grey = grey(after)
-    new_edges = _new_edges(before, after)
+    search_px = 2 * params.site_sigma_m / res_m
+    regions = [r for r in measure.regionprops(labels) if r.area >= min_cells]
+    boxes = [_cell_box(r.bbox, margin, gain.shape) for r in regions]
+    fines = compute_crops([grey_after[r0 * factor:r1 * factor, c0 * factor:c1 * factor]
+                           for r0, c0, r1, c1 in boxes])
+    fits = []
+    for region, box, fine in zip(regions, boxes, fines, strict=True):
+        fit = _fit_region(gain, labels, region, box, fine, threshold=threshold, factor=factor)
+        if fit is not None:
+            fits.append(fit)
+    shape = edges.after.shape
+    windows = [snap_window(px, shape, search_px=search_px) for _, px in fits]
+    crops = compute_crops([new_edges(edges, rows, cols) for rows, cols in windows])
     found = []
-    for region in measure.regionprops(labels):
-        if region.area < min_cells:
-            continue
-        cand = _fit_region(
-            gain, labels, region, after_grey, new_edges,
-            threshold=threshold, margin=margin, factor=factor, transform=transform,
-            cell_m=cell_m, search_px=2 * params.site_sigma_m / res_m,
-        )
-        if cand is not None and cand.polygon.area >= params.compound_min_area_m2:
+    for (angle, px), (rows, cols), crop in zip(fits, windows, crops, strict=True):
+        px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
+        cand = _candidate(px, angle, gain, threshold=threshold, transform=transform,
+                          factor=factor, cell_m=cell_m)
+        if cand.polygon.area >= params.compound_min_area_m2:
             found.append(cand)
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
+
+
+def _cell_box(bbox: tuple[int, ...], margin: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A region's cell bounding box grown by ``margin`` cells, inside ``shape``."""
+    r0, c0, r1, c1 = bbox
+    return (max(0, r0 - margin), max(0, c0 - margin),
+            min(shape[0], r1 + margin), min(shape[1], c1 + margin))
 
 
 def _fit_region(
     gain: np.ndarray,
     labels: np.ndarray,
     region: measure._regionprops.RegionProperties,
-    after_grey: np.ndarray,
-    new_edges: np.ndarray,
+    box: tuple[int, ...],
+    fine: np.ndarray,
     *,
     threshold: float,
-    search_px: float,
-    margin: int,
     factor: int,
-    transform: Affine,
-    cell_m: float,
-) -> CompoundCandidate | None:
-    r0, c0, r1, c1 = region.bbox
-    r0, c0 = max(0, r0 - margin), max(0, c0 - margin)
-    r1, c1 = min(gain.shape[0], r1 + margin), min(gain.shape[1], c1 + margin)
+) -> tuple[float, np.ndarray] | None:
+    """``(orientation, pixel corners)`` of a region's evidence rectangle, or None."""
+    r0, c0, r1, c1 = box
     # Evidence above threshold counts up to +1 per cell, below it down to -1.
     crop = np.clip(np.nan_to_num(gain[r0:r1, c0:c1] - threshold, nan=-1.0), -1.0, 1.0)
     other = (labels[r0:r1, c0:c1] > 0) & (labels[r0:r1, c0:c1] != region.label)
     crop = np.where(other, -1.0, crop)
-    fine = after_grey[r0 * factor : r1 * factor, c0 * factor : c1 * factor]
     angle = dominant_orientation_deg(np.nan_to_num(fine, nan=float(np.nanmean(fine))))
     fit = fit_oriented_rectangle(crop, angle)
     if fit is None:
         return None
     _, corners = fit
-    # Cell-index corners (cell i spans i-0.5..i+0.5) to pixel corners, then to the grid CRS.
+    # Cell-index corners (cell i spans i-0.5..i+0.5) to pixel corners.
     px = np.column_stack([(corners[:, 0] + 0.5 + r0) * factor, (corners[:, 1] + 0.5 + c0) * factor])
-    px = snap_sides(px, new_edges, search_px=search_px)
+    return angle, px
+
+
+def _candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: float,
+               transform: Affine, factor: int, cell_m: float) -> CompoundCandidate:
+    """The candidate for snapped pixel corners: polygon in the grid CRS and its measures."""
     rows, cols = px[:, 0], px[:, 1]
     xs, ys = transform @ (cols, rows)
     polygon = shapely.Polygon(np.column_stack([xs, ys]))
@@ -144,16 +183,6 @@ def _fit_region(
         gain_threshold=threshold,
         cell_m=cell_m,
     )
-
-
-def _new_edges(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """Edge strength gained between the dates (after minus before, floored at 0)."""
-    g_before, g_after = grey(before), grey(after)
-    values = g_before[np.isfinite(g_before)]
-    lo, hi = np.percentile(values, [2, 98]) if values.size else (0.0, 1.0)
-    scale = float(hi - lo) if hi > lo else 1.0
-    gained = edge_strength(g_after / scale) - edge_strength(g_before / scale)
-    return np.clip(np.nan_to_num(gained), 0.0, None)
 
 
 def _cell_masks(

@@ -7,7 +7,10 @@ measurements out. Polygons are in the grid CRS (in-memory ``rasterio.features.sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import shapely
 from affine import Affine
@@ -16,6 +19,8 @@ from scipy import ndimage as ndi
 from skimage import measure
 
 __all__ = ["ChangeObject", "extract_objects", "is_building_like"]
+
+_STRIP_PX = 1 << 20  # pixels per strip when summing per label: small float64 temporaries
 
 
 @dataclass(frozen=True)
@@ -36,16 +41,60 @@ class ChangeObject:
 def _polygons_by_label(labels: np.ndarray, transform: Affine) -> dict[int, shapely.Geometry]:
     parts: dict[int, list[shapely.Geometry]] = {}
     for geom, value in features.shapes(
-        labels.astype(np.int32), mask=labels > 0, transform=transform, connectivity=8
+        labels.astype(np.int32, copy=False), mask=labels > 0, transform=transform,
+        connectivity=8,
     ):
         parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
     return {k: shapely.union_all(v) if len(v) > 1 else v[0] for k, v in parts.items()}
 
 
+def _label_sums_np(labels: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Sum of ``values`` (NaN as 0) per label ``0..n``, float64, a strip of rows at a time."""
+    sums = np.zeros(n + 1)
+    step = max(1, _STRIP_PX // max(1, labels.shape[1]))
+    for r in range(0, labels.shape[0], step):
+        lab = labels[r:r + step].ravel()
+        sums += np.bincount(lab, weights=np.nan_to_num(values[r:r + step]).ravel(),
+                            minlength=n + 1)[:n + 1]
+    return sums
+
+
+def _label_means(labels: np.ndarray, arrays: list[Any], n: int) -> list[np.ndarray]:
+    """Mean of each array (NaN as 0) per label ``1..n``; lazy arrays are summed chunk by chunk.
+
+    Each chunk of a Dask array is summed against the matching window of the global
+    ``labels``, so no full-size float array is made; all arrays are computed together.
+    """
+    counts = np.zeros(n + 1)
+    step = max(1, _STRIP_PX // max(1, labels.shape[1]))
+    for r in range(0, labels.shape[0], step):
+        counts += np.bincount(labels[r:r + step].ravel(), minlength=n + 1)[:n + 1]
+    sums: list[Any] = []
+    lazy = []
+    for arr in arrays:
+        if not isinstance(arr, da.Array):
+            sums.append(_label_sums_np(labels, np.asarray(arr), n))
+            continue
+        parts = []
+        for index in np.ndindex(*arr.numblocks):
+            window = tuple(slice(sum(c[:i]), sum(c[:i + 1]))
+                           for c, i in zip(arr.chunks, index, strict=True))
+            parts.append(dask.delayed(_label_sums_np, pure=False)(
+                labels[window], arr.blocks[index], n))
+        lazy.append((len(sums), parts))
+        sums.append(None)
+    if lazy:
+        computed = dask.compute(*(parts for _, parts in lazy))
+        for (i, _), part_sums in zip(lazy, computed, strict=True):
+            sums[i] = np.sum(part_sums, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [(s / counts)[1:] for s in sums]
+
+
 def extract_objects(
     mask: np.ndarray,
-    magnitude: np.ndarray,
-    brightness_delta: np.ndarray,
+    magnitude: Any,
+    brightness_delta: Any,
     *,
     transform: Affine,
     threshold: float,
@@ -56,11 +105,13 @@ def extract_objects(
     Parameters
     ----------
     mask
-        uint8 change mask on the working grid.
+        uint8 change mask on the working grid (NumPy).
     magnitude
-        Change magnitude on the same grid (NaN = nodata).
+        Change magnitude on the same grid (NaN = nodata); NumPy, or Dask (then summed per
+        object chunk by chunk, never held whole).
     brightness_delta
-        After minus before grey level on the same grid (new roofs are often brighter).
+        After minus before grey level on the same grid (new roofs are often brighter); NumPy
+        or Dask.
     transform
         The grid's affine transform; pixel size gives areas in square metres.
     threshold
@@ -73,20 +124,23 @@ def extract_objects(
     Objects sorted by label, with polygons in the grid CRS.
     """
     pixel_m2 = abs(transform.a * transform.e - transform.b * transform.d)
-    labels = measure.label(mask == 1, connectivity=2)
-    if labels.max() == 0:
+    # int32 labels in raster order, as skimage's label gives (scipy's is several times faster)
+    labels, n_labels = ndi.label(np.asarray(mask) == 1, structure=np.ones((3, 3), bool),
+                                 output=np.int32)
+    if n_labels == 0:
         return []
     props = measure.regionprops(labels)
     keep = [p for p in props if p.area * pixel_m2 >= min_area_m2]
     if not keep:
         return []
-    kept_labels = np.zeros(labels.max() + 1, dtype=np.int32)
-    for p in keep:
-        kept_labels[p.label] = p.label
-    labels = kept_labels[labels]
-    index = np.arange(1, labels.max() + 1)
-    mean_mag = ndi.mean(np.nan_to_num(magnitude), labels, index)
-    mean_delta = ndi.mean(np.nan_to_num(brightness_delta), labels, index)
+    if len(keep) < len(props):
+        kept_labels = np.zeros(n_labels + 1, dtype=np.int32)
+        for p in keep:
+            kept_labels[p.label] = p.label
+        step = max(1, _STRIP_PX // max(1, labels.shape[1]))
+        for r in range(0, labels.shape[0], step):  # relabel in place, a strip at a time
+            labels[r:r + step] = kept_labels[labels[r:r + step]]
+    mean_mag, mean_delta = _label_means(labels, [magnitude, brightness_delta], n_labels)
     polygons = _polygons_by_label(labels, transform)
     objects = []
     for p in keep:

@@ -14,7 +14,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["max_sum_rectangle", "dominant_orientation_deg", "fit_oriented_rectangle"]
+__all__ = ["max_sum_rectangle", "dominant_orientation_deg", "fit_oriented_rectangle",
+           "snap_window", "snap_sides"]
 
 
 def max_sum_rectangle(values: np.ndarray) -> tuple[float, int, int, int, int]:
@@ -92,7 +93,8 @@ def fit_oriented_rectangle(
     if gain <= 0:
         return None
     r_centre = np.array([(rotated.shape[0] - 1) / 2.0, (rotated.shape[1] - 1) / 2.0])
-    box = np.array([[r0 - 0.5, c0 - 0.5], [r0 - 0.5, c1 + 0.5], [r1 + 0.5, c1 + 0.5], [r1 + 0.5, c0 - 0.5]])
+    box = np.array([[r0 - 0.5, c0 - 0.5], [r0 - 0.5, c1 + 0.5], [r1 + 0.5, c1 + 0.5],
+                    [r1 + 0.5, c0 - 0.5]])
     # Map rotated (row, col) back: undo the rotation about the centres.
     d = box - r_centre
     # In (x=col, y=-row) space the map was rotated by -theta; rotate back by +theta.
@@ -103,34 +105,12 @@ def fit_oriented_rectangle(
     return gain, corners
 
 
-def snap_sides(corners: np.ndarray, edges: np.ndarray, *, search_px: float) -> np.ndarray:
-    """Move each side of a rectangle along its normal onto the strongest line of ``edges``.
-
-    Walls and outer rows of buildings make long straight lines of new edges; site-scale
-    smoothing blurs an evidence rectangle outwards by about its smoothing scale. For each
-    side the mean of ``edges`` along the side, offset by ``s`` pixels along its normal for
-    ``|s| <= search_px``, is a profile; the side moves to the profile's peak when that peak
-    stands out (above the profile's median plus twice its median absolute deviation).
-
-    Parameters
-    ----------
-    corners
-        ``(4, 2)`` rectangle corners as ``(row, col)`` in ``edges``' pixel-corner coordinates,
-        in order around the rectangle.
-    edges
-        Non-negative new-edge strength (after minus before) on the fine grid; NaN counts as 0.
-    search_px
-        How far a side may move, in pixels.
-
-    Returns
-    -------
-    The ``(4, 2)`` adjusted corners.
-    """
-    e = np.nan_to_num(np.asarray(edges, dtype=np.float64))
+def _side_samples(corners: np.ndarray, search_px: float):
+    """Per side: ``(index, normal, points)``, points ``(offsets, along, 2)`` as pixel indexes."""
     c = np.asarray(corners, dtype=np.float64)
     centre = c.mean(axis=0)
     offsets = np.arange(-search_px, search_px + 0.25, 0.5)
-    moves = np.zeros((4, 2))
+    sides = []
     for i in range(4):
         a, b = c[i], c[(i + 1) % 4]
         along = b - a
@@ -144,8 +124,67 @@ def snap_sides(corners: np.ndarray, edges: np.ndarray, *, search_px: float) -> n
         base = a[None, :] + t[:, None] * along[None, :]
         # Pixel centres sit at corner coordinates + 0.5.
         pts = base[None, :, :] + offsets[:, None, None] * normal[None, None, :] - 0.5
-        samples = ndi.map_coordinates(e, [pts[..., 0].ravel(), pts[..., 1].ravel()], order=1,
-                                      mode="constant", cval=0.0)
+        sides.append((i, normal, pts))
+    return offsets, sides
+
+
+def snap_window(corners: np.ndarray, shape: tuple[int, int], *, search_px: float
+                ) -> tuple[slice, slice]:
+    """The window of an edge map of ``shape`` that `snap_sides` reads for these corners.
+
+    Pass the crop ``edges[window]`` with ``origin=(window[0].start, window[1].start)`` to get
+    the same result as with the whole map.
+    """
+    _, sides = _side_samples(corners, search_px)
+    if not sides:
+        return slice(0, 0), slice(0, 0)
+    pts = np.concatenate([p.reshape(-1, 2) for _, _, p in sides])
+    # bilinear sampling reads the pixel at floor(p) and the next one
+    lo = np.floor(pts.min(axis=0)).astype(int)
+    hi = np.floor(pts.max(axis=0)).astype(int) + 2
+    r0, c0 = max(0, int(lo[0])), max(0, int(lo[1]))
+    r1, c1 = min(shape[0], int(hi[0])), min(shape[1], int(hi[1]))
+    return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+
+def snap_sides(corners: np.ndarray, edges: np.ndarray, *, search_px: float,
+               origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Move each side of a rectangle along its normal onto the strongest line of ``edges``.
+
+    Walls and outer rows of buildings make long straight lines of new edges; site-scale
+    smoothing blurs an evidence rectangle outwards by about its smoothing scale. For each
+    side the mean of ``edges`` along the side, offset by ``s`` pixels along its normal for
+    ``|s| <= search_px``, is a profile; the side moves to the profile's peak when that peak
+    stands out (above the profile's median plus twice its median absolute deviation).
+
+    Parameters
+    ----------
+    corners
+        ``(4, 2)`` rectangle corners as ``(row, col)`` in the full edge map's pixel-corner
+        coordinates, in order around the rectangle.
+    edges
+        Non-negative new-edge strength (after minus before) on the fine grid; NaN counts as 0.
+        Either the whole map, or a crop of it covering `snap_window` (then ``origin``).
+    search_px
+        How far a side may move, in pixels.
+    origin
+        ``(row, col)`` of ``edges``' first pixel in the full map, when it is a crop.
+
+    Returns
+    -------
+    The ``(4, 2)`` adjusted corners.
+    """
+    c = np.asarray(corners, dtype=np.float64)
+    if origin == (0, 0):  # the whole map: read only the window the sides reach
+        rows, cols = snap_window(c, edges.shape, search_px=search_px)
+        edges, origin = edges[rows, cols], (rows.start, cols.start)
+    e = np.nan_to_num(np.asarray(edges, dtype=np.float64))
+    offsets, sides = _side_samples(c, search_px)
+    moves = np.zeros((4, 2))
+    for i, normal, pts in sides:
+        samples = ndi.map_coordinates(
+            e, [pts[..., 0].ravel() - origin[0], pts[..., 1].ravel() - origin[1]], order=1,
+            mode="constant", cval=0.0)
         profile = samples.reshape(len(offsets), -1).mean(axis=1)
         k = int(np.argmax(profile))
         med = float(np.median(profile))

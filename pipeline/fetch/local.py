@@ -1,9 +1,12 @@
 """pipeline.fetch.local: read local GeoTIFF/COG files onto the working grid with provenance.
 
-Every read goes through GDAL's warper (a ``WarpedVRT`` on the plan's grid), so a source in any
+A read goes through GDAL's warper (a ``WarpedVRT`` on the plan's grid), so a source in any
 CRS and resolution lands on the same pixels, and only the source blocks under the grid are
 decoded. Source nodata, masks, alpha and pixels outside the source footprint all become NaN;
 the warper leaves invalid source pixels out of the resampling kernel, so edges are not blended.
+A source already on the plan's pixel grid (same CRS and resolution, whole-pixel offset, no
+mask beyond a nodata value) is read directly instead, with the warper's values: no resampling
+happens there, and the warper is several times slower.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import shapely
 import xarray as xr
 from pyproj import Geod, Transformer
 from pyproj.exceptions import ProjError
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, RasterioIOError, WarpOperationError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -37,7 +41,8 @@ from pipeline.errors import ConfigError, FetchError, GridError, NoValidDataError
 from pipeline.files import sha256_file
 from pipeline.model import GridPlan, SourceRef
 
-__all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution"]
+__all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution",
+           "grid_chunks", "CHUNK_PX", "CHUNKED_MIN_PX"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,14 @@ _EARLIEST = date(1970, 1, 1)
 # in. Every read is therefore made of the same fixed tiles of the plan, each warped through
 # its own VRT: values are identical whatever the Dask chunking, and reproducible.
 WARP_TILE_PX = 512
+# Grids above CHUNKED_MIN_PX pixels are read lazily in CHUNK_PX chunks (a multiple of
+# WARP_TILE_PX), so memory stays bounded whatever the AOI size; smaller ones are read whole.
+CHUNK_PX = 2048
+CHUNKED_MIN_PX = 4096 * 4096
 # rasterio rejects tolerance=0; a tiny one makes GDAL transform (almost) every pixel exactly.
 _WARP_TOLERANCE_PX = 1e-6
+# A source whose pixel grid is within this many pixels of the plan's is read without the warper.
+_ALIGNED_TOLERANCE_PX = 1e-6
 _PROBE_MAX_PX = 4096 * 4096
 _READ_ERRORS = (RasterioIOError, WarpOperationError)
 _GEOD = Geod(ellps="WGS84")
@@ -143,8 +154,9 @@ def read_to_grid(
     acquired: date | None = None,
     resampling: str = "bilinear",
     chunks: int | None = None,
+    check_nodata: bool = True,
 ) -> tuple[xr.DataArray, SourceRef]:
-    """Warp a local raster onto the plan's grid.
+    """Warp a local raster onto the plan's grid (or read it directly when already on it).
 
     Parameters
     ----------
@@ -162,6 +174,9 @@ def read_to_grid(
         Chunk size in pixels for a lazy Dask array whose tasks each open the file and warp
         their own window, rounded up to a multiple of ``WARP_TILE_PX``; ``None`` reads eagerly
         into NumPy. Both give identical values.
+    check_nodata
+        Raise when every pixel under the plan is nodata. For a lazy read this reads the whole
+        window once more; pass False when the caller checks validity on its own pass.
 
     Returns
     -------
@@ -176,7 +191,8 @@ def read_to_grid(
     FetchError
         The file cannot be read, or its acquisition date is unknown.
     NoValidDataError
-        The plan lies outside the image, or every pixel under it is nodata.
+        The plan lies outside the image, or every pixel under it is nodata (unless
+        ``check_nodata`` is False).
     ConfigError
         Unknown ``resampling`` or bad ``chunks``.
     """
@@ -193,7 +209,7 @@ def read_to_grid(
     else:
         data = _read_lazy(info.path, plan, method, bands, chunks)
         # Reads the window once more, but the user gets the error now, not mid-computation.
-        has_data = not bool(dask.array.isnan(data).all().compute())
+        has_data = not check_nodata or not bool(dask.array.isnan(data).all().compute())
     if not has_data:
         raise NoValidDataError(_no_data_message(info, plan, role, outside=False))
     da = _to_dataarray(data, plan, role, info.path, when)
@@ -204,6 +220,14 @@ def read_to_grid(
     log.info("Read %s image %s onto %s grid %dx%d at %g m", role, ref.item_id, plan.crs,
              plan.width, plan.height, plan.res_m)
     return da, ref
+
+
+def grid_chunks(plan: GridPlan) -> int | None:
+    """``chunks`` for reading ``plan``: ``CHUNK_PX`` above ``CHUNKED_MIN_PX`` pixels, else None.
+
+    Small grids are fastest in memory; large ones must be chunked for memory to stay bounded.
+    """
+    return CHUNK_PX if plan.width * plan.height > CHUNKED_MIN_PX else None
 
 
 def common_resolution(infos: list[RasterInfo]) -> float:
@@ -362,11 +386,17 @@ def _resampling(name: str) -> Resampling:
 def _read_window(
     path: str, plan: GridPlan, method: Resampling, bands: list[int], window: tuple[int, ...]
 ) -> np.ndarray:
-    """Warp a tile-aligned (col, row, width, height) window of the plan, tile by tile."""
+    """Read a (col, row, width, height) window of the plan: directly, or warped tile by tile.
+
+    Warped windows must be tile-aligned (``WARP_TILE_PX``).
+    """
     col0, row0, width, height = window
-    out = np.empty((len(bands), height, width), np.float32)
     try:
         with rasterio.open(path) as src:
+            offset = _grid_offset(src, plan)
+            if offset is not None:
+                return _read_direct(src, bands, offset, window)
+            out = np.empty((len(bands), height, width), np.float32)
             for row in range(row0, row0 + height, WARP_TILE_PX):
                 for col in range(col0, col0 + width, WARP_TILE_PX):
                     w = min(WARP_TILE_PX, col0 + width - col)
@@ -375,6 +405,64 @@ def _read_window(
                     out[:, row - row0:row - row0 + h, col - col0:col - col0 + w] = tile
     except _READ_ERRORS as e:
         raise FetchError(_corrupt_message(path, e)) from e
+    return out
+
+
+def _grid_offset(src: Any, plan: GridPlan) -> tuple[int, int] | None:
+    """``(col, row)`` of the plan's first pixel in ``src`` when both share one pixel grid.
+
+    None when the warper is needed: another CRS or resolution, a fractional offset, a
+    south-up source, or validity that is not a plain nodata value (alpha, mask bands, float
+    nodata), whose handling is left to GDAL.
+    """
+    t = src.transform
+    res = plan.res_m
+    if src.crs is None or t.e >= 0 or t.a <= 0:
+        return None
+    if abs(t.a - res) > 1e-9 * res or abs(-t.e - res) > 1e-9 * res:
+        return None
+    col, row = (plan.bounds[0] - t.c) / res, (t.f - plan.bounds[3]) / res
+    if max(abs(col - round(col)), abs(row - round(row))) > _ALIGNED_TOLERANCE_PX:
+        return None
+    flags = {tuple(f) for f in src.mask_flag_enums}
+    if not flags <= {(MaskFlags.all_valid,), (MaskFlags.nodata,)}:
+        return None
+    if (MaskFlags.nodata,) in flags and not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+        return None
+    if any(c == ColorInterp.alpha for c in src.colorinterp):
+        return None
+    try:
+        same_crs = src.crs == CRS.from_user_input(plan.crs)
+    except CRSError:
+        return None
+    return (round(col), round(row)) if same_crs else None
+
+
+def _read_direct(
+    src: Any, bands: list[int], offset: tuple[int, int], window: tuple[int, ...]
+) -> np.ndarray:
+    """Read a plan window straight from a source on the same pixel grid; NaN off the image.
+
+    A pixel is nodata when every band holds the nodata value: the warper's rule
+    (``UNIFIED_SRC_NODATA``), so both reads give the same values.
+    """
+    col0, row0, width, height = window
+    c0, r0 = col0 + offset[0], row0 + offset[1]
+    c_lo, r_lo = max(c0, 0), max(r0, 0)
+    c_hi, r_hi = min(c0 + width, src.width), min(r0 + height, src.height)
+    if c_hi <= c_lo or r_hi <= r_lo:
+        return np.full((len(bands), height, width), np.nan, np.float32)
+    data = src.read(indexes=bands, window=Window(c_lo, r_lo, c_hi - c_lo, r_hi - r_lo))
+    rows, cols = slice(r_lo - r0, r_hi - r0), slice(c_lo - c0, c_hi - c0)
+    out = np.empty((len(bands), height, width), np.float32)
+    # NaN off the image only (boundless), the image's pixels written once
+    out[:, :rows.start], out[:, rows.stop:] = np.nan, np.nan
+    out[:, rows, :cols.start], out[:, rows, cols.stop:] = np.nan, np.nan
+    part = out[:, rows, cols]
+    part[...] = data
+    if src.nodata is not None:
+        # only data bands are read, and there is no alpha band here: they are all the bands
+        part[:, (data == src.nodata).all(axis=0)] = np.nan
     return out
 
 
@@ -416,8 +504,10 @@ def _to_dataarray(data: Any, plan: GridPlan, role: str, path: str, when: date) -
               "x": minx + (np.arange(plan.width) + 0.5) * plan.res_m}
     attrs = {"role": role, "source_path": path, "acquired": when.isoformat()}
     da = xr.DataArray(data, dims=("band", "y", "x"), coords=coords, name=role, attrs=attrs)
-    da = da.rio.write_crs(plan.crs).rio.write_transform(plan.transform)
-    return da.rio.write_nodata(np.nan, encoded=False)
+    # inplace: rioxarray's default copies the whole (deep) array at each call
+    da.rio.write_crs(plan.crs, inplace=True)
+    da.rio.write_transform(plan.transform, inplace=True)
+    return da.rio.write_nodata(np.nan, encoded=False, inplace=True)
 
 
 def _overlaps(info: RasterInfo, plan: GridPlan) -> bool:

@@ -1,8 +1,9 @@
 """pipeline.report.rasters: change rasters as Cloud-Optimized GeoTIFFs.
 
 GDAL's COG driver only supports ``CreateCopy``, so the array is first written to a plain tiled
-GeoTIFF in a private temporary folder beside the output, then copied to a COG at a temporary
-name, then renamed onto the final path (``files.atomic_path``). GDAL's own scratch files (the
+GeoTIFF in a private temporary folder beside the output (a Dask array block by block, so it is
+never held whole), then copied to a COG at a temporary name, then renamed onto the final path
+(``files.atomic_path``). GDAL's own scratch files (the
 overview ``.ovr.tmp``) go to that private folder through ``CPL_TMPDIR``, and the folder is
 removed whatever happens, so no stray file is left beside the evidence.
 """
@@ -16,12 +17,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.array
 import numpy as np
 import rasterio
 import rasterio.shutil
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
 
 import pipeline
 from pipeline.errors import GridError, OutputError
@@ -69,7 +72,7 @@ def write_cog(
     Returns
     -------
     Path
-        ``path``: DEFLATE-compressed, 512 px tiles, overviews (NEAREST for integer dtypes,
+        ``path``: DEFLATE-compressed (level 1), 512 px tiles, overviews (NEAREST for integer dtypes,
         AVERAGE for floats), floating-point predictor for floats.
 
     Raises
@@ -86,7 +89,11 @@ def write_cog(
     crs = da.rio.crs
     if crs is None:
         raise GridError(f"Cannot write {path.name}: the array has no CRS. Use da.rio.write_crs().")
-    values = _cast(data, dtype, nodata)
+    _check_target(dtype, nodata)
+    if isinstance(data, dask.array.Array):
+        values = data.map_blocks(_cast, dtype, nodata, dtype=np.dtype(dtype))
+    else:
+        values = _cast(data, dtype, nodata)
     profile = {
         "driver": "GTiff",
         "dtype": dtype,
@@ -107,12 +114,28 @@ def write_cog(
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
             src_path = Path(work) / "src.tif"
             with rasterio.open(src_path, "w", **profile) as dst:
-                dst.write(values)
+                if isinstance(values, dask.array.Array):
+                    # one computation, each block written to its window as it is ready
+                    dask.array.store(values, _WindowWriter(dst), lock=True)
+                else:
+                    dst.write(values)
                 dst.descriptions = descriptions
                 dst.update_tags(**all_tags)
             with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO"):
                 rasterio.shutil.copy(src_path, tmp, driver="COG", **_cog_options(dtype))
     return path
+
+
+class _WindowWriter:
+    """``dask.array.store`` target writing ``(band, y, x)`` blocks into an open dataset."""
+
+    def __init__(self, dst: Any) -> None:
+        self.dst = dst
+
+    def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
+        bands, rows, cols = key
+        indexes = list(range(bands.start + 1, bands.stop + 1))
+        self.dst.write(block, indexes=indexes, window=Window.from_slices(rows, cols))
 
 
 def validate_cog(path: str | Path) -> tuple[bool, list[str], list[str]]:
@@ -163,19 +186,19 @@ def _check_cog(ds: Any, errors: list[str], warnings: list[str]) -> None:
         warnings.append(f"{ds.name}: has no CRS")
 
 
-def _band_array(da: xr.DataArray) -> np.ndarray:
-    """``(band, y, x)`` NumPy array from a 2-D or 3-D DataArray."""
+def _band_array(da: xr.DataArray) -> Any:
+    """``(band, y, x)`` NumPy or Dask array from a 2-D or 3-D DataArray (Dask stays lazy)."""
     if da.ndim not in (2, 3):
         raise ValueError(f"Expected dims (y, x) or (band, y, x), got {da.dims}")
     spatial = (da.rio.y_dim, da.rio.x_dim)
     if tuple(da.dims[-2:]) != spatial:
         raise ValueError(f"The last two dims must be {spatial}, got {da.dims}; transpose first")
-    data = np.asarray(da.values)
+    data = da.data if isinstance(da.data, dask.array.Array) else np.asarray(da.values)
     return data[np.newaxis] if data.ndim == 2 else data
 
 
-def _cast(data: np.ndarray, dtype: str, nodata: float | int) -> np.ndarray:
-    """Cast to ``dtype`` with NaN (and nodata) mapped to ``nodata``; refuse lossy casts."""
+def _check_target(dtype: str, nodata: float | int) -> None:
+    """Refuse an output dtype that is not numeric, or a nodata value it cannot hold."""
     target = np.dtype(dtype)
     is_float = np.issubdtype(target, np.floating)
     if not is_float and not np.issubdtype(target, np.integer):
@@ -186,6 +209,13 @@ def _cast(data: np.ndarray, dtype: str, nodata: float | int) -> np.ndarray:
         info = np.iinfo(target)
         if not (info.min <= nodata <= info.max and float(nodata).is_integer()):
             raise ValueError(f"nodata {nodata!r} does not fit dtype {dtype!r}")
+
+
+def _cast(data: np.ndarray, dtype: str, nodata: float | int) -> np.ndarray:
+    """Cast to ``dtype`` with NaN (and nodata) mapped to ``nodata``; refuse lossy casts."""
+    _check_target(dtype, nodata)
+    target = np.dtype(dtype)
+    is_float = np.issubdtype(target, np.floating)
     if data.dtype == bool:
         data = data.astype(np.uint8)
     is_nan_able = np.issubdtype(data.dtype, np.floating)
@@ -223,6 +253,9 @@ def _cog_options(dtype: str) -> dict[str, Any]:
     return {
         "BLOCKSIZE": BLOCKSIZE,
         "COMPRESS": "DEFLATE",
+        # level 1: measured 3.5x faster than the default 6 on an 8446 px float32 magnitude, for
+        # files a few per cent larger; compression is most of the write time of large AOIs
+        "LEVEL": 1,
         "PREDICTOR": "YES" if is_float else "NO",
         "OVERVIEWS": "AUTO",
         "OVERVIEW_RESAMPLING": "AVERAGE" if is_float else "NEAREST",

@@ -160,3 +160,45 @@ def test_change_mask_dask_equals_numpy(method):
     got, thr_lazy = change_mask(mag.chunk({"y": 32, "x": 50}), params=params, res_m=10.0)
     assert thr_lazy == thr
     assert_array_equal(got.values, expected.values)
+
+
+def test_cva_float32_band_by_band_close_to_float64():
+    """The float32 band-by-band CVA is within float32 rounding of a float64 one; NaN kept."""
+    from pipeline.core.change import _cva_np
+
+    rng = np.random.default_rng(0)
+    before = rng.normal(100, 30, (300, 200, 3)).astype(np.float32)
+    after = rng.normal(100, 30, (300, 200, 3)).astype(np.float32)
+    after[3, 4, 1] = np.nan
+    expected = np.sqrt(((after.astype(np.float64) - before) ** 2).mean(axis=-1))
+    got = _cva_np(before, after)
+    assert got.dtype == np.float32
+    assert_array_equal(np.isnan(got), np.isnan(expected))
+    assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+
+
+def test_change_magnitude_dask_stays_lazy():
+    """change_magnitude keeps Dask input lazy."""
+    import dask.array
+
+    before, after = make_pair(shape=SHAPE, change=BLOCK)
+    mag = change_magnitude(before.chunk({"y": 40}), after.chunk({"y": 40}))
+    assert isinstance(mag.data, dask.array.Array)
+
+
+def test_change_mask_persist_hook_same_mask():
+    """A persist hook (here: an in-memory store) sees the smoothed magnitude; same mask."""
+    import dask.array
+
+    before, after = make_pair(shape=(120, 120), change=np.s_[25:70, 35:80], noise=6.0)
+    mag = change_magnitude(before, after).chunk({"y": 50, "x": 50})
+    seen = []
+
+    def persist(arr):
+        seen.append(arr)
+        return dask.array.from_array(arr.compute(), chunks=arr.chunks)
+
+    expected, thr = change_mask(mag, params=ChangeParams(), res_m=10.0)
+    got, thr_hook = change_mask(mag, params=ChangeParams(), res_m=10.0, persist=persist)
+    assert len(seen) == 1 and thr_hook == thr
+    assert_array_equal(got.values, expected.values)

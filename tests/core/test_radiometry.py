@@ -99,3 +99,36 @@ def test_normalize_different_grids_raise():
     _, after = make_pair(shape=(32, 40))
     with pytest.raises(GridError, match="different grids"):
         normalize(before, after, method="linear")
+
+
+def test_quantile_map_equals_np_interp_bit_for_bit():
+    """The binned piecewise-linear map gives np.interp's float64 result cast to float32."""
+    from pipeline.core.radiometry import _interp_np, _quantile_map_table, _quantile_table_np
+
+    rng = np.random.default_rng(0)
+    sample = rng.gamma(4.0, 20.0, 50_000)
+    xp, fp = _quantile_table_np(sample * 1.1 + 3.0, np.round(sample))  # ties in after
+    x = (rng.random((300, 400)) * 400 - 40).astype(np.float32)
+    x[0, :5] = np.nan
+    x[1, :len(xp)] = xp  # values on the knots
+    x[2, :3] = [xp[0], xp[-1], np.nextafter(np.float32(xp[-1]), np.float32(0))]
+    got = _interp_np(x, _quantile_map_table(xp, fp))
+    expected = np.interp(x, xp, fp).astype(np.float32)
+    assert got.dtype == np.float32
+    assert_array_equal(got, expected)
+    one = _interp_np(x, _quantile_map_table(xp[:1], fp[:1]))
+    expected_one = np.interp(x, xp[:1], fp[:1]).astype(np.float32)
+    expected_one[np.isnan(x)] = np.nan  # the map keeps NaN (np.interp does not with one knot)
+    assert_array_equal(one, expected_one)
+
+
+def test_normalize_histogram_dask_stays_lazy():
+    """'histogram' keeps Dask input lazy; band-chunked input gives the same values."""
+    import dask.array
+
+    before, after = make_pair(shape=(96, 96), nodata_frac=0.1, gain=1.2, noise=1.0)
+    expected = normalize(before, after, method="histogram")
+    lazy = normalize(before.chunk({"y": 40}), after.chunk({"band": 1, "y": 50}),
+                     method="histogram")
+    assert isinstance(lazy.data, dask.array.Array)
+    assert_array_equal(lazy.values, expected.values)

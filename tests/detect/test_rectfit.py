@@ -7,9 +7,14 @@ import math
 import numpy as np
 import pytest
 import shapely
+from numpy.testing import assert_array_equal
 from skimage.draw import polygon as draw_polygon
 
-from pipeline.detect.rectfit import dominant_orientation_deg, fit_oriented_rectangle, max_sum_rectangle
+from pipeline.detect.rectfit import (
+    dominant_orientation_deg,
+    fit_oriented_rectangle,
+    max_sum_rectangle,
+)
 
 
 def _rotated_rectangle(shape, centre, half_x, half_y, angle_deg):
@@ -58,3 +63,28 @@ def test_fit_oriented_rectangle_recovers_rotated_block(angle):
 def test_fit_oriented_rectangle_none_without_evidence():
     """No positive evidence gives no rectangle."""
     assert fit_oriented_rectangle(-np.ones((20, 20)), 0.0) is None
+
+
+def test_snap_sides_crop_with_origin_equals_whole_map():
+    """Snapping on the crop snap_window gives (with its origin) equals snapping on the map."""
+    from pipeline.detect.rectfit import snap_sides, snap_window
+
+    rng = np.random.default_rng(2)
+    edges = rng.random((200, 240)) * 0.2
+    edges[40:42, 30:200] = 3.0  # a wall above the rectangle's top side
+    edges[150:152, 30:200] = 3.0
+    corners = np.array([[45.0, 35.0], [45.0, 195.0], [146.0, 195.0], [146.0, 35.0]])
+    whole = snap_sides(corners, edges, search_px=8.0)
+    rows, cols = snap_window(corners, edges.shape, search_px=8.0)
+    assert rows.stop - rows.start < edges.shape[0] or cols.stop - cols.start < edges.shape[1]
+    crop = snap_sides(corners, edges[rows, cols], search_px=8.0,
+                      origin=(rows.start, cols.start))
+    assert_array_equal(crop, whole)
+    assert whole[0, 0] == pytest.approx(41.0, abs=1.0)  # the top side moved onto the wall
+    # near the map's edge the window is clipped, and the result still equals the whole map's
+    edge_corners = corners - [40.0, 30.0]
+    rows, cols = snap_window(edge_corners, edges.shape, search_px=8.0)
+    assert rows.start == 0 and cols.start == 0
+    assert_array_equal(snap_sides(edge_corners, edges[rows, cols], search_px=8.0,
+                                  origin=(0, 0)),
+                       snap_sides(edge_corners, edges, search_px=8.0))

@@ -12,13 +12,13 @@ import dask.array
 import numpy as np
 import pytest
 import rasterio
+import shapely
 from affine import Affine
 from numpy.testing import assert_array_equal
 from pyproj import Transformer
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from shapely.geometry import box
-import shapely
 
 from pipeline.errors import ConfigError, FetchError, NoValidDataError, ProvenanceWarning
 from pipeline.fetch.local import (
@@ -358,3 +358,62 @@ def test_read_to_grid_real_dabancheng_partial_overlap():
     assert empty_rows[0] and empty_rows[-1] and not empty_rows.all()
     assert (ref.acquired, ref.date_source) == (date(2017, 3, 2), "filename")
     assert da.shape == (3, 1162, 1162) and np.nanmax(da.values) <= 255
+
+
+# --- direct reads of sources already on the grid ----------------------------------------------
+
+
+def _on_grid_scene(path: Path) -> Path:
+    """3-band uint8 UTM image at 2 m: random values (zeros in some bands), a nodata block."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, (3, 300, 280), dtype=np.uint8)
+    data[0, 10:20, 10:20] = 0  # 0 in one band only: valid (the warper's unified nodata)
+    data[:, 50:60, 50:70] = 0  # 0 in every band: nodata
+    return _write(path, data, from_origin(*ORIGIN, 2, 2))
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "nearest", "cubic", "average"])
+@pytest.mark.parametrize("chunks", [None, 512])
+def test_read_to_grid_on_grid_source_equals_warper(tmp_path: Path, monkeypatch, resampling,
+                                                   chunks):
+    """A source on the plan's pixel grid is read directly, with exactly the warper's values."""
+    import pipeline.fetch.local as local
+
+    path = _on_grid_scene(tmp_path / "s_2017-03-02.tif")
+    # whole-pixel offset, and beyond the image on the west and south (boundless there)
+    plan = GridPlan(UTM, (599960.0, 4799380.0, 600500.0, 4799980.0), 2.0)
+    warped_tiles = []
+    original = local._warp_tile
+    monkeypatch.setattr(local, "_warp_tile",
+                        lambda *a: warped_tiles.append(a[-1]) or original(*a))
+    direct = read_to_grid(path, plan, role="before", resampling=resampling,
+                          chunks=chunks)[0].values
+    assert not warped_tiles  # read without the warper
+    monkeypatch.setattr(local, "_grid_offset", lambda src, plan: None)
+    warped = read_to_grid(path, plan, role="before", resampling=resampling,
+                          chunks=chunks)[0].values
+    assert warped_tiles
+    assert np.isnan(direct).any() and not np.isnan(direct).all()
+    assert_array_equal(direct, warped)
+
+
+def test_read_to_grid_direct_only_when_on_grid(tmp_path: Path):
+    """Fractional offsets, other resolutions, other CRSs and alpha bands use the warper."""
+    import pipeline.fetch.local as local
+
+    path = _on_grid_scene(tmp_path / "s_2017-03-02.tif")
+    with rasterio.open(path) as src:
+        assert local._grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
+                                                      4799980.0), 2.0)) == (10, 10)
+        assert local._grid_offset(src, GridPlan(UTM, (600021.0, 4799401.0, 600401.0,
+                                                      4799981.0), 2.0)) is None
+        assert local._grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
+                                                      4799980.0), 4.0)) is None
+        assert local._grid_offset(src, GridPlan("EPSG:32644", (600020.0, 4799400.0,
+                                                               600400.0, 4799980.0), 2.0)) is None
+    data = np.full((4, 64, 64), 90, np.uint8)
+    rgba = _write(tmp_path / "rgba_2017-03-02.tif", data, from_origin(*ORIGIN, 2, 2),
+                  nodata=None, photometric="RGB", alpha="YES")
+    with rasterio.open(rgba) as src:
+        assert local._grid_offset(src, GridPlan(UTM, (600000.0, 4799900.0, 600100.0,
+                                                      4800000.0), 2.0)) is None

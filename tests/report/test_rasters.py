@@ -182,3 +182,29 @@ def test_validate_cog_missing_file(tmp_path: Path) -> None:
     """A missing file is an error, not an exception."""
     ok, errors, _ = validate_cog(tmp_path / "nope.tif")
     assert not ok and "cannot be opened" in errors[0]
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("float32", float("nan")), ("uint8", 255)])
+def test_write_cog_dask_streams_same_bytes(tmp_path: Path, dtype: str, nodata: float) -> None:
+    """A Dask array is written block by block, into the same bytes as its NumPy version."""
+    import dask.array
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 2, (700, 600)).astype("float32")
+    values[:40, :50] = np.nan
+    eager = write_cog(_grid_array(values), tmp_path / "eager.tif", dtype=dtype, nodata=nodata)
+    lazy_da = _grid_array(values).chunk({"y": 300, "x": 256})
+    assert isinstance(lazy_da.data, dask.array.Array)
+    lazy = write_cog(lazy_da, tmp_path / "lazy.tif", dtype=dtype, nodata=nodata)
+    assert sha256_file(lazy) == sha256_file(eager)
+    assert validate_cog(lazy)[0]
+
+
+def test_write_cog_dask_lossy_cast_leaves_nothing(tmp_path: Path) -> None:
+    """A value that does not fit, found while streaming a Dask array, leaves no file behind."""
+    values = np.zeros((300, 300), "float32")
+    values[290, 290] = 300.0
+    with pytest.raises(ValueError, match="outside"):
+        write_cog(_grid_array(values).chunk({"y": 100}), tmp_path / "x.tif", dtype="uint8",
+                  nodata=255)
+    assert list(tmp_path.iterdir()) == []

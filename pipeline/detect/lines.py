@@ -1,0 +1,183 @@
+"""pipeline.detect.lines: straight-line primitives for wall detection.
+
+An oriented mean (the response averaged along short lines in the best of 16 directions), a
+greedy Hough transform that reads straight runs off thinned line pixels (the strongest line
+first, its pixels then withdrawn: no AGPL LSD), and the grouping and merging of collinear
+segments. Pure NumPy and SciPy; coordinates are pixels or metres as each function says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import sparse
+from scipy.sparse import csgraph
+from skimage import draw
+
+__all__ = ["line_footprint", "along_lines", "greedy_hough", "collinear_groups", "merge_collinear"]
+
+
+def line_footprint(length_px: int, angle_deg: float) -> np.ndarray:
+    """A one-pixel line of ``length_px`` at ``angle_deg`` (counter-clockwise from east)."""
+    h = length_px // 2
+    t = math.radians(angle_deg)
+    fp = np.zeros((2 * h + 1, 2 * h + 1), bool)
+    # Rows grow southwards: a direction at angle t is (-sin t, cos t) in (row, col).
+    rr, cc = draw.line(int(round(h + h * math.sin(t))), int(round(h - h * math.cos(t))),
+                       int(round(h - h * math.sin(t))), int(round(h + h * math.cos(t))))
+    fp[rr, cc] = True
+    return fp
+
+
+def along_lines(image: np.ndarray, *, length_px: int, n_angles: int = 16) -> np.ndarray:
+    """Mean of ``image`` along a line of ``length_px`` through each pixel, best direction."""
+    out = np.zeros(image.shape, np.float32)
+    for k in range(n_angles):
+        kernel = line_footprint(length_px, 180.0 * k / n_angles).astype(np.float32)
+        out = np.maximum(out, ndi.correlate(image, kernel / kernel.sum(), mode="nearest"))
+    return out
+
+
+_THETA = np.linspace(-np.pi / 2, np.pi / 2, 360, endpoint=False)  # 0.5 degree bins
+
+
+def _vote_index(rows: np.ndarray, cols: np.ndarray, offset: int) -> np.ndarray:
+    """Flat Hough accumulator cells, ``(rho + offset) * n_theta + theta``, one per pixel and
+    angle."""
+    rho = np.rint(cols[:, None] * np.cos(_THETA) + rows[:, None] * np.sin(_THETA)).astype(np.int64)
+    return ((rho + offset) * len(_THETA) + np.arange(len(_THETA))).ravel()
+
+
+def greedy_hough(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *, min_px: float,
+                  near_px: float, gap_px: float,
+                  max_lines: int = 3000) -> list[tuple[float, float, float, float]]:
+    """Straight runs ``(c0, r0, c1, r1)`` of thin-line pixels, strongest line first.
+
+    The strongest Hough line is taken, the pixels within ``near_px`` of it are read off as
+    runs (gaps up to ``gap_px`` bridged) and their votes withdrawn, and so on: a line never
+    borrows the pixels of a stronger one, so no slanted line is made from two parallel ones.
+    At most ``max_lines`` lines are taken (a bound on the work in cluttered scenes).
+    """
+    offset = int(math.ceil(math.hypot(*shape)))
+    size = (2 * offset + 1) * len(_THETA)
+    acc = np.zeros(size, np.int64)
+    for k in range(0, len(rows), 8192):  # chunks bound the memory of the index array
+        acc += np.bincount(_vote_index(rows[k:k + 8192], cols[k:k + 8192], offset),
+                           minlength=size)
+    alive = np.ones(len(rows), bool)
+    runs: list[tuple[float, float, float, float]] = []
+    for _ in range(max_lines):
+        best = int(np.argmax(acc))
+        if acc[best] < max(5.0, min_px / 2):
+            break
+        k_rho, k_theta = divmod(best, len(_THETA))
+        cos, sin = math.cos(_THETA[k_theta]), math.sin(_THETA[k_theta])
+        dist = np.abs(cols * cos + rows * sin - (k_rho - offset))
+        close = alive & (dist <= near_px)
+        if not close.any():
+            close = alive & (dist <= dist[alive].min())
+        runs += _read_runs(rows[close], cols[close], (cos, sin), gap_px=gap_px, min_px=min_px)
+        acc -= np.bincount(_vote_index(rows[close], cols[close], offset), minlength=size)
+        alive &= ~close
+        if not alive.any():
+            break
+    return runs
+
+
+def _read_runs(rows: np.ndarray, cols: np.ndarray, normal: tuple[float, float], *,
+               gap_px: float, min_px: float) -> list[tuple[float, float, float, float]]:
+    """Split pixels near one line into runs along it; fit each run with a straight line."""
+    cos, sin = normal
+    t = -cols * sin + rows * cos
+    order = np.argsort(t)
+    t, rows, cols = t[order], rows[order], cols[order]
+    cuts = np.flatnonzero(np.diff(t) > gap_px) + 1
+    out = []
+    for idx in np.split(np.arange(len(t)), cuts):
+        if len(idx) < 2 or t[idx[-1]] - t[idx[0]] < min_px:
+            continue
+        pts = np.column_stack([cols[idx], rows[idx]])
+        centre = pts.mean(axis=0)
+        # Total least squares: the run's own direction, not the Hough bin's.
+        _, _, vt = np.linalg.svd(pts - centre, full_matrices=False)
+        along = (pts - centre) @ vt[0]
+        a, b = centre + along.min() * vt[0], centre + along.max() * vt[0]
+        out.append((float(a[0]), float(a[1]), float(b[0]), float(b[1])))
+    return out
+
+
+def collinear_groups(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
+                     gap_m: float) -> np.ndarray:
+    """Group labels of segments ``(n, 4)`` of ``(x0, y0, x1, y1)`` lying on one line.
+
+    Two segments are linked when their directions differ by at most ``angle_tol_deg``, each
+    one's midpoint lies within ``offset_m`` of the other's line, and the gap between them
+    along the line is at most ``gap_m``; groups are the connected sets of links. Only pairs
+    of similar direction are compared (sorted sweep), so memory stays linear.
+    """
+    segs = np.asarray(segs, dtype=np.float64).reshape(-1, 4)
+    n = len(segs)
+    d = segs[:, 2:] - segs[:, :2]
+    length = np.hypot(d[:, 0], d[:, 1])
+    u = d / np.maximum(length, 1e-9)[:, None]
+    mid = (segs[:, :2] + segs[:, 2:]) / 2
+    angle = np.degrees(np.arctan2(u[:, 1], u[:, 0])) % 180.0
+    order = np.argsort(angle)
+    # Wrap around 180 degrees: append the first few with angle + 180.
+    ext = np.concatenate([order, order[angle[order] < angle_tol_deg]])
+    ext_angle = np.concatenate([angle[order], angle[order][angle[order] < angle_tol_deg] + 180])
+    pairs_i, pairs_j = [], []
+    for k, i in enumerate(order):
+        hi = np.searchsorted(ext_angle, angle[i] + angle_tol_deg, side="right")
+        j = ext[k + 1:hi]
+        if len(j) == 0:
+            continue
+        rel = mid[j] - mid[i]
+        perp_i = np.abs(rel[:, 0] * u[i, 1] - rel[:, 1] * u[i, 0])
+        perp_j = np.abs(rel[:, 0] * u[j, 1] - rel[:, 1] * u[j, 0])
+        along = np.abs(rel @ u[i])
+        gap = along - (length[i] + length[j]) / 2
+        ok = (np.maximum(perp_i, perp_j) <= offset_m) & (gap <= gap_m)
+        pairs_i.append(np.full(int(ok.sum()), i))
+        pairs_j.append(j[ok])
+    if not pairs_i:
+        return np.arange(n)
+    ii, jj = np.concatenate(pairs_i), np.concatenate(pairs_j)
+    link = sparse.coo_matrix((np.ones(len(ii)), (ii, jj)), shape=(n, n))
+    return csgraph.connected_components(link, directed=False)[1]
+
+
+def merge_collinear(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
+                    gap_m: float) -> np.ndarray:
+    """Merge segments ``(n, 4)`` that continue or overlap each other (see `collinear_groups`).
+
+    Each group becomes one segment along its length-weighted direction, spanning all its
+    ends; repeated until nothing changes.
+    """
+    segs = np.asarray(segs, dtype=np.float64).reshape(-1, 4)
+    for _ in range(5):
+        if len(segs) < 2:
+            return segs
+        labels = collinear_groups(segs, angle_tol_deg=angle_tol_deg, offset_m=offset_m,
+                                  gap_m=gap_m)
+        n_groups = int(labels.max()) + 1
+        if n_groups == len(segs):
+            return segs
+        segs = np.array([_fuse(segs[labels == k]) for k in range(n_groups)])
+    return segs
+
+
+def _fuse(group: np.ndarray) -> np.ndarray:
+    """One segment along the length-weighted direction of ``group``, spanning all its ends."""
+    d = group[:, 2:] - group[:, :2]
+    w = np.hypot(d[:, 0], d[:, 1])
+    ref = d[int(np.argmax(w))]
+    d = np.where((d @ ref)[:, None] < 0, -d, d)  # same sense before averaging
+    u = (d * 1.0).sum(axis=0)
+    u /= max(float(np.hypot(*u)), 1e-9)
+    centre = ((group[:, :2] + group[:, 2:]) / 2 * w[:, None]).sum(axis=0) / max(w.sum(), 1e-9)
+    ends = np.vstack([group[:, :2], group[:, 2:]]) - centre
+    t = ends @ u
+    return np.concatenate([centre + t.min() * u, centre + t.max() * u])

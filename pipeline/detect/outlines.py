@@ -1,0 +1,217 @@
+"""pipeline.detect.outlines: compound outlines traced from new wall segments.
+
+`outline_from_segments` moves each side of a candidate outline (from the site-scale compound
+search) onto the new wall nearest it; `propose_outlines` finds, without any candidate, the
+rectilinear outlines that new wall segments close or nearly close: pairs of long parallel
+walls give a rectangle, each of its sides is snapped onto the walls, and what is well closed
+and not nested inside a better outline is kept (an inner fence ring or a yard is nested).
+Pure: shapely geometries in the grid CRS in and out; sizes in metres.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import shapely
+
+from pipeline.detect.enclosure import (
+    PARALLEL_DEG,
+    count_sides_backed,
+    perimeter_samples,
+    segment_backing,
+)
+from pipeline.detect.walls import WallParams, WallSegment
+
+__all__ = ["outline_from_segments", "propose_outlines", "segment_closure"]
+
+
+def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray,
+               segments: Sequence[WallSegment], search_m: float, tol: float
+               ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The outermost well-supported wall line near side ``a-b``.
+
+    Returns ``(anchor, direction, weight)``: the weighted mean of the chosen segments'
+    midpoints, their weighted direction and their total weight; None without a candidate.
+    """
+    length = float(np.hypot(*(b - a)))
+    u = (b - a) / length
+    cands = []
+    for s in segments:
+        p, q = (np.asarray(c) for c in s.line.coords)
+        v = (q - p) / max(float(np.hypot(*(q - p))), 1e-9)
+        if abs(float(u @ v)) < math.cos(math.radians(PARALLEL_DEG)):
+            continue
+        offset = float(((p + q) / 2 - a) @ outward)
+        t = sorted([float((p - a) @ u), float((q - a) @ u)])
+        overlap = min(t[1], length) - max(t[0], 0.0)
+        if abs(offset) <= search_m and overlap > 0:
+            weight = overlap * s.contrast * s.support
+            cands.append((offset, weight, (p + q) / 2, v if u @ v > 0 else -v))
+    if not cands:
+        return None
+    best = max(c[1] for c in cands)
+    strong = [c for c in cands if c[1] >= 0.5 * best]
+    outer = max(c[0] for c in strong)
+    chosen = [c for c in strong if c[0] >= outer - tol]
+    w = np.array([c[1] for c in chosen])
+    anchor = np.average([c[2] for c in chosen], axis=0, weights=w)
+    direction = np.average([c[3] for c in chosen], axis=0, weights=w)
+    return anchor, direction / np.hypot(*direction), float(w.sum())
+
+
+def _common_angle(found: list, fallback: float) -> float:
+    """Weighted mean direction (radians, modulo 90 degrees) of the snapped sides."""
+    vote = sum(f[2] * np.exp(4j * math.atan2(f[1][1], f[1][0])) for f in found if f)
+    return float(np.angle(vote) / 4.0) if abs(vote) > 0 else fallback
+
+
+def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Polygon,
+                          res_m: float, params: WallParams = WallParams(),
+                          search_m: float = 30.0) -> tuple[shapely.Polygon, int]:
+    """Snap each side of ``seed``'s minimum rotated rectangle onto the wall segments near it.
+
+    For each side, the parallel segments within ``search_m`` that overlap it are candidates;
+    the side moves onto the outermost of those with at least half the best weight (overlap
+    times contrast times support: the outer wall, not a fence inside it nor a faint line
+    outside it). All sides then take the walls' common direction (weighted over the four
+    sides, so short pieces do not tilt a side): the outline stays a rectangle. Sides without a
+    candidate stay where the seed rectangle has them; with no side on a wall, ``seed`` itself
+    comes back.
+
+    Returns
+    -------
+    ``(outline, n_snapped)``: the rectangle and how many of its four sides met a wall.
+    """
+    rect = shapely.minimum_rotated_rectangle(seed)
+    if rect.geom_type != "Polygon" or not segments:
+        return seed, 0
+    c = np.asarray(shapely.geometry.polygon.orient(rect, 1.0).exterior.coords)[:4]
+    centre = c.mean(axis=0)
+    tol = max(2 * res_m, params.tolerance_m)
+    sides, found = [], []
+    for i in range(4):
+        a, b = c[i], c[(i + 1) % 4]
+        u = (b - a) / np.hypot(*(b - a))
+        outward = np.array([u[1], -u[0]])
+        if outward @ ((a + b) / 2 - centre) < 0:
+            outward = -outward
+        sides.append(((a + b) / 2, u))
+        found.append(_side_line(a, b, outward, segments, search_m, tol))
+    theta = _common_angle(found, math.atan2(sides[0][1][1], sides[0][1][0]))
+    lines = []
+    for (mid, u), f in zip(sides, found, strict=True):
+        # The common direction (or its right angle) nearest this side's own.
+        k = round((math.atan2(u[1], u[0]) - theta) / (math.pi / 2))
+        d = np.array([math.cos(theta + k * math.pi / 2), math.sin(theta + k * math.pi / 2)])
+        lines.append((f[0] if f else mid, d))
+    corners = []
+    for i in range(4):
+        (p1, d1), (p2, d2) = lines[i - 1], lines[i]
+        det = d1[0] * -d2[1] + d2[0] * d1[1]
+        if abs(det) < 1e-6:
+            return seed, 0
+        t = ((p2 - p1)[0] * -d2[1] + d2[0] * (p2 - p1)[1]) / det
+        corners.append(p1 + t * d1)
+    poly, snapped = shapely.Polygon(corners), sum(f is not None for f in found)
+    if snapped == 0 or not poly.is_valid or poly.area <= 0:
+        return seed, 0
+    return poly, snapped
+
+
+def segment_closure(outline: shapely.Polygon, segments: Sequence[WallSegment], *,
+                    tolerance_m: float) -> tuple[float, int]:
+    """Share of the outline within ``tolerance_m`` of a parallel wall segment (no pixels),
+    and how many of its sides have at least half their length so backed."""
+    pts, tangents, _, side = perimeter_samples(outline, max(tolerance_m / 3, 0.5))
+    backed = segment_backing(pts, tangents, segments, tolerance_m)
+    return float(backed.mean()), count_sides_backed(backed, side)[0]
+
+
+def _families(segments: Sequence[WallSegment], tol_deg: float) -> list[float]:
+    """Orientations (degrees, modulo 90) of the groups of mutually square segments."""
+    angles: list[tuple[float, float]] = []  # (angle, total length)
+    for s in sorted(segments, key=lambda s: -s.length_m):
+        a = s.orientation_deg % 90.0
+        for i, (b, w) in enumerate(angles):
+            d = (a - b + 45.0) % 90.0 - 45.0
+            if abs(d) <= tol_deg:
+                angles[i] = ((b + d * s.length_m / (w + s.length_m)) % 90.0, w + s.length_m)
+                break
+        else:
+            angles.append((a, s.length_m))
+    return [a for a, _ in angles]
+
+
+def _pair_seeds(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: float,
+                min_side_m: float) -> list[shapely.Polygon]:
+    """Rectangles spanned by pairs of parallel segments of one orientation family."""
+    t = math.radians(angle_deg)
+    u, v = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
+    seeds = []
+    for axis, other in ((u, v), (v, u)):
+        lines = []
+        for s in segments:
+            p, q = (np.asarray(c) for c in s.line.coords)
+            d = (q - p) / max(s.length_m, 1e-9)
+            if abs(float(d @ axis)) >= math.cos(math.radians(tol_deg)):
+                lo, hi = sorted([float(p @ axis), float(q @ axis)])
+                lines.append((lo, hi, float((p + q) @ other) / 2))
+        for i, (lo1, hi1, o1) in enumerate(lines):
+            for lo2, hi2, o2 in lines[i + 1:]:
+                overlap = min(hi1, hi2) - max(lo1, lo2)
+                if abs(o1 - o2) < min_side_m or overlap < 0.5 * min(hi1 - lo1, hi2 - lo2):
+                    continue
+                lo, hi, a, b = min(lo1, lo2), max(hi1, hi2), min(o1, o2), max(o1, o2)
+                corners = [lo * axis + a * other, hi * axis + a * other,
+                           hi * axis + b * other, lo * axis + b * other]
+                seeds.append(shapely.Polygon(corners))
+    return seeds
+
+
+def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
+                     params: WallParams = WallParams(), min_area_m2: float = 2500.0,
+                     min_closure: float = 0.6, min_sides: int = 3
+                     ) -> list[tuple[shapely.Polygon, float]]:
+    """Rectilinear outlines that new wall segments close or nearly close.
+
+    Parameters
+    ----------
+    segments
+        New wall segments (`pipeline.detect.walls.find_wall_segments`).
+    res_m
+        Pixel size in metres (sets the tolerance with ``params.tolerance_m``).
+    params
+        Wall parameters.
+    min_area_m2
+        Smaller outlines are not proposed.
+    min_closure
+        Share of the outline that must lie on parallel wall segments.
+    min_sides
+        Number of sides that must have at least half their length on wall segments (two
+        parallel walls alone do not enclose anything).
+
+    Returns
+    -------
+    ``(outline, closure)`` pairs, best closed and largest first; an outline mostly inside a
+    better one (an inner fence ring, a yard) is left out.
+    """
+    tol = max(2 * res_m, params.tolerance_m)
+    long = [s for s in segments if s.length_m >= params.min_length_m]
+    found = []
+    for angle in _families(long, PARALLEL_DEG / 2):
+        for seed in _pair_seeds(long, angle, tol_deg=PARALLEL_DEG / 2,
+                                min_side_m=params.min_length_m):
+            outline, _ = outline_from_segments(segments, seed=seed, res_m=res_m, params=params)
+            if outline.area < min_area_m2:
+                continue
+            closure, sides = segment_closure(outline, segments, tolerance_m=tol)
+            if closure >= min_closure and sides >= min_sides:
+                found.append((outline, closure))
+    found.sort(key=lambda f: -f[1] * f[0].length)
+    kept: list[tuple[shapely.Polygon, float]] = []
+    for outline, closure in found:
+        if all(shapely.intersection(outline, k).area < 0.5 * outline.area for k, _ in kept):
+            kept.append((outline, closure))
+    return kept

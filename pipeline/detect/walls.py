@@ -1,0 +1,326 @@
+"""pipeline.detect.walls: new perimeter walls and fences as long straight thin lines.
+
+A wall seen from above at 2 m or finer is a thin bright line (its top) beside a dark band (its
+shadow). Morphological top-hats keep exactly the features narrower than their disc: bright ones
+up to ``max_wall_width_m`` (wall tops, fences) and dark ones up to ``max_shadow_width_m``
+(shadows). Walls, fences and their shadows respond; roads (5 m and wider) and step edges (field
+and roof boundaries) do not. A pixel is new line evidence where the after top-hat exceeds the
+before one (hysteresis threshold). Line pixels are thinned and joined into straight segments by
+a greedy Hough transform (strongest line first, its pixels then withdrawn; no AGPL LSD), and
+collinear pieces are merged. A segment is kept only if the before image had no comparable line
+along it (``max_before_ratio``): a field track or an old wall whose contrast changed with the
+season is not new. Pure: arrays and the grid's transform in, shapely geometries in the grid CRS
+out; every size is in metres.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+from affine import Affine
+from scipy import ndimage as ndi
+from skimage import morphology
+
+from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
+
+__all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
+           "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
+           "drop_small"]  # merge_collinear, collinear_groups: re-exported from lines
+
+
+@dataclass(frozen=True)
+class WallParams:
+    """Tuning of wall, fence and enclosure measures; every length in metres."""
+
+    max_res_m: float = 2.5  # coarser than this, walls are below a pixel: no wall search
+    max_wall_width_m: float = 2.0  # bright lines (wall tops, fences) are at most this wide
+    max_shadow_width_m: float = 4.0  # dark lines (shadows) at most this; roads are wider
+    min_contrast: float = 0.15  # new top-hat response, share of the before 2-98 % range
+    noise_factor: float = 5.0  # ... and at least this many noise sigmas of the date difference
+    max_line_share: float = 0.10  # ... and at most this share of the pixels passes it
+    line_average_m: float = 8.0  # the response is averaged along lines of this length
+    existing_tolerance_m: float = 1.5  # a before-image line this close to a segment is the same
+    min_length_m: float = 30.0  # shorter lines are dropped (pieces of half this may add up)
+    min_support: float = 0.5  # ... and so are those with line pixels along less of their length
+    max_before_ratio: float = 0.33  # a line this visible in the before image (relative) is old
+    min_lineness: float = 0.5  # a segment stands out from its parallels by this x threshold
+    gap_m: float = 10.0  # gaps bridged along one line (gates, trees, noise)
+    angle_tol_deg: float = 3.0  # collinear pieces differ by at most this angle
+    tolerance_m: float = 3.0  # outline-to-wall distance that counts as backed (with 2 px)
+    double_gap_min_m: float = 2.0  # an inner fence this far inside the wall ...
+    double_gap_max_m: float = 12.0  # ... and at most this far makes a double fence
+    double_min_share: float = 0.5  # ... along this share of the wall-backed perimeter
+    internal_min_span: float = 0.6  # an internal fence spans this share of the compound
+
+
+@dataclass(frozen=True)
+class LineMap:
+    """New thin-line evidence on the working grid.
+
+    ``strength`` is the new top-hat response (share of the before image's 2-98 % range, 0 where
+    nothing new); ``mask`` holds the pixels where it, and its mean along ``line_average_m`` in
+    the best direction, pass half of ``threshold``, connected to a pixel whose mean passes it;
+    ``tophat_before`` and ``tophat_after`` are each date's own thin-line response (bright or
+    dark), in the same units.
+    """
+
+    strength: np.ndarray
+    mask: np.ndarray
+    threshold: float
+    width_px: int
+    tophat_before: np.ndarray | None = None
+    tophat_after: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class WallSegment:
+    """A straight run of new wall or fence evidence, ``line`` in the grid CRS.
+
+    ``orientation_deg`` is in [0, 180), counter-clockwise from east; ``contrast`` the mean new
+    top-hat response along it; ``support`` the share of its length on line pixels;
+    ``lineness`` the after image's line contrast along it (its top-hat response along it
+    minus that along parallels 5-8 m away: low for a line drawn through clutter);
+    ``before_ratio`` the before image's line contrast over the after image's (a line that was
+    already there, only fainter, has a high ratio).
+    """
+
+    line: shapely.LineString
+    length_m: float
+    orientation_deg: float
+    contrast: float
+    support: float
+    before_ratio: float = 0.0
+    lineness: float = 0.0
+
+
+def as_grey(image: np.ndarray) -> np.ndarray:
+    """Band mean of a ``(band, y, x)`` stack (a 2-D array passes through), float32."""
+    a = np.asarray(image, dtype=np.float32)
+    return a.mean(axis=0) if a.ndim == 3 else a
+
+
+def robust_scale(grey_before: np.ndarray) -> float:
+    """The 2-98 % range of the valid before pixels (1.0 for a flat or empty image)."""
+    v = grey_before[np.isfinite(grey_before)]
+    if v.size == 0:
+        return 1.0
+    lo, hi = np.percentile(v[:: max(1, v.size // 250_000)], [2, 98])
+    return float(hi - lo) if hi > lo else 1.0
+
+
+def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16) -> float:
+    """Per-date noise level: the calmer quarter of blockwise spreads of the date difference.
+
+    The difference is high-passed (minus its 3 x 3 mean); its robust spread (1.4826 MAD) is
+    taken in blocks of ``block_px`` and the 25th percentile over blocks is kept, so that
+    texture which changed between the dates (trees, crops) does not pass for noise.
+    """
+    d = g_after - g_before
+    d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
+    h, w = (max(n // block_px, 1) * block_px for n in d.shape)
+    if h > d.shape[0] or w > d.shape[1]:  # smaller than one block: one spread
+        block_px, h, w = min(d.shape), min(d.shape), min(d.shape)
+    blocks = d[:h, :w].reshape(h // block_px, block_px, w // block_px, block_px)
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(-1, block_px * block_px)
+    med = np.nanmedian(blocks, axis=1, keepdims=True)
+    spread = 1.4826 * np.nanmedian(np.abs(blocks - med), axis=1)
+    spread = spread[np.isfinite(spread)]
+    return float(np.percentile(spread, 25) / math.sqrt(2.0)) if spread.size else 0.0
+
+
+def drop_small(mask: np.ndarray, *, min_px: float) -> np.ndarray:
+    """``mask`` without its 8-connected components of fewer than ``min_px`` pixels."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _filled(g: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(g), g, float(np.nanmean(g)) if np.isfinite(g).any() else 0.0)
+
+
+def new_line_map(before: np.ndarray, after: np.ndarray, *, res_m: float,
+                 params: WallParams = WallParams()) -> LineMap:
+    """Thin bright or dark lines of the after image that the before image lacks.
+
+    Parameters
+    ----------
+    before, after
+        ``(band, y, x)`` or ``(y, x)`` arrays on the same grid, after co-registered and
+        normalized to before; NaN = nodata.
+    res_m
+        Pixel size in metres.
+    params
+        ``max_wall_width_m``, ``max_shadow_width_m``, ``min_contrast``, ``noise_factor``.
+
+    Returns
+    -------
+    A `LineMap` on the input grid (all zero, empty mask above ``params.max_res_m``).
+    """
+    g_b, g_a = as_grey(before), as_grey(after)
+    radii = [max(1, int(math.floor(w / (2 * res_m))))
+             for w in (params.max_wall_width_m, params.max_shadow_width_m)]
+    if res_m > params.max_res_m:
+        zero = np.zeros(g_b.shape, np.float32)
+        return LineMap(zero, zero > 0, math.inf, 2 * radii[1])
+    scale = robust_scale(g_b)
+    strength, th_b, th_a = _tophat_change(_filled(g_b) / scale, _filled(g_a) / scale, radii)
+    bad = ~(np.isfinite(g_b) & np.isfinite(g_a))
+    strength[ndi.binary_dilation(bad, iterations=radii[1]) if bad.any() else bad] = 0.0
+    # Averaged along its best direction, a wall keeps its contrast and texture change fades:
+    # the average decides which pixels are line evidence, the raw response keeps it thin.
+    n_px = max(3, int(round(params.line_average_m / res_m)))
+    along = along_lines(strength, length_px=n_px)
+    # New walls are sparse: where a whole scene's texture changed (season, haze), the top
+    # ``max_line_share`` of the pixels at most may count as new lines.
+    share = params.max_line_share
+    top, low = np.quantile(along[::3, ::3], [1.0 - share, 1.0 - 2 * share])
+    noise = params.noise_factor * noise_sigma(g_b, g_a) / scale / math.sqrt(n_px)
+    threshold = max(params.min_contrast, float(top), noise)
+    # Hysteresis: faint stretches of a line (a wall along the sun, with no shadow) count when
+    # they connect to a clear stretch (never more than twice the share above).
+    floor = max(0.5 * threshold, float(low))
+    weak = (strength >= floor) & (along >= floor)
+    labels, n = ndi.label(weak, structure=np.ones((3, 3), bool))
+    seeded = np.zeros(n + 1, bool)
+    seeded[np.unique(labels[weak & (along >= threshold)])] = True
+    seeded[0] = False
+    return LineMap(strength, seeded[labels], float(threshold), 2 * radii[1], th_b, th_a)
+
+
+def _tophat_change(b: np.ndarray, a: np.ndarray, radii: list[int]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(new, before, after)`` thin-line responses: bright lines narrower than a disc of
+    ``radii[0]`` (wall tops, fences), dark ones narrower than ``radii[1]`` (shadows)."""
+    new = np.zeros(b.shape, np.float32)
+    th_b, th_a = np.zeros(b.shape, np.float32), np.zeros(b.shape, np.float32)
+    for tophat, r in zip((morphology.white_tophat, morphology.black_tophat), radii, strict=True):
+        fp = morphology.disk(r)
+        t_b, t_a = tophat(b, fp), tophat(a, fp)
+        new = np.maximum(new, t_a - t_b)
+        th_b, th_a = np.maximum(th_b, t_b), np.maximum(th_a, t_a)
+    return new, th_b, th_a
+
+
+def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affine, res_m: float,
+                       params: WallParams = WallParams(),
+                       line_map: LineMap | None = None) -> list[WallSegment]:
+    """Straight segments of new thin-line evidence at least ``params.min_length_m`` long.
+
+    The thinned line pixels vote in a Hough transform (lines then carry the angle of their
+    whole length, not of a few pixels); along each voted line, runs of line pixels with gaps
+    up to ``params.gap_m`` become segments, and collinear overlapping segments are merged.
+
+    Parameters
+    ----------
+    before, after
+        ``(band, y, x)`` or ``(y, x)`` arrays on the same grid (see `new_line_map`).
+    transform
+        The grid's affine transform (pixel corners); segments come out in its CRS.
+    res_m
+        Pixel size in metres.
+    params
+        Wall parameters.
+    line_map
+        A `new_line_map` result for this pair, to avoid computing it twice.
+
+    Returns
+    -------
+    Segments sorted by length, longest first; empty above ``params.max_res_m`` (walls are
+    below a pixel there).
+    """
+    if res_m > params.max_res_m:
+        return []
+    lm = line_map if line_map is not None else new_line_map(before, after, res_m=res_m,
+                                                            params=params)
+    min_px = params.min_length_m / res_m
+    skeleton = morphology.skeletonize(drop_small(lm.mask, min_px=max(3.0, 3.0 / res_m)))
+    rows, cols = np.nonzero(skeleton)
+    runs = greedy_hough(rows.astype(np.float64), cols.astype(np.float64), skeleton.shape,
+                         min_px=min_px / 2, near_px=max(1.5, 1.5 / res_m),
+                         gap_px=max(2.0, params.gap_m / res_m))
+    if not runs:
+        return []
+    px = np.asarray(runs, dtype=np.float64) + 0.5  # (col, row) of pixel centres
+    xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)
+    segs = np.column_stack([xs[0], ys[0], xs[1], ys[1]])
+    merged = merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
+                             offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
+    out = [_describe(s, lm, transform, params.existing_tolerance_m) for s in merged]
+    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+
+
+def _keep_walls(segments: list[WallSegment], *, threshold: float, res_m: float,
+                params: WallParams) -> list[WallSegment]:
+    """The segments that are new, line-like and long enough (alone or with their line)."""
+    out = [w for w in segments if w.length_m >= params.min_length_m / 2
+           and w.support >= params.min_support and w.before_ratio <= params.max_before_ratio
+           and w.lineness >= params.min_lineness * threshold]
+    if not out:
+        return []
+    # A dashed line (gates, faint stretches) keeps its pieces when together they are long.
+    ends = np.array([np.asarray(w.line.coords).ravel() for w in out])
+    labels = collinear_groups(ends, angle_tol_deg=params.angle_tol_deg,
+                              offset_m=max(2 * res_m, 1.5), gap_m=5 * params.gap_m)
+    total = np.bincount(labels, weights=[w.length_m for w in out])
+    out = [w for w, k in zip(out, labels, strict=True) if total[k] >= params.min_length_m]
+    return sorted(out, key=lambda w: -w.length_m)
+
+
+def _line_contrast(seg: np.ndarray, image: np.ndarray, transform: Affine,
+                   shift_m: float) -> float:
+    """How much ``image`` stands out along segment ``seg`` from parallel lines 5-8 m away.
+
+    The mean along the segment (its middle 80 %, best of lateral shifts up to ``shift_m``)
+    minus the median of the means along parallels at 5, 6, 7 and 8 m on either side.
+    """
+    x0, y0, x1, y1 = seg
+    length = float(math.hypot(x1 - x0, y1 - y0))
+    res = abs(transform.a)
+    u = np.array([x1 - x0, y1 - y0]) / max(length, 1e-9)
+    normal = np.array([-u[1], u[0]])
+    t = np.linspace(0.1, 0.9, max(2, int(0.8 * length / res)))
+    base = np.array([x0, y0]) + t[:, None] * (np.array([x1, y1]) - np.array([x0, y0]))
+    near = np.arange(-shift_m, shift_m + 1e-9, max(res / 2, 0.25))
+    far = np.array([-8.0, -7.0, -6.0, -5.0, 5.0, 6.0, 7.0, 8.0])
+    offsets = np.concatenate([near, far])
+    xy = base[None, :, :] + offsets[:, None, None] * normal[None, None, :]
+    cols, rows = ~transform * (xy[..., 0], xy[..., 1])
+    vals = ndi.map_coordinates(image, [rows.ravel() - 0.5, cols.ravel() - 0.5], order=1,
+                               mode="nearest").reshape(len(offsets), -1).mean(axis=1)
+    return float(vals[: len(near)].max() - np.median(vals[len(near):]))
+
+
+def _describe(seg: np.ndarray, lm: LineMap, transform: Affine, shift_m: float) -> WallSegment:
+    """Length, orientation, contrast, support and before ratio of one segment."""
+    x0, y0, x1, y1 = seg
+    length = float(math.hypot(x1 - x0, y1 - y0))
+    n = max(2, int(length / abs(transform.a)) + 1)
+    t = np.linspace(0.0, 1.0, n)
+    cols, rows = ~transform * (x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+    r = np.clip(np.floor(rows).astype(int), 0, lm.mask.shape[0] - 1)
+    c = np.clip(np.floor(cols).astype(int), 0, lm.mask.shape[1] - 1)
+    window = np.s_[max(r.min() - 1, 0):r.max() + 2, max(c.min() - 1, 0):c.max() + 2]
+    at = (r - max(r.min() - 1, 0), c - max(c.min() - 1, 0))
+    # One pixel of slack either side: a straight segment through a slightly wavy line.
+    contrast = ndi.maximum_filter(lm.strength[window], size=3)[at]
+    on_line = ndi.maximum_filter(lm.mask[window], size=3)[at]
+    ratio, after = 0.0, float(contrast.mean())
+    if lm.tophat_before is not None and lm.tophat_after is not None:
+        after = _line_contrast(seg, lm.tophat_after, transform, shift_m)
+        before = _line_contrast(seg, lm.tophat_before, transform, shift_m)
+        ratio = max(before, 0.0) / after if after > 0 else math.inf
+    return WallSegment(
+        line=shapely.LineString([(x0, y0), (x1, y1)]), length_m=length,
+        orientation_deg=float(math.degrees(math.atan2(y1 - y0, x1 - x0)) % 180.0),
+        contrast=float(contrast.mean()), support=float(on_line.mean()), before_ratio=ratio,
+        lineness=after)
+
+

@@ -1,0 +1,229 @@
+"""Tests for pipeline.detect.grade: grades, reasons and caveats, from numbers and from scenes."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.detect.grade import GradeParams, assess_site, grade_site, resolution_caveats
+from pipeline.testing_compounds import (
+    make_existing_compound,
+    make_field_boundaries,
+    make_new_roofs,
+    make_road_grid,
+    make_walled_compound,
+    resample_background,
+    synthetic_background,
+)
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+REAL = [DATA / "levir_cd_tiles" / "A" / "levircd_test_1.png",
+        DATA / "levir_cd" / "A" / "train_386_0512_0768.png"]
+PAIR = [DATA / "levir_cd_tiles" / d / "levircd_test_5.png" for d in ("A", "B")]
+SIZE_PX = 480  # 240 m of ground at 0.5 m
+COARSE_CAVEAT = ("at 10 m walls, fences and watchtowers cannot be seen; the outline is the "
+                 "footprint of new construction, not a traced wall")
+
+
+@cache
+def _real_image() -> np.ndarray | None:
+    """A 480 x 480 crop (0.5 m, RGB) of real LEVIR-CD ground, or None without the data."""
+    from skimage import io
+
+    for path in REAL:
+        if path.exists():
+            img = io.imread(path)[:SIZE_PX, :SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
+            pad = [(0, 0), (0, SIZE_PX - img.shape[1]), (0, SIZE_PX - img.shape[2])]
+            return np.pad(img, pad, mode="reflect")
+    return None
+
+
+def background(kind: str, res_m: float) -> np.ndarray:
+    """Ground at ``res_m``: a real crop (skips the test when absent) or synthetic texture."""
+    if kind == "synthetic":
+        return synthetic_background((int(240 / res_m),) * 2, res_m=res_m, seed=3)
+    img = _real_image()
+    if img is None:
+        pytest.skip(f"no real background under {DATA} (levir_cd_tiles or levir_cd)")
+    return img if res_m == 0.5 else resample_background(img, from_res_m=0.5, to_res_m=res_m)
+
+
+WALLED = {"area_m2": 19200.0, "rectangularity": 1.0, "closure_ratio": 0.68,
+          "wall_length_m": 381.0, "perimeter_m": 560.0, "longest_gap_m": 90.0,
+          "sides_backed": 4, "sides_total": 4}
+
+
+def test_grade_site_one_for_a_walled_enclosure():
+    """An outline 68 % backed by new walls on four sides is grade 1, and says so in numbers."""
+    grade, reasons, caveats = grade_site(WALLED, resolution_m=0.5)
+    assert grade == 1
+    assert reasons[0].startswith("outline 68 % backed by new wall lines (381 of 560 m")
+    assert "walls along 4 of 4 sides" in reasons[0]
+    assert not any("cannot be seen" in c for c in caveats)
+
+
+def test_grade_site_two_for_double_fence_or_yards():
+    """A double fence, or an internal fence, lifts an enclosure to grade 2."""
+    double = {**WALLED, "double_fence": True, "double_fence_share": 0.8,
+              "double_fence_gap_m": 6.2}
+    grade, reasons, _ = grade_site(double, resolution_m=1.0)
+    assert grade == 2
+    assert "double fence along 80 % of the walled perimeter, about 6 m inside the wall" in reasons
+    grade, reasons, _ = grade_site({**WALLED, "internal_fence_count": 2}, resolution_m=0.5)
+    assert grade == 2
+    assert any(r.startswith("2 internal fences") for r in reasons)
+
+
+def test_grade_site_three_for_watchtowers():
+    """Four watchtowers, three at corners, make grade 3; one alone does not."""
+    grade, reasons, _ = grade_site({**WALLED, "watchtower_count": 4, "watchtowers_at_corner": 3},
+                                   resolution_m=0.5)
+    assert grade == 3
+    assert "4 watchtowers, 3 at corners" in reasons
+    grade, reasons, _ = grade_site({**WALLED, "watchtower_count": 1, "watchtowers_at_corner": 1},
+                                   resolution_m=0.5)
+    assert grade == 1
+    assert any("at least 2 needed" in r for r in reasons)
+
+
+def test_grade_site_zero_without_closure_or_with_two_walls_only():
+    """Low closure, or walls on only two sides, is change without an enclosure (grade 0)."""
+    grade, reasons, _ = grade_site({**WALLED, "closure_ratio": 0.4}, resolution_m=0.5)
+    assert grade == 0
+    assert reasons[0].startswith("change without a traced enclosure")
+    assert "needs 60 %" in reasons[0]
+    grade, reasons, _ = grade_site({**WALLED, "sides_backed": 2, "watchtower_count": 4},
+                                   resolution_m=0.5)
+    assert grade == 0
+    assert "needs walls along 3 sides" in reasons[0]
+
+
+def test_grade_site_fences_at_2m_do_not_count():
+    """At 2 m a double fence is reported but not graded, and towers were not searched."""
+    measures = {**WALLED, "double_fence": True, "double_fence_share": 0.7,
+                "watchtower_count": 4, "watchtowers_at_corner": 4}
+    grade, reasons, caveats = grade_site(measures, resolution_m=2.0)
+    assert grade == 1
+    assert any("not used for the grade" in r for r in reasons)
+    assert any("at 2 m a watchtower" in c for c in caveats)
+
+
+def test_coarse_resolution_caps_grade_at_one_with_caveat():
+    """At 10 m even a closed, fenced, towered outline is grade 1 at most, with the caveat."""
+    measures = {**WALLED, "closure_ratio": 1.0, "double_fence": True, "internal_fence_count": 3,
+                "watchtower_count": 6, "watchtowers_at_corner": 4}
+    grade, reasons, caveats = grade_site(measures, resolution_m=10.0)
+    assert grade == 1
+    assert caveats[0] == COARSE_CAVEAT
+    assert "1.9 ha" in reasons[0]
+    small = {**measures, "area_m2": 6000.0}
+    assert grade_site(small, resolution_m=30.0)[0] == 0
+    assert resolution_caveats(30.0)[0].startswith("at 30 m walls, fences and watchtowers")
+
+
+def test_coarse_scene_assessed_at_most_grade_one():
+    """A walled, towered compound seen at 10 m is graded 1 from its footprint, not its walls."""
+    res = 10.0
+    before, after, truth = make_walled_compound(
+        synthetic_background((24, 24), res_m=res, seed=1), res_m=res, double_fence_gap_m=6.0,
+        internal_fences=2, towers="corners_and_sides")
+    site = assess_site(before, after, truth.wall_polygon, transform=truth.transform,
+                       res_m=res)
+    assert site.grade == 1
+    assert site.caveats[0] == COARSE_CAVEAT
+    assert site.towers == () and site.measurements["closure_ratio"] == 0.0
+
+
+@cache
+def assessed(kind: str, res_m: float, **layout):
+    """The assessment of a new compound from a rough seed rectangle (cached)."""
+    before, after, truth = make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
+    seed = truth.wall_polygon.buffer(5.0, join_style="mitre")
+    return assess_site(before, after, seed, transform=truth.transform, res_m=res_m), truth
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_assess_site_fenced_towered_compound_is_grade_3(kind, res_m):
+    """A closed wall, double fence, yards and watchtowers at 0.5-1 m give grade 3."""
+    site, truth = assessed(kind, res_m, double_fence_gap_m=6.0, internal_fences=2,
+                           towers="corners_and_sides")
+    m = site.measurements
+    assert site.grade == 3
+    assert m["closure_ratio"] >= 0.9 and m["double_fence"] and m["internal_fence_count"] == 2
+    assert m["watchtower_count"] == len(truth.towers)
+    assert {"grade", "grade_reasons", "grade_caveats", "resolution_m"} <= set(m)
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+def test_assess_site_at_2m_is_grade_1_with_caveats(kind):
+    """The same compound at 2 m is a new enclosure (grade 1) with what 2 m cannot show."""
+    site, _ = assessed(kind, 2.0, double_fence_gap_m=6.0, internal_fences=2,
+                       towers="corners_and_sides")
+    assert site.grade == 1
+    assert site.measurements["closure_ratio"] >= 0.9
+    assert any("fences under 1 m thick cannot be told apart" in c for c in site.caveats)
+    assert any("towers were not searched" in c for c in site.caveats)
+
+
+LOOK_ALIKES = {
+    "road_grid": make_road_grid,
+    "field_boundaries": make_field_boundaries,
+    "new_roofs": make_new_roofs,
+    "existing_compound": make_existing_compound,
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
+@pytest.mark.parametrize("kind,res_m", [("real", 1.0), ("real", 2.0), ("synthetic", 1.0)])
+def test_look_alikes_are_grade_0(case, kind, res_m):
+    """Roads, fields, bare new roofs and a re-roofed old compound are not new enclosures."""
+    before, after, truth = LOOK_ALIKES[case](background(kind, res_m), res_m=res_m, seed=1)
+    site = assess_site(before, after, truth.extra["outline"], transform=truth.transform,
+                       res_m=res_m)
+    assert site.grade == 0
+    assert site.measurements["closure_ratio"] < GradeParams().min_closure_ratio
+    assert site.reasons[0].startswith("change without a traced enclosure")
+
+
+@cache
+def _real_pair(res_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Real ground at two dates (LEVIR-CD A and B, no change in this corner), B matched to A.
+
+    Grass, crops and trees changed with the season between the dates: every texture differs.
+    """
+    if not all(p.exists() for p in PAIR):
+        pytest.skip(f"no real date pair under {DATA} (levir_cd_tiles A and B)")
+    from skimage import io
+
+    a, b = (io.imread(p)[:SIZE_PX, 500:500 + SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
+            for p in PAIR)
+    q = np.linspace(0, 100, 257)
+    b = np.stack([np.interp(bb, np.percentile(bb, q), np.percentile(aa, q))
+                  for aa, bb in zip(a, b, strict=True)]).astype(np.float32)
+    return tuple(resample_background(x, from_res_m=0.5, to_res_m=res_m) for x in (a, b))
+
+
+def test_real_date_pair_compound_is_an_enclosure():
+    """Over real ground that changed with the season, a new walled compound is still found."""
+    before, after, truth = make_walled_compound(_real_pair(1.0), res_m=1.0,
+                                                double_fence_gap_m=6.0, internal_fences=2,
+                                                towers="corners_and_sides")
+    seed = truth.wall_polygon.buffer(5.0, join_style="mitre")
+    site = assess_site(before, after, seed, transform=truth.transform, res_m=1.0)
+    assert site.grade >= 1
+    assert site.measurements["closure_ratio"] >= 0.8
+    assert site.outline.hausdorff_distance(truth.wall_polygon) <= 4.0
+
+
+@pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
+def test_real_date_pair_look_alikes_are_grade_0(case):
+    """Over real ground that changed with the season, look-alikes stay grade 0."""
+    before, after, truth = LOOK_ALIKES[case](_real_pair(1.0), res_m=1.0, seed=1)
+    site = assess_site(before, after, truth.extra["outline"], transform=truth.transform,
+                       res_m=1.0)
+    assert site.grade == 0
+

@@ -1,0 +1,197 @@
+"""Tests for pipeline.detect.walls, enclosure and outlines: synthetic compounds on real ground."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+
+from pipeline.detect.enclosure import measure_enclosure
+from pipeline.detect.outlines import outline_from_segments, propose_outlines
+from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map
+from pipeline.testing_compounds import (
+    make_existing_compound,
+    make_field_boundaries,
+    make_new_roofs,
+    make_road_grid,
+    make_walled_compound,
+    resample_background,
+    synthetic_background,
+)
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+REAL = [DATA / "levir_cd_tiles" / "A" / "levircd_test_1.png",
+        DATA / "levir_cd" / "A" / "train_386_0512_0768.png"]
+SIZE_PX = 480  # 240 m of ground at 0.5 m
+
+
+@cache
+def _real_image() -> np.ndarray | None:
+    """A 480 x 480 crop (0.5 m, RGB) of real LEVIR-CD ground, or None without the data."""
+    from skimage import io
+
+    for path in REAL:
+        if path.exists():
+            img = io.imread(path)[:SIZE_PX, :SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
+            pad = [(0, 0), (0, SIZE_PX - img.shape[1]), (0, SIZE_PX - img.shape[2])]
+            return np.pad(img, pad, mode="reflect")
+    return None
+
+
+def background(kind: str, res_m: float) -> np.ndarray:
+    """Ground at ``res_m``: a real crop (skips the test when absent) or synthetic texture."""
+    if kind == "synthetic":
+        return synthetic_background((int(240 / res_m),) * 2, res_m=res_m, seed=3)
+    img = _real_image()
+    if img is None:
+        pytest.skip(f"no real background under {DATA} (levir_cd_tiles or levir_cd)")
+    return img if res_m == 0.5 else resample_background(img, from_res_m=0.5, to_res_m=res_m)
+
+
+def measure(before, after, truth, seed_outline, res_m):
+    """Segments, the snapped outline and its enclosure measures, as the pipeline runs them."""
+    lm = new_line_map(before, after, res_m=res_m)
+    segs = find_wall_segments(before, after, transform=truth.transform, res_m=res_m,
+                              line_map=lm)
+    outline, _ = outline_from_segments(segs, seed=seed_outline, res_m=res_m)
+    enc = measure_enclosure(outline, segs, lm.mask, transform=truth.transform, res_m=res_m)
+    return segs, outline, enc
+
+
+def loose_seed(truth) -> shapely.Polygon:
+    """The wall ring grown by 5 m and stretched: a compound search's rough rectangle."""
+    grown = truth.wall_polygon.buffer(5.0, join_style="mitre")
+    return shapely.affinity.scale(grown, 1.03, 0.97)
+
+
+@cache
+def compound(kind: str, res_m: float, **layout):
+    """A new walled compound (cached: several tests read one scene) and its measures."""
+    before, after, truth = make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
+    segs, outline, enc = measure(before, after, truth, loose_seed(truth), res_m)
+    return truth, segs, outline, enc
+
+
+FENCED = {"internal_fences": 2, "double_fence_gap_m": 6.0}
+ROWS = {"buildings": (3, 4), "sun_azimuth_deg": 210.0, "sun_elevation_deg": 45.0, "seed": 1}
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
+def test_wall_length_within_10_percent_of_truth(kind, res_m):
+    """A closed new wall is measured within 10 % of its length and closure within 0.1."""
+    truth, _, outline, enc = compound(kind, res_m)
+    assert enc.wall_length_m == pytest.approx(truth.wall_length_m, rel=0.10)
+    assert abs(enc.closure_ratio - truth.closure_ratio) <= 0.1
+    assert outline.hausdorff_distance(truth.wall_polygon) <= max(3.0, 3 * res_m)
+
+
+@pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
+def test_closure_ratio_with_gap_within_0_1(res_m):
+    """A wall with a 60 m gap has its closure ratio measured within 0.1 (low sun, SW)."""
+    truth, _, _, enc = compound("real", res_m, wall_gap_m=60.0, sun_azimuth_deg=210.0,
+                                sun_elevation_deg=45.0, seed=1)
+    assert truth.closure_ratio == pytest.approx(500 / 560)
+    assert abs(enc.closure_ratio - truth.closure_ratio) <= 0.1
+    assert enc.longest_gap_m == pytest.approx(60.0, abs=12.0)
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_double_fence_detected_when_present(kind, res_m):
+    """A fence ring 6 m inside the wall is reported as a double fence about 6 m in."""
+    _, _, _, enc = compound(kind, res_m, **FENCED)
+    assert enc.double_fence
+    assert enc.double_fence_share >= 0.5
+    assert enc.double_fence_gap_m == pytest.approx(6.0, abs=2.0)
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_double_fence_absent_for_single_wall(kind, res_m):
+    """A single wall with rows of buildings inside (low sun) is not a double fence."""
+    _, _, _, enc = compound(kind, res_m, **ROWS)
+    assert not enc.double_fence
+    assert enc.double_fence_share < 0.2
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_internal_fences_counted(kind, res_m):
+    """Two fences across the compound are counted as two; rows of buildings are not fences."""
+    truth, _, _, enc = compound(kind, res_m, **FENCED)
+    assert enc.internal_fence_count == len(truth.internal_fences) == 2
+    truth, _, _, enc = compound(kind, res_m, **ROWS)
+    assert enc.internal_fence_count == len(truth.internal_fences) == 0
+
+
+def test_rotated_compound_outline_and_closure():
+    """A compound turned 20 degrees, noisier, is traced within 3 m and found closed."""
+    truth, _, outline, enc = compound("real", 0.5, angle_deg=20.0, noise=5.0,
+                                      double_fence_gap_m=8.0)
+    assert outline.hausdorff_distance(truth.wall_polygon) <= 3.0
+    assert enc.closure_ratio >= 0.9
+    assert enc.sides_backed == 4
+
+
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_propose_outlines_finds_compound_without_seed(res_m):
+    """New wall segments alone give one outline, the wall ring, not the inner fence ring."""
+    truth, segs, _, _ = compound("real", res_m, **FENCED)
+    found = propose_outlines(segs, res_m=res_m)
+    assert len(found) == 1
+    outline, closure = found[0]
+    assert outline.hausdorff_distance(truth.wall_polygon) <= 4.0
+    assert closure >= 0.9
+
+
+FALSE_CASES = {
+    "road_grid": make_road_grid,
+    "field_boundaries": make_field_boundaries,
+    "new_roofs": make_new_roofs,
+    "existing_compound": make_existing_compound,
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALSE_CASES))
+@pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
+def test_look_alikes_are_not_walled_enclosures(case, res_m):
+    """Roads, field tracks, bare roofs and an old compound with new roofs give no enclosure."""
+    before, after, truth = FALSE_CASES[case](background("real", res_m), res_m=res_m, seed=1)
+    outline = truth.extra["outline"]
+    segs, _, enc = measure(before, after, truth, outline, res_m)
+    assert enc.closure_ratio < 0.45
+    assert propose_outlines(segs, res_m=res_m) == []
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_field_tracks_changing_with_the_crops_are_not_new_walls(seed):
+    """Field tracks whose contrast changes with the crops yield no wall segment at 1 m."""
+    before, after, truth = make_field_boundaries(background("synthetic", 1.0), res_m=1.0,
+                                                 seed=seed)
+    segs = find_wall_segments(before, after, transform=truth.transform, res_m=1.0)
+    assert sum(s.length_m for s in segs) < 60.0
+
+
+def test_merge_collinear_joins_pieces_and_keeps_parallels():
+    """Collinear pieces with a 5 m gap merge; a parallel line 6 m away stays apart."""
+    segs = np.array([[0, 0, 40, 0.3], [45, 0.2, 90, 0.0], [0, 6, 90, 6]], dtype=float)
+    merged = merge_collinear(segs, angle_tol_deg=3.0, offset_m=1.5, gap_m=10.0)
+    lengths = sorted(np.hypot(merged[:, 2] - merged[:, 0], merged[:, 3] - merged[:, 1]))
+    assert len(merged) == 2
+    np.testing.assert_allclose(lengths, [90.0, 90.0], atol=0.1)
+
+
+def test_find_wall_segments_empty_at_coarse_resolution():
+    """At 10 m walls are below a pixel: no segment, an empty line mask."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (3, 50, 50)).astype(np.float32)
+    after = img.copy()
+    after[:, 20, 5:45] = 250.0
+    transform = Affine(10.0, 0, 500000.0, 0, -10.0, 4800000.0)
+    assert find_wall_segments(img, after, transform=transform, res_m=10.0) == []
+    assert not new_line_map(img, after, res_m=10.0).mask.any()
