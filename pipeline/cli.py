@@ -313,7 +313,7 @@ def _print_result(result: Any, *, all_findings: bool) -> None:
         if e.kind == "compound":
             m = e.measurements
             extra = (f" {m['length_m']:.0f} x {m['width_m']:.0f} m,"
-                     f" {m['building_count']} new buildings")
+                     f" {m['building_count']} new buildings, grade {m['grade']}")
         click.echo(f"{e.id}\t{e.kind}\tscore {e.score:.2f}\t{e.area_m2 / 1e4:.2f} ha"
                    f"\tat {lon:.5f},{lat:.5f}{extra}")
     click.echo(f"summary\t{counts['compound']} compound(s), {counts['new_building']} new "

@@ -16,6 +16,7 @@ import shapely
 from affine import Affine
 
 from pipeline.detect.compounds import CompoundCandidate, find_compounds
+from pipeline.detect.grade import GradeParams, assess_site, grade_site
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
 from pipeline.detect.texture import grey
 from pipeline.model import DetectParams, Evidence, EvidenceKind, ObjectParams, SourceRef
@@ -51,6 +52,33 @@ def compound_score(
     w = np.asarray(weights, dtype=float)
     score = float(np.dot(w / w.sum(), list(terms.values())))
     return score, terms
+
+
+def _grade(before: np.ndarray, after: np.ndarray, cand: CompoundCandidate, *,
+           transform: Affine, res_m: float) -> dict[str, Any]:
+    """Grade a compound with its reasons and what the resolution could not show.
+
+    Fine imagery (walls resolvable): walls, fences and towers are measured around the outline
+    (``grade.assess_site``). Coarse imagery: the footprint rules of ``grade.grade_site``, where
+    rectangularity is the share of the outline covered by construction evidence.
+    """
+    thresholds = GradeParams()
+    if res_m <= thresholds.max_wall_res_m:
+        # Wall and tower measures need the pixels: NumPy here (a Dask pair is computed).
+        found = assess_site(np.asarray(before), np.asarray(after), cand.polygon,
+                            transform=transform, res_m=res_m, grades=thresholds)
+        m = dict(found.measurements)
+    else:
+        m = {"area_m2": float(cand.polygon.area), "rectangularity": cand.evidence_fill}
+        grade, reasons, caveats = grade_site(m, resolution_m=res_m, thresholds=thresholds)
+        m = {"grade": grade, "grade_reasons": reasons, "grade_caveats": caveats,
+             "closure_ratio": None, "wall_length_m": None, "double_fence": None,
+             "watchtower_count": None}
+    m.pop("area_m2", None)
+    m.pop("resolution_m", None)
+    m["grade_reasons"] = "; ".join(m["grade_reasons"])
+    m["grade_caveats"] = "; ".join(m["grade_caveats"])
+    return m
 
 
 def _change_score(obj: ChangeObject) -> float:
@@ -164,11 +192,10 @@ def detect_sites(
     found: list[Evidence] = []
     parent_of: dict[int, str] = {}
     for idx, (score, cand, inside, terms) in enumerate(accepted, start=1):
-        compound = make("compound", idx, cand.polygon, score, {
-            **terms, **_compound_measures(cand),
-            "building_count": len(inside),
-            "building_area_m2": float(sum(b.area_m2 for b in inside)),
-        })
+        measures = {**terms, **_compound_measures(cand), "building_count": len(inside),
+                    "building_area_m2": float(sum(b.area_m2 for b in inside))}
+        measures.update(_grade(before, after, cand, transform=transform, res_m=res_m))
+        compound = make("compound", idx, cand.polygon, score, measures)
         parent_of.update({b.label: compound.id for b in inside})
         found.append(compound)
     for idx, b in enumerate(buildings, start=1):
