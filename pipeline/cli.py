@@ -201,14 +201,7 @@ def verify(run_dir: Path, verbose: int, quiet: int) -> None:
     """
     from pipeline.report.manifest import verify_manifest
 
-    ok, errors, warns = verify_manifest(run_dir)
-    for line in errors:
-        click.echo(f"error\t{line}")
-    for line in warns:
-        click.echo(f"warning\t{line}")
-    click.echo(f"{'ok' if ok else 'FAILED'}\t{run_dir}")
-    if not ok:
-        sys.exit(1)
+    _report_check(verify_manifest(run_dir), run_dir)
 
 
 @cli.command(short_help="Check a GeoJSON file against RFC 7946.")
@@ -234,12 +227,17 @@ def validate(path: Path, verbose: int, quiet: int) -> None:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise click.ClickException(f"{path} is not JSON: {e}. Give a GeoJSON file.") from None
-    ok, errors, warns = validate_geojson(obj)
+    _report_check(validate_geojson(obj), path)
+
+
+def _report_check(result: tuple[bool, list[str], list[str]], target: Path) -> None:
+    """Print a validator's findings on stdout, one per line; exit 1 when it found errors."""
+    ok, errors, warns = result
     for line in errors:
         click.echo(f"error\t{line}")
     for line in warns:
         click.echo(f"warning\t{line}")
-    click.echo(f"{'ok' if ok else 'FAILED'}\t{path}")
+    click.echo(f"{'ok' if ok else 'FAILED'}\t{target}")
     if not ok:
         sys.exit(1)
 
