@@ -19,7 +19,7 @@ import shapely
 from affine import Affine
 
 from pipeline.detect.lines import collinear_groups, merge_collinear
-from pipeline.detect.walls import WallParams, WallSegment
+from pipeline.detect.walls import LineMap, WallParams, WallSegment
 
 __all__ = ["EnclosureMeasures", "measure_enclosure", "perimeter_samples", "segment_backing",
            "PARALLEL_DEG", "count_sides_backed"]
@@ -219,8 +219,8 @@ def _internal_fences(outline: shapely.Polygon, segments: Sequence[WallSegment],
 
 
 def measure_enclosure(outline: shapely.Polygon, segments: Sequence[WallSegment],
-                      line_mask: np.ndarray, *, transform: Affine, res_m: float,
-                      params: WallParams = WallParams()) -> EnclosureMeasures:
+                      line_map: LineMap, *, params: WallParams = WallParams()
+                      ) -> EnclosureMeasures:
     """Measure how far new walls close ``outline``, and the fences along and inside it.
 
     Parameters
@@ -229,19 +229,18 @@ def measure_enclosure(outline: shapely.Polygon, segments: Sequence[WallSegment],
         The compound outline in the grid CRS.
     segments
         New wall segments (`pipeline.detect.walls.find_wall_segments`).
-    line_mask
-        The new thin-line mask (``LineMap.mask``) on the grid of ``transform``.
-    transform
-        The grid's affine transform.
-    res_m
-        Pixel size in metres; the backing tolerance is ``max(2 * res_m, params.tolerance_m)``.
+    line_map
+        The new thin-line evidence (`pipeline.detect.walls.new_line_map`); its mask is read
+        on its own grid, and its pixel size sets the backing tolerance,
+        ``max(2 * res_m, params.tolerance_m)``.
     params
         Wall parameters (tolerance, double-fence gaps and share, internal fence span).
 
     Returns
     -------
-    `EnclosureMeasures`; at resolutions where no segment can exist every wall measure is 0.
+    `EnclosureMeasures`; where walls are below a pixel (no segment) every wall measure is 0.
     """
+    res_m, transform, line_mask = line_map.res_m, line_map.transform, line_map.mask
     tol = max(2 * res_m, params.tolerance_m)
     rect = shapely.minimum_rotated_rectangle(outline)
     step = min(res_m, 1.0)

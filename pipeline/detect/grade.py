@@ -30,7 +30,8 @@ from pipeline.detect.outlines import outline_from_segments
 from pipeline.detect.towers import Tower, TowerParams, find_watchtowers
 from pipeline.detect.walls import LineMap, WallParams, WallSegment, find_wall_segments, new_line_map
 
-__all__ = ["GradeParams", "SiteAssessment", "grade_site", "resolution_caveats", "assess_site"]
+__all__ = ["GradeParams", "SiteAssessment", "grade_site", "resolution_caveats", "assess_site",
+           "site_features"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class SiteAssessment:
     reasons: tuple[str, ...]
     caveats: tuple[str, ...]
     measurements: dict[str, Any] = field(default_factory=dict)
+    segments: tuple[WallSegment, ...] = ()
 
 
 def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
@@ -203,15 +205,15 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
 
     Returns
     -------
-    A `SiteAssessment` whose ``measurements`` are ready for ``Evidence.measurements``.
+    A `SiteAssessment` whose ``measurements`` are ready for ``Evidence.measurements``; its
+    ``segments`` are the new wall segments on or inside the outline.
     """
-    lm = line_map if line_map is not None else new_line_map(before, after, res_m=res_m,
-                                                            params=walls)
+    lm = line_map if line_map is not None else new_line_map(
+        before, after, transform=transform, res_m=res_m, params=walls)
     segs = list(segments) if segments is not None else find_wall_segments(
         before, after, transform=transform, res_m=res_m, params=walls, line_map=lm)
-    outline, snapped = outline_from_segments(segs, seed=seed, res_m=res_m, params=walls)
-    enc = measure_enclosure(outline, segs, lm.mask, transform=transform, res_m=res_m,
-                            params=walls)
+    outline, snapped = outline_from_segments(segs, seed=seed, res_m=lm.res_m, params=walls)
+    enc = measure_enclosure(outline, segs, lm, params=walls)
     found, note = find_watchtowers(before, after, outline, transform=transform, res_m=res_m,
                                    params=towers, walls=walls)
     m = {**enc.as_dict(), "sides_on_walls": snapped, "watchtower_count": len(found),
@@ -219,6 +221,52 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
     grade, reasons, caveats = grade_site(m, resolution_m=res_m, thresholds=grades)
     m.update(grade=grade, grade_reasons=list(reasons), grade_caveats=list(caveats),
              watchtower_note=note)
+    near = outline.buffer(enc.tolerance_m, join_style="mitre")
     return SiteAssessment(outline=outline, sides_on_walls=snapped, enclosure=enc,
                           towers=tuple(found), tower_note=note, grade=grade,
-                          reasons=tuple(reasons), caveats=tuple(caveats), measurements=m)
+                          reasons=tuple(reasons), caveats=tuple(caveats), measurements=m,
+                          segments=tuple(g for g in segs if g.line.intersects(near)))
+
+
+def _segment_role(seg: WallSegment, site: SiteAssessment, walls: WallParams) -> str:
+    """Where a segment lies: on the perimeter, a fence along it, across it, or elsewhere."""
+    tol = site.enclosure.tolerance_m
+    middle = seg.line.interpolate(0.5, normalized=True)
+    if any(f.distance(middle) <= tol for f in site.enclosure.internal_fences):
+        return "internal_fence"
+    depth = float(site.outline.exterior.distance(middle))
+    if depth <= tol:
+        return "perimeter"
+    if site.outline.contains(middle) and depth <= walls.double_gap_max_m + tol:
+        return "inner_fence"
+    return "inside"
+
+
+def site_features(site: SiteAssessment, *, walls: WallParams = WallParams()
+                  ) -> list[dict[str, Any]]:
+    """The separate wall and watchtower features of an assessed site, for ``Evidence``.
+
+    Returns
+    -------
+    One dict per feature: ``kind`` (``"wall"`` or ``"watchtower"``), ``geometry`` (grid CRS:
+    the segment's line, the tower's square), ``score`` in [0, 1] (a wall's support: the share
+    of its length on new line pixels; a tower's contrast, as a share of the image's 2-98 %
+    range, capped at 1) and ``measurements`` (a wall's ``role``: ``"perimeter"``,
+    ``"inner_fence"``, ``"internal_fence"`` or ``"inside"``).
+    """
+    out = []
+    for seg in site.segments:
+        out.append({"kind": "wall", "geometry": seg.line, "score": min(1.0, seg.support),
+                    "measurements": {
+                        "role": _segment_role(seg, site, walls), "length_m": seg.length_m,
+                        "orientation_deg": seg.orientation_deg, "contrast": seg.contrast,
+                        "support": seg.support, "lineness": seg.lineness,
+                        "before_ratio": seg.before_ratio}})
+    for tower in site.towers:
+        out.append({"kind": "watchtower", "geometry": tower.polygon,
+                    "score": min(1.0, tower.contrast),
+                    "measurements": {"size_m": tower.size_m, "at_corner": tower.at_corner,
+                                     "distance_to_wall_m": tower.distance_m,
+                                     "contrast": tower.contrast}})
+    return out
+

@@ -80,6 +80,20 @@ def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Poly
     candidate stay where the seed rectangle has them; with no side on a wall, ``seed`` itself
     comes back.
 
+    Parameters
+    ----------
+    segments
+        New wall segments (`pipeline.detect.walls.find_wall_segments`).
+    seed
+        A rough outline in the grid CRS (a ``CompoundCandidate.polygon``).
+    res_m
+        Pixel size of the wall grid (``LineMap.res_m``); sets the tolerance with
+        ``params.tolerance_m``.
+    params
+        Wall parameters.
+    search_m
+        How far a side may move onto a wall.
+
     Returns
     -------
     ``(outline, n_snapped)``: the rectangle and how many of its four sides met a wall.
@@ -181,7 +195,8 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
     segments
         New wall segments (`pipeline.detect.walls.find_wall_segments`).
     res_m
-        Pixel size in metres (sets the tolerance with ``params.tolerance_m``).
+        Pixel size of the wall grid (``LineMap.res_m``); sets the tolerance with
+        ``params.tolerance_m``.
     params
         Wall parameters.
     min_area_m2

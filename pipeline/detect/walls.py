@@ -1,16 +1,19 @@
 """pipeline.detect.walls: new perimeter walls and fences as long straight thin lines.
 
 A wall seen from above at 2 m or finer is a thin bright line (its top) beside a dark band (its
-shadow). Morphological top-hats keep exactly the features narrower than their disc: bright ones
-up to ``max_wall_width_m`` (wall tops, fences) and dark ones up to ``max_shadow_width_m``
-(shadows). Walls, fences and their shadows respond; roads (5 m and wider) and step edges (field
-and roof boundaries) do not. A pixel is new line evidence where the after top-hat exceeds the
-before one (hysteresis threshold). Line pixels are thinned and joined into straight segments by
-a greedy Hough transform (strongest line first, its pixels then withdrawn; no AGPL LSD), and
-collinear pieces are merged. A segment is kept only if the before image had no comparable line
-along it (``max_before_ratio``): a field track or an old wall whose contrast changed with the
-season is not new. Pure: arrays and the grid's transform in, shapely geometries in the grid CRS
-out; every size is in metres.
+shadow). Imagery finer than ``work_res_m`` (1 m) is first averaged to about that size: walls
+keep several pixels, while the fine texture that changes between any two dates (grass,
+leaves) averages out. Morphological top-hats keep exactly the features narrower than their
+disc: bright ones up to ``max_wall_width_m`` (wall tops, fences) and dark ones up to
+``max_shadow_width_m`` (shadows). Walls, fences and their shadows respond; roads (5 m and
+wider) and step edges (field and roof boundaries) do not. A pixel is new line evidence where
+the after top-hat exceeds the before one, both raw and averaged along its best direction
+(hysteresis, and never more than a small share of the scene). Line pixels are thinned and
+joined into straight segments by a greedy Hough transform (`pipeline.detect.lines`; no AGPL
+LSD), collinear pieces are merged, and a segment is kept only if it stands out from its
+parallels and the before image had no comparable line along it (``max_before_ratio``): a
+field track or an old wall whose contrast changed with the season is not new. Pure: arrays
+and the grid's transform in, shapely geometries in the grid CRS out; sizes in metres.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from scipy import ndimage as ndi
 from skimage import morphology
 
 from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
+from pipeline.detect.texture import block_mean
 
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
            "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
@@ -36,6 +40,7 @@ class WallParams:
     """Tuning of wall, fence and enclosure measures; every length in metres."""
 
     max_res_m: float = 2.5  # coarser than this, walls are below a pixel: no wall search
+    work_res_m: float = 1.0  # finer input is averaged to about this (fine texture is noise)
     max_wall_width_m: float = 2.0  # bright lines (wall tops, fences) are at most this wide
     max_shadow_width_m: float = 4.0  # dark lines (shadows) at most this; roads are wider
     min_contrast: float = 0.15  # new top-hat response, share of the before 2-98 % range
@@ -58,7 +63,8 @@ class WallParams:
 
 @dataclass(frozen=True)
 class LineMap:
-    """New thin-line evidence on the working grid.
+    """New thin-line evidence on the wall grid (``transform``, ``res_m``: the input grid, or
+    its block average to about ``WallParams.work_res_m`` when the input is finer).
 
     ``strength`` is the new top-hat response (share of the before image's 2-98 % range, 0 where
     nothing new); ``mask`` holds the pixels where it, and its mean along ``line_average_m`` in
@@ -70,7 +76,8 @@ class LineMap:
     strength: np.ndarray
     mask: np.ndarray
     threshold: float
-    width_px: int
+    transform: Affine
+    res_m: float
     tophat_before: np.ndarray | None = None
     tophat_after: np.ndarray | None = None
 
@@ -125,6 +132,9 @@ def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16
         block_px, h, w = min(d.shape), min(d.shape), min(d.shape)
     blocks = d[:h, :w].reshape(h // block_px, block_px, w // block_px, block_px)
     blocks = blocks.transpose(0, 2, 1, 3).reshape(-1, block_px * block_px)
+    blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
+    if len(blocks) == 0:
+        return 0.0
     med = np.nanmedian(blocks, axis=1, keepdims=True)
     spread = 1.4826 * np.nanmedian(np.abs(blocks - med), axis=1)
     spread = spread[np.isfinite(spread)]
@@ -146,30 +156,38 @@ def _filled(g: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(g), g, float(np.nanmean(g)) if np.isfinite(g).any() else 0.0)
 
 
-def new_line_map(before: np.ndarray, after: np.ndarray, *, res_m: float,
+def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, res_m: float,
                  params: WallParams = WallParams()) -> LineMap:
     """Thin bright or dark lines of the after image that the before image lacks.
+
+    Imagery finer than ``params.work_res_m`` is first averaged in whole blocks to about that
+    pixel size: a wall with its shadow is still several pixels wide there, while grass, leaves
+    and crop rows, whose texture changes between any two dates, average out.
 
     Parameters
     ----------
     before, after
         ``(band, y, x)`` or ``(y, x)`` arrays on the same grid, after co-registered and
         normalized to before; NaN = nodata.
-    res_m
-        Pixel size in metres.
+    transform, res_m
+        The input grid's affine transform and pixel size in metres.
     params
-        ``max_wall_width_m``, ``max_shadow_width_m``, ``min_contrast``, ``noise_factor``.
+        Line widths, contrast, noise and sparsity limits, working resolution.
 
     Returns
     -------
-    A `LineMap` on the input grid (all zero, empty mask above ``params.max_res_m``).
+    A `LineMap` on the wall grid (all zero, empty mask above ``params.max_res_m``).
     """
     g_b, g_a = as_grey(before), as_grey(after)
+    factor = int(round(params.work_res_m / res_m)) if res_m < params.work_res_m else 1
+    if factor > 1:
+        g_b, g_a = (block_mean(g, factor)[0] for g in (g_b, g_a))
+        transform, res_m = transform * Affine.scale(factor), res_m * factor
     radii = [max(1, int(math.floor(w / (2 * res_m))))
              for w in (params.max_wall_width_m, params.max_shadow_width_m)]
     if res_m > params.max_res_m:
         zero = np.zeros(g_b.shape, np.float32)
-        return LineMap(zero, zero > 0, math.inf, 2 * radii[1])
+        return LineMap(zero, zero > 0, math.inf, transform, res_m)
     scale = robust_scale(g_b)
     strength, th_b, th_a = _tophat_change(_filled(g_b) / scale, _filled(g_a) / scale, radii)
     bad = ~(np.isfinite(g_b) & np.isfinite(g_a))
@@ -192,7 +210,7 @@ def new_line_map(before: np.ndarray, after: np.ndarray, *, res_m: float,
     seeded = np.zeros(n + 1, bool)
     seeded[np.unique(labels[weak & (along >= threshold)])] = True
     seeded[0] = False
-    return LineMap(strength, seeded[labels], float(threshold), 2 * radii[1], th_b, th_a)
+    return LineMap(strength, seeded[labels], float(threshold), transform, res_m, th_b, th_a)
 
 
 def _tophat_change(b: np.ndarray, a: np.ndarray, radii: list[int]
@@ -222,14 +240,14 @@ def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affi
     ----------
     before, after
         ``(band, y, x)`` or ``(y, x)`` arrays on the same grid (see `new_line_map`).
-    transform
-        The grid's affine transform (pixel corners); segments come out in its CRS.
-    res_m
-        Pixel size in metres.
+    transform, res_m
+        The input grid's affine transform (pixel corners) and pixel size; segments come out
+        in its CRS.
     params
         Wall parameters.
     line_map
-        A `new_line_map` result for this pair, to avoid computing it twice.
+        A `new_line_map` result for this pair, to avoid computing it twice (its own grid is
+        used).
 
     Returns
     -------
@@ -238,8 +256,9 @@ def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affi
     """
     if res_m > params.max_res_m:
         return []
-    lm = line_map if line_map is not None else new_line_map(before, after, res_m=res_m,
-                                                            params=params)
+    lm = line_map if line_map is not None else new_line_map(
+        before, after, transform=transform, res_m=res_m, params=params)
+    transform, res_m = lm.transform, lm.res_m
     min_px = params.min_length_m / res_m
     skeleton = morphology.skeletonize(drop_small(lm.mask, min_px=max(3.0, 3.0 / res_m)))
     rows, cols = np.nonzero(skeleton)

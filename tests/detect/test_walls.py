@@ -54,11 +54,11 @@ def background(kind: str, res_m: float) -> np.ndarray:
 
 def measure(before, after, truth, seed_outline, res_m):
     """Segments, the snapped outline and its enclosure measures, as the pipeline runs them."""
-    lm = new_line_map(before, after, res_m=res_m)
+    lm = new_line_map(before, after, transform=truth.transform, res_m=res_m)
     segs = find_wall_segments(before, after, transform=truth.transform, res_m=res_m,
                               line_map=lm)
-    outline, _ = outline_from_segments(segs, seed=seed_outline, res_m=res_m)
-    enc = measure_enclosure(outline, segs, lm.mask, transform=truth.transform, res_m=res_m)
+    outline, _ = outline_from_segments(segs, seed=seed_outline, res_m=lm.res_m)
+    enc = measure_enclosure(outline, segs, lm)
     return segs, outline, enc
 
 
@@ -129,10 +129,11 @@ def test_internal_fences_counted(kind, res_m):
     assert enc.internal_fence_count == len(truth.internal_fences) == 0
 
 
-def test_rotated_compound_outline_and_closure():
-    """A compound turned 20 degrees, noisier, is traced within 3 m and found closed."""
-    truth, _, outline, enc = compound("real", 0.5, angle_deg=20.0, noise=5.0,
-                                      double_fence_gap_m=8.0)
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_rotated_compound_outline_and_closure(res_m):
+    """A compound turned 20 degrees, noisier, sun in the ESE, is traced within 3 m, closed."""
+    truth, _, outline, enc = compound("real", res_m, angle_deg=20.0, noise=5.0,
+                                      double_fence_gap_m=8.0, sun_azimuth_deg=120.0)
     assert outline.hausdorff_distance(truth.wall_polygon) <= 3.0
     assert enc.closure_ratio >= 0.9
     assert enc.sides_backed == 4
@@ -194,4 +195,4 @@ def test_find_wall_segments_empty_at_coarse_resolution():
     after[:, 20, 5:45] = 250.0
     transform = Affine(10.0, 0, 500000.0, 0, -10.0, 4800000.0)
     assert find_wall_segments(img, after, transform=transform, res_m=10.0) == []
-    assert not new_line_map(img, after, res_m=10.0).mask.any()
+    assert not new_line_map(img, after, transform=transform, res_m=10.0).mask.any()
