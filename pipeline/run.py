@@ -125,8 +125,8 @@ def _mask_outside(da: xr.DataArray, aoi: Aoi, plan: GridPlan) -> xr.DataArray:
                                          transform=plan.transform)
         return da.where(~xr.DataArray(outside, dims=("y", "x")))
     if isinstance(data, dask.array.Array):
-        masked = data.map_blocks(_nan_outside_np, geometry=geometry, transform=plan.transform,
-                                 dtype=data.dtype)
+        masked = dask.array.map_blocks(_nan_outside_np, data, geometry=geometry,
+                                       transform=plan.transform, dtype=data.dtype)
         return da.copy(data=masked)
     if not data.flags.writeable:
         data = data.copy()
@@ -416,8 +416,8 @@ class _Scratch:
         for _ in lazy:
             self.count += 1
             prefixes.append(str(self.folder / f"array{self.count}"))
-        writes = [arr.map_blocks(_save_block, prefix=prefix, dtype=np.uint8,
-                                 chunks=tuple((1,) * len(c) for c in arr.chunks))
+        writes = [dask.array.map_blocks(_save_block, arr, prefix=prefix, dtype=np.uint8,
+                                        chunks=tuple((1,) * len(c) for c in arr.chunks))
                   for arr, prefix in zip(lazy, prefixes, strict=True)]
         computed = dask.compute(*writes, *also)
         stored = {}
@@ -438,7 +438,7 @@ class _Scratch:
         """Delete the files of stored items no longer needed (others are ignored)."""
         for item in items:
             data = item.data if isinstance(item, xr.DataArray) else item
-            prefix = self.prefixes.pop(getattr(data, "name", None), None)
+            prefix = self.prefixes.pop(str(getattr(data, "name", "")), None)
             if prefix is not None:
                 for path in self.folder.glob(f"{Path(prefix).name}-*.npy"):
                     path.unlink()

@@ -117,3 +117,14 @@ def test_run_detect_chunked_equals_in_memory(pair, tmp_path):
             z["properties"].pop(key, None)
         _assert_same_value(e, z, e["properties"]["id"])
     assert len(lazy_features) == len(eager_features)
+
+
+@pytest.mark.parametrize("chunks", [None, 512])
+def test_run_detect_all_nodata_date_names_it(pair, tmp_path, chunks):
+    """An after image with no valid pixel in the AOI is refused, chunked or not, by name."""
+    from pipeline.errors import NoValidDataError
+
+    empty = _write(tmp_path / "empty_2021-06-14.tif", np.zeros((3, *SHAPE)))
+    with pytest.raises(NoValidDataError, match="empty_2021-06-14.tif .*nodata"):
+        _run((pair[0], empty), tmp_path / "out", chunks)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tif"))

@@ -58,10 +58,10 @@ def _cva_np(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     n_bands = before.shape[-1]
     out = np.empty(before.shape[:-1], np.float32)
     if out.ndim == 0:
-        return _cva_np(before[None], after[None])[0]
+        return _cva_np(before[None], after[None]).reshape(())
     row_px = max(1, int(np.prod(out.shape[1:])))
     step = max(1, _STRIP_PX // row_px)
-    for r in range(0, out.shape[0], step):
+    for r in range(0, before.shape[0], step):
         acc = out[r:r + step]
         diff = np.empty(acc.shape, np.float32)
         for band in range(n_bands):

@@ -121,7 +121,7 @@ def _interp_np(x: np.ndarray, table: _QuantileMap) -> np.ndarray:
 def _band_views(arr: np.ndarray, out: np.ndarray, band_axis: int):
     """Yield ``(band index, input strip, output strip)``: each band cut into row strips."""
     for i in range(arr.shape[band_axis]):
-        index = [slice(None)] * arr.ndim
+        index: list[slice | int] = [slice(None)] * arr.ndim
         index[band_axis] = i
         src, dst = arr[tuple(index)], out[tuple(index)]
         if src.ndim == 0:
@@ -163,7 +163,7 @@ def _map_bands(kernel, after: xr.DataArray, per_band: tuple, **kwargs) -> xr.Dat
             lo, hi = block_info[0]["array-location"][band_axis]
             return kernel(arr, *(p[lo:hi] for p in per_band), band_axis=band_axis)
 
-        out = data.map_blocks(block, dtype=np.float32, **kwargs)
+        out = da.map_blocks(block, data, dtype=np.float32, **kwargs)
     else:
         out = kernel(data, *per_band, band_axis=band_axis)
     return after.copy(data=out)

@@ -32,7 +32,7 @@ from pipeline.detect.texture import (
 )
 from pipeline.model import ObjectParams
 
-__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold"]
+__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,26 @@ def find_compounds(
             found.append(cand)
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
+
+
+def outline_window(polygon: shapely.Geometry, transform: Affine, shape: tuple[int, ...], *,
+                   margin_px: int) -> tuple[slice, slice, Affine]:
+    """The fine-grid window holding ``polygon`` grown by ``margin_px`` pixels, and its transform.
+
+    For work around one outline on a crop, ``arr[..., rows, cols]`` with the returned
+    transform, rather than on the whole grid: a lazy (Dask) array is then computed only there
+    (several crops at once with `texture.compute_crops`).
+    """
+    minx, miny, maxx, maxy = polygon.bounds
+    inverse = ~transform
+    corners = [inverse * (x, y) for x in (minx, maxx) for y in (miny, maxy)]
+    cols, rows = [c for c, _ in corners], [r for _, r in corners]
+    r0 = max(0, math.floor(min(rows)) - margin_px)
+    c0 = max(0, math.floor(min(cols)) - margin_px)
+    r1 = min(shape[-2], math.ceil(max(rows)) + margin_px)
+    c1 = min(shape[-1], math.ceil(max(cols)) + margin_px)
+    r1, c1 = max(r0, r1), max(c0, c1)
+    return slice(r0, r1), slice(c0, c1), transform * Affine.translation(c0, r0)
 
 
 def _cell_box(bbox: tuple[int, ...], margin: int, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -66,7 +66,7 @@ def grey(stack: Any) -> Any:
     if isinstance(stack, da.Array):
         if stack.numblocks[0] > 1:
             stack = stack.rechunk({0: -1})
-        return stack.map_blocks(_grey_np, drop_axis=0, dtype=np.float32)
+        return da.map_blocks(_grey_np, stack, drop_axis=0, dtype=np.float32)
     return _grey_np(stack)
 
 
@@ -192,8 +192,8 @@ def _block_means_lazy(arrays: Sequence[da.Array], factor: int
         for arr in arrays:
             arr = _aligned(arr, factor)
             coarse = tuple(tuple(-(-c // factor) for c in axis) for axis in arr.chunks)
-            stacked.append(arr.map_blocks(lambda b: np.stack(_block_mean_np(b, factor)),
-                                          new_axis=0, chunks=((2,), *coarse), dtype=np.float32))
+            stacked.append(da.map_blocks(lambda b: np.stack(_block_mean_np(b, factor)), arr,
+                                         new_axis=0, chunks=((2,), *coarse), dtype=np.float32))
     return [(s[0], s[1]) for s in dask.compute(*stacked)]
 
 
@@ -395,7 +395,8 @@ def compute_crops(crops: Sequence[Any]) -> list[np.ndarray]:
     out: list[Any] = [c if isinstance(c, da.Array) else np.asarray(c) for c in crops]
     lazy = [i for i, c in enumerate(out) if isinstance(c, da.Array)]
     while lazy:
-        batch, size = [], 0
+        batch: list[int] = []
+        size = 0
         while lazy and (not batch or size + out[lazy[0]].size <= _CROP_BATCH_PX):
             batch.append(lazy.pop(0))
             size += out[batch[-1]].size

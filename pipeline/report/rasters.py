@@ -91,7 +91,7 @@ def write_cog(
         raise GridError(f"Cannot write {path.name}: the array has no CRS. Use da.rio.write_crs().")
     _check_target(dtype, nodata)
     if isinstance(data, dask.array.Array):
-        values = data.map_blocks(_cast, dtype, nodata, dtype=np.dtype(dtype))
+        values = dask.array.map_blocks(_cast, data, dtype, nodata, dtype=np.dtype(dtype))
     else:
         values = _cast(data, dtype, nodata)
     profile = {
@@ -116,7 +116,8 @@ def write_cog(
             with rasterio.open(src_path, "w", **profile) as dst:
                 if isinstance(values, dask.array.Array):
                     # one computation, each block written to its window as it is ready
-                    dask.array.store(values, _WindowWriter(dst), lock=True)
+                    target: Any = _WindowWriter(dst)
+                    dask.array.store(values, target, lock=True)
                 else:
                     dst.write(values)
                 dst.descriptions = descriptions

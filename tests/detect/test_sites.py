@@ -192,3 +192,17 @@ def test_detect_sites_dask_equals_numpy():
                 assert g.measurements[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
             else:
                 assert g.measurements[key] == value, key
+
+
+def test_outline_window_holds_polygon_with_margin():
+    """The window holds the outline plus the margin, clipped to the grid, with its transform."""
+    import shapely
+
+    from pipeline.detect.compounds import outline_window
+
+    x0, y0 = TRANSFORM * (60, 80)
+    x1, y1 = TRANSFORM * (240, 200)
+    poly = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    rows, cols, transform = outline_window(poly, TRANSFORM, (3, 300, 250), margin_px=20)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (60, 220, 40, 250)
+    assert transform * (0, 0) == TRANSFORM * (40, 60)
