@@ -15,13 +15,17 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from pipeline.detect.compounds import CompoundCandidate, find_compounds
+from pipeline.detect.compounds import CompoundCandidate, find_compounds, outline_window
 from pipeline.detect.grade import GradeParams, assess_site, grade_site
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
-from pipeline.detect.texture import grey
+from pipeline.detect.texture import compute_crops, grey
 from pipeline.model import DetectParams, Evidence, EvidenceKind, ObjectParams, SourceRef
 
 __all__ = ["detect_sites", "building_score", "compound_score"]
+
+# Margin around a compound outline for grading: walls the seed outline misses by up to this
+# much are still found (the seed comes from ~10 m texture cells), and towers just outside it.
+_GRADE_MARGIN_M = 60.0
 
 
 def building_score(obj: ChangeObject) -> float:
@@ -64,9 +68,13 @@ def _grade(before: np.ndarray, after: np.ndarray, cand: CompoundCandidate, *,
     """
     thresholds = GradeParams()
     if res_m <= thresholds.max_wall_res_m:
-        # Wall and tower measures need the pixels: NumPy here (a Dask pair is computed).
-        found = assess_site(np.asarray(before), np.asarray(after), cand.polygon,
-                            transform=transform, res_m=res_m, grades=thresholds)
+        # Wall and tower measures need the pixels, but only around this outline: the pair is
+        # cropped to the outline plus a margin (computed there only when it is a Dask pair).
+        rows, cols, window = outline_window(cand.polygon, transform, before.shape,
+                                            margin_px=max(1, round(_GRADE_MARGIN_M / res_m)))
+        b, a = compute_crops([before[..., rows, cols], after[..., rows, cols]])
+        found = assess_site(b, a, cand.polygon, transform=window, res_m=res_m,
+                            grades=thresholds)
         m = dict(found.measurements)
     else:
         m = {"area_m2": float(cand.polygon.area), "rectangularity": cand.evidence_fill}
