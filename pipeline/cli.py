@@ -71,19 +71,30 @@ def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 class _StageBar:
     """Stage progress on stderr, only for a terminal and without -q."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.stage = ""
 
     def __call__(self, name: str, index: int, total: int) -> None:
+        self.stage = f"[{index + 1}/{total}] {name:<12}"
         if self.enabled:
-            click.echo(f"\r[{index + 1}/{total}] {name:<12}", err=True, nl=False)
+            click.echo(f"\r{self.stage}", err=True, nl=False)
+
+    def fetched(self, done: int, total: int) -> None:
+        """Download progress within the read stage (called from the fetch threads)."""
+        if self.enabled:
+            click.echo(f"\r{self.stage} fetched {done}/{total}", err=True, nl=False)
 
     def close(self) -> None:
         if self.enabled:
-            click.echo("\r" + " " * 24 + "\r", err=True, nl=False)
+            click.echo("\r" + " " * 48 + "\r", err=True, nl=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,8 +184,8 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
     area = parse_aoi(aoi, radius_m=config.radius_m, sites=sites)
     before, after = _acquisitions(config, source_name, (before_path, after_path),
                                   (before_date, after_date))
-    context = fetch_context(config, offline=offline)
-    bar = _StageBar(enabled=quiet == 0 and sys.stderr.isatty())
+    bar = _StageBar(enabled=quiet == 0 and _stderr_is_terminal())
+    context = fetch_context(config, offline=offline, progress=bar.fetched)
     try:
         result = detect_scenes(
             area, lambda: acquire_pair(area, before, after, config=config, context=context),

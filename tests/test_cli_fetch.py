@@ -49,6 +49,22 @@ def test_detect_from_wayback_records_releases_and_reruns_offline(fake, tmp_path)
     assert len(list((tmp_path / "out").glob("*/*/manifest.json"))) == 2
 
 
+def test_detect_shows_fetch_progress_on_a_terminal(fake, tmp_path, monkeypatch):
+    """On a terminal (and without -q) stderr counts the downloads; stdout stays data only."""
+    import pipeline.cli
+
+    monkeypatch.setattr(pipeline.cli, "_stderr_is_terminal", lambda: True)
+    args = ["detect", *AOI, "--source", "test-wayback", "--config", str(_config(fake, tmp_path)),
+            "--out", str(tmp_path / "out"), "--before-date", "2017-03-01/2017-06-30",
+            "--after-date", "2018-10-01/2018-12-31"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "[1/6] read" in result.stderr and "fetched 1/" in result.stderr
+    assert "fetched" not in result.stdout and "[1/6]" not in result.stdout
+    quiet = CliRunner().invoke(cli, [*args, "-q"], catch_exceptions=False)
+    assert quiet.exit_code == 0 and "fetched" not in quiet.stderr
+
+
 def test_detect_from_wayback_same_imagery_stops(fake, tmp_path):
     """Windows that resolve to the same imagery stop with a clear error, not 'no change'."""
     config = _config(fake, tmp_path)
