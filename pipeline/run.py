@@ -38,6 +38,7 @@ from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks
 from pipeline.model import CoregResult, Evidence, GridPlan, SourceRef, params_hash
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.manifest import build_manifest, write_manifest
+from pipeline.report.package import StepLog, write_gis_layers
 from pipeline.report.rasters import write_cog
 from pipeline.report.rundir import (
     check_out_root,
@@ -487,18 +488,24 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
                    started: datetime, caught: list[warnings.WarningMessage]) -> None:
     """Write the evidence files and, last, the manifest that hashes them."""
-    fc = evidence_to_features(evidence, method=_method_label(config))
+    log_ = StepLog()
+    aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
     names = ["changes.geojson", "change_mask.tif", "change_magnitude.tif"]
-    write_geojson(fc, stage / names[0])
-    write_cog(mask, stage / names[1], dtype="uint8", nodata=255,
-              description="change (1), no change (0), nodata (255)")
-    write_cog(magnitude, stage / names[2], dtype="float32", nodata=float("nan"),
-              description="change magnitude (CVA, before's units)")
+    with log_.step("write:geojson") as info:
+        fc = evidence_to_features(evidence, method=_method_label(config))
+        write_geojson(fc, stage / names[0])
+        info.update(features=len(fc["features"]))
+    with log_.step("write:rasters"):
+        write_cog(mask, stage / names[1], dtype="uint8", nodata=255,
+                  description="change (1), no change (0), nodata (255)")
+        write_cog(magnitude, stage / names[2], dtype="float32", nodata=float("nan"),
+                  description="change magnitude (CVA, before's units)")
+    with log_.step("write:gis_layers") as info:
+        names += write_gis_layers(stage, fc, aoi=aoi_dict)
     manifest = build_manifest(
-        run_id=run_id, run_dir=stage,
-        aoi={"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__},
+        run_id=run_id, run_dir=stage, aoi=aoi_dict,
         inputs=inputs, outputs=names, config=config.to_dict(), params=config.params,
-        steps=steps, started_utc=started, finished_utc=datetime.now(UTC),
+        steps=[*steps, *log_.records], started_utc=started, finished_utc=datetime.now(UTC),
         extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
                "warnings": [str(w.message) for w in caught
                             if issubclass(w.category, PipelineWarning)]},
