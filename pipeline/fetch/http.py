@@ -15,17 +15,13 @@ https URLs are fetched, and redirects to any other scheme are refused.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
-from urllib.parse import urljoin, urlsplit
+from typing import Any, TypeVar
 
 import requests
 import urllib3.exceptions
@@ -34,13 +30,21 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from pipeline.errors import FetchError
 from pipeline.fetch.base import FetchContext
+from pipeline.fetch.checks import (
+    Expect,
+    check_body,
+    check_url,
+    describe_body,
+    redirect_target,
+    retry_after_s,
+    status_hint,
+)
 
 __all__ = ["Expect", "NotFound", "Response", "HttpClient", "get_bytes", "check_url",
            "check_body", "map_concurrent"]
 
 log = logging.getLogger(__name__)
 
-Expect = Literal["json", "image", "any"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -52,9 +56,6 @@ MAX_BODY_BYTES = 512 << 20
 MISSING_STATUS = frozenset({204, 404, 410})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 1 << 16
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00",
-                b"MM\x00+")
-_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 _WORDS = {1: "once", 2: "twice", 3: "three times", 4: "four times", 5: "five times",
           6: "six times", 7: "seven times", 8: "eight times", 9: "nine times", 10: "ten times"}
 
@@ -260,7 +261,7 @@ class HttpClient:
                 raise FetchError(f"Could not fetch {url}: {e}") from e
             with resp:
                 if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
-                    current = _redirect_target(url, current, resp.headers["Location"])
+                    current = redirect_target(url, current, resp.headers["Location"])
                     if resp.status_code == 303:
                         method, json_body = "GET", None
                     continue
@@ -275,12 +276,12 @@ class HttpClient:
             raise NotFound(url, status)
         if status == 429 or 500 <= status < 600:
             reason = f"server answered {status}" + (" (too many requests)" if status == 429 else "")
-            raise _Retryable(reason, "status", retry_after_s=_retry_after_s(resp))
+            raise _Retryable(reason, "status", retry_after_s=retry_after_s(resp))
         if status >= 400 or not 200 <= status < 300:
-            snippet = _describe(resp.raw.read(2048, decode_content=True) or b"",
+            snippet = describe_body(resp.raw.read(2048, decode_content=True) or b"",
                                 resp.headers.get("Content-Type", ""))
             raise FetchError(f"Could not fetch {url}: server answered {status} "
-                             f"({resp.reason}); got {snippet}. {_status_hint(status)}")
+                             f"({resp.reason}); got {snippet}. {status_hint(status)}")
         body = self._read_body(resp)
         return Response(url, final_url, status, body, resp.headers.get("Content-Type", ""))
 
@@ -318,34 +319,6 @@ def get_bytes(url: str, *, context: FetchContext, expect: Expect = "any",
         return own.get_bytes(url, expect=expect)
 
 
-def check_url(url: str) -> str:
-    """Return ``url`` if it is an absolute http(s) URL with a host, else raise FetchError."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise FetchError(f"Refusing to fetch {url!r}: only absolute http:// and https:// URLs "
-                         "are fetched; check the URL in configs/sources.toml.")
-    return url
-
-
-def check_body(url: str, body: bytes, content_type: str, *, expect: Expect) -> None:
-    """Raise FetchError unless ``body`` is what ``expect`` asks for (see ``HttpClient.fetch``)."""
-    if expect == "any":
-        return
-    if expect == "image":
-        if _is_image(body):
-            return
-        raise FetchError(f"{url} did not return an image: got {_describe(body, content_type)}. "
-                         "The server may be failing or the URL template may be wrong.")
-    if expect == "json":
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FetchError(f"{url} did not return valid JSON: got "
-                             f"{_describe(body, content_type)} ({e}).") from e
-        return
-    raise ValueError(f"expect must be 'json', 'image' or 'any', got {expect!r}")
-
-
 def map_concurrent(func: Callable[[T], R], items: Iterable[T], *, max_workers: int,
                    progress: Callable[[int, int], None] | None = None) -> list[R]:
     """Apply ``func`` to ``items`` on at most ``max_workers`` threads; results in input order.
@@ -369,60 +342,6 @@ def map_concurrent(func: Callable[[T], R], items: Iterable[T], *, max_workers: i
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return results
-
-
-def _is_image(body: bytes) -> bool:
-    """True if ``body`` starts like a PNG, JPEG, TIFF/BigTIFF or WebP file."""
-    return body.startswith(_IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
-
-
-def _describe(body: bytes, content_type: str) -> str:
-    """Short description of an unexpected body for messages (never the whole payload)."""
-    kind = content_type.split(";")[0].strip() or "no Content-Type"
-    head = body[:1024].lstrip().lower()
-    if "html" in kind or head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        title = _TITLE.search(body[:4096])
-        named = f", title {title.group(1).decode(errors='replace').strip()[:80]!r}" if title else ""
-        return f"an HTML page ({kind}, {len(body)} bytes{named})"
-    if not body:
-        return f"an empty body ({kind})"
-    return f"{len(body)} bytes of {kind} starting {body[:24]!r}"
-
-
-def _retry_after_s(resp: requests.Response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), else None."""
-    value = resp.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _redirect_target(url: str, current: str, location: str) -> str:
-    """Absolute redirect target, refused unless http(s)."""
-    target = urljoin(current, location)
-    if urlsplit(target).scheme.lower() not in ("http", "https"):
-        raise FetchError(f"Could not fetch {url}: the server redirected to {target!r}, which is "
-                         "not an http(s) URL; refusing to follow it.")
-    if urlsplit(current).scheme == "https" and urlsplit(target).scheme == "http":
-        log.warning("Redirect from https to plain http: %s -> %s", current, target)
-    return target
-
-
-def _status_hint(status: int) -> str:
-    """What to do about a non-retried 4xx."""
-    if status in (401, 403):
-        return "The source refused access: it may need a key, or it may be blocking this client."
-    if status == 400:
-        return "The request was rejected as malformed; check the source's URL template."
-    return "Check the URL in configs/sources.toml."
 
 
 def _give_up_message(url: str, error: _Retryable, attempts: int, timeout_s: float) -> str:
