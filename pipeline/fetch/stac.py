@@ -275,7 +275,7 @@ def _read_pixels(items: list[ItemBands], plan: GridPlan, window: DateWindow,
         data, clear = load_items(items, plan, profile, resampling=options.resampling,
                                  chunk_px=options.chunk_px, signer=signer)
         result = composite_items(items, data, clear, method=options.composite,
-                                 middle=window.middle)
+                                 middle=window.middle, progress=context.progress)
     log.info("Composited %d of %d %s items (%s): %.1f %% clear", len(result.used), len(items),
              options.collection, result.method, 100 * result.clear_share)
     return result

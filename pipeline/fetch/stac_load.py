@@ -22,6 +22,7 @@ from datetime import date
 from typing import Any, Literal
 
 import dask
+import dask.callbacks
 import numpy as np
 import odc.stac
 import pystac
@@ -138,12 +139,14 @@ def load_items(items: Sequence[ItemBands], plan: GridPlan, profile: SensorProfil
 
 
 def composite_items(items: Sequence[ItemBands], data: xr.DataArray, clear: xr.DataArray, *,
-                    method: CompositeMethod, middle: date) -> CompositeResult:
+                    method: CompositeMethod, middle: date,
+                    progress: Callable[[int, int], None] | None = None) -> CompositeResult:
     """Compute the composite (this reads the pixels; run inside the GDAL env).
 
     ``"median"``: per-pixel median of every clear observation. ``"clearest"``: the date
     whose items give the largest clear share by their mask (ties: closest to ``middle``,
     then earliest), then the median of that date's items (one item, or same-day tiles).
+    ``progress(done, total)`` is called as the read-and-composite tasks finish.
 
     Raises
     ------
@@ -158,7 +161,7 @@ def composite_items(items: Sequence[ItemBands], data: xr.DataArray, clear: xr.Da
     composite = median_composite(data, obs)
     per_item = clear_share(obs)
     valid = composite.notnull().all(dim="band")
-    result, shares, share = _compute(composite, per_item, valid.mean())
+    result, shares, share = _compute(composite, per_item, valid.mean(), progress=progress)
     item_share = {i.item_id: float(s) for i, s in zip(items, shares, strict=True)}
     used = tuple(i.item_id for i in items if item_share[i.item_id] > 0)
     return CompositeResult(np.asarray(result, np.float32), used, item_share, float(share), method)
@@ -211,9 +214,26 @@ def _redact(text: str) -> str:
     return _QUERY.sub(r"\1?<query removed>", text)
 
 
-def _compute(*arrays: Any) -> tuple[Any, ...]:
+class _TaskProgress(dask.callbacks.Callback):
+    """Reports ``progress(done, total)`` as the tasks of one dask.compute finish."""
+
+    def __init__(self, progress: Callable[[int, int], None]) -> None:
+        super().__init__()
+        self.report, self.done, self.total = progress, 0, 0
+
+    def _start_state(self, dsk: Any, state: Any) -> None:
+        self.total = len(state["ready"]) + len(state["waiting"])
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        self.done += 1
+        self.report(self.done, max(self.total, self.done))
+
+
+def _compute(*arrays: Any, progress: Callable[[int, int], None] | None = None
+             ) -> tuple[Any, ...]:
     """dask.compute with read failures turned into FetchError naming the (unsigned) URL."""
-    with _redacted_logs() as redactor:
+    watch = _TaskProgress(progress) if progress is not None else contextlib.nullcontext()
+    with _redacted_logs() as redactor, watch:
         try:
             return tuple(np.asarray(a) for a in dask.compute(*arrays))
         except (RasterioError, OSError) as e:

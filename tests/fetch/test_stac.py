@@ -240,6 +240,17 @@ def test_fetch_second_run_makes_no_request(api, plan, tmp_path):
     assert server.total_requests == 0 and offline.refs == first.refs
 
 
+def test_fetch_reports_read_progress(api, plan, tmp_path):
+    """progress(done, total) climbs to total while the COG windows are read and composited."""
+    server, _ = api
+    calls: list[tuple[int, int]] = []
+    stac.fetch(plan, WINDOW, _source(server), role="after",
+               context=_context(tmp_path, progress=lambda d, t: calls.append((d, t))))
+    assert calls and all(0 < d <= t for d, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1][0] == calls[-1][1]
+
+
 def test_fetch_corrupt_cached_window_is_refetched(api, plan, tmp_path):
     """A cached composite whose SHA-256 no longer matches is deleted and read again."""
     server, _ = api
