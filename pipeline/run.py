@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,15 @@ from pipeline.detect.sites import detect_sites
 from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
-from pipeline.model import CoregResult, Evidence, GridPlan, SourceRef, params_hash
+from pipeline.model import (
+    EVIDENCE_ORDER,
+    CoregResult,
+    Evidence,
+    GridPlan,
+    SourceRef,
+    params_hash,
+)
+from pipeline.report.chipset import chip_targets, write_chips
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.manifest import build_manifest, write_manifest
 from pipeline.report.package import StepLog, write_gis_layers
@@ -329,13 +337,14 @@ def detect_scenes(
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=float(np.count_nonzero(mask_np == 1) / max(1, mask_np.size)))
         with steps.step("detect") as info:
+            timings: dict[str, float] = {}  # detect sub-steps (objects, compounds, walls, grade)
             evidence = detect_sites(
                 before.data, after.data, mask_np, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
-                after_ref=after_ref,
+                after_ref=after_ref, timings=timings,
             )
-            info.update({k: sum(e.kind == k for e in evidence)
-                         for k in ("compound", "new_building", "change")})
+            info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
+            info["seconds_by_part"] = timings
         del before, after  # only the magnitude is written from here
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
@@ -491,8 +500,15 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
     log_ = StepLog()
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
     names = ["changes.geojson", "change_mask.tif", "change_magnitude.tif"]
+    with log_.step("write:chips") as info:
+        targets = chip_targets(evidence, plan)
+        chips = write_chips(stage, targets, evidence, plan=plan, resampling=config.resampling)
+        names += [p for paths in chips.values() for p in paths.values()]
+        info.update(findings=len(chips), files=len(names) - 3)
     with log_.step("write:geojson") as info:
-        fc = evidence_to_features(evidence, method=_method_label(config))
+        shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips
+                 else e for e in evidence]
+        fc = evidence_to_features(shown, method=_method_label(config))
         write_geojson(fc, stage / names[0])
         info.update(features=len(fc["features"]))
     with log_.step("write:rasters"):

@@ -38,12 +38,13 @@ def default_run(tmp_path_factory):
 
 
 def test_detect_default_writes_evidence_folder(default_run):
-    """The default run writes the four evidence files into out/dabancheng/<run-id>/."""
+    """The default run writes the evidence package into out/dabancheng/<run-id>/."""
     out, result = default_run
     (run_dir,) = _run_dirs(out)
     assert run_dir.parent.name == "dabancheng"
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"changes.geojson", "change_mask.tif", "change_magnitude.tif", "manifest.json"}
+    assert names == {"changes.geojson", "change_mask.tif", "change_magnitude.tif", "manifest.json",
+                     "changes.gpkg", "changes.qml", "chips"}
     assert result.stdout.splitlines()[0] == f"wrote {run_dir}"
     assert "compound-0001\tcompound" in result.stdout
 
@@ -95,11 +96,11 @@ def test_detect_second_run_never_overwrites(default_run):
     """A second run gets its own folder; the first run's files are unchanged."""
     out, _ = default_run
     first = _run_dirs(out)[0]
-    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
     result = _run(["detect", "--out", str(out), "-q"])
     assert result.exit_code == 0
     assert len(_run_dirs(out)) == 2
-    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
 
 
 def test_console_script_and_module_show_examples():

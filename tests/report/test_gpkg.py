@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import xml.etree.ElementTree as ET
 from contextlib import closing
+from dataclasses import fields
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,15 @@ AOI = {"id": "test-site", "label": "88.29,43.38",
        "geometry": box(88.28, 43.37, 88.31, 43.39).__geo_interface__}
 
 
+# the field naming a part's site: ``site_id`` (``parent`` before the walls work renamed it)
+SITE_FIELD = "site_id" if "site_id" in {f.name for f in fields(Evidence)} else "parent"
+
+
 def _evidence(eid: str, kind: str, geometry: Any, score: float, measures: dict,
               parent: str | None = None) -> Evidence:
     return Evidence(id=eid, kind=kind, geometry=geometry, crs=CRS,  # type: ignore[arg-type]
                     score=score, area_m2=float(geometry.area), measurements=measures,
-                    before=BEFORE, after=AFTER, params=DetectParams(), parent=parent)
+                    before=BEFORE, after=AFTER, params=DetectParams(), **{SITE_FIELD: parent})
 
 
 @pytest.fixture

@@ -1,0 +1,194 @@
+"""pipeline.report.chips: before/after image chips with a caption band (arrays to images).
+
+Nothing here reads or writes files: the functions turn pixel arrays into Pillow images. A chip
+is one window of the working grid, north up, shown with a display stretch shared by both
+dates (the 2nd and 98th percentiles of each band over the two dates together), so a
+difference in brightness between the chips is a difference in the data, not in the stretch.
+Below the picture a caption band carries the date, source, provider or sensor and resolution,
+a north arrow (true north, which on a UTM grid differs from the image's up by the meridian
+convergence) and a scale bar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import shapely
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["Outline", "stretch_pair", "compose_chip", "nice_length_m", "NODATA_RGB"]
+
+NODATA_RGB = (255, 0, 255)  # magenta: unmistakably not image
+MIN_WIDTH_PX = 560
+FONT_PX = 13
+LINE_PX = 17
+PAD_PX = 6
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A geometry to draw, in chip pixel coordinates (x right, y down), with its colour."""
+
+    geometry: Any
+    colour: tuple[int, int, int]
+    width_px: int = 2
+
+
+def stretch_pair(
+    before: np.ndarray, after: np.ndarray, *, percentiles: tuple[float, float] = (2.0, 98.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale two ``(band, y, x)`` windows to 8-bit RGB with one stretch for both.
+
+    Parameters
+    ----------
+    before, after
+        Same shape, float, NaN = nodata. The first three bands are shown as red, green, blue;
+        a single band is shown as grey.
+    percentiles
+        Low and high percentile of each band over the valid pixels of both dates; values
+        outside are clipped.
+
+    Returns
+    -------
+    tuple
+        ``(before_rgb, after_rgb)``: uint8 ``(y, x, 3)`` arrays; nodata pixels are
+        :data:`NODATA_RGB`.
+    """
+    if before.shape != after.shape or before.ndim != 3:
+        raise ValueError(f"before and after must be (band, y, x) of one shape, got "
+                         f"{before.shape} and {after.shape}")
+    bands = [0, 1, 2] if before.shape[0] >= 3 else [0, 0, 0]
+    out = []
+    for image in (before, after):
+        out.append(np.zeros((*image.shape[1:], 3), np.uint8))
+    for channel, band in enumerate(bands):
+        both = np.concatenate([before[band].ravel(), after[band].ravel()])
+        both = both[np.isfinite(both)]
+        low, high = np.percentile(both, percentiles) if both.size else (0.0, 1.0)
+        span = high - low if high > low else 1.0
+        for image, rgb in zip((before, after), out, strict=True):
+            scaled = np.clip((image[band] - low) / span, 0.0, 1.0) * 255.0
+            rgb[..., channel] = np.nan_to_num(np.round(scaled), nan=0.0).astype(np.uint8)
+    for image, rgb in zip((before, after), out, strict=True):
+        rgb[~np.isfinite(image[bands]).all(axis=0)] = NODATA_RGB
+    return out[0], out[1]
+
+
+def nice_length_m(max_m: float) -> float:
+    """The largest 1, 2 or 5 x 10^n metres not above ``max_m`` (a scale-bar length)."""
+    if not max_m > 0:
+        raise ValueError(f"max_m must be positive, got {max_m}")
+    exponent = math.floor(math.log10(max_m))
+    for step in (5, 2, 1):
+        length = step * 10.0**exponent
+        if length <= max_m:
+            return length
+    return 10.0**exponent
+
+
+def compose_chip(
+    rgb: np.ndarray,
+    *,
+    caption: Sequence[str],
+    metres_per_px: float,
+    north_deg: float = 0.0,
+    outlines: Sequence[Outline] = (),
+) -> Image.Image:
+    """An RGB picture with outlines drawn on it and a caption band below.
+
+    Parameters
+    ----------
+    rgb
+        uint8 ``(y, x, 3)`` picture, already at display size.
+    caption
+        Lines of text for the band (cut with an ellipsis when too long).
+    metres_per_px
+        Ground size of one picture pixel, for the scale bar.
+    north_deg
+        Direction of true north, degrees clockwise from the picture's up.
+    outlines
+        Geometries in picture pixel coordinates, drawn in order.
+
+    Returns
+    -------
+    PIL.Image.Image
+        RGB image, at least :data:`MIN_WIDTH_PX` wide (the picture is centred on a dark
+        background when narrower).
+    """
+    height, width = rgb.shape[:2]
+    total_w = max(width, MIN_WIDTH_PX)
+    band_h = PAD_PX * 2 + LINE_PX * max(len(caption), 3)
+    image = Image.new("RGB", (total_w, height + band_h), (24, 24, 24))
+    left = (total_w - width) // 2
+    picture = Image.fromarray(rgb, "RGB")
+    draw_pic = ImageDraw.Draw(picture)
+    for outline in outlines:
+        _draw_geometry(draw_pic, outline)
+    image.paste(picture, (left, 0))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=FONT_PX)
+    tools_w = 150
+    for i, line in enumerate(caption):
+        draw.text((PAD_PX, height + PAD_PX + i * LINE_PX),
+                  _fit(draw, line, font, total_w - tools_w - PAD_PX * 2),
+                  fill=(240, 240, 240), font=font)
+    _scale_bar(draw, font, x=total_w - tools_w + 4, y=height + band_h - PAD_PX - 14,
+               metres_per_px=metres_per_px, max_px=tools_w - 48)
+    _north_arrow(draw, font, centre=(total_w - 22, height + band_h // 2), north_deg=north_deg)
+    return image
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width_px: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width_px``."""
+    if draw.textlength(text, font=font) <= width_px:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width_px:
+        text = text[:-1]
+    return text + "…"
+
+
+def _draw_geometry(draw: ImageDraw.ImageDraw, outline: Outline) -> None:
+    """Rings of polygons, lines as polylines, points as small squares."""
+    for part in shapely.get_parts(outline.geometry):
+        if isinstance(part, shapely.Polygon):
+            for ring in (part.exterior, *part.interiors):
+                draw.line(list(ring.coords), fill=outline.colour, width=outline.width_px,
+                          joint="curve")
+        elif isinstance(part, shapely.LineString):
+            draw.line(list(part.coords), fill=outline.colour, width=outline.width_px)
+        elif isinstance(part, shapely.Point):
+            r = 3 + outline.width_px
+            draw.rectangle([part.x - r, part.y - r, part.x + r, part.y + r],
+                           outline=outline.colour, width=outline.width_px)
+
+
+def _scale_bar(draw: ImageDraw.ImageDraw, font: Any, *, x: int, y: int, metres_per_px: float,
+               max_px: int) -> None:
+    """A black-and-white bar of a round length with its label above."""
+    length_m = nice_length_m(max_px * metres_per_px)
+    length_px = int(round(length_m / metres_per_px))
+    half = length_px // 2
+    draw.rectangle([x, y, x + half, y + 6], fill=(255, 255, 255), outline=(255, 255, 255))
+    draw.rectangle([x + half, y, x + length_px, y + 6], fill=(0, 0, 0), outline=(255, 255, 255))
+    label = f"{length_m / 1000:g} km" if length_m >= 1000 else f"{length_m:g} m"
+    draw.text((x, y - LINE_PX), label, fill=(240, 240, 240), font=font)
+
+
+def _north_arrow(draw: ImageDraw.ImageDraw, font: Any, *, centre: tuple[int, int],
+                 north_deg: float) -> None:
+    """An arrow pointing to true north with an ``N`` at its tip."""
+    cx, cy = centre
+    angle = math.radians(north_deg)
+    ux, uy = math.sin(angle), -math.cos(angle)  # unit vector to north, y down
+    px, py = -uy, ux
+
+    def at(along: float, across: float) -> tuple[float, float]:
+        return (cx + ux * along + px * across, cy + uy * along + py * across)
+
+    draw.polygon([at(14, 0), at(-10, 7), at(-5, 0), at(-10, -7)], fill=(255, 255, 255))
+    nx, ny = at(24, 0)
+    draw.text((nx, ny), "N", fill=(255, 255, 255), font=font, anchor="mm")

@@ -1,0 +1,247 @@
+"""pipeline.report.chipset: choose the findings that get chips, read their windows, write PNGs.
+
+Chips show the *source* pixels of each date warped onto the working grid (the same grid the
+outlines live on), before co-registration and radiometric normalization: what a reviewer
+compares is the imagery itself. They are read again from the input files, whose SHA-256 must
+still match the one recorded when the run read them. For each chosen finding four PNGs go to
+``chips/``: ``<id>_before.png``, ``<id>_after.png`` and the same two with the outlines drawn
+(``_outlined``); their paths, relative to the run folder, become properties of the feature.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from pyproj import Transformer
+
+from pipeline.errors import FetchError
+from pipeline.fetch.local import grid_chunks, read_to_grid
+from pipeline.files import atomic_path
+from pipeline.model import Evidence, GridPlan, SourceRef
+from pipeline.report.chips import Outline, compose_chip, stretch_pair
+
+__all__ = ["CHIP_KEYS", "CHIPS_DIR", "ChipTarget", "chip_targets", "site_of", "write_chips"]
+
+log = logging.getLogger(__name__)
+
+CHIPS_DIR = "chips"
+CHIP_KEYS = ("chip_before", "chip_after", "chip_before_outlined", "chip_after_outlined")
+# kinds drawn inside a finding's outlined chip, with their colour
+PART_COLOURS = {"new_building": (0, 200, 255), "wall": (255, 0, 200), "watchtower": (255, 0, 200)}
+FINDING_COLOUR = (255, 230, 0)
+OWN_CHIP_EXCLUDED = ("new_building", "wall", "watchtower", "tower")
+MAX_DISPLAY_PX = 800
+MIN_DISPLAY_PX = 400
+
+
+@dataclass(frozen=True)
+class ChipTarget:
+    """A finding and its window on the grid: ``(row0, col0, rows, cols)``."""
+
+    evidence: Evidence
+    window: tuple[int, int, int, int]
+
+
+def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *, max_chips: int = 30,
+                 max_change: int = 10) -> list[ChipTarget]:
+    """The findings that get chips: compounds (and new kinds) first, then the best changes.
+
+    Buildings, walls and towers get no chip of their own: they are drawn in their site's.
+    At most ``max_change`` change regions and ``max_chips`` findings in all, best score first.
+    """
+    own = [e for e in evidence if e.kind not in OWN_CHIP_EXCLUDED]
+    own.sort(key=lambda e: (e.kind == "change", -e.score, e.id))
+    chosen, n_change = [], 0
+    for e in own:
+        if e.kind == "change":
+            if n_change >= max_change:
+                continue
+            n_change += 1
+        chosen.append(ChipTarget(e, _window(e.geometry, plan)))
+        if len(chosen) >= max_chips:
+            break
+    return chosen
+
+
+def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence], *,
+                plan: GridPlan, resampling: str = "bilinear") -> dict[str, dict[str, str]]:
+    """Render and write the chips of ``targets``; return ``{id: {chip key: relative path}}``.
+
+    A finding whose window holds no valid pixel on either date gets no chips (logged). When
+    an input has no local file (a fetched source) no chip is written and the reason logged.
+
+    Raises
+    ------
+    FetchError
+        An input file changed since the run read it (SHA-256 differs).
+    """
+    if not targets:
+        return {}
+    first = targets[0].evidence
+    images = {}
+    for role, ref in (("before", first.before), ("after", first.after)):
+        if not ref.path:
+            log.warning("No chips: the %s image %s has no local file to read windows from",
+                        role, ref.item_id)
+            return {}
+        images[role] = _read_grid(ref, plan, role=role, resampling=resampling)
+    north_deg = _north_deg(plan)
+    written: dict[str, dict[str, str]] = {}
+    (stage / CHIPS_DIR).mkdir(exist_ok=True)
+    for target in targets:
+        paths = _write_target(stage, target, evidence, images, plan=plan, north_deg=north_deg)
+        if paths:
+            written[target.evidence.id] = paths
+    return written
+
+
+def _write_target(stage: Path, target: ChipTarget, evidence: Sequence[Evidence],
+                  images: dict[str, Any], *, plan: GridPlan, north_deg: float
+                  ) -> dict[str, str]:
+    """The four PNGs of one finding; ``{}`` when its window has no valid pixel."""
+    row0, col0, rows, cols = target.window
+    windows = [np.asarray(images[r].data[:, row0:row0 + rows, col0:col0 + cols], np.float32)
+               for r in ("before", "after")]
+    if not all(np.isfinite(w).any() for w in windows):
+        log.warning("No chips for %s: no valid pixel in its window", target.evidence.id)
+        return {}
+    factor = _display_factor(rows, cols)
+    rgbs = [_resize(rgb, factor) for rgb in stretch_pair(*windows)]
+    metres_per_px = plan.res_m / factor
+    outlines = _outlines(target, evidence, plan, factor)
+    e = target.evidence
+    paths = {}
+    for role, rgb, ref in (("before", rgbs[0], e.before), ("after", rgbs[1], e.after)):
+        caption = _caption(e, ref, role, plan, metres_per_px)
+        for key, drawn in ((f"chip_{role}", ()), (f"chip_{role}_outlined", outlines)):
+            rel = f"{CHIPS_DIR}/{e.id}_{role}{'_outlined' if drawn else ''}.png"
+            image = compose_chip(rgb, caption=caption, metres_per_px=metres_per_px,
+                                 north_deg=north_deg, outlines=drawn)
+            with atomic_path(stage / rel) as tmp:
+                image.save(tmp, format="PNG", optimize=False)
+            paths[key] = rel
+    return paths
+
+
+def _read_grid(ref: SourceRef, plan: GridPlan, *, role: str, resampling: str) -> Any:
+    """The input on the working grid (lazy for large grids); its hash checked."""
+    if not ref.path:
+        raise ValueError(f"The {role} image {ref.item_id} has no local file")
+    # a local input always has a date (the run needs one); it only labels the array here
+    da, read_ref = read_to_grid(ref.path, plan, role=role, acquired=ref.acquired or date.min,
+                                resampling=resampling, chunks=grid_chunks(plan),
+                                check_nodata=False)
+    if ref.sha256 and read_ref.sha256 and read_ref.sha256 != ref.sha256:
+        raise FetchError(
+            f"The {role} image {ref.path} changed since this run read it (SHA-256 "
+            f"{read_ref.sha256[:12]}… now, {ref.sha256[:12]}… then): chips would not show the "
+            "analysed pixels. Restore the file or run again."
+        )
+    return da
+
+
+def _window(geometry: Any, plan: GridPlan) -> tuple[int, int, int, int]:
+    """Grid window around a geometry with a margin of a quarter of its size (8 px or more)."""
+    minx, miny, maxx, maxy = geometry.bounds
+    x0, y0 = plan.bounds[0], plan.bounds[3]
+    col_a, col_b = (minx - x0) / plan.res_m, (maxx - x0) / plan.res_m
+    row_a, row_b = (y0 - maxy) / plan.res_m, (y0 - miny) / plan.res_m
+    margin = max(8.0, 0.25 * max(col_b - col_a, row_b - row_a))
+    col0 = max(0, math.floor(col_a - margin))
+    row0 = max(0, math.floor(row_a - margin))
+    col1 = min(plan.width, math.ceil(col_b + margin))
+    row1 = min(plan.height, math.ceil(row_b + margin))
+    return row0, col0, max(1, row1 - row0), max(1, col1 - col0)
+
+
+def _display_factor(rows: int, cols: int) -> float:
+    """Display pixels per grid pixel: whole-number enlargement of small windows, reduction
+    of large ones."""
+    side = max(rows, cols)
+    if side > MAX_DISPLAY_PX:
+        return MAX_DISPLAY_PX / side
+    return float(max(1, MIN_DISPLAY_PX // side))
+
+
+def _resize(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """Nearest-neighbour enlargement (pixels stay visible) or area reduction."""
+    from PIL import Image
+
+    if factor == 1:
+        return rgb
+    if factor > 1:
+        k = int(factor)
+        return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
+    size = (max(1, round(rgb.shape[1] * factor)), max(1, round(rgb.shape[0] * factor)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def _outlines(target: ChipTarget, evidence: Sequence[Evidence], plan: GridPlan,
+              factor: float) -> list[Outline]:
+    """The finding (yellow) and its parts (buildings cyan, walls and towers magenta)."""
+    row0, col0 = target.window[:2]
+    x0 = plan.bounds[0] + col0 * plan.res_m
+    y0 = plan.bounds[3] - row0 * plan.res_m
+    scale = factor / plan.res_m
+
+    def to_px(geom: Any) -> Any:
+        return shapely.transform(geom, lambda xy: np.column_stack(
+            [(xy[:, 0] - x0) * scale, (y0 - xy[:, 1]) * scale]))
+
+    site = target.evidence.id
+    parts = [Outline(to_px(e.geometry), PART_COLOURS[e.kind], 1) for e in evidence
+             if site_of(e) == site and e.id != site and e.kind in PART_COLOURS]
+    return [*parts, Outline(to_px(target.evidence.geometry), FINDING_COLOUR, 2)]
+
+
+def site_of(e: Evidence) -> str | None:
+    """The id of the site (compound) ``e`` belongs to: ``site_id``, or the older ``parent``."""
+    return getattr(e, "site_id", None) or getattr(e, "parent", None)
+
+
+def _north_deg(plan: GridPlan) -> float:
+    """True north at the grid centre, degrees clockwise from grid up (meridian convergence)."""
+    cx = (plan.bounds[0] + plan.bounds[2]) / 2
+    cy = (plan.bounds[1] + plan.bounds[3]) / 2
+    to_lonlat = Transformer.from_crs(plan.crs, "EPSG:4326", always_xy=True)
+    to_grid = Transformer.from_crs("EPSG:4326", plan.crs, always_xy=True)
+    lon, lat = to_lonlat.transform(cx, cy)
+    nx, ny = to_grid.transform(lon, lat + 0.01)
+    return math.degrees(math.atan2(nx - cx, ny - cy))
+
+
+def _caption(e: Evidence, ref: SourceRef, role: str, plan: GridPlan,
+             metres_per_px: float) -> list[str]:
+    """Date, source, provider/sensor and resolution of one chip."""
+    when = ref.acquired.isoformat() if ref.acquired else "acquisition date unknown"
+    release = f" · release {ref.release} (not the acquisition date)" if ref.release else ""
+    sensor = _sensor(ref)
+    grade = e.measurements.get("grade")
+    grade_text = f" · grade {grade}" if grade is not None else ""
+    source_res = f"{ref.res_m:g} m source" if ref.res_m else "source resolution unknown"
+    return [
+        f"{role.upper()} {when}{release}",
+        f"{ref.provider}:{ref.item_id}" + (f" · {sensor}" if sensor else ""),
+        f"{plan.res_m:g} m grid ({source_res}) · shown at {metres_per_px:.2g} m/px",
+        f"{e.id} · {e.kind}{grade_text} · score {e.score:.2f} · stretch 2-98 % of both dates",
+    ]
+
+
+def _sensor(ref: SourceRef) -> str | None:
+    """Sensor or imagery provider from the source's metadata, when it names one."""
+    extra = ref.extra or {}
+    for key in ("platform", "constellation", "sensor"):
+        if extra.get(key):
+            return str(extra[key])
+    meta = extra.get("metadata") or {}
+    if isinstance(meta, dict) and meta.get("source"):
+        return f"imagery: {meta['source']}"
+    return None
