@@ -21,7 +21,7 @@ import click
 from pipeline import __version__
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.errors import PipelineError, PipelineWarning
-from pipeline.model import NormalizeMethod, ThresholdMethod
+from pipeline.model import EvidenceKind, NormalizeMethod, ThresholdMethod
 
 __all__ = ["main", "cli"]
 
@@ -140,7 +140,8 @@ def cli() -> None:
               help="Automatic threshold method [default: from config, otsu].")
 @click.option("--normalize", "normalize_method", type=click.Choice(get_args(NormalizeMethod)),
               default=None, help="Radiometric normalization [default: from config, histogram].")
-@click.option("--all-findings", is_flag=True, help="Print every finding, 'change' regions too.")
+@click.option("--all-findings", is_flag=True,
+              help="Print every finding: walls, watchtowers and 'change' regions too.")
 @config_opt
 @verbose_opt
 @quiet_opt
@@ -309,13 +310,13 @@ def _one_date(text: str | None, flag: str) -> date | None:
 
 
 def _print_result(result: Any, *, all_findings: bool) -> None:
-    counts = {k: sum(e.kind == k for e in result.evidence) for k in ("compound", "new_building", "change")}
+    counts = {k: sum(e.kind == k for e in result.evidence) for k in get_args(EvidenceKind)}
     from pyproj import Transformer
 
     click.echo(f"wrote {result.run_dir}")
     to_lonlat = Transformer.from_crs(result.grid.crs, "EPSG:4326", always_xy=True)
     for e in result.evidence:
-        if e.kind == "change" and not all_findings:
+        if e.kind in ("change", "wall", "watchtower") and not all_findings:
             continue
         lon, lat = to_lonlat.transform(e.geometry.centroid.x, e.geometry.centroid.y)
         extra = ""
@@ -326,7 +327,8 @@ def _print_result(result: Any, *, all_findings: bool) -> None:
         click.echo(f"{e.id}\t{e.kind}\tscore {e.score:.2f}\t{e.area_m2 / 1e4:.2f} ha"
                    f"\tat {lon:.5f},{lat:.5f}{extra}")
     click.echo(f"summary\t{counts['compound']} compound(s), {counts['new_building']} new "
-               f"building(s), {counts['change']} other change region(s); "
+               f"building(s), {counts['change']} other change region(s), {counts['wall']} "
+               f"wall segment(s), {counts['watchtower']} watchtower(s); "
                f"shift {result.coreg.dy:+.2f},{result.coreg.dx:+.2f} px "
                f"({'applied' if result.coreg.applied else 'not applied'})")
 

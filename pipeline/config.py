@@ -19,7 +19,15 @@ from typing import Any, Literal, get_args, get_origin
 
 from pipeline.errors import ConfigError
 from pipeline.fetch.base import SourceConfig
-from pipeline.model import ChangeParams, CoregParams, DetectParams, ObjectParams
+from pipeline.model import (
+    ChangeParams,
+    CoregParams,
+    DetectParams,
+    GradeParams,
+    ObjectParams,
+    TowerParams,
+    WallParams,
+)
 
 __all__ = [
     "RunConfig", "load_config", "load_sources", "default_config_path", "default_sources_path",
@@ -27,7 +35,11 @@ __all__ = [
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-_SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "objects": ObjectParams}
+_SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "objects": ObjectParams,
+                              "walls": WallParams, "towers": TowerParams, "grade": GradeParams}
+# Shares (0..1) among the wall, tower and grade settings.
+_FRACTIONS = {"min_contrast", "max_line_share", "min_support", "max_before_ratio",
+              "double_min_share", "internal_min_span", "min_closure_ratio"}
 _RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 
 
@@ -128,6 +140,27 @@ def _check_ranges(section: str, obj: Any) -> None:
         raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
     if section == "objects" and obj.cell_m <= 0:
         raise ConfigError(f"objects.cell_m: expected a positive number, got {obj.cell_m!r}")
+    if section in ("walls", "towers", "grade"):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name in _FRACTIONS and not 0 <= v <= 1:
+                raise ConfigError(f"{section}.{f.name}: expected 0 <= x <= 1, got {v!r}")
+            if f.name.endswith("res_m") and v <= 0:
+                raise ConfigError(f"{section}.{f.name}: expected a positive number of metres "
+                                  f"per pixel, got {v!r}")
+
+
+def _check_resolutions(params: DetectParams) -> None:
+    """The grade may use walls and towers only where their searches run."""
+    g, w, t = params.grade, params.walls, params.towers
+    if g.max_wall_res_m > w.max_res_m:
+        raise ConfigError(f"grade.max_wall_res_m: {g.max_wall_res_m!r} is coarser than "
+                          f"walls.max_res_m = {w.max_res_m!r}, where walls are no longer "
+                          "searched; set it to at most walls.max_res_m.")
+    if g.max_tower_res_m > t.max_res_m:
+        raise ConfigError(f"grade.max_tower_res_m: {g.max_tower_res_m!r} is coarser than "
+                          f"towers.max_res_m = {t.max_res_m!r}, where towers are no longer "
+                          "searched; set it to at most towers.max_res_m.")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -170,6 +203,7 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
         if not isinstance(data[section], dict):
             raise ConfigError(f"{section}: expected a [{section}] table in {config_path}.")
     params = DetectParams(**{s: _build(cls, s, data.get(s, {})) for s, cls in _SECTIONS.items()})
+    _check_resolutions(params)
     grid = data.get("grid", {})
     aoi = data.get("aoi", {})
     for key in grid:

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from affine import Affine
 
@@ -23,11 +23,15 @@ __all__ = [
     "NormalizeMethod",
     "OnExcess",
     "EvidenceKind",
+    "EVIDENCE_ORDER",
     "GridPlan",
     "SourceRef",
     "CoregParams",
     "ChangeParams",
     "ObjectParams",
+    "WallParams",
+    "TowerParams",
+    "GradeParams",
     "DetectParams",
     "Evidence",
     "CoregResult",
@@ -37,7 +41,9 @@ __all__ = [
 ThresholdMethod = Literal["otsu", "kittler"]
 NormalizeMethod = Literal["histogram", "linear", "none"]
 OnExcess = Literal["warn", "raise"]
-EvidenceKind = Literal["compound", "new_building", "change"]
+EvidenceKind = Literal["compound", "watchtower", "wall", "new_building", "change"]
+#: Order of kinds in detection output (a site first, then its parts, then other change).
+EVIDENCE_ORDER: tuple[str, ...] = get_args(EvidenceKind)
 
 
 @dataclass(frozen=True)
@@ -171,12 +177,72 @@ class ObjectParams:
 
 
 @dataclass(frozen=True)
+class WallParams:
+    """Tuning of wall, fence and enclosure measures; every length in metres."""
+
+    max_res_m: float = 2.5  # coarser than this, walls are below a pixel: no wall search
+    work_res_m: float = 1.0  # finer input is averaged to about this (fine texture is noise)
+    max_wall_width_m: float = 2.0  # bright lines (wall tops, fences) are at most this wide
+    max_shadow_width_m: float = 4.0  # dark lines (shadows) at most this; roads are wider
+    min_contrast: float = 0.15  # new top-hat response, share of the before 2-98 % range
+    noise_factor: float = 5.0  # ... and at least this many noise sigmas of the date difference
+    max_line_share: float = 0.10  # ... and at most this share of the pixels passes it
+    line_average_m: float = 8.0  # the response is averaged along lines of this length
+    existing_tolerance_m: float = 1.5  # a before-image line this close to a segment is the same
+    min_length_m: float = 30.0  # shorter lines are dropped (pieces of half this may add up)
+    min_support: float = 0.5  # ... and so are those with line pixels along less of their length
+    max_before_ratio: float = 0.33  # a line this visible in the before image (relative) is old
+    min_lineness: float = 0.5  # a segment stands out from its parallels by this x threshold
+    gap_m: float = 10.0  # gaps bridged along one line (gates, trees, noise)
+    angle_tol_deg: float = 3.0  # collinear pieces differ by at most this angle
+    tolerance_m: float = 3.0  # outline-to-wall distance that counts as backed (with 2 px)
+    double_gap_min_m: float = 2.0  # an inner fence this far inside the wall ...
+    double_gap_max_m: float = 12.0  # ... and at most this far makes a double fence
+    double_min_share: float = 0.5  # ... along this share of the wall-backed perimeter
+    internal_min_span: float = 0.6  # an internal fence spans this share of the compound
+
+
+@dataclass(frozen=True)
+class TowerParams:
+    """Watchtower search; sizes in metres."""
+
+    max_res_m: float = 1.0  # coarser than this a tower is under three pixels: no search
+    min_size_m: float = 3.0  # footprint side of the smallest tower
+    max_size_m: float = 9.0  # ... and of the largest (a guard house is bigger)
+    max_extent_m: float = 22.0  # tower with its shadow; two towers are never closer than half
+    search_m: float = 3.0  # how far from the outline (the wall line) a tower's centre may be
+    corner_m: float = 12.0  # a tower this close to an outline corner is "at a corner"
+    line_length_m: float = 25.0  # thin lines this long and straight are walls, not towers
+    min_contrast: float = 0.15  # share of the before image's 2-98 % range
+    noise_factor: float = 5.0  # ... and at least this many noise sigmas
+    peak_factor: float = 3.0  # without a shadow beside it, a blob needs this times the threshold
+
+
+@dataclass(frozen=True)
+class GradeParams:
+    """Thresholds of the grade; resolutions in metres per pixel."""
+
+    min_closure_ratio: float = 0.6  # share of the outline backed by new wall lines
+    min_sides_backed: int = 3  # sides with at least half their length on new walls
+    min_area_m2: float = 2500.0  # a walled enclosure smaller than this is not a compound
+    max_wall_res_m: float = 2.5  # coarser: walls are below a pixel (footprint rules apply)
+    max_fence_res_m: float = 1.0  # coarser: fences are not used for grade 2
+    max_tower_res_m: float = 1.0  # coarser: watchtowers are not searched
+    min_towers: int = 2  # one blob on a wall is not enough for grade 3
+    coarse_min_area_m2: float = 10000.0  # a coarse footprint must be at least 1 ha ...
+    coarse_min_rectangularity: float = 0.8  # ... and this rectilinear
+
+
+@dataclass(frozen=True)
 class DetectParams:
     """All parameters of one detection run; its hash identifies the method in evidence."""
 
     coreg: CoregParams = field(default_factory=CoregParams)
     change: ChangeParams = field(default_factory=ChangeParams)
     objects: ObjectParams = field(default_factory=ObjectParams)
+    walls: WallParams = field(default_factory=WallParams)
+    towers: TowerParams = field(default_factory=TowerParams)
+    grade: GradeParams = field(default_factory=GradeParams)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of every parameter."""
@@ -210,8 +276,10 @@ class CoregResult:
 class Evidence:
     """One flagged change. ``geometry`` is a shapely geometry in the grid CRS ``crs``.
 
-    ``measurements`` holds the numbers behind ``score`` (named with units); ``parent`` links a
-    building to its compound's ``id``.
+    ``measurements`` holds the numbers behind ``score`` (named with units). ``site_id`` is the
+    ``id`` of the compound a wall, watchtower or new building belongs to (None outside any
+    compound); a compound carries its own ``id`` there, so one filter on ``site_id`` selects
+    a whole site.
     """
 
     id: str
@@ -224,4 +292,4 @@ class Evidence:
     before: SourceRef
     after: SourceRef
     params: DetectParams
-    parent: str | None = None
+    site_id: str | None = None

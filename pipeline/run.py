@@ -35,7 +35,14 @@ from pipeline.detect.sites import detect_sites
 from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
-from pipeline.model import CoregResult, Evidence, GridPlan, SourceRef, params_hash
+from pipeline.model import (
+    EVIDENCE_ORDER,
+    CoregResult,
+    Evidence,
+    GridPlan,
+    SourceRef,
+    params_hash,
+)
 from pipeline.report.chipset import chip_targets, write_chips
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.manifest import build_manifest, write_manifest
@@ -330,13 +337,14 @@ def detect_scenes(
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=float(np.count_nonzero(mask_np == 1) / max(1, mask_np.size)))
         with steps.step("detect") as info:
+            timings: dict[str, float] = {}  # detect sub-steps (objects, compounds, walls, grade)
             evidence = detect_sites(
                 before.data, after.data, mask_np, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
-                after_ref=after_ref,
+                after_ref=after_ref, timings=timings,
             )
-            info.update({k: sum(e.kind == k for e in evidence)
-                         for k in ("compound", "new_building", "change")})
+            info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
+            info["seconds_by_part"] = timings
         del before, after  # only the magnitude is written from here
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:

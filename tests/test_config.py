@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import load_config, load_sources
 from pipeline.errors import ConfigError
-from pipeline.model import DetectParams
+from pipeline.model import DetectParams, params_hash
 
 
 def test_load_config_default_matches_dataclass_defaults():
@@ -68,3 +68,40 @@ def test_load_sources_rejects_non_http_and_missing_keys(tmp_path):
     path.write_text("[sources.a]\ntype = 'ftp'\n")
     with pytest.raises(ConfigError, match="sources.a.type"):
         load_sources(path)
+
+
+def test_load_config_wall_tower_grade_sections(tmp_path):
+    """[walls], [towers] and [grade] load into DetectParams; overrides win; the hash moves."""
+    path = tmp_path / "c.toml"
+    path.write_text("[walls]\nmin_length_m = 40.0\n[towers]\nmax_size_m = 10.0\n"
+                    "[grade]\nmin_towers = 3\n")
+    cfg = load_config(path, overrides={"grade.min_closure_ratio": 0.7})
+    p = cfg.params
+    assert (p.walls.min_length_m, p.towers.max_size_m, p.grade.min_towers) == (40.0, 10.0, 3)
+    assert p.grade.min_closure_ratio == 0.7 and p.walls.gap_m == DetectParams().walls.gap_m
+    assert cfg.to_dict()["walls"]["min_length_m"] == 40.0
+    assert cfg.to_dict()["grade"]["min_towers"] == 3
+    assert params_hash(p) != params_hash(DetectParams())
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("[walls]\nmin_lenght_m = 3\n", "walls.min_lenght_m: unknown key. Did you mean "
+                                        "'min_length_m'"),
+        ("[towers]\nmin_size_m = -1\n", "towers.min_size_m: expected a value >= 0"),
+        ("[grade]\nmin_closure_ratio = 1.5\n", "grade.min_closure_ratio: expected 0 <= x <= 1"),
+        ("[grade]\nmin_towers = 2.5\n", "grade.min_towers: expected a whole number"),
+        ("[walls]\nwork_res_m = 0\n", "walls.work_res_m: expected a positive number"),
+        ("[grade]\nmax_wall_res_m = 5.0\n", "grade.max_wall_res_m: 5.0 is coarser than "
+                                            "walls.max_res_m"),
+        ("[towers]\nmax_res_m = 0.5\n", "grade.max_tower_res_m: 1.0 is coarser than "
+                                        "towers.max_res_m"),
+    ],
+)
+def test_load_config_detector_errors_name_the_key(tmp_path, text, phrase):
+    """Bad wall, tower and grade settings are ConfigErrors naming the key path."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=phrase.replace(".", r"\.").replace("(", r"\(")):
+        load_config(path)

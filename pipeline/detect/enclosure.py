@@ -19,7 +19,8 @@ import shapely
 from affine import Affine
 
 from pipeline.detect.lines import collinear_groups, merge_collinear
-from pipeline.detect.walls import LineMap, WallParams, WallSegment
+from pipeline.detect.walls import LineMap, WallSegment
+from pipeline.model import WallParams
 
 __all__ = ["EnclosureMeasures", "measure_enclosure", "perimeter_samples", "segment_backing",
            "PARALLEL_DEG", "count_sides_backed"]

@@ -27,26 +27,12 @@ from affine import Affine
 
 from pipeline.detect.enclosure import EnclosureMeasures, measure_enclosure
 from pipeline.detect.outlines import outline_from_segments
-from pipeline.detect.towers import Tower, TowerParams, find_watchtowers
-from pipeline.detect.walls import LineMap, WallParams, WallSegment, find_wall_segments, new_line_map
+from pipeline.detect.towers import Tower, find_watchtowers
+from pipeline.detect.walls import LineMap, WallSegment, find_wall_segments, new_line_map
+from pipeline.model import GradeParams, TowerParams, WallParams
 
 __all__ = ["GradeParams", "SiteAssessment", "grade_site", "resolution_caveats", "assess_site",
            "site_features"]
-
-
-@dataclass(frozen=True)
-class GradeParams:
-    """Thresholds of the grade; resolutions in metres per pixel."""
-
-    min_closure_ratio: float = 0.6  # share of the outline backed by new wall lines
-    min_sides_backed: int = 3  # sides with at least half their length on new walls
-    min_area_m2: float = 2500.0  # a walled enclosure smaller than this is not a compound
-    max_wall_res_m: float = 2.5  # coarser: walls are below a pixel (footprint rules apply)
-    max_fence_res_m: float = 1.0  # coarser: fences are not used for grade 2
-    max_tower_res_m: float = 1.0  # coarser: watchtowers are not searched
-    min_towers: int = 2  # one blob on a wall is not enough for grade 3
-    coarse_min_area_m2: float = 10000.0  # a coarse footprint must be at least 1 ha ...
-    coarse_min_rectangularity: float = 0.8  # ... and this rectilinear
 
 
 def _pct(x: float) -> str:

@@ -22,7 +22,8 @@ from pipeline.detect.enclosure import (
     perimeter_samples,
     segment_backing,
 )
-from pipeline.detect.walls import WallParams, WallSegment
+from pipeline.detect.walls import WallSegment
+from pipeline.model import WallParams
 
 __all__ = ["outline_from_segments", "propose_outlines", "segment_closure"]
 

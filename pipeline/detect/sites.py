@@ -8,25 +8,42 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import shapely
 from affine import Affine
 
-from pipeline.detect.compounds import CompoundCandidate, find_compounds, outline_window
-from pipeline.detect.grade import GradeParams, assess_site, grade_site
+from pipeline.detect.compounds import CompoundCandidate, find_compounds
+from pipeline.detect.compounds import _candidate as texture_candidate
+from pipeline.detect.grade import SiteAssessment, site_features
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
-from pipeline.detect.texture import compute_crops, grey
-from pipeline.model import DetectParams, Evidence, EvidenceKind, ObjectParams, SourceRef
+from pipeline.detect.texture import grey
+from pipeline.detect.towers import outline_orientation_deg
+from pipeline.detect.walled import (
+    SceneWalls,
+    assess_outlines,
+    coarse_grade,
+    is_fine,
+    overlaps,
+    scene_walls,
+    site_measures,
+    wall_outlines,
+)
+from pipeline.model import (
+    EVIDENCE_ORDER,
+    DetectParams,
+    Evidence,
+    EvidenceKind,
+    ObjectParams,
+    SourceRef,
+)
 
 __all__ = ["detect_sites", "building_score", "compound_score"]
-
-# Margin around a compound outline for grading: walls the seed outline misses by up to this
-# much are still found (the seed comes from ~10 m texture cells), and towers just outside it.
-_GRADE_MARGIN_M = 60.0
-
 
 def building_score(obj: ChangeObject) -> float:
     """Shape and contrast of a new-building candidate, in [0, 1].
@@ -49,44 +66,14 @@ def compound_score(
     saturates as ``1 - exp(-n / 5)``.
     """
     terms = {
-        "score_contrast": float(np.clip((cand.gain_inside - cand.gain_outside) / math.log(2), 0, 1)),
+        "score_contrast": float(np.clip((cand.gain_inside - cand.gain_outside) / math.log(2),
+                                        0, 1)),
         "score_fill": float(np.clip(cand.evidence_fill, 0, 1)),
         "score_buildings": float(1.0 - math.exp(-n_buildings / 5.0)),
     }
     w = np.asarray(weights, dtype=float)
     score = float(np.dot(w / w.sum(), list(terms.values())))
     return score, terms
-
-
-def _grade(before: np.ndarray, after: np.ndarray, cand: CompoundCandidate, *,
-           transform: Affine, res_m: float) -> dict[str, Any]:
-    """Grade a compound with its reasons and what the resolution could not show.
-
-    Fine imagery (walls resolvable): walls, fences and towers are measured around the outline
-    (``grade.assess_site``). Coarse imagery: the footprint rules of ``grade.grade_site``, where
-    rectangularity is the share of the outline covered by construction evidence.
-    """
-    thresholds = GradeParams()
-    if res_m <= thresholds.max_wall_res_m:
-        # Wall and tower measures need the pixels, but only around this outline: the pair is
-        # cropped to the outline plus a margin (computed there only when it is a Dask pair).
-        rows, cols, window = outline_window(cand.polygon, transform, before.shape,
-                                            margin_px=max(1, round(_GRADE_MARGIN_M / res_m)))
-        b, a = compute_crops([before[..., rows, cols], after[..., rows, cols]])
-        found = assess_site(b, a, cand.polygon, transform=window, res_m=res_m,
-                            grades=thresholds)
-        m = dict(found.measurements)
-    else:
-        m = {"area_m2": float(cand.polygon.area), "rectangularity": cand.evidence_fill}
-        grade, reasons, caveats = grade_site(m, resolution_m=res_m, thresholds=thresholds)
-        m = {"grade": grade, "grade_reasons": reasons, "grade_caveats": caveats,
-             "closure_ratio": None, "wall_length_m": None, "double_fence": None,
-             "watchtower_count": None}
-    m.pop("area_m2", None)
-    m.pop("resolution_m", None)
-    m["grade_reasons"] = "; ".join(m["grade_reasons"])
-    m["grade_caveats"] = "; ".join(m["grade_caveats"])
-    return m
 
 
 def _change_score(obj: ChangeObject) -> float:
@@ -108,17 +95,6 @@ def _compound_measures(cand: CompoundCandidate) -> dict[str, float]:
     }
 
 
-def _evidence(kind: EvidenceKind, idx: int, geom: shapely.Geometry, score: float,
-              measures: dict[str, Any], parent: str | None = None, *, crs: str, res_m: float,
-              before: SourceRef, after: SourceRef, params: DetectParams) -> Evidence:
-    return Evidence(
-        id=f"{kind}-{idx:04d}", kind=kind, geometry=geom, crs=crs,
-        score=round(float(score), 4), area_m2=float(geom.area),
-        measurements={**measures, "resolution_m": res_m}, before=before, after=after,
-        params=params, parent=parent,
-    )
-
-
 def _object_measures(obj: ChangeObject) -> dict[str, float]:
     return {
         "solidity": obj.solidity,
@@ -128,6 +104,114 @@ def _object_measures(obj: ChangeObject) -> dict[str, float]:
         "contrast": obj.contrast,
         "brightness_change": obj.brightness_change,
     }
+
+
+@dataclass
+class _Site:
+    """One accepted compound while it is being assembled."""
+
+    cand: CompoundCandidate
+    inside: list[ChangeObject]
+    source: str  # "texture" or "walls": what proposed the outline
+    grade: dict[str, Any] = field(default_factory=dict)
+    assessment: SiteAssessment | None = None
+
+
+@contextmanager
+def _timed(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the seconds spent in the block to ``timings[name]`` (when timings are kept)."""
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def _outline_candidate(outline: shapely.Polygon, gain: np.ndarray, gain_threshold: float, *,
+                       transform: Affine, res_m: float, op: ObjectParams) -> CompoundCandidate:
+    """The texture measures of a (traced) rectangular outline on the cell grid."""
+    rect = outline if len(outline.exterior.coords) == 5 else \
+        shapely.minimum_rotated_rectangle(outline)
+    corners = np.asarray(rect.exterior.coords)[:4]
+    cols, rows = ~transform * (corners[:, 0], corners[:, 1])
+    factor = max(1, int(round(op.cell_m / res_m)))
+    return texture_candidate(np.column_stack([rows, cols]),
+                             outline_orientation_deg(rect) % 180.0, gain,
+                             threshold=gain_threshold, transform=transform, factor=factor,
+                             cell_m=factor * res_m)
+
+
+def _claim(cand: CompoundCandidate, buildings: list[ChangeObject], claimed: set[int]
+           ) -> list[ChangeObject]:
+    return [b for b in buildings
+            if b.label not in claimed and cand.polygon.contains(b.polygon.centroid)]
+
+
+def _fine_sites(sites: list[_Site], before: Any, after: Any, *, transform: Affine,
+                res_m: float, params: DetectParams, scene: SceneWalls, gain: np.ndarray,
+                gain_threshold: float) -> list[_Site]:
+    """Grade fine-resolution sites on their traced outlines; keep the new enclosures.
+
+    A site whose outline no new wall encloses (grade 0: new roofs, an old compound whose
+    roofs or season changed) is not a compound; its buildings stay new buildings of no site.
+    A site mostly inside a better one already kept is the same compound.
+    """
+    found = assess_outlines(before, after, [s.cand.polygon for s in sites],
+                            transform=transform, res_m=res_m, params=params, scene=scene)
+    kept: list[_Site] = []
+    for site, assessment in zip(sites, found, strict=True):
+        if assessment.grade < 1 or overlaps(assessment.outline, [k.cand.polygon for k in kept]):
+            continue
+        cand = _outline_candidate(assessment.outline, gain, gain_threshold,
+                                  transform=transform, res_m=res_m, op=params.objects)
+        kept.append(_Site(cand, site.inside, site.source,
+                          site_measures(assessment, res_m=res_m, params=params), assessment))
+    return kept
+
+
+def _propose(candidates: list[CompoundCandidate], buildings: list[ChangeObject],
+             op: ObjectParams) -> list[_Site]:
+    """Texture candidates with enough evidence; the strongest first claims its buildings."""
+    sites, claimed = [], set()
+    for cand in candidates:
+        inside = _claim(cand, buildings, claimed)
+        score, _ = compound_score(cand, len(inside), op.score_weights)
+        if score < op.min_score or cand.evidence_fill < op.compound_min_fill:
+            continue
+        claimed.update(b.label for b in inside)
+        sites.append(_Site(cand, inside, "texture"))
+    return sites
+
+
+def _site_evidence(sites: list[_Site], make: Callable[..., Evidence], params: DetectParams
+                   ) -> tuple[list[Evidence], dict[int, str]]:
+    """Compound, wall and watchtower evidence of the sites, and building label -> site id."""
+    scored = []
+    for site in sites:
+        score, terms = compound_score(site.cand, len(site.inside), params.objects.score_weights)
+        scored.append((score, terms, site))
+    scored.sort(key=lambda t: -t[0])
+    found: list[Evidence] = []
+    site_of: dict[int, str] = {}
+    count = {"wall": 0, "watchtower": 0}
+    seen: set[bytes] = set()
+    for idx, (score, terms, site) in enumerate(scored, start=1):
+        sid = f"compound-{idx:04d}"
+        measures = {**terms, **_compound_measures(site.cand), "outline_source": site.source,
+                    "building_count": len(site.inside),
+                    "building_area_m2": float(sum(b.area_m2 for b in site.inside)),
+                    **site.grade}
+        found.append(make("compound", idx, site.cand.polygon, score, measures, sid))
+        site_of.update({b.label: sid for b in site.inside})
+        parts = site_features(site.assessment, walls=params.walls) if site.assessment else []
+        for part in parts:
+            key = shapely.to_wkb(part["geometry"])
+            if key in seen:  # a wall between two sites belongs to the first
+                continue
+            seen.add(key)
+            count[part["kind"]] += 1
+            found.append(make(part["kind"], count[part["kind"]], part["geometry"],
+                              part["score"], part["measurements"], sid))
+    return found, site_of
 
 
 def detect_sites(
@@ -142,14 +226,23 @@ def detect_sites(
     params: DetectParams,
     before_ref: SourceRef,
     after_ref: SourceRef,
+    timings: dict[str, float] | None = None,
 ) -> list[Evidence]:
-    """Turn a change mask and the image pair into compound, building and change evidence.
+    """Turn a change mask and the image pair into compound, wall, tower, building and change
+    evidence.
+
+    Compounds are proposed by texture gain (`find_compounds`) and, where walls are resolvable
+    (``params.grade.max_wall_res_m`` or finer), also by the outlines new walls close
+    (`walled.wall_outlines`; a walled compound with few buildings has little texture gain).
+    There a compound must be a new enclosure (grade 1 or more) on its traced outline: new
+    roofs without a wall, or an old compound whose roofs or season changed, stay new
+    buildings and change. Coarser, compounds are graded from their footprint.
 
     Parameters
     ----------
     before, after
-        ``(band, y, x)`` float32 stacks on the working grid, after co-registered and
-        normalized to before; NaN = nodata.
+        ``(band, y, x)`` float32 stacks on the working grid (NumPy or Dask), after
+        co-registered and normalized to before; NaN = nodata.
     mask
         uint8 change mask (1 change, 0 none, 255 nodata) on the same grid.
     magnitude
@@ -159,61 +252,78 @@ def detect_sites(
     threshold
         The magnitude threshold behind ``mask``.
     params
-        All detection parameters (``params.objects`` is used here; the whole is recorded).
+        All detection parameters (``objects``, ``walls``, ``towers`` and ``grade`` are used;
+        the whole is recorded).
     before_ref, after_ref
         Provenance attached to every feature.
+    timings
+        When given, seconds per sub-step are added to it: ``objects``, ``compounds``,
+        ``walls`` (fine imagery only) and ``grade``.
 
     Returns
     -------
-    Evidence sorted by kind (compounds first) and score, descending.
+    Evidence ordered by kind (``model.EVIDENCE_ORDER``: compounds first) and score,
+    descending. Walls, watchtowers and new buildings carry the ``site_id`` of their compound.
     """
     op: ObjectParams = params.objects
     res_m = abs(transform.a)
-    delta = grey(after) - grey(before)
-    objects = extract_objects(
-        mask, magnitude, delta, transform=transform, threshold=threshold,
-        min_area_m2=min(op.building_min_area_m2, op.change_min_area_m2),
-    )
-    candidates, _, _ = find_compounds(before, after, transform=transform, res_m=res_m, params=op)
-
+    with _timed(timings, "objects"):
+        delta = grey(after) - grey(before)
+        objects = extract_objects(
+            mask, magnitude, delta, transform=transform, threshold=threshold,
+            min_area_m2=min(op.building_min_area_m2, op.change_min_area_m2))
+        buildings = [o for o in objects if is_building_like(
+            o, min_area_m2=op.building_min_area_m2, max_area_m2=op.building_max_area_m2,
+            min_solidity=op.building_min_solidity,
+            min_rectangularity=op.building_min_rectangularity,
+            max_elongation=op.building_max_elongation)]
+        buildings.sort(key=lambda o: (-building_score(o), o.label))
+    with _timed(timings, "compounds"):
+        candidates, gain, gain_threshold = find_compounds(before, after, transform=transform,
+                                                          res_m=res_m, params=op)
+        sites = _propose(candidates, buildings, op)
+    if is_fine(res_m, params):
+        with _timed(timings, "walls"):
+            scene = scene_walls(before, after, transform=transform, res_m=res_m, params=params)
+            claimed = {b.label for s in sites for b in s.inside}
+            for outline in wall_outlines(scene, params=params,
+                                         taken=[s.cand.polygon for s in sites]):
+                cand = _outline_candidate(outline, gain, gain_threshold, transform=transform,
+                                          res_m=res_m, op=op)
+                inside = _claim(cand, buildings, claimed)
+                claimed.update(b.label for b in inside)
+                sites.append(_Site(cand, inside, "walls"))
+        with _timed(timings, "grade"):
+            sites = _fine_sites(sites, before, after, transform=transform, res_m=res_m,
+                                params=params, scene=scene, gain=gain,
+                                gain_threshold=gain_threshold)
+    else:
+        with _timed(timings, "grade"):
+            for site in sites:
+                site.grade = coarse_grade(site.cand.polygon, site.cand.evidence_fill,
+                                          res_m=res_m, params=params)
     make = functools.partial(_evidence, crs=crs, res_m=res_m, before=before_ref,
                              after=after_ref, params=params)
-    buildings = [o for o in objects if is_building_like(
-        o, min_area_m2=op.building_min_area_m2, max_area_m2=op.building_max_area_m2,
-        min_solidity=op.building_min_solidity, min_rectangularity=op.building_min_rectangularity,
-        max_elongation=op.building_max_elongation)]
-    buildings.sort(key=lambda o: (-building_score(o), o.label))
+    found, site_of = _site_evidence(sites, make, params)
     building_labels = {o.label for o in buildings}
-
-    accepted = []
-    claimed: set[int] = set()
-    for cand in candidates:  # strongest evidence first claims the buildings inside it
-        inside = [b for b in buildings
-                  if b.label not in claimed and cand.polygon.contains(b.polygon.centroid)]
-        score, terms = compound_score(cand, len(inside), op.score_weights)
-        if score < op.min_score or cand.evidence_fill < op.compound_min_fill:
-            continue
-        claimed.update(b.label for b in inside)
-        accepted.append((score, cand, inside, terms))
-    accepted.sort(key=lambda t: -t[0])
-
-    found: list[Evidence] = []
-    parent_of: dict[int, str] = {}
-    for idx, (score, cand, inside, terms) in enumerate(accepted, start=1):
-        measures = {**terms, **_compound_measures(cand), "building_count": len(inside),
-                    "building_area_m2": float(sum(b.area_m2 for b in inside))}
-        measures.update(_grade(before, after, cand, transform=transform, res_m=res_m))
-        compound = make("compound", idx, cand.polygon, score, measures)
-        parent_of.update({b.label: compound.id for b in inside})
-        found.append(compound)
     for idx, b in enumerate(buildings, start=1):
         found.append(make("new_building", idx, b.polygon, building_score(b),
-                          _object_measures(b), parent=parent_of.get(b.label)))
+                          _object_measures(b), site_of.get(b.label)))
     others = [o for o in objects if o.label not in building_labels
               and o.area_m2 >= op.change_min_area_m2]
     others.sort(key=lambda o: (-_change_score(o), o.label))
     for idx, o in enumerate(others, start=1):
         found.append(make("change", idx, o.polygon, _change_score(o), _object_measures(o)))
-    order = {"compound": 0, "new_building": 1, "change": 2}
-    found.sort(key=lambda e: (order[e.kind], -e.score, e.id))
+    found.sort(key=lambda e: (EVIDENCE_ORDER.index(e.kind), -e.score, e.id))
     return found
+
+
+def _evidence(kind: EvidenceKind, idx: int, geom: shapely.Geometry, score: float,
+              measures: dict[str, Any], site_id: str | None = None, *, crs: str, res_m: float,
+              before: SourceRef, after: SourceRef, params: DetectParams) -> Evidence:
+    return Evidence(
+        id=f"{kind}-{idx:04d}", kind=kind, geometry=geom, crs=crs,
+        score=round(float(score), 4), area_m2=float(geom.area),
+        measurements={**measures, "resolution_m": res_m}, before=before, after=after,
+        params=params, site_id=site_id,
+    )

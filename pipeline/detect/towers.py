@@ -27,25 +27,10 @@ from scipy import ndimage as ndi
 from skimage import feature, morphology
 
 from pipeline.detect.lines import line_footprint
-from pipeline.detect.walls import WallParams, as_grey, noise_sigma, robust_scale
+from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
+from pipeline.model import TowerParams, WallParams
 
-__all__ = ["TowerParams", "Tower", "find_watchtowers"]
-
-
-@dataclass(frozen=True)
-class TowerParams:
-    """Watchtower search; sizes in metres."""
-
-    max_res_m: float = 1.0  # coarser than this a tower is under three pixels: no search
-    min_size_m: float = 3.0  # footprint side of the smallest tower
-    max_size_m: float = 9.0  # ... and of the largest (a guard house is bigger)
-    max_extent_m: float = 22.0  # tower with its shadow; two towers are never closer than half
-    search_m: float = 3.0  # how far from the outline (the wall line) a tower's centre may be
-    corner_m: float = 12.0  # a tower this close to an outline corner is "at a corner"
-    line_length_m: float = 25.0  # thin lines this long and straight are walls, not towers
-    min_contrast: float = 0.15  # share of the before image's 2-98 % range
-    noise_factor: float = 5.0  # ... and at least this many noise sigmas
-    peak_factor: float = 3.0  # without a shadow beside it, a blob needs this times the threshold
+__all__ = ["TowerParams", "Tower", "find_watchtowers", "outline_orientation_deg"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +74,7 @@ def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res
             np.minimum(blanked[1], ndi.minimum_filter(b, size=3) - a), *compact]
 
 
-def _orientation(outline: shapely.Polygon) -> float:
+def outline_orientation_deg(outline: shapely.Polygon) -> float:
     """Direction of the outline's longest side, degrees counter-clockwise from east."""
     rect = np.asarray(shapely.minimum_rotated_rectangle(outline).exterior.coords)
     sides = rect[1:3] - rect[0:2]
@@ -143,7 +128,7 @@ def find_watchtowers(before: np.ndarray, after: np.ndarray, outline: shapely.Pol
     # Noise and scale from the whole frame: inside the window the new compound dominates.
     threshold = max(params.min_contrast, params.noise_factor * noise_sigma(g_b, g_a) / scale)
     rows, cols = _window(outline, transform, g_a.shape, params.search_m + params.max_extent_m)
-    angle = _orientation(outline)
+    angle = outline_orientation_deg(outline)
     maps = _new_compact(g_b[rows, cols] / scale, g_a[rows, cols] / scale, angle_deg=angle,
                         res_m=res_m, params=params, walls=walls, threshold=threshold)
     towers = _towers(maps, threshold, outline, angle_deg=angle, res_m=res_m, params=params,

@@ -29,36 +29,11 @@ from skimage import morphology
 
 from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
 from pipeline.detect.texture import block_mean
+from pipeline.model import WallParams
 
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
            "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
            "drop_small"]  # merge_collinear, collinear_groups: re-exported from lines
-
-
-@dataclass(frozen=True)
-class WallParams:
-    """Tuning of wall, fence and enclosure measures; every length in metres."""
-
-    max_res_m: float = 2.5  # coarser than this, walls are below a pixel: no wall search
-    work_res_m: float = 1.0  # finer input is averaged to about this (fine texture is noise)
-    max_wall_width_m: float = 2.0  # bright lines (wall tops, fences) are at most this wide
-    max_shadow_width_m: float = 4.0  # dark lines (shadows) at most this; roads are wider
-    min_contrast: float = 0.15  # new top-hat response, share of the before 2-98 % range
-    noise_factor: float = 5.0  # ... and at least this many noise sigmas of the date difference
-    max_line_share: float = 0.10  # ... and at most this share of the pixels passes it
-    line_average_m: float = 8.0  # the response is averaged along lines of this length
-    existing_tolerance_m: float = 1.5  # a before-image line this close to a segment is the same
-    min_length_m: float = 30.0  # shorter lines are dropped (pieces of half this may add up)
-    min_support: float = 0.5  # ... and so are those with line pixels along less of their length
-    max_before_ratio: float = 0.33  # a line this visible in the before image (relative) is old
-    min_lineness: float = 0.5  # a segment stands out from its parallels by this x threshold
-    gap_m: float = 10.0  # gaps bridged along one line (gates, trees, noise)
-    angle_tol_deg: float = 3.0  # collinear pieces differ by at most this angle
-    tolerance_m: float = 3.0  # outline-to-wall distance that counts as backed (with 2 px)
-    double_gap_min_m: float = 2.0  # an inner fence this far inside the wall ...
-    double_gap_max_m: float = 12.0  # ... and at most this far makes a double fence
-    double_min_share: float = 0.5  # ... along this share of the wall-backed perimeter
-    internal_min_span: float = 0.6  # an internal fence spans this share of the compound
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
-import numpy as np
 import pytest
+from _scenes import LOOK_ALIKES, background, real_pair
 
 from pipeline.detect.grade import (
     GradeParams,
@@ -15,46 +14,13 @@ from pipeline.detect.grade import (
     resolution_caveats,
     site_features,
 )
-from pipeline.testing_compounds import (
-    make_existing_compound,
-    make_field_boundaries,
-    make_new_roofs,
-    make_road_grid,
+from pipeline.testing import (
     make_walled_compound,
-    resample_background,
     synthetic_background,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-REAL = [DATA / "levir_cd_tiles" / "A" / "levircd_test_1.png",
-        DATA / "levir_cd" / "A" / "train_386_0512_0768.png"]
-PAIR = [DATA / "levir_cd_tiles" / d / "levircd_test_5.png" for d in ("A", "B")]
-SIZE_PX = 480  # 240 m of ground at 0.5 m
 COARSE_CAVEAT = ("at 10 m walls, fences and watchtowers cannot be seen; the outline is the "
                  "footprint of new construction, not a traced wall")
-
-
-@cache
-def _real_image() -> np.ndarray | None:
-    """A 480 x 480 crop (0.5 m, RGB) of real LEVIR-CD ground, or None without the data."""
-    from skimage import io
-
-    for path in REAL:
-        if path.exists():
-            img = io.imread(path)[:SIZE_PX, :SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
-            pad = [(0, 0), (0, SIZE_PX - img.shape[1]), (0, SIZE_PX - img.shape[2])]
-            return np.pad(img, pad, mode="reflect")
-    return None
-
-
-def background(kind: str, res_m: float) -> np.ndarray:
-    """Ground at ``res_m``: a real crop (skips the test when absent) or synthetic texture."""
-    if kind == "synthetic":
-        return synthetic_background((int(240 / res_m),) * 2, res_m=res_m, seed=3)
-    img = _real_image()
-    if img is None:
-        pytest.skip(f"no real background under {DATA} (levir_cd_tiles or levir_cd)")
-    return img if res_m == 0.5 else resample_background(img, from_res_m=0.5, to_res_m=res_m)
 
 
 WALLED = {"area_m2": 19200.0, "rectangularity": 1.0, "closure_ratio": 0.68,
@@ -193,12 +159,6 @@ def test_assess_site_at_2m_is_grade_1_with_caveats(kind):
     assert any("towers were not searched" in c for c in site.caveats)
 
 
-LOOK_ALIKES = {
-    "road_grid": make_road_grid,
-    "field_boundaries": make_field_boundaries,
-    "new_roofs": make_new_roofs,
-    "existing_compound": make_existing_compound,
-}
 
 
 @pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
@@ -213,27 +173,11 @@ def test_look_alikes_are_grade_0(case, kind, res_m):
     assert site.reasons[0].startswith("change without a traced enclosure")
 
 
-@cache
-def _real_pair(res_m: float) -> tuple[np.ndarray, np.ndarray]:
-    """Real ground at two dates (LEVIR-CD A and B, no change in this corner), B matched to A.
-
-    Grass, crops and trees changed with the season between the dates: every texture differs.
-    """
-    if not all(p.exists() for p in PAIR):
-        pytest.skip(f"no real date pair under {DATA} (levir_cd_tiles A and B)")
-    from skimage import io
-
-    a, b = (io.imread(p)[:SIZE_PX, 500:500 + SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
-            for p in PAIR)
-    q = np.linspace(0, 100, 257)
-    b = np.stack([np.interp(bb, np.percentile(bb, q), np.percentile(aa, q))
-                  for aa, bb in zip(a, b, strict=True)]).astype(np.float32)
-    return tuple(resample_background(x, from_res_m=0.5, to_res_m=res_m) for x in (a, b))
 
 
 def test_real_date_pair_compound_is_an_enclosure():
     """Over real ground that changed with the season, a new walled compound is still found."""
-    before, after, truth = make_walled_compound(_real_pair(1.0), res_m=1.0,
+    before, after, truth = make_walled_compound(real_pair(1.0), res_m=1.0,
                                                 double_fence_gap_m=6.0, internal_fences=2,
                                                 towers="corners_and_sides")
     seed = truth.wall_polygon.buffer(5.0, join_style="mitre")
@@ -246,7 +190,7 @@ def test_real_date_pair_compound_is_an_enclosure():
 @pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
 def test_real_date_pair_look_alikes_are_grade_0(case):
     """Over real ground that changed with the season, look-alikes stay grade 0."""
-    before, after, truth = LOOK_ALIKES[case](_real_pair(1.0), res_m=1.0, seed=1)
+    before, after, truth = LOOK_ALIKES[case](real_pair(1.0), res_m=1.0, seed=1)
     site = assess_site(before, after, truth.extra["outline"], transform=truth.transform,
                        res_m=1.0)
     assert site.grade == 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import pytest
+from _scenes import LOOK_ALIKES, background, real_pair
 from affine import Affine
 from numpy.testing import assert_array_equal
 
@@ -11,6 +14,7 @@ from pipeline.detect.objects import extract_objects, is_building_like
 from pipeline.detect.sites import detect_sites
 from pipeline.detect.texture import block_mean, texture_gain
 from pipeline.model import DetectParams, SourceRef
+from pipeline.testing import detect_pair, make_existing_compound, make_walled_compound
 
 RES = 2.0
 TRANSFORM = Affine(RES, 0, 500000.0, 0, -RES, 4800000.0)
@@ -101,7 +105,7 @@ def test_detect_sites_finds_synthetic_compound():
     assert c.geometry.intersection(wall).area / c.geometry.union(wall).area > 0.7
     assert 0 <= c.score <= 1
     buildings = [e for e in found if e.kind == "new_building"]
-    assert c.measurements["building_count"] == len([b for b in buildings if b.parent == c.id])
+    assert c.measurements["building_count"] == len([b for b in buildings if b.site_id == c.id])
     assert c.measurements["building_count"] >= 10
 
 
@@ -186,7 +190,7 @@ def test_detect_sites_dask_equals_numpy():
                        dask.array.from_array(mag, chunks=128), **kwargs)
     assert [e.id for e in got] == [e.id for e in expected]
     for e, g in zip(expected, got, strict=True):
-        assert g.geometry.equals(e.geometry) and g.score == e.score and g.parent == e.parent
+        assert g.geometry.equals(e.geometry) and g.score == e.score and g.site_id == e.site_id
         for key, value in e.measurements.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 assert g.measurements[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
@@ -206,3 +210,128 @@ def test_outline_window_holds_polygon_with_margin():
     rows, cols, transform = outline_window(poly, TRANSFORM, (3, 300, 250), margin_px=20)
     assert (rows.start, rows.stop, cols.start, cols.stop) == (60, 220, 40, 250)
     assert transform * (0, 0) == TRANSFORM * (40, 60)
+
+
+COMPOUND_KEYS = {"grade", "grade_reasons", "wall_length_m", "closure_ratio", "double_fence",
+                 "watchtower_count", "building_count", "building_area_m2", "resolution_m"}
+
+
+def _iou(a, b) -> float:
+    return a.intersection(b).area / a.union(b).area
+
+
+@cache
+def _walled(kind: str, res_m: float, **layout):
+    """Evidence of detect_sites on a new walled compound (cached), and the truth."""
+    before, after, truth = make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
+    timings: dict[str, float] = {}
+    found = detect_pair(before, after, transform=truth.transform, timings=timings)
+    return found, truth, timings
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+def test_detect_sites_walled_compound_with_walls_and_towers(kind):
+    """At 1 m a towered compound is one grade-3 compound on its wall, with its walls and
+    towers as features of their own pointing at it (site_id)."""
+    found, truth, _ = _walled(kind, 1.0)
+    compounds = [e for e in found if e.kind == "compound"]
+    assert len(compounds) == 1
+    c = compounds[0]
+    assert _iou(c.geometry, truth.wall_polygon) >= 0.9
+    assert COMPOUND_KEYS <= set(c.measurements) and c.site_id == c.id
+    m = c.measurements
+    assert m["grade"] == 3 and m["resolution_m"] == 1.0
+    assert m["wall_length_m"] == pytest.approx(truth.wall_length_m, rel=0.10)
+    assert m["watchtower_count"] == len(truth.towers) == 4
+    assert "4 watchtowers" in m["grade_reasons"]
+    towers = [e for e in found if e.kind == "watchtower"]
+    walls = [e for e in found if e.kind == "wall"]
+    assert len(towers) == 4 and all(t.site_id == c.id for t in towers)
+    assert walls and all(w.site_id == c.id and w.geometry.geom_type == "LineString"
+                         for w in walls)
+    perimeter = sum(w.measurements["length_m"] for w in walls
+                    if w.measurements["role"] == "perimeter")
+    assert perimeter == pytest.approx(truth.wall_length_m, rel=0.15)
+    assert all(0 <= w.measurements["orientation_deg"] < 180 for w in walls)
+    inside = [e for e in found if e.kind == "new_building" and e.site_id == c.id]
+    assert m["building_count"] == len(inside)
+    assert m["building_area_m2"] == pytest.approx(sum(b.area_m2 for b in inside))
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
+def test_detect_sites_walled_compound_without_buildings_found_by_its_walls(kind, res_m):
+    """A walled compound with no building (little texture gain) is found from its walls."""
+    found, truth, _ = _walled(kind, res_m, buildings=None)
+    compounds = [e for e in found if e.kind == "compound"]
+    assert len(compounds) == 1
+    c = compounds[0]
+    assert c.measurements["outline_source"] == "walls"
+    assert _iou(c.geometry, truth.wall_polygon) >= 0.9
+    assert c.measurements["grade"] >= 1
+    assert abs(c.measurements["closure_ratio"] - truth.closure_ratio) <= 0.1
+
+
+def test_detect_sites_at_2m_towers_not_shown():
+    """At 2 m towers are not searched: the count is null, not 0, and the caveat says why."""
+    found, _, timings = _walled("synthetic", 2.0)
+    c = next(e for e in found if e.kind == "compound")
+    assert c.measurements["watchtower_count"] is None
+    assert "towers were not searched" in c.measurements["grade_caveats"]
+    assert not [e for e in found if e.kind == "watchtower"]
+    assert {"objects", "compounds", "walls", "grade"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+
+
+@pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
+@pytest.mark.parametrize("kind,res_m", [("real", 0.5), ("real", 1.0), ("synthetic", 1.0),
+                                        ("synthetic", 2.0)])
+def test_detect_sites_look_alikes_are_not_compounds(case, kind, res_m):
+    """Roads, field boundaries, bare new roofs and an old compound with new roofs (sun moved)
+    give no compound, wall or watchtower; their changes stay buildings or change of no site."""
+    before, after, truth = LOOK_ALIKES[case](background(kind, res_m), res_m=res_m, seed=1)
+    found = detect_pair(before, after, transform=truth.transform)
+    assert [e.kind for e in found if e.kind in ("compound", "wall", "watchtower")] == []
+    assert all(e.site_id is None for e in found)
+
+
+def test_detect_sites_existing_compound_over_seasonal_ground_is_not_new():
+    """An old compound whose roofs changed, over real ground that changed with the season,
+    is not a new compound: only its changes are reported."""
+    before, after, truth = make_existing_compound(real_pair(1.0), res_m=1.0)
+    found = detect_pair(before, after, transform=truth.transform)
+    assert not [e for e in found if e.kind in ("compound", "wall", "watchtower")]
+    assert [e for e in found if e.kind in ("new_building", "change")]
+
+
+def test_detect_sites_new_compound_over_seasonal_ground_is_found():
+    """The same ground with a new towered compound instead gives the compound."""
+    before, after, truth = make_walled_compound(real_pair(1.0), res_m=1.0,
+                                                double_fence_gap_m=6.0, internal_fences=2)
+    found = detect_pair(before, after, transform=truth.transform)
+    compounds = [e for e in found if e.kind == "compound"]
+    assert len(compounds) == 1 and compounds[0].measurements["grade"] >= 2
+    assert _iou(compounds[0].geometry, truth.wall_polygon) >= 0.9
+
+
+def test_detect_sites_coarse_compound_carries_null_wall_measures():
+    """At 10 m a compound has every issue key; walls, fences and towers are null, with the
+    resolution caveat, and there is no wall or tower feature."""
+    transform = Affine(10.0, 0, 500000.0, 0, -10.0, 4800000.0)
+    before = _scene()
+    after = _with_compound(before)
+    mask, mag = _mask_from(before, after)
+    timings: dict[str, float] = {}
+    found = detect_sites(before, after, mask, mag, transform=transform, crs="EPSG:32633",
+                         threshold=30.0, params=DetectParams(), before_ref=REF, after_ref=REF,
+                         timings=timings)
+    compounds = [e for e in found if e.kind == "compound"]
+    assert len(compounds) == 1
+    m = compounds[0].measurements
+    assert COMPOUND_KEYS <= set(m) and m["resolution_m"] == 10.0
+    assert m["grade"] in (0, 1)
+    assert all(m[k] is None for k in ("wall_length_m", "closure_ratio", "double_fence",
+                                      "watchtower_count"))
+    assert "walls, fences and watchtowers cannot be seen" in m["grade_caveats"]
+    assert not [e for e in found if e.kind in ("wall", "watchtower")]
+    assert "walls" not in timings and {"objects", "compounds", "grade"} <= set(timings)

@@ -3,53 +3,20 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import shapely
+from _scenes import LOOK_ALIKES, background
 from affine import Affine
 
 from pipeline.detect.enclosure import measure_enclosure
 from pipeline.detect.outlines import outline_from_segments, propose_outlines
 from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map
-from pipeline.testing_compounds import (
-    make_existing_compound,
+from pipeline.testing import (
     make_field_boundaries,
-    make_new_roofs,
-    make_road_grid,
     make_walled_compound,
-    resample_background,
-    synthetic_background,
 )
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-REAL = [DATA / "levir_cd_tiles" / "A" / "levircd_test_1.png",
-        DATA / "levir_cd" / "A" / "train_386_0512_0768.png"]
-SIZE_PX = 480  # 240 m of ground at 0.5 m
-
-
-@cache
-def _real_image() -> np.ndarray | None:
-    """A 480 x 480 crop (0.5 m, RGB) of real LEVIR-CD ground, or None without the data."""
-    from skimage import io
-
-    for path in REAL:
-        if path.exists():
-            img = io.imread(path)[:SIZE_PX, :SIZE_PX, :3].transpose(2, 0, 1).astype(np.float32)
-            pad = [(0, 0), (0, SIZE_PX - img.shape[1]), (0, SIZE_PX - img.shape[2])]
-            return np.pad(img, pad, mode="reflect")
-    return None
-
-
-def background(kind: str, res_m: float) -> np.ndarray:
-    """Ground at ``res_m``: a real crop (skips the test when absent) or synthetic texture."""
-    if kind == "synthetic":
-        return synthetic_background((int(240 / res_m),) * 2, res_m=res_m, seed=3)
-    img = _real_image()
-    if img is None:
-        pytest.skip(f"no real background under {DATA} (levir_cd_tiles or levir_cd)")
-    return img if res_m == 0.5 else resample_background(img, from_res_m=0.5, to_res_m=res_m)
 
 
 def measure(before, after, truth, seed_outline, res_m):
@@ -150,19 +117,13 @@ def test_propose_outlines_finds_compound_without_seed(res_m):
     assert closure >= 0.9
 
 
-FALSE_CASES = {
-    "road_grid": make_road_grid,
-    "field_boundaries": make_field_boundaries,
-    "new_roofs": make_new_roofs,
-    "existing_compound": make_existing_compound,
-}
 
 
-@pytest.mark.parametrize("case", sorted(FALSE_CASES))
+@pytest.mark.parametrize("case", sorted(LOOK_ALIKES))
 @pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
 def test_look_alikes_are_not_walled_enclosures(case, res_m):
     """Roads, field tracks, bare roofs and an old compound with new roofs give no enclosure."""
-    before, after, truth = FALSE_CASES[case](background("real", res_m), res_m=res_m, seed=1)
+    before, after, truth = LOOK_ALIKES[case](background("real", res_m), res_m=res_m, seed=1)
     outline = truth.extra["outline"]
     segs, _, enc = measure(before, after, truth, outline, res_m)
     assert enc.closure_ratio < 0.45

@@ -70,7 +70,7 @@ def evidence() -> list[Evidence]:
         before=BEFORE,
         after=AFTER,
         params=DetectParams(),
-        parent="c-002",
+        site_id="c-002",
     )
     return [
         _evidence("c-001", _clockwise_square(X0 + 1000, Y0, 300.0), 0.7, {"fill": 0.33333333}),
@@ -147,7 +147,7 @@ def test_evidence_to_features_property_schema(fc: dict[str, Any]) -> None:
     props = feature["properties"]
     assert set(CORE_PROPERTIES) <= set(props)
     assert props["id"] == feature["id"] == "b-001"
-    assert props["kind"] == "new_building" and props["parent"] == "c-002"
+    assert props["kind"] == "new_building" and props["site_id"] == "c-002"
     assert props["score"] == 0.5123 and props["area_m2"] == 400.0
     assert props["before_date"] == "2017-03-01" and props["after_date"] is None
     assert props["before_release"] == "2017-06-01" and props["after_release"] == "2018-11-07"
@@ -439,3 +439,29 @@ def test_validate_geojson_reads_parsed_file(fc: dict[str, Any], tmp_path: Path) 
     """A file written and parsed back validates the same as the in-memory dict."""
     path = write_geojson(fc, tmp_path / "e.geojson")
     assert validate_geojson(json.loads(path.read_text(encoding="utf-8"))) == (True, [], [])
+
+
+def test_evidence_to_features_walls_and_towers_point_at_their_site() -> None:
+    """A wall (LineString) and a watchtower keep their kind and site_id, and validate."""
+    from shapely.geometry import LineString
+
+    wall = Evidence(id="wall-0001", kind="wall", crs=CRS, score=0.8, area_m2=0.0,
+                    geometry=LineString([(X0, Y0), (X0 + 160.0, Y0)]),
+                    measurements={"length_m": 160.0, "orientation_deg": 0.0,
+                                  "role": "perimeter"},
+                    before=BEFORE, after=AFTER, params=DetectParams(), site_id="compound-0001")
+    tower = Evidence(id="watchtower-0001", kind="watchtower", crs=CRS, score=0.6, area_m2=25.0,
+                     geometry=box(X0 - 2.5, Y0 - 2.5, X0 + 2.5, Y0 + 2.5),
+                     measurements={"size_m": 5.0, "at_corner": True}, before=BEFORE,
+                     after=AFTER, params=DetectParams(), site_id="compound-0001")
+    site = _evidence("compound-0001", box(X0, Y0 - 120.0, X0 + 160.0, Y0), 0.5,
+                     {"grade": 3, "watchtower_count": 1, "closure_ratio": None})
+    fc = evidence_to_features([site, wall, tower], method=METHOD)
+    assert validate_geojson(fc, required_properties=CORE_PROPERTIES)[:2] == (True, [])
+    by_id = {f["id"]: f for f in fc["features"]}
+    assert by_id["wall-0001"]["geometry"]["type"] == "LineString"
+    assert by_id["wall-0001"]["properties"]["kind"] == "wall"
+    assert by_id["watchtower-0001"]["properties"]["site_id"] == "compound-0001"
+    assert by_id["wall-0001"]["properties"]["site_id"] == "compound-0001"
+    assert by_id["compound-0001"]["properties"]["closure_ratio"] is None
+    assert "parent" not in by_id["wall-0001"]["properties"]

@@ -1,4 +1,4 @@
-"""pipeline.testing_compounds: synthetic walled compounds and look-alikes on real backgrounds.
+"""pipeline.testing.compounds: synthetic walled compounds and look-alikes on real backgrounds.
 
 Scenes are drawn in metres on a fine canvas (at most 0.25 m per pixel), then averaged down to
 ``res_m``, so a 0.6 m wall is a mixed pixel at 2 m as it is in real imagery. Every structure

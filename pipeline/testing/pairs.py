@@ -1,4 +1,4 @@
-"""pipeline.testing: synthetic-scene factories shared by tests and notebooks.
+"""pipeline.testing.pairs: synthetic before/after pairs with a known changed block.
 
 Every scene is deterministic from its ``seed``. Values are in digital-number-like units: a
 textured background of mean about 100 and standard deviation about 25, and a changed block of
@@ -12,10 +12,11 @@ import math
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from affine import Affine
 
-from pipeline.model import GridPlan
+from pipeline.model import DetectParams, Evidence, GridPlan, SourceRef
 
-__all__ = ["CHANGE_LEVEL", "make_grid", "make_da", "make_pair"]
+__all__ = ["CHANGE_LEVEL", "make_grid", "make_da", "make_pair", "detect_pair"]
 
 CHANGE_LEVEL = 230.0
 _FINE_SIGMA_PX = 2.0
@@ -189,3 +190,34 @@ def make_pair(
         after[:, :, : int(round(nodata_frac * shape[1]))] = np.nan
         before[:, : int(round(nodata_frac * shape[0])), :] = np.nan
     return make_da(before, res_m=res_m, crs=crs), make_da(after, res_m=res_m, crs=crs)
+
+
+def detect_pair(
+    before: np.ndarray,
+    after: np.ndarray,
+    *,
+    transform: Affine,
+    crs: str = "EPSG:32633",
+    params: DetectParams | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[Evidence]:
+    """Change mask and site detection on an aligned ``(band, y, x)`` pair, as ``detect`` runs
+    them after co-registration and normalization (neither is applied here).
+
+    Returns
+    -------
+    The `pipeline.detect.sites.detect_sites` evidence (sources named ``synthetic``).
+    """
+    from pipeline.core.change import change_magnitude, change_mask
+    from pipeline.detect.sites import detect_sites
+
+    params = params or DetectParams()
+    res_m = abs(transform.a)
+    origin = (transform.c, transform.f)
+    b, a = (make_da(x, res_m=res_m, crs=crs, origin=origin) for x in (before, after))
+    magnitude = change_magnitude(b, a)
+    mask, threshold = change_mask(magnitude, params=params.change, res_m=res_m)
+    ref = SourceRef(provider="synthetic", item_id="pair")
+    return detect_sites(before, after, np.asarray(mask.values), np.asarray(magnitude.values),
+                        transform=transform, crs=crs, threshold=threshold, params=params,
+                        before_ref=ref, after_ref=ref, timings=timings)

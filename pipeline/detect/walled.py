@@ -1,0 +1,150 @@
+"""pipeline.detect.walled: walls of a whole scene, wall-traced outlines, and site grades.
+
+At about 2.5 m or finer, walls are resolvable: the new-wall search runs once over the whole
+scene (on its grey image, averaged to about ``WallParams.work_res_m``), its segments propose
+outlines that the texture-gain search can miss (a walled compound with few buildings), and
+every outline is graded on a crop of the pair around it with the scene's wall segments.
+Coarser, the footprint rules of `pipeline.detect.grade.grade_site` apply. Pure: arrays (NumPy
+or Dask) and shapely geometries in the grid CRS in, numbers and geometries out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import shapely
+from affine import Affine
+
+from pipeline.detect.compounds import outline_window
+from pipeline.detect.grade import SiteAssessment, assess_site, grade_site
+from pipeline.detect.outlines import propose_outlines
+from pipeline.detect.texture import block_mean, compute_crops, grey
+from pipeline.detect.walls import LineMap, WallSegment, find_wall_segments, new_line_map
+from pipeline.model import DetectParams
+
+__all__ = ["SceneWalls", "scene_walls", "wall_outlines", "assess_outlines", "coarse_grade",
+           "is_fine", "overlaps", "site_measures", "GRADE_MARGIN_M"]
+
+# Margin around an outline for grading: walls the seed outline misses by up to this much are
+# still found (texture seeds come from ~10 m cells), and towers just outside it.
+GRADE_MARGIN_M = 60.0
+
+
+@dataclass(frozen=True)
+class SceneWalls:
+    """The new-line map and wall segments of a whole scene (on the wall grid)."""
+
+    line_map: LineMap
+    segments: tuple[WallSegment, ...]
+
+
+def is_fine(res_m: float, params: DetectParams) -> bool:
+    """Whether walls are resolvable at ``res_m`` (the grade's wall rules apply)."""
+    return res_m <= params.grade.max_wall_res_m
+
+
+def scene_walls(before: Any, after: Any, *, transform: Affine, res_m: float,
+                params: DetectParams) -> SceneWalls:
+    """New wall segments over the whole scene.
+
+    Parameters
+    ----------
+    before, after
+        ``(band, y, x)`` NumPy or Dask stacks on the working grid, after co-registered and
+        normalized; NaN = nodata. A Dask pair is reduced chunk by chunk to the wall grid
+        (grey, then block means), so only that grid is held in memory.
+    transform, res_m
+        The working grid's affine transform and pixel size.
+    params
+        Detection parameters (``params.walls`` is used).
+
+    Returns
+    -------
+    A `SceneWalls`: the line map on the wall grid and the segments in the grid CRS.
+    """
+    walls = params.walls
+    factor = int(round(walls.work_res_m / res_m)) if res_m < walls.work_res_m else 1
+    g_b, g_a = grey(before), grey(after)
+    if factor > 1:
+        g_b, g_a = block_mean(g_b, factor)[0], block_mean(g_a, factor)[0]
+        transform, res_m = transform * Affine.scale(factor), res_m * factor
+    else:
+        g_b, g_a = compute_crops([g_b, g_a])
+    lm = new_line_map(g_b, g_a, transform=transform, res_m=res_m, params=walls)
+    segments = find_wall_segments(g_b, g_a, transform=transform, res_m=res_m, params=walls,
+                                  line_map=lm)
+    return SceneWalls(lm, tuple(segments))
+
+
+def wall_outlines(scene: SceneWalls, *, params: DetectParams,
+                  taken: Sequence[shapely.Polygon] = ()) -> list[shapely.Polygon]:
+    """Outlines that the scene's new walls close, except those overlapping ``taken``.
+
+    An outline overlaps when half of the smaller of the two areas is shared: the same
+    compound found by texture gain is not proposed twice.
+    """
+    g = params.grade
+    found = propose_outlines(scene.segments, res_m=scene.line_map.res_m, params=params.walls,
+                             min_area_m2=g.min_area_m2, min_closure=g.min_closure_ratio,
+                             min_sides=g.min_sides_backed)
+    return [outline for outline, _ in found if not overlaps(outline, taken)]
+
+
+def overlaps(outline: shapely.Polygon, others: Sequence[shapely.Polygon]) -> bool:
+    """Whether ``outline`` shares half of its area, or of another's, with any of ``others``."""
+    return any(shapely.intersection(outline, o).area >= 0.5 * min(outline.area, o.area)
+               for o in others)
+
+
+def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon], *,
+                    transform: Affine, res_m: float, params: DetectParams,
+                    scene: SceneWalls) -> list[SiteAssessment]:
+    """Walls, fences, towers and grade of each outline, on a crop of the pair around it.
+
+    The crops (outline plus `GRADE_MARGIN_M`) are computed together when the pair is lazy;
+    the scene's line map and segments are shared by all outlines.
+    """
+    margin_px = max(1, round(GRADE_MARGIN_M / res_m))
+    windows = [outline_window(o, transform, before.shape, margin_px=margin_px) for o in outlines]
+    crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows
+                           for x in (before, after)])
+    out = []
+    for k, (outline, (_, _, window)) in enumerate(zip(outlines, windows, strict=True)):
+        out.append(assess_site(crops[2 * k], crops[2 * k + 1], outline, transform=window,
+                               res_m=res_m, walls=params.walls, towers=params.towers,
+                               grades=params.grade, line_map=scene.line_map,
+                               segments=scene.segments))
+    return out
+
+
+def site_measures(site: SiteAssessment, *, res_m: float, params: DetectParams
+                  ) -> dict[str, Any]:
+    """The grade and wall measures of a fine-resolution site, for ``Evidence.measurements``.
+
+    A watchtower count is None where towers were not searched (coarser than
+    ``params.towers.max_res_m``): the resolution could not show them.
+    """
+    m = dict(site.measurements)
+    for key in ("area_m2", "resolution_m", "perimeter_m"):
+        m.pop(key, None)
+    if res_m > params.towers.max_res_m:
+        m["watchtower_count"] = m["watchtowers_at_corner"] = None
+    m["grade_reasons"] = "; ".join(m["grade_reasons"])
+    m["grade_caveats"] = "; ".join(m["grade_caveats"])
+    return m
+
+
+def coarse_grade(polygon: shapely.Polygon, evidence_fill: float, *, res_m: float,
+                 params: DetectParams) -> dict[str, Any]:
+    """Footprint grade of a coarse compound: walls, fences and towers are below a pixel.
+
+    Rectangularity is the share of the outline covered by construction evidence. The wall,
+    fence and tower measures are None (not measurable at ``res_m``).
+    """
+    m = {"area_m2": float(polygon.area), "rectangularity": evidence_fill}
+    grade, reasons, caveats = grade_site(m, resolution_m=res_m, thresholds=params.grade)
+    return {"grade": grade, "grade_reasons": "; ".join(reasons),
+            "grade_caveats": "; ".join(caveats), "closure_ratio": None, "wall_length_m": None,
+            "double_fence": None, "watchtower_count": None}
