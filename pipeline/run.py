@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -43,11 +43,13 @@ from pipeline.model import (
     SourceRef,
     params_hash,
 )
-from pipeline.report.chipset import chip_targets, write_chips
-from pipeline.report.geojson import evidence_to_features, write_geojson
-from pipeline.report.manifest import build_manifest, write_manifest
-from pipeline.report.package import StepLog, write_gis_layers
-from pipeline.report.rasters import write_cog
+from pipeline.report.manifest import (
+    MANIFEST_NAME,
+    build_manifest,
+    write_manifest,
+    write_manifest_digest,
+)
+from pipeline.report.package import write_package
 from pipeline.report.rundir import (
     check_out_root,
     new_run_id,
@@ -496,34 +498,17 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    magnitude: xr.DataArray, *, config: RunConfig, run_id: str, aoi: Aoi,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
                    started: datetime, caught: list[warnings.WarningMessage]) -> None:
-    """Write the evidence files and, last, the manifest that hashes them."""
-    log_ = StepLog()
+    """Write the evidence package and, last, the manifest that hashes it (and its digest)."""
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
-    names = ["changes.geojson", "change_mask.tif", "change_magnitude.tif"]
-    with log_.step("write:chips") as info:
-        targets = chip_targets(evidence, plan)
-        chips = write_chips(stage, targets, evidence, plan=plan, resampling=config.resampling)
-        names += [p for paths in chips.values() for p in paths.values()]
-        info.update(findings=len(chips), files=len(names) - 3)
-    with log_.step("write:geojson") as info:
-        shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips
-                 else e for e in evidence]
-        fc = evidence_to_features(shown, method=_method_label(config))
-        write_geojson(fc, stage / names[0])
-        info.update(features=len(fc["features"]))
-    with log_.step("write:rasters"):
-        write_cog(mask, stage / names[1], dtype="uint8", nodata=255,
-                  description="change (1), no change (0), nodata (255)")
-        write_cog(magnitude, stage / names[2], dtype="float32", nodata=float("nan"),
-                  description="change magnitude (CVA, before's units)")
-    with log_.step("write:gis_layers") as info:
-        names += write_gis_layers(stage, fc, aoi=aoi_dict)
+    package = write_package(stage, evidence, mask, magnitude, method=_method_label(config),
+                            plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling)
     manifest = build_manifest(
-        run_id=run_id, run_dir=stage, aoi=aoi_dict,
-        inputs=inputs, outputs=names, config=config.to_dict(), params=config.params,
-        steps=[*steps, *log_.records], started_utc=started, finished_utc=datetime.now(UTC),
+        run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
+        originals=package.originals, config=config.to_dict(), params=config.params,
+        steps=[*steps, *package.steps], started_utc=started, finished_utc=datetime.now(UTC),
         extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
                "warnings": [str(w.message) for w in caught
                             if issubclass(w.category, PipelineWarning)]},
     )
-    write_manifest(manifest, stage / "manifest.json")
+    write_manifest(manifest, stage / MANIFEST_NAME)
+    write_manifest_digest(stage)

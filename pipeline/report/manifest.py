@@ -26,7 +26,9 @@ from pipeline.model import DetectParams, SourceRef, params_hash
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "DIGEST_NAME",
     "build_manifest",
+    "write_manifest_digest",
     "software_versions",
     "write_manifest",
     "verify_manifest",
@@ -47,7 +49,16 @@ _DISTRIBUTIONS = {
     "xarray": "xarray",
     "dask": "dask",
     "pyogrio": "pyogrio",
+    "geopandas": "geopandas",
+    "pandas": "pandas",
+    "pillow": "pillow",
+    "click": "click",
+    "requests": "requests",
+    "pystac-client": "pystac-client",
+    "odc-stac": "odc-stac",
+    "lightgbm": "lightgbm",
 }
+DIGEST_NAME = MANIFEST_NAME + ".sha256"
 
 
 def build_manifest(
@@ -63,6 +74,7 @@ def build_manifest(
     started_utc: datetime,
     finished_utc: datetime,
     extra: dict[str, Any] | None = None,
+    originals: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assemble the manifest of one run; hashes every output.
 
@@ -91,6 +103,10 @@ def build_manifest(
         Time-zone-aware start and end of the run.
     extra
         More top-level members (e.g. skipped-tile counts); must not clash with the above.
+    originals
+        The preserved source files (``report.originals.preserve_originals``): each entry's
+        ``path`` (relative, or None when not preserved), ``sha256`` and ``size_bytes`` are
+        checked by :func:`verify_manifest` like the outputs.
 
     Returns
     -------
@@ -114,6 +130,7 @@ def build_manifest(
         "config": config,
         "params": params.to_dict(),
         "params_hash": params_hash(params),
+        "originals": list(originals or []),
         "steps": [_step(s) for s in steps],
         "started_utc": _utc_iso(started_utc),
         "finished_utc": _utc_iso(finished_utc),
@@ -174,19 +191,22 @@ def verify_manifest(run_dir: str | Path) -> tuple[bool, list[str], list[str]]:
     Returns
     -------
     tuple
-        ``(ok, errors, warnings)``. Errors: manifest missing or unreadable, an output
-        missing, changed (SHA-256 or size differ) or listed outside the run folder.
-        Warnings: files in the folder the manifest does not list.
+        ``(ok, errors, warnings)``. Errors: manifest missing or unreadable, the manifest
+        changed (when its digest file ``manifest.json.sha256`` is present), an output or a
+        preserved original missing, changed (SHA-256 or size differ) or listed outside the
+        run folder. Warnings: files in the folder the manifest does not list.
     """
     run_dir = Path(run_dir)
     errors: list[str] = []
     warnings: list[str] = []
     try:
         manifest = json.loads((run_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-        entries = manifest["outputs"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        entries = list(manifest["outputs"])
+        entries += [o for o in manifest.get("originals") or [] if o.get("path")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return False, [f"{run_dir / MANIFEST_NAME}: cannot be read as a manifest ({e})"], []
-    listed = set()
+    _verify_digest(run_dir, errors)
+    listed = {DIGEST_NAME}
     for entry in entries:
         rel = str(entry.get("path", ""))
         listed.add(rel)
@@ -198,8 +218,39 @@ def verify_manifest(run_dir: str | Path) -> tuple[bool, list[str], list[str]]:
     return not errors, errors, warnings
 
 
+def write_manifest_digest(run_dir: str | Path) -> Path:
+    """Write ``manifest.json.sha256`` (``sha256sum`` format) so a changed manifest is caught.
+
+    Returns
+    -------
+    Path
+        The digest file; ``sha256sum -c manifest.json.sha256`` in the run folder checks it.
+    """
+    run_dir = Path(run_dir)
+    digest = sha256_file(run_dir / MANIFEST_NAME)
+    try:
+        return atomic_write_text(run_dir / DIGEST_NAME, f"{digest}  {MANIFEST_NAME}\n")
+    except (FileExistsError, OSError) as e:
+        raise OutputError(f"Cannot write {run_dir / DIGEST_NAME}: {e}") from e
+
+
+def _verify_digest(run_dir: Path, errors: list[str]) -> None:
+    """Compare the manifest with its digest file, when there is one."""
+    path = run_dir / DIGEST_NAME
+    if not path.exists():  # runs written before the digest existed
+        return
+    try:
+        recorded = path.read_text(encoding="utf-8").split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        errors.append(f"{DIGEST_NAME}: unreadable")
+        return
+    if sha256_file(run_dir / MANIFEST_NAME) != recorded:
+        errors.append(f"{MANIFEST_NAME}: changed (SHA-256 differs from {DIGEST_NAME})")
+
+
 def software_versions() -> dict[str, str | None]:
     """Versions of Python, Sitewatch and the geospatial stack (GDAL, PROJ, GEOS included)."""
+    import pyogrio
     import pyproj
     import rasterio
     import shapely
@@ -208,6 +259,7 @@ def software_versions() -> dict[str, str | None]:
         "python": platform.python_version(),
         "sitewatch": pipeline.__version__,
         "GDAL": rasterio.__gdal_version__,
+        "GDAL (pyogrio)": pyogrio.__gdal_version_string__,
         "PROJ": pyproj.proj_version_str,
         "GEOS": shapely.geos_version_string,
         "platform": platform.platform(),
@@ -269,7 +321,10 @@ def _step(step: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"Every step needs a name, got {step!r}")
     seconds = step.get("seconds")
     seconds = round(float(seconds), 3) if seconds is not None and math.isfinite(seconds) else None
-    return {"name": str(step["name"]), "seconds": seconds, "details": step.get("details") or {}}
+    record = {"name": str(step["name"]), "seconds": seconds, "details": step.get("details") or {}}
+    if step.get("started_utc") is not None:
+        record["started_utc"] = step["started_utc"]
+    return record
 
 
 def _utc_iso(moment: datetime) -> str:

@@ -1,25 +1,38 @@
-"""pipeline.report.package: the files of an evidence package beside the GeoJSON.
+"""pipeline.report.package: every file of an evidence package, except the manifest.
 
-Each writer here takes the FeatureCollection already written to ``changes.geojson`` (so every
-file carries the same ids and attributes) and returns the names it wrote, relative to the
-run folder, for the manifest. Each is timed as its own processing step.
+:func:`write_package` writes, in order and each timed as a processing step: the chips, the
+GeoJSON (whose features name their chips), the two COGs, the GeoPackage and QGIS style, the
+review page, and the preserved originals. Every later file is built from the FeatureCollection
+written to ``changes.geojson``, so all carry the same ids and attributes. The caller writes
+the manifest last, from what this returns.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
+
 from pipeline.files import atomic_write_text
+from pipeline.model import Evidence, GridPlan, SourceRef
+from pipeline.report.chipset import chip_targets, write_chips
+from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.gpkg import layer_geometries, write_gpkg
+from pipeline.report.originals import preserve_originals
+from pipeline.report.rasters import write_cog
 from pipeline.report.style import findings_qml
 
-__all__ = ["GPKG_NAME", "QML_NAME", "StepLog", "write_gis_layers"]
+__all__ = ["GPKG_NAME", "QML_NAME", "Package", "StepLog", "write_gis_layers", "write_package"]
 
 GEOJSON_NAME = "changes.geojson"
+MASK_NAME = "change_mask.tif"
+MAGNITUDE_NAME = "change_magnitude.tif"
 GPKG_NAME = "changes.gpkg"
 QML_NAME = "changes.qml"
 
@@ -34,10 +47,78 @@ class StepLog:
     @contextmanager
     def step(self, name: str, **details: Any) -> Iterator[dict[str, Any]]:
         """Time the block; ``details`` (and what the block adds to it) go in the record."""
+        started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         start = self._clock()
         yield details
         self.records.append({"name": name, "seconds": round(self._clock() - start, 3),
-                             "details": details})
+                             "started_utc": started, "details": details})
+
+
+@dataclass(frozen=True)
+class Package:
+    """What :func:`write_package` wrote: output names, originals, and its timed steps."""
+
+    outputs: list[str]
+    originals: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    features: dict[str, Any]
+
+
+def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
+                  magnitude: xr.DataArray, *, method: str, plan: GridPlan,
+                  aoi: Mapping[str, Any], inputs: Mapping[str, SourceRef],
+                  resampling: str = "bilinear") -> Package:
+    """Write the evidence files of one run into its staging folder.
+
+    Parameters
+    ----------
+    stage
+        The run's staging folder (``report.rundir.staged_run_dir``).
+    evidence
+        The findings, geometries in the grid CRS.
+    mask, magnitude
+        The change mask (uint8, 255 nodata) and magnitude (float32, NaN nodata) on the grid.
+    method
+        The method line stored in every feature.
+    plan
+        The working grid.
+    aoi
+        ``{"id", "label", "geometry"}`` (lon/lat GeoJSON geometry).
+    inputs
+        The source scenes as read, by ``"<role>:<n>"``.
+    resampling
+        How inputs were warped onto the grid (chips are read the same way).
+
+    Returns
+    -------
+    Package
+        Output names relative to ``stage``, the originals' entries and the step records.
+    """
+    log = StepLog()
+    outputs = [GEOJSON_NAME, MASK_NAME, MAGNITUDE_NAME]
+    with log.step("write:chips") as info:
+        chips = write_chips(stage, chip_targets(evidence, plan), evidence, plan=plan,
+                            resampling=resampling)
+        outputs += [p for paths in chips.values() for p in paths.values()]
+        info.update(findings=len(chips), files=len(outputs) - 3)
+    with log.step("write:geojson") as info:
+        shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips
+                 else e for e in evidence]
+        fc = evidence_to_features(shown, method=method)
+        write_geojson(fc, stage / GEOJSON_NAME)
+        info.update(features=len(fc["features"]))
+    with log.step("write:rasters"):
+        write_cog(mask, stage / MASK_NAME, dtype="uint8", nodata=255,
+                  description="change (1), no change (0), nodata (255)")
+        write_cog(magnitude, stage / MAGNITUDE_NAME, dtype="float32", nodata=float("nan"),
+                  description="change magnitude (CVA, before's units)")
+    with log.step("write:gis_layers"):
+        outputs += write_gis_layers(stage, fc, aoi=aoi)
+    with log.step("write:originals") as info:
+        originals = preserve_originals(stage, inputs)
+        info.update(preserved=sum(o["path"] is not None for o in originals),
+                    not_preserved=sum(o["path"] is None for o in originals))
+    return Package(outputs=outputs, originals=originals, steps=log.records, features=fc)
 
 
 def write_gis_layers(stage: Path, fc: Mapping[str, Any], *,

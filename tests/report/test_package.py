@@ -83,3 +83,56 @@ def test_package_chips_for_every_compound(run_dir: Path, fc: dict[str, Any]) -> 
     buildings = [f["properties"] for f in fc["features"]
                  if f["properties"]["kind"] == "new_building"]
     assert all(props.get("chip_before") is None for props in buildings)
+
+
+def _flip_one_byte(path: Path) -> None:
+    """Change one byte in the middle of a file (made writable first)."""
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("target", ["chip", "changes.geojson", "original"])
+def test_package_verify_fails_after_one_byte(run_dir: Path, fc: dict[str, Any],
+                                             tmp_path: Path, target: str) -> None:
+    """`sitewatch verify` passes on a fresh copy and exits 1 naming the one changed file."""
+    copy = Path(shutil.copytree(run_dir, tmp_path / "copy"))
+    runner = CliRunner()
+    fresh = runner.invoke(cli, ["verify", str(copy)])
+    assert fresh.exit_code == 0, fresh.output
+    if target == "chip":
+        rel = fc["features"][0]["properties"].get("chip_after") or next(
+            f["properties"]["chip_after"] for f in fc["features"]
+            if f["properties"].get("chip_after"))
+    elif target == "original":
+        rel = next(p for p in copy.glob("originals/*")).relative_to(copy).as_posix()
+    else:
+        rel = target
+    _flip_one_byte(copy / rel)
+    result = runner.invoke(cli, ["verify", str(copy)])
+    assert result.exit_code == 1
+    assert rel in result.output and "changed" in result.output
+
+
+def test_package_manifest_records_provenance(run_dir: Path) -> None:
+    """The manifest lists steps in order with UTC starts, originals, versions and sources."""
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    names = [s["name"] for s in manifest["steps"]]
+    assert names[:5] == ["read", "coregister", "normalize", "change", "detect"]
+    writes = [s for s in manifest["steps"] if s["name"].startswith("write:")]
+    assert [s["name"] for s in writes] == ["write:chips", "write:geojson", "write:rasters",
+                                           "write:gis_layers", "write:originals"]
+    assert all(s["started_utc"].endswith("Z") for s in writes)
+    assert sorted(s["started_utc"] for s in writes) == [s["started_utc"] for s in writes]
+    roles = {o["input"]: o for o in manifest["originals"]}
+    assert set(roles) == {"before:0", "after:0"}
+    inputs = {i["role"]: i for i in manifest["inputs"]}
+    for key, original in roles.items():
+        assert original["sha256"] == inputs[key]["sha256"]
+        assert (run_dir / original["path"]).is_file()
+    assert inputs["before:0"]["acquired"] == "2017-03-02"
+    assert manifest["software"]["pillow"] and manifest["software"]["GDAL (pyogrio)"]
+    listed = {o["path"] for o in manifest["outputs"]}
+    assert {"changes.gpkg", "changes.qml"} <= listed
+    assert {p.relative_to(run_dir).as_posix() for p in (run_dir / "chips").iterdir()} <= listed

@@ -1,0 +1,109 @@
+"""pipeline.report.originals: the source bytes of a run, preserved apart from derived files.
+
+``originals/`` holds each local input file exactly as the run read it (a byte copy, or a hard
+link for very large files on the same file system), under ``originals/<role>-<n>_<name>``,
+made read-only. Its SHA-256 must equal the one recorded when the run read the file: a file
+changed in between is an error, never silently preserved. The manifest lists every original
+(``originals`` member) and ``sitewatch verify`` re-hashes them like the outputs.
+
+A fetched input (STAC assets, XYZ or Wayback tiles) was read window by window over HTTP; its
+bytes are not copied here. Its entry says so and names the URL and item, so the data can be
+fetched again, and the download cache keeps what was fetched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import OutputError
+from pipeline.files import atomic_path, sha256_file
+from pipeline.model import SourceRef
+
+__all__ = ["ORIGINALS_DIR", "LINK_MIN_BYTES", "preserve_originals"]
+
+log = logging.getLogger(__name__)
+
+ORIGINALS_DIR = "originals"
+LINK_MIN_BYTES = 1 << 30  # from 1 GiB, hard-link instead of copying (same file system only)
+
+
+def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
+                       link_min_bytes: int = LINK_MIN_BYTES) -> list[dict[str, Any]]:
+    """Copy (or hard-link) every local input into ``stage/originals``; describe each input.
+
+    Parameters
+    ----------
+    stage
+        The run folder being written.
+    inputs
+        ``{"before:0": ref, ...}`` as the run read them (``ref.sha256`` is the hash then).
+    link_min_bytes
+        Files of at least this size are hard-linked when on the same file system.
+
+    Returns
+    -------
+    list of dict
+        One entry per input: ``input`` (its key), ``path`` (relative, or None when not
+        preserved), ``sha256``, ``size_bytes``, ``how`` (``copy``, ``hardlink`` or
+        ``not preserved``), ``source_path``, ``source_url``, ``note``.
+
+    Raises
+    ------
+    OutputError
+        A local input's bytes changed since the run read it, or it cannot be copied.
+    """
+    entries = []
+    for key, ref in inputs.items():
+        if not ref.path:
+            entries.append({"input": key, "path": None, "sha256": ref.sha256,
+                            "size_bytes": None, "how": "not preserved",
+                            "source_path": None, "source_url": ref.url,
+                            "note": "fetched over HTTP window by window; fetch again from "
+                                    "source_url (the download cache keeps what was fetched)"})
+            continue
+        entries.append(_preserve(stage, key, ref, link_min_bytes))
+    return entries
+
+
+def _preserve(stage: Path, key: str, ref: SourceRef, link_min_bytes: int) -> dict[str, Any]:
+    """Copy or link one local input and check its hash."""
+    source = Path(str(ref.path))
+    rel = f"{ORIGINALS_DIR}/{key.replace(':', '-')}_{source.name}"
+    target = stage / rel
+    target.parent.mkdir(exist_ok=True)
+    size = source.stat().st_size
+    how = "copy"
+    try:
+        if size >= link_min_bytes and _same_device(source, target.parent):
+            os.link(source, target)
+            how = "hardlink"
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    except OSError as e:
+        raise OutputError(f"Cannot preserve the input {source} in {target}: {e}. "
+                          "Choose another --out with room for the originals.") from e
+    digest = sha256_file(target)
+    if ref.sha256 and digest != ref.sha256:
+        raise OutputError(
+            f"The input {source} changed while the run was using it (SHA-256 {digest[:12]}… "
+            f"now, {ref.sha256[:12]}… when read): the evidence would not match its source. "
+            "Keep the input unchanged and run again."
+        )
+    log.info("Preserved %s as %s (%s, %d bytes)", source, rel, how, size)
+    return {"input": key, "path": rel, "sha256": digest, "size_bytes": size, "how": how,
+            "source_path": str(source), "source_url": ref.url,
+            "note": "hard link: the same bytes as source_path; never edit either" if
+                    how == "hardlink" else None}
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    """Whether two paths are on one file system (a hard link is possible)."""
+    return a.stat().st_dev == b.stat().st_dev

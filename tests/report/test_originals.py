@@ -1,0 +1,107 @@
+"""Tests for pipeline.report.originals and the manifest's checks of originals and itself."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import OutputError
+from pipeline.files import sha256_file
+from pipeline.model import DetectParams, SourceRef
+from pipeline.report.manifest import (
+    build_manifest,
+    verify_manifest,
+    write_manifest,
+    write_manifest_digest,
+)
+from pipeline.report.originals import preserve_originals
+
+START = datetime(2026, 11, 25, 10, 46, 22, tzinfo=UTC)
+
+
+def _source(tmp_path: Path, name: str, data: bytes) -> SourceRef:
+    path = tmp_path / "inputs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return SourceRef("local", name, acquired=date(2017, 3, 2), path=str(path),
+                     sha256=sha256_file(path))
+
+
+def test_preserve_originals_copies_read_only(tmp_path: Path) -> None:
+    """A local input is copied byte for byte, read-only, with its hash; fetched ones noted."""
+    stage = tmp_path / "run"
+    stage.mkdir()
+    ref = _source(tmp_path, "before_2017-03-02.tif", b"\x00\x01 source bytes")
+    fetched = SourceRef("wayback", "wayback-10 z17", url="https://example.test/{z}/{y}/{x}")
+    entries = preserve_originals(stage, {"before:0": ref, "after:0": fetched})
+    copy = stage / "originals" / "before-0_before_2017-03-02.tif"
+    assert entries[0]["path"] == "originals/before-0_before_2017-03-02.tif"
+    assert copy.read_bytes() == b"\x00\x01 source bytes"
+    assert entries[0]["sha256"] == ref.sha256 and entries[0]["how"] == "copy"
+    assert not copy.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert os.stat(copy).st_ino != os.stat(str(ref.path)).st_ino
+    assert entries[1]["path"] is None and entries[1]["how"] == "not preserved"
+    assert entries[1]["source_url"] == fetched.url
+
+
+def test_preserve_originals_hard_links_large_files(tmp_path: Path) -> None:
+    """Above the size limit, on one file system, the original is a hard link."""
+    stage = tmp_path / "run"
+    stage.mkdir()
+    ref = _source(tmp_path, "big.tif", b"x" * 100)
+    (entry,) = preserve_originals(stage, {"after:0": ref}, link_min_bytes=50)
+    assert entry["how"] == "hardlink"
+    assert os.stat(stage / entry["path"]).st_ino == os.stat(str(ref.path)).st_ino
+
+
+def test_preserve_originals_refuses_a_changed_input(tmp_path: Path) -> None:
+    """An input whose bytes differ from the hash taken when read is an OutputError."""
+    stage = tmp_path / "run"
+    stage.mkdir()
+    ref = _source(tmp_path, "before.tif", b"as read")
+    Path(str(ref.path)).write_bytes(b"as read, then edited")
+    with pytest.raises(OutputError, match="changed while the run was using it"):
+        preserve_originals(stage, {"before:0": ref})
+
+
+def _package(tmp_path: Path) -> Path:
+    """A run folder with one output, one original, the manifest and its digest."""
+    stage = tmp_path / "run"
+    stage.mkdir()
+    (stage / "changes.geojson").write_text('{"type": "FeatureCollection", "features": []}\n')
+    ref = _source(tmp_path, "before.tif", b"original bytes")
+    originals = preserve_originals(stage, {"before:0": ref})
+    manifest = build_manifest(
+        run_id="r", run_dir=stage, aoi={"id": "x"}, inputs={"before:0": ref},
+        outputs=["changes.geojson"], config={}, params=DetectParams(), steps=[],
+        started_utc=START, finished_utc=START, originals=originals)
+    write_manifest(manifest, stage / "manifest.json")
+    write_manifest_digest(stage)
+    return stage
+
+
+def test_verify_manifest_checks_originals(tmp_path: Path) -> None:
+    """verify passes on a fresh folder and names an original whose byte changed."""
+    stage = _package(tmp_path)
+    assert verify_manifest(stage) == (True, [], [])
+    original = stage / "originals" / "before-0_before.tif"
+    original.chmod(0o644)
+    data = bytearray(original.read_bytes())
+    data[0] ^= 1
+    original.write_bytes(bytes(data))
+    ok, errors, _ = verify_manifest(stage)
+    assert not ok and errors == ["originals/before-0_before.tif: changed (SHA-256 differs "
+                                 "from the manifest)"]
+
+
+def test_verify_manifest_checks_its_digest(tmp_path: Path) -> None:
+    """A changed manifest no longer matches manifest.json.sha256."""
+    stage = _package(tmp_path)
+    path = stage / "manifest.json"
+    path.write_text(path.read_text().replace('"run_id": "r"', '"run_id": "s"'))
+    ok, errors, _ = verify_manifest(stage)
+    assert not ok and "manifest.json: changed" in errors[0]
