@@ -335,3 +335,10 @@ def test_detect_sites_coarse_compound_carries_null_wall_measures():
     assert "walls, fences and watchtowers cannot be seen" in m["grade_caveats"]
     assert not [e for e in found if e.kind in ("wall", "watchtower")]
     assert "walls" not in timings and {"objects", "compounds", "grade"} <= set(timings)
+
+
+@pytest.mark.parametrize("res_m", [0.5, 2.0])
+def test_detect_sites_nothing_when_after_equals_before_fine(res_m):
+    """A towered compound standing at both dates (after = before) flags nothing."""
+    before, _, truth = make_walled_compound(background("synthetic", res_m), res_m=res_m)
+    assert detect_pair(before, before.copy(), transform=truth.transform) == []

@@ -13,10 +13,7 @@ from affine import Affine
 from pipeline.detect.enclosure import measure_enclosure
 from pipeline.detect.outlines import outline_from_segments, propose_outlines
 from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map
-from pipeline.testing import (
-    make_field_boundaries,
-    make_walled_compound,
-)
+from pipeline.testing import make_field_boundaries, make_road_grid, make_walled_compound
 
 
 def measure(before, after, truth, seed_outline, res_m):
@@ -157,3 +154,12 @@ def test_find_wall_segments_empty_at_coarse_resolution():
     transform = Affine(10.0, 0, 500000.0, 0, -10.0, 4800000.0)
     assert find_wall_segments(img, after, transform=transform, res_m=10.0) == []
     assert not new_line_map(img, after, transform=transform, res_m=10.0).mask.any()
+
+
+@pytest.mark.parametrize("kind", ["real", "synthetic"])
+@pytest.mark.parametrize("res_m", [0.5, 1.0, 2.0])
+def test_road_grid_is_not_a_wall(kind, res_m):
+    """New 7 m roads on a 60 m grid (about 960 m of road) yield under 60 m of wall segments."""
+    before, after, truth = make_road_grid(background(kind, res_m), res_m=res_m, seed=1)
+    segs = find_wall_segments(before, after, transform=truth.transform, res_m=res_m)
+    assert sum(s.length_m for s in segs) < 60.0
