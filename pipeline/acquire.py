@@ -19,7 +19,7 @@ from pipeline.aoi import Aoi, plan_grid
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, FetchError, PipelineWarning
 from pipeline.fetch.base import DateWindow, FetchContext, Scene, SourceConfig
-from pipeline.fetch.local import common_resolution, describe_raster, read_to_grid
+from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.model import GridPlan
 
 __all__ = ["Acquisition", "fetch_context", "source_res_m", "acquire_pair"]
@@ -82,8 +82,12 @@ def _resolution(wants: tuple[Acquisition, Acquisition], config: RunConfig) -> fl
 def _fetch_one(want: Acquisition, plan: GridPlan, config: RunConfig,
                context: FetchContext) -> Scene:
     if want.path is not None:
+        # large grids are read lazily in chunks (bounded memory); detect_scenes then checks
+        # for valid pixels in its own single pass instead of a second read here
+        chunks = grid_chunks(plan)
         data, ref = read_to_grid(want.path, plan, role=want.role, acquired=want.acquired,
-                                 resampling=config.resampling)
+                                 resampling=config.resampling, chunks=chunks,
+                                 check_nodata=chunks is None)
         return Scene(data=data, refs=[ref], acquired=ref.acquired, info={"path": str(want.path)})
     assert want.source is not None and want.window is not None  # checked in __post_init__
     module = FETCHERS.get(want.source.type)

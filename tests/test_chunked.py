@@ -128,3 +128,28 @@ def test_run_detect_all_nodata_date_names_it(pair, tmp_path, chunks):
     with pytest.raises(NoValidDataError, match="empty_2021-06-14.tif .*nodata"):
         _run((pair[0], empty), tmp_path / "out", chunks)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.tif"))
+
+
+def test_acquire_pair_reads_large_grids_chunked(pair, tmp_path, monkeypatch):
+    """The CLI's reader chunks grids above CHUNKED_MIN_PX, with the same values as a whole read."""
+    import dask.array
+
+    import pipeline.fetch.local as local
+    from pipeline.acquire import Acquisition, acquire_pair, fetch_context
+
+    with rasterio.open(pair[0]) as src:
+        lonlat = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    aoi = parse_aoi(",".join(f"{v:.6f}" for v in lonlat))
+    config = load_config()
+    wants = [Acquisition(role=role, path=path) for role, path in zip(("before", "after"), pair,
+                                                                    strict=True)]
+    context = fetch_context(config)
+    _, whole_b, whole_a = acquire_pair(aoi, *wants, config=config, context=context)
+    assert not isinstance(whole_b.data.data, dask.array.Array)  # 640 px: read whole
+    monkeypatch.setattr(local, "CHUNKED_MIN_PX", 256 * 256)
+    monkeypatch.setattr(local, "CHUNK_PX", 512)
+    _, lazy_b, lazy_a = acquire_pair(aoi, *wants, config=config, context=context)
+    assert isinstance(lazy_b.data.data, dask.array.Array)
+    assert lazy_b.data.data.chunksize[-2:] == (512, 512)
+    assert_array_equal(lazy_b.data.values, whole_b.data.values)
+    assert_array_equal(lazy_a.data.values, whole_a.data.values)
