@@ -32,7 +32,8 @@ from shapely.geometry.base import BaseGeometry
 from pipeline.errors import AoiError, ConfigError, GridError
 from pipeline.model import GridPlan
 
-__all__ = ["Aoi", "parse_aoi", "load_sites", "utm_crs", "plan_grid", "aoi_polygon_in"]
+__all__ = ["Aoi", "parse_aoi", "load_sites", "load_site_records", "utm_crs", "plan_grid",
+           "aoi_polygon_in"]
 
 LONLAT_CRS = "EPSG:4326"
 MAX_RADIUS_M = 100_000.0
@@ -127,6 +128,22 @@ def load_sites(path: str | Path) -> dict[str, Aoi]:
     AoiError
         A feature is invalid; the message names it by index and name.
     """
+    return {aoi.label: aoi for aoi, _ in load_site_records(path)}
+
+
+def load_site_records(path: str | Path) -> list[tuple[Aoi, dict[str, Any]]]:
+    """Read a site file as :func:`load_sites` does, keeping each feature's properties.
+
+    Returns
+    -------
+    list
+        ``(aoi, properties)`` per feature in file order; missing GeoPackage values are None.
+
+    Raises
+    ------
+    ConfigError, AoiError
+        As :func:`load_sites`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Site file {path} does not exist; check the path or create it.")
@@ -134,16 +151,22 @@ def load_sites(path: str | Path) -> dict[str, Aoi]:
     if len(frame) == 0:
         raise ConfigError(f"Site file {path} has no features; add one feature per site.")
     records = frame.drop(columns="geometry").to_dict("records")
-    sites: dict[str, Aoi] = {}
+    out: list[tuple[Aoi, dict[str, Any]]] = []
+    labels: set[str] = set()
+    ids: set[str] = set()
     for index, (geom, props) in enumerate(zip(frame.geometry, records, strict=True)):
         aoi = _site_from_feature(geom, props, f"Site file {path}: feature {index}")
-        if aoi.label in sites or aoi.id in {s.id for s in sites.values()}:
+        if aoi.label in labels or aoi.id in ids:
             raise AoiError(
                 f"Site file {path}: feature {index} ('{aoi.label}') repeats a name or folder id "
                 f"('{aoi.id}') already used by another site; give each site a distinct name."
             )
-        sites[aoi.label] = aoi
-    return sites
+        labels.add(aoi.label)
+        ids.add(aoi.id)
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in props.items()}
+        out.append((aoi, clean))
+    return out
 
 
 def utm_crs(aoi: Aoi) -> str:

@@ -1,0 +1,111 @@
+"""pipeline.watch.findings: give findings that persist across runs the same id.
+
+A finding of a new analysis is the same as a known finding of its site when both are of the same
+``kind`` and their outlines overlap: the intersection covers at least ``MIN_OVERLAP`` of the
+smaller of the two. Each new finding takes the best-overlapping known one not already taken
+(greedy, by overlap then score), so two new findings never share an id. Geometries are compared
+in the site's UTM zone (lon/lat areas are not metric).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import shapely
+from pyproj import Transformer
+from shapely.geometry import shape
+from shapely.geometry.base import BaseGeometry
+
+__all__ = ["Finding", "KnownFinding", "MIN_OVERLAP", "TRACKED_KINDS", "match_findings",
+           "findings_from_geojson"]
+
+MIN_OVERLAP = 0.5
+TRACKED_KINDS = ("compound", "new_building")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One feature of a run's ``changes.geojson``: lon/lat geometry (GeoJSON dict) and figures."""
+
+    feature_id: str
+    kind: str
+    score: float | None
+    area_m2: float | None
+    geometry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KnownFinding:
+    """A finding already in the state database."""
+
+    id: str
+    kind: str
+    geometry: dict[str, Any]
+
+
+def findings_from_geojson(fc: dict[str, Any], *,
+                          kinds: Sequence[str] = TRACKED_KINDS) -> list[Finding]:
+    """The tracked findings of a FeatureCollection, in file order."""
+    out = []
+    for feature in fc.get("features", []):
+        props = feature.get("properties") or {}
+        if props.get("kind") not in kinds or not feature.get("geometry"):
+            continue
+        out.append(Finding(str(props.get("id", feature.get("id"))), str(props["kind"]),
+                           props.get("score"), props.get("area_m2"), feature["geometry"]))
+    return out
+
+
+def match_findings(new: Sequence[Finding], known: Sequence[KnownFinding], *,
+                   crs: str) -> list[str | None]:
+    """For each new finding, the id of the known finding it continues, or None.
+
+    Parameters
+    ----------
+    new
+        Findings of one analysis.
+    known
+        The site's findings so far.
+    crs
+        A metric CRS for the site (its UTM zone).
+
+    Returns
+    -------
+    list
+        One entry per ``new`` finding.
+    """
+    to_metric = functools.partial(_project, crs=crs)
+    new_geoms = [to_metric(f.geometry) for f in new]
+    known_geoms = [to_metric(k.geometry) for k in known]
+    pairs = []
+    for i, (finding, geom) in enumerate(zip(new, new_geoms, strict=True)):
+        for j, (other, other_geom) in enumerate(zip(known, known_geoms, strict=True)):
+            if other.kind != finding.kind or not geom.intersects(other_geom):
+                continue
+            smaller = min(geom.area, other_geom.area)
+            overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
+            if overlap >= MIN_OVERLAP:
+                pairs.append((-overlap, -(finding.score or 0.0), i, j))
+    result: list[str | None] = [None] * len(new)
+    taken: set[int] = set()
+    for _, _, i, j in sorted(pairs):
+        if result[i] is None and j not in taken:
+            result[i] = known[j].id
+            taken.add(j)
+    return result
+
+
+def _project(geometry: dict[str, Any], *, crs: str) -> BaseGeometry:
+    """A lon/lat GeoJSON geometry in ``crs``, made valid."""
+    geom = shape(geometry)
+    projected = shapely.transform(geom, _transformer(crs).transform, interleaved=False)
+    return shapely.make_valid(projected)
+
+
+@functools.lru_cache(maxsize=64)
+def _transformer(crs: str) -> Transformer:
+    """Cached lon/lat -> ``crs`` transformer."""
+    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)

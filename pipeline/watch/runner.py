@@ -1,0 +1,337 @@
+"""pipeline.watch.runner: one watch run over every due site, on Dask or in process.
+
+The coordinating process holds the lock and is the only writer of the state database. For each
+due site it submits a ``list_site`` task; when the listing comes back it records the imagery,
+chooses for each source the newest new imagery against the last analysed one, records that
+analysis as ``pending`` (committed before any work starts) and submits a ``detect_pair`` task;
+when that comes back it records the findings (matched to the site's known ones) in one
+transaction. A site with pending analyses left by a killed run resumes them instead of listing.
+
+Schedulers: ``"local"`` starts a ``LocalCluster`` of one single-threaded worker process per CPU
+(at most one per due site); a ``tcp://host:port`` address uses that Dask cluster (its workers
+must see the same data folder and cache paths); ``"sync"`` runs every task in this process, one
+after the other (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from shapely.geometry import shape
+
+from pipeline.aoi import utm_crs
+from pipeline.config import RunConfig
+from pipeline.fetch.base import SourceConfig
+from pipeline.model import params_hash
+from pipeline.report.rundir import check_out_root
+from pipeline.watch.imagery import Imagery, choose_pair
+from pipeline.watch.lock import StateLock
+from pipeline.watch.sites import WatchSite
+from pipeline.watch.state import STATE_NAME, WatchState, utc_text
+from pipeline.watch.summary import SiteReport, WatchSummary
+from pipeline.watch.tasks import (
+    PairJob,
+    PairOutcome,
+    SiteJob,
+    SiteListing,
+    detect_pair,
+    list_site,
+    source_for,
+)
+
+__all__ = ["run_watch", "LOCK_NAME", "open_pool"]
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "watch.lock"
+Progress = Callable[[int, int], None]
+
+
+def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
+              sources: Mapping[str, SourceConfig], out_root: str | Path,
+              scheduler: str = "local", force: bool = False, offline: bool = False,
+              now: datetime | None = None, progress: Progress | None = None) -> WatchSummary:
+    """Check every due site for new imagery and detect on what is new.
+
+    Parameters
+    ----------
+    sites
+        From ``watch.sites.load_watch_sites``.
+    config
+        Detection parameters and fetch settings (cache, timeouts).
+    sources
+        The configured sources the sites name.
+    out_root
+        The data folder: evidence in ``<site-id>/<run-id>/``, state in ``watch.db``.
+    scheduler
+        ``"local"``, ``"sync"`` or a Dask scheduler address (see the module docstring).
+    force
+        Check every site now, whatever its ``every``.
+    offline
+        Use only the download cache.
+    now
+        The run's time (default: the clock); decides which sites are due.
+    progress
+        Called as ``progress(sites_done, sites_due)``.
+
+    Returns
+    -------
+    WatchSummary
+
+    Raises
+    ------
+    LockHeldError
+        Another run holds the lock.
+    OutputError
+        ``out_root`` is not writable.
+    """
+    out = check_out_root(out_root)
+    now = now or datetime.now(UTC)
+    with StateLock(out / LOCK_NAME) as lock, WatchState(out / STATE_NAME) as state:
+        if lock.stale_pid is not None:
+            log.warning("Took over the lock of watch run pid %d, which is no longer running; "
+                        "its unfinished work is resumed.", lock.stale_pid)
+        run_id = state.start_run(now, pid=os.getpid(), scheduler=scheduler)
+        state.sync_sites(sites, now)
+        due = [s for s in sites if force or state.is_due(s, now)]
+        log.info("%d of %d site(s) due", len(due), len(sites))
+        coordinator = _Coordinator(state, run_id, config, dict(sources), out, offline, now)
+        if due:
+            with open_pool(scheduler, len(due)) as pool:
+                coordinator.run(due, pool, progress)
+        summary = WatchSummary(
+            run_id, utc_text(now), utc_text(datetime.now(UTC)), str(state.path), scheduler,
+            [coordinator.reports.get(s.id, SiteReport(s.id, s.name)) for s in sites],
+            coordinator.new_findings, lock.stale_pid)
+        state.finish_run(run_id, datetime.now(UTC), summary.to_dict())
+    return summary
+
+
+@dataclass
+class _Coordinator:
+    """Turns task results into state changes and further tasks."""
+
+    state: WatchState
+    run_id: int
+    config: RunConfig
+    sources: dict[str, SourceConfig]
+    out: Path
+    offline: bool
+    now: datetime
+    reports: dict[str, SiteReport] = field(default_factory=dict)
+    new_findings: list[dict[str, Any]] = field(default_factory=list)
+    _open: dict[str, int] = field(default_factory=dict)
+    _sites: dict[str, WatchSite] = field(default_factory=dict)
+
+    def run(self, due: list[WatchSite], pool: Any, progress: Progress | None) -> None:
+        """Submit every due site and handle results until no task is left."""
+        done = 0
+        for site in due:
+            self._sites[site.id] = site
+            self.reports[site.id] = SiteReport(site.id, site.name, status="ok")
+            self._open[site.id] = 0
+            pending = self.state.pending(site.id)
+            if pending:
+                log.info("site %s: resuming %d unfinished analysis(es)", site.id, len(pending))
+                for row in pending:
+                    self._submit_pair(pool, site, row)
+            else:
+                self._submit(pool, site.id, list_site, self._site_job(site))
+        if progress:
+            progress(0, len(due))
+        while pool.busy():
+            job, result = pool.next_done()
+            site_id = job.site.id
+            self._open[site_id] -= 1
+            if isinstance(result, SiteListing):
+                self._on_listing(pool, self._sites[site_id], result)
+            elif isinstance(result, PairOutcome):
+                self._on_outcome(result)
+            else:  # the task itself died (worker killed, unpicklable result): the site failed
+                self._fail(site_id, f"task failed: {type(result).__name__}: {result}")
+                if isinstance(job, PairJob):
+                    self.state.end_analysis(job.analysis_id, self.now, status="failed",
+                                            error=str(result))
+            if self._open[site_id] == 0:
+                report = self.reports[site_id]
+                self.state.mark_checked(site_id, datetime.now(UTC),
+                                        error="; ".join(report.errors) or None)
+                done += 1
+                if progress:
+                    progress(done, len(due))
+
+    def _submit(self, pool: Any, site_id: str, fn: Callable[[Any], Any], job: Any) -> None:
+        self._open[site_id] += 1
+        pool.submit(fn, job)
+
+    def _site_job(self, site: WatchSite) -> SiteJob:
+        last = {s.name: self.state.last_analysed(site.id, s.name) for s in site.sources}
+        return SiteJob(site, {s.name: self.sources[s.name] for s in site.sources}, self.config,
+                       self.offline, self.now.date(), last)
+
+    def _on_listing(self, pool: Any, site: WatchSite, listing: SiteListing) -> None:
+        """Record the imagery; record and submit one pending analysis per source with news."""
+        report = self.reports[site.id]
+        report.seconds += listing.seconds
+        for name, error in listing.errors.items():
+            self._fail(site.id, f"{name}: {error}")
+        for name, listed in listing.listed.items():
+            report.new_imagery += self.state.record_listing(site.id, name, listed, self.now)
+            last = self.state.last_analysed(site.id, name)
+            unusable = self.state.unusable(site.id, name)
+            usable = [i for i in listed if i.key not in unusable]
+            base, after = choose_pair(usable, last=last, before=site.before)
+            if base is None:
+                log.info("site %s: %s lists no usable baseline imagery", site.id, name)
+                continue
+            if after is None:
+                if last is None:
+                    self.state.set_imagery_status(site.id, name, [base.key], "baseline")
+                continue
+            row = self.state.add_pending(self.run_id, site.id, name, base, after,
+                                         params_hash(self.config.params), self.now)
+            self._submit_pair(pool, site, row)
+
+    def _submit_pair(self, pool: Any, site: WatchSite, row: Any) -> None:
+        """Submit the detect task of a pending analysis row."""
+        item = next((s for s in site.sources if s.name == row["source"]), None)
+        if item is None or row["source"] not in self.sources:
+            self.state.end_analysis(row["id"], self.now, status="failed",
+                                    error="source no longer configured for the site")
+            return
+        listed = {i.key: i for i in self._known_imagery(site.id, row["source"])}
+        stamp = row["started_utc"].replace("-", "").replace(":", "")
+        job = PairJob(row["id"], site, source_for(item.res_m, self.sources[item.name]),
+                      listed[row["before_key"]], listed[row["after_key"]], self.config,
+                      self.out, self.offline, stamp)
+        self._submit(pool, site.id, detect_pair, job)
+
+    def _known_imagery(self, site_id: str, source: str) -> list[Imagery]:
+        rows = self.state.db.execute("SELECT key, day, label FROM imagery WHERE site_id = ? AND "
+                                     "source = ?", (site_id, source))
+        return [Imagery(r["key"], date.fromisoformat(r["day"]), r["label"] or "") for r in rows]
+
+    def _on_outcome(self, outcome: PairOutcome) -> None:
+        """Record a detection's findings, or why there are none."""
+        report = self.reports[outcome.site_id]
+        report.seconds += outcome.seconds
+        if outcome.status == "done":
+            site = self._sites[outcome.site_id]
+            new_ids, continued = self.state.complete_analysis(
+                outcome.analysis_id, outcome.run_dir or "", outcome.findings, datetime.now(UTC),
+                crs=utm_crs(site.aoi))
+            report.analyses += 1
+            report.adopted += int(outcome.adopted)
+            report.run_dirs.append(outcome.run_dir or "")
+            report.new_findings += new_ids
+            report.continued_findings += continued
+            self._note_new(site, outcome, new_ids)
+        elif outcome.status == "unusable":
+            report.unusable += 1
+            self.state.end_analysis(outcome.analysis_id, self.now, status="unusable",
+                                    error=outcome.error)
+            log.warning("site %s: imagery unusable, skipped for good: %s", outcome.site_id,
+                        outcome.error)
+        else:
+            self.state.end_analysis(outcome.analysis_id, self.now, status="failed",
+                                    error=outcome.error)
+            self._fail(outcome.site_id, outcome.error or "unknown error")
+
+    def _note_new(self, site: WatchSite, outcome: PairOutcome, new_ids: list[str]) -> None:
+        """Add the new findings to the run's list, with a lon/lat point for each."""
+        by_feature = {f.feature_id: f for f in outcome.findings}
+        rows = self.state.db.execute(
+            "SELECT finding_id, feature_id FROM finding_events WHERE analysis_id = ?",
+            (outcome.analysis_id,)).fetchall()
+        for row in rows:
+            if row["finding_id"] not in new_ids or row["feature_id"] not in by_feature:
+                continue
+            finding = by_feature[row["feature_id"]]
+            point = shape(finding.geometry).representative_point()
+            self.new_findings.append({
+                "id": row["finding_id"], "site": site.name, "kind": finding.kind,
+                "score": finding.score, "area_m2": finding.area_m2,
+                "lon": round(point.x, 6), "lat": round(point.y, 6),
+                "run_dir": outcome.run_dir})
+
+    def _fail(self, site_id: str, error: str) -> None:
+        report = self.reports[site_id]
+        report.status = "failed"
+        report.errors.append(error)
+        log.warning("site %s failed (retried next run): %s", site_id, error)
+
+
+class _SyncPool:
+    """Runs each task in this process when its result is asked for, in submission order."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[Callable[[Any], Any], Any]] = deque()
+
+    def submit(self, fn: Callable[[Any], Any], job: Any) -> None:
+        self.queue.append((fn, job))
+
+    def busy(self) -> bool:
+        return bool(self.queue)
+
+    def next_done(self) -> tuple[Any, Any]:
+        fn, job = self.queue.popleft()
+        try:
+            return job, fn(job)
+        except Exception as e:  # noqa: BLE001  (as a dead Dask task: one site fails)
+            return job, e
+
+
+class _DaskPool:
+    """Submits tasks to a Dask cluster and hands back results as they complete."""
+
+    def __init__(self, client: Any) -> None:
+        from dask.distributed import as_completed
+
+        self.client = client
+        self.jobs: dict[str, Any] = {}
+        self.completed = as_completed()
+
+    def submit(self, fn: Callable[[Any], Any], job: Any) -> None:
+        future = self.client.submit(fn, job, pure=False)
+        self.jobs[future.key] = job
+        self.completed.add(future)
+
+    def busy(self) -> bool:
+        return not self.completed.is_empty()
+
+    def next_done(self) -> tuple[Any, Any]:
+        future = next(self.completed)
+        job = self.jobs.pop(future.key)
+        try:
+            return job, future.result()
+        except Exception as e:  # noqa: BLE001  (a dead worker fails one site, not the run)
+            return job, e
+
+
+@contextlib.contextmanager
+def open_pool(scheduler: str, n_tasks: int) -> Iterator[Any]:
+    """A pool for ``scheduler``: ``"sync"``, ``"local"`` or a Dask scheduler address."""
+    if scheduler == "sync":
+        yield _SyncPool()
+        return
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        workers = max(1, min(os.cpu_count() or 1, n_tasks))
+        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None, host="127.0.0.1") as cluster,
+              Client(cluster) as client):
+            log.info("Dask LocalCluster of %d worker process(es)", workers)
+            yield _DaskPool(client)
+        return
+    with Client(scheduler, timeout="20s") as client:
+        log.info("Dask cluster at %s", scheduler)
+        yield _DaskPool(client)
