@@ -509,15 +509,16 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    started: datetime, caught: list[warnings.WarningMessage]) -> None:
     """Write the evidence package and, last, the manifest that hashes it (and its digest)."""
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
+    notes = [str(w.message) for w in caught if issubclass(w.category, PipelineWarning)]
     package = write_package(stage, evidence, mask, magnitude, method=_method_label(config),
-                            plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling)
+                            plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling,
+                            run_id=run_id, notes=notes)
     manifest = build_manifest(
         run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
         originals=package.originals, config=config.to_dict(), params=config.params,
         steps=[*steps, *package.steps], started_utc=started, finished_utc=datetime.now(UTC),
         extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
-               "warnings": [str(w.message) for w in caught
-                            if issubclass(w.category, PipelineWarning)]},
+               "warnings": notes},
     )
     write_manifest(manifest, stage / MANIFEST_NAME)
     write_manifest_digest(stage)

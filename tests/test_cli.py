@@ -44,7 +44,8 @@ def test_detect_default_writes_evidence_folder(default_run):
     assert run_dir.parent.name == "dabancheng"
     names = {p.name for p in run_dir.iterdir()}
     assert names == {"changes.geojson", "change_mask.tif", "change_magnitude.tif", "manifest.json",
-                     "changes.gpkg", "changes.qml", "chips", "originals", "manifest.json.sha256"}
+                     "changes.gpkg", "changes.qml", "chips", "originals", "manifest.json.sha256",
+                     "report.html"}
     assert result.stdout.splitlines()[0] == f"wrote {run_dir}"
     assert "compound-0001\tcompound" in result.stdout
 

@@ -24,6 +24,7 @@ from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chipset import chip_targets, write_chips
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.gpkg import layer_geometries, write_gpkg
+from pipeline.report.html import REPORT_NAME, write_report
 from pipeline.report.originals import preserve_originals
 from pipeline.report.rasters import write_cog
 from pipeline.report.style import findings_qml
@@ -67,7 +68,8 @@ class Package:
 def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                   magnitude: xr.DataArray, *, method: str, plan: GridPlan,
                   aoi: Mapping[str, Any], inputs: Mapping[str, SourceRef],
-                  resampling: str = "bilinear") -> Package:
+                  resampling: str = "bilinear", run_id: str = "",
+                  notes: Sequence[str] = ()) -> Package:
     """Write the evidence files of one run into its staging folder.
 
     Parameters
@@ -88,6 +90,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
         The source scenes as read, by ``"<role>:<n>"``.
     resampling
         How inputs were warped onto the grid (chips are read the same way).
+    run_id, notes
+        The run id and warnings, shown on the review page.
 
     Returns
     -------
@@ -114,6 +118,10 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                   description="change magnitude (CVA, before's units)")
     with log.step("write:gis_layers"):
         outputs += write_gis_layers(stage, fc, aoi=aoi)
+    with log.step("write:report"):
+        write_report(stage / REPORT_NAME, fc, run_id=run_id, aoi=aoi, inputs=inputs,
+                     notes=notes)
+        outputs.append(REPORT_NAME)
     with log.step("write:originals") as info:
         originals = preserve_originals(stage, inputs)
         info.update(preserved=sum(o["path"] is not None for o in originals),

@@ -17,22 +17,6 @@ from pipeline.cli import cli
 from pipeline.report.chipset import CHIP_KEYS
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folder of one `sitewatch detect` of the default (seeds/ pair, 'dabancheng')."""
-    out = tmp_path_factory.mktemp("out")
-    result = CliRunner().invoke(cli, ["detect", "--out", str(out), "-q"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (folder,) = [p for p in out.glob("*/*") if p.is_dir()]
-    return folder
-
-
-@pytest.fixture(scope="module")
-def fc(run_dir: Path) -> dict[str, Any]:
-    """The run's changes.geojson."""
-    return json.loads((run_dir / "changes.geojson").read_text(encoding="utf-8"))
-
-
 def test_package_gpkg_matches_geojson(run_dir: Path, fc: dict[str, Any]) -> None:
     """Every GeoJSON feature is in exactly one GeoPackage layer, with the same attributes."""
     by_id = {f["id"]: f["properties"] for f in fc["features"]}
@@ -122,7 +106,7 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     assert names[:5] == ["read", "coregister", "normalize", "change", "detect"]
     writes = [s for s in manifest["steps"] if s["name"].startswith("write:")]
     assert [s["name"] for s in writes] == ["write:chips", "write:geojson", "write:rasters",
-                                           "write:gis_layers", "write:originals"]
+                                           "write:gis_layers", "write:report", "write:originals"]
     assert all(s["started_utc"].endswith("Z") for s in writes)
     assert sorted(s["started_utc"] for s in writes) == [s["started_utc"] for s in writes]
     roles = {o["input"]: o for o in manifest["originals"]}

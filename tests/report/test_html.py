@@ -1,0 +1,143 @@
+"""Tests for pipeline.report.html: the review page, as text and in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.report.html import map_links
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+class _Refs(HTMLParser):
+    """Collects tag names and the src/href of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.src: list[str] = []
+        self.href: list[str] = []
+        self.section_ids: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append(tag)
+        if a.get("src"):
+            self.src.append(str(a["src"]))
+        if a.get("href"):
+            self.href.append(str(a["href"]))
+        if tag == "section" and a.get("id"):
+            self.section_ids.append(str(a["id"]))
+
+
+def _page(run_dir: Path) -> tuple[str, _Refs]:
+    text = (run_dir / "report.html").read_text(encoding="utf-8")
+    refs = _Refs()
+    refs.feed(text)
+    return text, refs
+
+
+def test_report_lists_every_feature_and_card(run_dir: Path, fc: dict[str, Any]) -> None:
+    """Every feature is in the table; every compound has a card with its four chips."""
+    text, refs = _page(run_dir)
+    for feature in fc["features"]:
+        assert f"<td>{feature['id']}</td>" in text
+    compounds = [f for f in fc["features"] if f["properties"]["kind"] == "compound"]
+    assert {f["id"] for f in compounds} <= set(refs.section_ids)
+    for f in compounds:
+        for key in ("chip_before", "chip_after", "chip_before_outlined", "chip_after_outlined"):
+            assert f["properties"][key] in refs.src
+
+
+def test_report_is_self_contained(run_dir: Path) -> None:
+    """Images are files inside the package; no external script, style or frame; CSP set."""
+    text, refs = _page(run_dir)
+    assert refs.src and all(not re.match(r"^[a-z]+:", s) for s in refs.src)
+    assert all((run_dir / s).is_file() for s in refs.src)
+    assert "link" not in refs.tags and "iframe" not in refs.tags
+    assert not re.search(r"<script[^>]+src=", text)
+    assert "Content-Security-Policy" in text and "default-src 'none'" in text
+    external = [h for h in refs.href if h.startswith("http")]
+    assert external and all(h.startswith(("https://www.openstreetmap.org/",
+                                          "https://www.google.com/maps/",
+                                          "https://www.bing.com/maps")) for h in external)
+
+
+def test_map_links_put_the_point_in_the_url() -> None:
+    """Each viewer link carries latitude and longitude in that viewer's order."""
+    links = map_links(88.292021, 43.383247)
+    assert "mlat=43.383247&mlon=88.292021" in links["OpenStreetMap"]
+    assert "query=43.383247,88.292021" in links["Google Maps"]
+    assert "cp=43.383247~88.292021" in links["Bing Maps"]
+
+
+_PROBE = """
+<script>
+window.addEventListener('load', function () {
+  var images = Array.prototype.slice.call(document.images);
+  var box = document.querySelector('.compare');
+  var range = box.querySelector('input');
+  var top = box.querySelector('.top');
+  var before = getComputedStyle(top).clipPath;
+  range.value = 20;
+  range.dispatchEvent(new Event('input'));
+  var result = {
+    images: images.length,
+    loaded: images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+    clipBefore: before,
+    clipAfter: getComputedStyle(top).clipPath,
+    cards: Array.prototype.map.call(document.querySelectorAll('section.finding'),
+                                    function (s) { return s.id; }),
+    rows: document.querySelectorAll('#all-features tr').length - 1
+  };
+  document.body.setAttribute('data-probe', JSON.stringify(result));
+});
+</script>
+"""
+
+
+def _chromium() -> str:
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("Chromium not found; install Debian's chromium (.ci/run does) to run this check")
+
+
+def _run_chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_report_in_headless_chromium(run_dir: Path, fc: dict[str, Any], tmp_path: Path) -> None:
+    """Chromium shows every card, loads every chip, and the slider moves the clip; screenshot."""
+    browser = _chromium()
+    copy = Path(shutil.copytree(run_dir, tmp_path / "package"))
+    page = copy / "report.html"
+    probe = copy / "probe.html"  # beside the page, so relative chip paths resolve alike
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"),
+                     encoding="utf-8")
+    proc = _run_chromium(browser, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    match = re.search(r'data-probe="([^"]*)"', proc.stdout)
+    assert match, proc.stderr[-2000:]
+    result = json.loads(match.group(1).replace("&quot;", '"'))
+    assert result["images"] > 0 and result["loaded"] == result["images"], result
+    compounds = [f["id"] for f in fc["features"] if f["properties"]["kind"] == "compound"]
+    assert set(compounds) <= set(result["cards"])
+    assert result["rows"] == len(fc["features"])
+    assert "50%" in result["clipBefore"] and "80%" in result["clipAfter"], result
+    shot = tmp_path / "report.png"
+    proc = _run_chromium(browser, tmp_path / "profile", "--window-size=1200,1600",
+                         f"--screenshot={shot}", page.as_uri())
+    assert shot.is_file() and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
