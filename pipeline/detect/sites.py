@@ -146,24 +146,30 @@ def _claim(cand: CompoundCandidate, buildings: list[ChangeObject], claimed: set[
             if b.label not in claimed and cand.polygon.contains(b.polygon.centroid)]
 
 
-def _fine_sites(sites: list[_Site], before: Any, after: Any, *, transform: Affine,
-                res_m: float, params: DetectParams, scene: SceneWalls, gain: np.ndarray,
-                gain_threshold: float) -> list[_Site]:
+def _fine_sites(sites: list[_Site], buildings: list[ChangeObject], before: Any, after: Any,
+                *, transform: Affine, res_m: float, params: DetectParams, scene: SceneWalls,
+                gain: np.ndarray, gain_threshold: float) -> list[_Site]:
     """Grade fine-resolution sites on their traced outlines; keep the new enclosures.
 
     A site whose outline no new wall encloses (grade 0: new roofs, an old compound whose
     roofs or season changed) is not a compound; its buildings stay new buildings of no site.
-    A site mostly inside a better one already kept is the same compound.
+    Where outlines overlap (a texture seed and the wall ring that closes it), the higher
+    grade, then the better closed, is kept; each kept site then claims the buildings inside.
     """
     found = assess_outlines(before, after, [s.cand.polygon for s in sites],
                             transform=transform, res_m=res_m, params=params, scene=scene)
+    ranked = sorted(zip(sites, found, strict=True),
+                    key=lambda t: (-t[1].grade, -t[1].enclosure.closure_ratio))
     kept: list[_Site] = []
-    for site, assessment in zip(sites, found, strict=True):
+    claimed: set[int] = set()
+    for site, assessment in ranked:
         if assessment.grade < 1 or overlaps(assessment.outline, [k.cand.polygon for k in kept]):
             continue
         cand = _outline_candidate(assessment.outline, gain, gain_threshold,
                                   transform=transform, res_m=res_m, op=params.objects)
-        kept.append(_Site(cand, site.inside, site.source,
+        inside = _claim(cand, buildings, claimed)
+        claimed.update(b.label for b in inside)
+        kept.append(_Site(cand, inside, site.source,
                           site_measures(assessment, res_m=res_m, params=params), assessment))
     return kept
 
@@ -285,16 +291,11 @@ def detect_sites(
     if is_fine(res_m, params):
         with _timed(timings, "walls"):
             scene = scene_walls(before, after, transform=transform, res_m=res_m, params=params)
-            claimed = {b.label for s in sites for b in s.inside}
-            for outline in wall_outlines(scene, params=params,
-                                         taken=[s.cand.polygon for s in sites]):
-                cand = _outline_candidate(outline, gain, gain_threshold, transform=transform,
-                                          res_m=res_m, op=op)
-                inside = _claim(cand, buildings, claimed)
-                claimed.update(b.label for b in inside)
-                sites.append(_Site(cand, inside, "walls"))
+            sites += [_Site(_outline_candidate(outline, gain, gain_threshold,
+                                               transform=transform, res_m=res_m, op=op),
+                            [], "walls") for outline in wall_outlines(scene, params=params)]
         with _timed(timings, "grade"):
-            sites = _fine_sites(sites, before, after, transform=transform, res_m=res_m,
+            sites = _fine_sites(sites, buildings, before, after, transform=transform, res_m=res_m,
                                 params=params, scene=scene, gain=gain,
                                 gain_threshold=gain_threshold)
     else:

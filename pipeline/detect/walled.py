@@ -78,18 +78,14 @@ def scene_walls(before: Any, after: Any, *, transform: Affine, res_m: float,
     return SceneWalls(lm, tuple(segments))
 
 
-def wall_outlines(scene: SceneWalls, *, params: DetectParams,
-                  taken: Sequence[shapely.Polygon] = ()) -> list[shapely.Polygon]:
-    """Outlines that the scene's new walls close, except those overlapping ``taken``.
-
-    An outline overlaps when half of the smaller of the two areas is shared: the same
-    compound found by texture gain is not proposed twice.
-    """
+def wall_outlines(scene: SceneWalls, *, params: DetectParams) -> list[shapely.Polygon]:
+    """Outlines that the scene's new walls close or nearly close (``params.grade``'s closure,
+    sides and area), best closed and largest first; none nested in a better one."""
     g = params.grade
     found = propose_outlines(scene.segments, res_m=scene.line_map.res_m, params=params.walls,
                              min_area_m2=g.min_area_m2, min_closure=g.min_closure_ratio,
                              min_sides=g.min_sides_backed)
-    return [outline for outline, _ in found if not overlaps(outline, taken)]
+    return [outline for outline, _ in found]
 
 
 def overlaps(outline: shapely.Polygon, others: Sequence[shapely.Polygon]) -> bool:
