@@ -333,6 +333,12 @@ def _print_result(result: Any, *, all_findings: bool) -> None:
                f"({'applied' if result.coreg.applied else 'not applied'})")
 
 
+from pipeline.cli_watch import sites, watch  # noqa: E402  (its commands need the above)
+
+cli.add_command(watch)
+cli.add_command(sites)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="sitewatch")

@@ -23,7 +23,7 @@ __all__ = ["Finding", "KnownFinding", "MIN_OVERLAP", "TRACKED_KINDS", "match_fin
            "findings_from_geojson"]
 
 MIN_OVERLAP = 0.5
-TRACKED_KINDS = ("compound", "new_building")
+TRACKED_KINDS = ("compound", "new_building", "wall", "watchtower")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A loopback Esri Wayback for watch tests: several sites, releases added while it runs.
 
-The imagery is synthetic (``pipeline.testing_compounds``): textured ground over a strip of UTM
+The imagery is synthetic (``pipeline.testing.compounds``): textured ground over a strip of UTM
 45N near Dabancheng holding ``SITES`` 1.6 km apart. Release 1 (2017-01-10) is the ground;
 release 2 (2018-06-20) adds rows of new roofs at every site; ``add_release`` publishes a later
 release that changes only the sites named (new roofs beside the old ones), as Wayback does: the
@@ -25,7 +25,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds, from_origin
 from rasterio.warp import reproject
 
-from pipeline.testing_compounds import make_new_roofs, synthetic_background
+from pipeline.testing.compounds import make_new_roofs, synthetic_background
 
 CRS = "EPSG:32645"
 RES_M = 2.0
