@@ -27,7 +27,7 @@ from pipeline.report.gpkg import layer_geometries, write_gpkg
 from pipeline.report.html import REPORT_NAME, write_report
 from pipeline.report.originals import preserve_originals
 from pipeline.report.rasters import write_cog
-from pipeline.report.style import findings_qml
+from pipeline.report.style import aoi_qml, findings_qml
 
 __all__ = ["GPKG_NAME", "QML_NAME", "Package", "StepLog", "write_gis_layers", "write_package"]
 
@@ -140,6 +140,8 @@ def write_gis_layers(stage: Path, fc: Mapping[str, Any], *,
     """
     styles = {layer: findings_qml(geometry=family)
               for layer, family in layer_geometries(fc).items()}
+    if aoi is not None:
+        styles["aoi"] = aoi_qml()
     write_gpkg(fc, stage / GPKG_NAME, aoi=aoi, styles=styles)
     atomic_write_text(stage / QML_NAME, findings_qml(geometry="polygon"))
     return [GPKG_NAME, QML_NAME]

@@ -6,15 +6,16 @@
 
 The findings style is rule based: compounds by ``grade`` (3 red, 2 orange, 1 yellow, 0 grey),
 then features without a grade by ``kind``; every feature is labelled ``kind grade score``.
-Filters read fields through ``attribute(@feature, ...)`` so a layer that lacks ``grade`` (no
-compound found) still loads and renders.
+Filters read fields through ``attribute('name')``, which is NULL for a field the layer lacks,
+so a layer without ``grade`` (no compound found) still loads and renders by kind. The AOI
+layer has its own outline-only style (:func:`aoi_qml`).
 """
 
 from __future__ import annotations
 
 from xml.sax.saxutils import quoteattr
 
-__all__ = ["GRADE_COLOURS", "KIND_COLOURS", "findings_qml", "LABEL_EXPRESSION"]
+__all__ = ["GRADE_COLOURS", "KIND_COLOURS", "LABEL_EXPRESSION", "aoi_qml", "findings_qml"]
 
 QGIS_VERSION = "3.22.16-Białowieża"
 GRADE_COLOURS = {3: "215,25,28", 2: "253,141,60", 1: "255,221,51", 0: "150,150,150"}
@@ -22,8 +23,8 @@ KIND_COLOURS = {"new_building": "44,123,182", "change": "171,95,200", "wall": "2
                 "watchtower": "230,0,126"}
 OTHER_COLOUR = "90,90,90"
 LABEL_EXPRESSION = (
-    "attribute(@feature, 'kind') || coalesce(' g' || to_string(attribute(@feature, 'grade')), '')"
-    " || ' ' || format_number(attribute(@feature, 'score'), 2)"
+    "attribute('kind') || coalesce(' g' || to_string(attribute('grade')), '')"
+    " || ' ' || format_number(attribute('score'), 2)"
 )
 _GRADE_LABELS = {3: "grade 3: walls, fences and towers", 2: "grade 2: walls or fences",
                  1: "grade 1: possible enclosure (footprint)", 0: "grade 0: not an enclosure"}
@@ -46,12 +47,12 @@ def findings_qml(*, geometry: str = "polygon", labels: bool = True) -> str:
     """
     rules, symbols = [], []
     for i, (grade, colour) in enumerate(GRADE_COLOURS.items()):
-        rules.append(_rule(f"attribute(@feature, 'grade') = {grade}", _GRADE_LABELS[grade], i))
+        rules.append(_rule(f"attribute('grade') = {grade}", _GRADE_LABELS[grade], i))
         symbols.append(_symbol(i, colour, geometry, width_mm=0.8))
-    ungraded = "attribute(@feature, 'grade') IS NULL"
+    ungraded = "attribute('grade') IS NULL"
     for kind, colour in KIND_COLOURS.items():
         i = len(symbols)
-        rules.append(_rule(f"{ungraded} AND attribute(@feature, 'kind') = '{kind}'", kind, i))
+        rules.append(_rule(f"{ungraded} AND attribute('kind') = '{kind}'", kind, i))
         symbols.append(_symbol(i, colour, geometry, width_mm=0.4))
     rules.append(_rule("ELSE", "other", len(symbols)))
     symbols.append(_symbol(len(symbols), OTHER_COLOUR, geometry, width_mm=0.4))
@@ -66,6 +67,25 @@ def findings_qml(*, geometry: str = "polygon", labels: bool = True) -> str:
         "    <symbols>\n" + "".join(symbols) + "    </symbols>\n"
         "  </renderer-v2>\n" + (_labeling() if labels else "")
         + f"  <layerGeometryType>{geometry_type}</layerGeometryType>\n</qgis>\n"
+    )
+
+
+def aoi_qml() -> str:
+    """QML of the AOI layer: a dashed black outline, no fill, no labels."""
+    options = "".join([_option("color", "0,0,0,0"), _option("style", "no"),
+                       _option("outline_color", "0,0,0,255"), _option("outline_style", "dash"),
+                       _option("outline_width", "0.6"), _option("outline_width_unit", "MM")])
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        f'<qgis version="{QGIS_VERSION}" styleCategories="Symbology|Labeling" '
+        'labelsEnabled="0">\n'
+        '  <renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" '
+        'forceraster="0">\n    <symbols>\n'
+        '      <symbol type="fill" name="0" alpha="1" clip_to_extent="1" force_rhr="0">\n'
+        '        <layer class="SimpleFill" enabled="1" pass="0" locked="0">\n'
+        f'          <Option type="Map">{options}</Option>\n'
+        "        </layer>\n      </symbol>\n    </symbols>\n  </renderer-v2>\n"
+        "  <layerGeometryType>2</layerGeometryType>\n</qgis>\n"
     )
 
 

@@ -150,12 +150,12 @@ def test_write_gis_layers_styles_every_layer(fc: dict, tmp_path: Path) -> None:
                                  "WHERE table_name = 'layer_styles'").fetchone()
     assert registered == ("attributes",)
     styles = {r[0]: r for r in rows}
-    assert set(styles) == {"findings", "walls", "towers", "buildings"}
+    assert set(styles) == {"findings", "walls", "towers", "buildings", "aoi"}
     assert all(r[1] == "geom" and r[2] == 1 for r in rows)
     symbol_types = {layer: {s.get("type") for s in ET.fromstring(r[3]).iter("symbol")}
                     for layer, r in styles.items()}
     assert symbol_types == {"findings": {"fill"}, "buildings": {"fill"}, "walls": {"line"},
-                            "towers": {"marker"}}
+                            "towers": {"marker"}, "aoi": {"fill"}}
     assert layer_geometries(fc)["walls"] == "line"
     assert (tmp_path / "changes.qml").read_text(encoding="utf-8") == styles["findings"][3]
 
@@ -166,7 +166,7 @@ def test_findings_qml_grades_and_labels() -> None:
     assert root.tag == "qgis" and root.get("labelsEnabled") == "1"
     filters = [r.get("filter") for r in root.iter("rule")]
     for grade in GRADE_COLOURS:
-        assert f"attribute(@feature, 'grade') = {grade}" in filters
+        assert f"attribute('grade') = {grade}" in filters
     assert filters[-1] == "ELSE"
     text_style = root.find("labeling/settings/text-style")
     assert text_style is not None and text_style.get("isExpression") == "1"
@@ -184,7 +184,8 @@ def test_write_gis_layers_ogrinfo_clean(fc: dict, tmp_path: Path) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "Warning" not in output and "ERROR" not in output, output
-    for layer, count in {"findings": 2, "walls": 1, "towers": 1, "buildings": 2, "aoi": 1}.items():
+    for layer, count in {"findings": 2, "walls": 1, "towers": 1, "buildings": 2, "aoi": 1,
+                         "layer_styles": 5}.items():
         assert f"Layer name: {layer}\n" in output
         block = output.split(f"Layer name: {layer}\n", 1)[1]
         assert f"Feature Count: {count}\n" in block.split("Layer name:", 1)[0]

@@ -49,7 +49,7 @@ def test_package_ogrinfo_reads_without_warnings(run_dir: Path, fc: dict[str, Any
               if line.startswith("Feature Count:")]
     n = len(fc["features"])
     # the GeoJSON is one layer; the GeoPackage splits it into layers (+ aoi, + layer_styles)
-    assert counts == [n] if name.endswith("geojson") else sum(counts) == n + 1 + 4
+    assert counts == [n] if name.endswith("geojson") else sum(counts) == n + 1 + 5
 
 
 def test_package_chips_for_every_compound(run_dir: Path, fc: dict[str, Any]) -> None:

@@ -1,0 +1,83 @@
+"""The GeoJSON and GeoPackage of a run in real QGIS (Debian's python3-qgis), headless."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+PROBE = Path(__file__).with_name("qgis_probe.py")
+LAYER_KINDS = {"findings": ("compound", "change"), "walls": ("wall",),
+               "towers": ("watchtower",), "buildings": ("new_building",)}
+
+
+def _qgis_env() -> dict[str, str]:
+    return {**os.environ, "QT_QPA_PLATFORM": "offscreen", "GDAL_PAM_ENABLED": "NO",
+            "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp")}
+
+
+@pytest.fixture(scope="module")
+def qgis_view(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """What QGIS saw loading a copy of the run's files."""
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"{SYSTEM_PYTHON} not found; QGIS's Python bindings need the system Python")
+    check = subprocess.run([SYSTEM_PYTHON, "-c", "import qgis.core"], capture_output=True,
+                           text=True, timeout=120, env=_qgis_env(), check=False)
+    if check.returncode != 0:
+        pytest.skip("QGIS Python bindings not importable under /usr/bin/python3; install "
+                    "Debian's python3-qgis and qgis-providers (.ci/run does)")
+    copy = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("qgis") / "run"))
+    before = {p.name for p in copy.iterdir()}
+    proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(copy)], capture_output=True,
+                          text=True, timeout=300, env=_qgis_env(), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in copy.iterdir()} == before  # QGIS wrote nothing beside the files
+    return copy, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_qgis_loads_geojson_with_style(qgis_view: tuple[Path, dict], fc: dict[str, Any]) -> None:
+    """The GeoJSON is a valid EPSG:4326 layer of every feature, styled by changes.qml."""
+    _, view = qgis_view
+    layer = view["layers"]["geojson"]
+    assert layer["valid"] and layer["features"] == len(fc["features"])
+    assert layer["crs"] == "EPSG:4326"
+    assert layer["renderer"] == "RuleRenderer" and layer["labels"]
+    _assert_rules(layer["rule_labels"], fc)
+
+
+def test_qgis_loads_gpkg_layers_with_styles(qgis_view: tuple[Path, dict],
+                                            fc: dict[str, Any]) -> None:
+    """Each GeoPackage layer is valid, holds its kinds, and has its stored style applied."""
+    _, view = qgis_view
+    for name, kinds in LAYER_KINDS.items():
+        layer = view["layers"][f"gpkg:{name}"]
+        expected = sum(f["properties"]["kind"] in kinds for f in fc["features"])
+        assert layer["valid"] and layer["features"] == expected, name
+        assert layer["crs"] == "EPSG:4326"
+        assert layer["renderer"] == "RuleRenderer" and layer["labels"], name
+        assert len(layer["rule_labels"]) == expected
+        if expected:
+            _assert_rules(layer["rule_labels"], fc)
+    aoi = view["layers"]["gpkg:aoi"]
+    assert aoi["valid"] and aoi["features"] == 1
+    assert aoi["renderer"] == "singleSymbol" and not aoi["labels"]  # its own stored style
+    assert not [m for m in view["messages"] if "GeoPackage" in m or "gpkg" in m.lower()]
+
+
+def _assert_rules(rule_labels: dict[str, list], fc: dict[str, Any]) -> None:
+    """Graded features are drawn by their grade's rule, the others by their kind's."""
+    assert rule_labels
+    props = {f["id"]: f["properties"] for f in fc["features"]}
+    for fid, labels in rule_labels.items():
+        labels = [label for label in labels if label]
+        grade = props[fid].get("grade")
+        if grade is not None:
+            assert labels and labels[0].startswith(f"grade {grade}:"), (fid, labels)
+        else:
+            assert labels == [props[fid]["kind"]], (fid, labels)
