@@ -32,11 +32,23 @@ def line_footprint(length_px: int, angle_deg: float) -> np.ndarray:
 
 
 def along_lines(image: np.ndarray, *, length_px: int, n_angles: int = 16) -> np.ndarray:
-    """Mean of ``image`` along a line of ``length_px`` through each pixel, best direction."""
+    """Mean of ``image`` along a line of ``length_px`` through each pixel, best direction.
+
+    Edges repeat the nearest pixel (``ndimage.correlate``'s ``"nearest"``). The line's pixels
+    are summed as shifted views of one padded copy: a line footprint is mostly empty, so this
+    is several times faster than a dense correlation (equal to float32 rounding).
+    """
+    h = length_px // 2
+    padded = np.pad(np.asarray(image, dtype=np.float32), h, mode="edge")
+    rows, cols = image.shape
     out = np.zeros(image.shape, np.float32)
+    total = np.empty(image.shape, np.float32)
     for k in range(n_angles):
-        kernel = line_footprint(length_px, 180.0 * k / n_angles).astype(np.float32)
-        out = np.maximum(out, ndi.correlate(image, kernel / kernel.sum(), mode="nearest"))
+        dr, dc = np.nonzero(line_footprint(length_px, 180.0 * k / n_angles))
+        total[...] = 0.0
+        for r, c in zip(dr, dc, strict=True):
+            total += padded[r:r + rows, c:c + cols]
+        np.maximum(out, total / len(dr), out=out)
     return out
 
 
