@@ -1,0 +1,97 @@
+"""`sitewatch watch` and `sitewatch sites import` from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_sources
+from pipeline.watch import load_watch_sites
+
+SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "sites"
+
+
+def _watch(setup: dict[str, Path], *extra: str):
+    return CliRunner().invoke(cli, ["watch", "--sites", str(setup["sites"]), "--config",
+                                    str(setup["config"]), "--out", str(setup["out"]),
+                                    "--scheduler", "sync", *extra])
+
+
+def test_watch_json_on_stdout_and_exit_codes(setup):
+    """--json prints only JSON on stdout; exit 3 with new findings, then 0 with nothing new."""
+    first = _watch(setup, "--json", "-q")
+    assert first.exit_code == 3, first.output
+    summary = json.loads(first.stdout)
+    assert summary["exit_code"] == 3 and summary["totals"]["analyses"] == 3
+    assert {f["site"] for f in summary["new_findings"]} == {"alpha", "bravo", "charlie"}
+    assert first.stderr == ""
+    second = _watch(setup, "--force")
+    assert second.exit_code == 0
+    assert second.stdout == ""  # nothing new: no finding lines
+    assert "3 of 3 site(s) checked, 0 failed" in second.stderr
+
+
+def test_watch_bad_sites_file_is_exit_2_naming_the_feature(setup):
+    """A configuration error exits 2 with the feature named; nothing is written."""
+    data = json.loads(setup["sites"].read_text())
+    data["features"][2]["properties"]["every"] = "fortnightly"
+    setup["sites"].write_text(json.dumps(data))
+    result = _watch(setup)
+    assert result.exit_code == 2
+    assert "feature 2 ('charlie')" in result.stderr and "'every'" in result.stderr
+    assert not setup["out"].exists()
+
+
+def test_watch_refuses_while_another_run_holds_the_lock(setup):
+    """A second run while the first holds the lock exits 1 naming the holder."""
+    setup["out"].mkdir()
+    lock = setup["out"] / "watch.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pipeline.watch.lock import StateLock; "
+         f"StateLock({str(lock)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = _watch(setup)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert result.exit_code == 1
+    assert f"pid {holder.pid}" in result.stderr and "holds" in result.stderr
+
+
+def test_sites_import_real_lists(tmp_path):
+    """The ASPI list and the OSM outlines become valid watch files with attribution."""
+    aspi, osm = SEEDS / "CampDataset_v1.csv", SEEDS / "reedcamps_osm_overpass_2021-03-15.osm"
+    out = tmp_path / "both.geojson"
+    result = CliRunner().invoke(cli, ["sites", "import", str(aspi), str(osm), "-o", str(out),
+                                      "--radius-m", "800", "--every", "P14D"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"490\t{out}"
+    sites = load_watch_sites(out, sources=load_sources())
+    points = [s for s in sites if s.properties.get("aspi_number") is not None]
+    outlines = [s for s in sites if s.properties.get("osm_id")]
+    assert len(points) == 380 and len(outlines) == 110
+    assert all("ASPI Xinjiang Data Project, 2020" in s.properties["attribution"] for s in points)
+    assert all("OpenStreetMap contributors" in s.properties["attribution"] for s in outlines)
+    assert {s.aoi.geometry.geom_type for s in outlines} <= {"Polygon", "MultiPolygon"}
+    assert len({s.id for s in sites}) == 490
+    again = CliRunner().invoke(cli, ["sites", "import", str(aspi), "-o", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_seed_watch_files_are_current(tmp_path):
+    """The watch files in seeds/sites are what `sites import` makes from the lists there."""
+    for source, made in (("CampDataset_v1.csv", "aspi_xjdp_facilities.geojson"),
+                         ("reedcamps_osm_overpass_2021-03-15.osm",
+                          "osm_reeducation_camps.geojson")):
+        out = tmp_path / made
+        result = CliRunner().invoke(cli, ["sites", "import", str(SEEDS / source), "-o", str(out),
+                                          "--before", "2017-01-01/2017-12-31"])
+        assert result.exit_code == 0, result.output
+        assert out.read_text(encoding="utf-8") == (SEEDS / made).read_text(encoding="utf-8")
