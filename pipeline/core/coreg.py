@@ -150,12 +150,18 @@ def _texture_np(img: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return grad / max(grad[ok].mean(), 1e-12)
 
 
-def _select_windows(ref: xr.DataArray, mov: xr.DataArray, exclude, size_px: int):
+def _band_mean(stack: xr.DataArray, rows: slice, cols: slice):
+    """Band mean of a window of a ``(band, y, x)`` stack, sliced first: only the window is read."""
+    return stack.isel(y=rows, x=cols).mean("band", skipna=False).data
+
+
+def _select_windows(before: xr.DataArray, after: xr.DataArray, exclude, size_px: int):
     """Up to ``_MAX_WINDOWS`` windows ``(y0, x0, h, w)`` textured in both dates, mostly valid."""
-    ny, nx = ref.shape
+    ny, nx = before.sizes["y"], before.sizes["x"]
     step = max(1, math.ceil(math.sqrt(ny * nx / _SCORE_MAX_PX)))
-    sub_r, sub_m = (np.asarray(a, dtype=np.float64)
-                    for a in dask.compute(ref[::step, ::step].data, mov[::step, ::step].data))
+    every = slice(None, None, step)
+    sub_r, sub_m = (np.asarray(a, dtype=np.float64) for a in dask.compute(
+        _band_mean(before, every, every), _band_mean(after, every, every)))
     ok = np.isfinite(sub_r) & np.isfinite(sub_m)
     if exclude is not None:
         ok &= ~np.asarray(exclude[::step, ::step], dtype=bool)
@@ -271,14 +277,13 @@ def estimate_shift(
     if not params.enabled:
         return CoregResult(0.0, 0.0, math.nan, math.nan, applied=False, note="disabled")
     _require_same_grid(before, after)
-    ref = before.mean("band", skipna=False)
-    mov = after.mean("band", skipna=False)
     if isinstance(exclude, xr.DataArray):
         exclude = exclude.data
     windows = [np.s_[y0 : y0 + h, x0 : x0 + w]
-               for y0, x0, h, w in _select_windows(ref, mov, exclude, params.window_px)]
+               for y0, x0, h, w in _select_windows(before, after, exclude, params.window_px)]
     # all windows in one computation: chunks they share are read once
-    pixels = dask.compute(*((ref.data[win], mov.data[win]) for win in windows))
+    pixels = dask.compute(*((_band_mean(before, *win), _band_mean(after, *win))
+                            for win in windows))
     results = []
     for win, (r, m) in zip(windows, pixels, strict=True):
         h, w = r.shape
