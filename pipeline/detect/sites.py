@@ -177,7 +177,8 @@ def _fine_sites(sites: list[_Site], buildings: list[ChangeObject], before: Any, 
 def _propose(candidates: list[CompoundCandidate], buildings: list[ChangeObject],
              op: ObjectParams) -> list[_Site]:
     """Texture candidates with enough evidence; the strongest first claims its buildings."""
-    sites, claimed = [], set()
+    sites: list[_Site] = []
+    claimed: set[int] = set()
     for cand in candidates:
         inside = _claim(cand, buildings, claimed)
         score, _ = compound_score(cand, len(inside), op.score_weights)

@@ -105,8 +105,8 @@ def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16
     h, w = (max(n // block_px, 1) * block_px for n in d.shape)
     if h > d.shape[0] or w > d.shape[1]:  # smaller than one block: one spread
         block_px, h, w = min(d.shape), min(d.shape), min(d.shape)
-    blocks = d[:h, :w].reshape(h // block_px, block_px, w // block_px, block_px)
-    blocks = blocks.transpose(0, 2, 1, 3).reshape(-1, block_px * block_px)
+    tiled = d[:h, :w].reshape(h // block_px, block_px, w // block_px, block_px)
+    blocks = tiled.transpose(0, 2, 1, 3).reshape(-1, block_px * block_px)
     blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
     if len(blocks) == 0:
         return 0.0
@@ -243,7 +243,7 @@ def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affi
     if not runs:
         return []
     px = np.asarray(runs, dtype=np.float64) + 0.5  # (col, row) of pixel centres
-    xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)
+    xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)  # type: ignore[operator]
     segs = np.column_stack([xs[0], ys[0], xs[1], ys[1]])
     merged = merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
                              offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
