@@ -195,6 +195,12 @@ def _site_evidence(sites: list[_Site], make: Callable[..., Evidence], params: De
     scored = []
     for site in sites:
         score, terms = compound_score(site.cand, len(site.inside), params.objects.score_weights)
+        if site.assessment is not None:
+            # Where walls are resolvable they are evidence too: a walled compound with few
+            # buildings has little texture gain, yet its closed wall is strong evidence.
+            terms["score_construction"] = score
+            terms["score_walls"] = float(np.clip(site.assessment.enclosure.closure_ratio, 0, 1))
+            score = (score + terms["score_walls"]) / 2.0
         scored.append((score, terms, site))
     scored.sort(key=lambda t: -t[0])
     found: list[Evidence] = []
@@ -237,6 +243,10 @@ def detect_sites(
 ) -> list[Evidence]:
     """Turn a change mask and the image pair into compound, wall, tower, building and change
     evidence.
+
+    A compound's score is `compound_score` (texture contrast, evidence fill, buildings);
+    where walls are resolvable it is the mean of that and the closure ratio of its traced
+    wall (``score_construction`` and ``score_walls`` in its measurements).
 
     Compounds are proposed by texture gain (`find_compounds`) and, where walls are resolvable
     (``params.grade.max_wall_res_m`` or finer), also by the outlines new walls close

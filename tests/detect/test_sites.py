@@ -342,3 +342,13 @@ def test_detect_sites_nothing_when_after_equals_before_fine(res_m):
     """A towered compound standing at both dates (after = before) flags nothing."""
     before, _, truth = make_walled_compound(background("synthetic", res_m), res_m=res_m)
     assert detect_pair(before, before.copy(), transform=truth.transform) == []
+
+
+def test_detect_sites_fine_score_counts_the_wall():
+    """At 1 m a compound's score is the mean of its construction score and its wall closure."""
+    found, _, _ = _walled("synthetic", 1.0, buildings=None)
+    c = next(e for e in found if e.kind == "compound")
+    m = c.measurements
+    assert m["score_walls"] == pytest.approx(m["closure_ratio"])
+    assert c.score == pytest.approx((m["score_construction"] + m["score_walls"]) / 2, abs=1e-4)
+    assert c.score >= DetectParams().objects.min_score
