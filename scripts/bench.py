@@ -385,6 +385,22 @@ def _proc_status_mb(key: str, pid: int | str = "self") -> float:
     return 0.0
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load() -> float:
+    """The machine's 1-minute load average (other users' work included)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
 def _reset_hwm() -> bool:
     """Reset VmHWM (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``); False if not allowed."""
     try:
@@ -455,7 +471,7 @@ class StageMemory:
         self._close()
         self.exact = _reset_hwm() and self.exact
         self.current = {"name": name, "rss_start_mb": round(_proc_status_mb("VmRSS")),
-                        "t0": time.perf_counter()}
+                        "t0": time.perf_counter(), "cpu0": _cpu_s()}
         _write_json(self.status_path, {"stage": name, "stages": self.stages})
 
     def finish(self) -> None:
@@ -474,6 +490,7 @@ class StageMemory:
             self.current["rss_end_mb"] = round(_proc_status_mb("VmRSS"))
             # replaced by the run's own step timer when the run completes
             self.current["seconds"] = round(time.perf_counter() - self.current.pop("t0"), 3)
+            self.current["cpu_s"] = round(_cpu_s() - self.current.pop("cpu0"), 3)
             self.peak_mb = max(self.peak_mb, peak)
             self.stages.append(self.current)
             self.current = None
@@ -484,7 +501,7 @@ def child_read(paths: list[str], window_px: int | None) -> dict[str, Any]:
     import rasterio
     from rasterio.windows import Window
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     kept, n_px = [], 0
     for path in paths:
         with rasterio.open(path) as src:
@@ -498,7 +515,25 @@ def child_read(paths: list[str], window_px: int | None) -> dict[str, Any]:
                                  min(window_px, src.height - r0))
                     n_px += src.read(window=win).size
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "values": n_px, "peak_mb": _proc_status_mb("VmHWM")}
+    return {"seconds": seconds, "cpu_s": _cpu_s() - cpu, "values": n_px,
+            "peak_mb": _proc_status_mb("VmHWM")}
+
+
+def _step_parts(result: Any) -> list[list[Any]]:
+    """``[stage, part, seconds]`` of the detect step's parts and the manifest's write steps."""
+    parts: list[list[Any]] = []
+    for step in result.steps:
+        for name, sec in (step.get("details", {}).get("seconds_by_part") or {}).items():
+            parts.append([step["name"], name, sec])
+    try:
+        manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return parts
+    for step in manifest.get("steps", []):
+        name = str(step.get("name", ""))
+        if name.startswith("write:"):
+            parts.append(["write", name.removeprefix("write:"), step.get("seconds")])
+    return parts
 
 
 def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
@@ -516,18 +551,20 @@ def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
     tracker = StageMemory(status_path, sampler)
     baseline = _proc_status_mb("VmRSS")
     with tempfile.TemporaryDirectory(prefix="detect-out-", dir=workdir) as out_root:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_s()
         result = run_detect(area, paths[0], paths[1], config=config, out_root=out_root,
                             progress=tracker)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu
         tracker.finish()
+        parts = _step_parts(result)
     by_name = {s["name"]: s for s in tracker.stages}
     for step in result.steps:
         if step["name"] in by_name:
             by_name[step["name"]].update(seconds=step["seconds"], details=step.get("details", {}))
     kinds = ("compound", "new_building", "change")
     return {
-        "seconds": seconds, "peak_mb": tracker.peak_mb, "peak_exact": tracker.exact,
+        "seconds": seconds, "cpu_s": cpu, "parts": parts, "peak_mb": tracker.peak_mb,
+        "peak_exact": tracker.exact,
         "baseline_mb": baseline, "stages": tracker.stages, "grid_shape": list(result.grid.shape),
         "counts": {k: sum(e.kind == k for e in result.evidence) for k in kinds},
         "compounds_wkt": [e.geometry.wkt for e in result.evidence if e.kind == "compound"],
@@ -615,6 +652,7 @@ def _median_read(mode: str, pair: dict[str, Any], cfg: argparse.Namespace) -> di
         return {"seconds": math.nan, "peak_mb": math.nan, "problem": runs[-1].problem}
     return {"seconds": statistics.median(r["seconds"] for r in good),
             "all_seconds": [round(r["seconds"], 3) for r in good],
+            "cpu_s": statistics.median(r.get("cpu_s", math.nan) for r in good),
             "peak_mb": max(r["peak_mb"] for r in good)}
 
 
@@ -634,13 +672,17 @@ def bench_size(size: int, cfg: argparse.Namespace) -> dict[str, Any]:
     """All measurements for one size."""
     pair = ensure_pair(size, cfg.workdir, regenerate=cfg.regenerate)
     aoi = aoi_text(pair["after"])
-    log.info("size %d: reading both inputs fully (%d runs)", size, cfg.repeat)
+    load_start = _load()
+    log.info("size %d: reading both inputs fully (%d runs); load %.1f", size, cfg.repeat,
+             load_start)
     read = _median_read("read", pair, cfg)
     log.info("size %d: read %.2f s; now in %d-px windows", size, read["seconds"], cfg.window_px)
     readwin = _median_read("readwin", pair, cfg)
     log.info("size %d: detect on AOI %s", size, aoi)
+    load_detect = _load()
     det = run_child("detect", pair, cfg, aoi)
     row: dict[str, Any] = {
+        "load": [load_start, load_detect, _load()],
         "size": size, "aoi": aoi, "read": read, "readwin": readwin, "detect": det.data,
         "detect_ok": det.ok, "problem": det.problem, "last_stage": det.last_stage,
         "detect_s": det.data.get("seconds", math.nan), "detect_wall_s": det.wall_s,
@@ -669,7 +711,8 @@ def _fmt(v: float, digits: int = 2) -> str:
 def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The summary table: one row per size, with the targets marked."""
     head = ["size", "grid (y x)", "read s", "read 2048-win s", "detect s", "ratio", "peak MB",
-            "read peak MB", "ratio <= 4", "peak < 2048 MB"]
+            "read peak MB", "ratio <= 4", "peak < 2048 MB", "read CPU s", "detect CPU s",
+            "CPU ratio", "load at start / detect / end"]
     out = [head]
     for r in rows:
         ratio = r["detect_s"] / r["read"]["seconds"] if r["detect_ok"] else math.nan
@@ -682,6 +725,9 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _fmt(ratio, 1), peak_txt, _fmt(r["read"]["peak_mb"], 0),
             _met(ratio <= TARGET_RATIO) if r["detect_ok"] else "not met",
             _met(r["peak_mb"] < TARGET_PEAK_MB),
+            _fmt(r["read"].get("cpu_s", math.nan)), _fmt(r["detect"].get("cpu_s", math.nan), 1),
+            _fmt(r["detect"].get("cpu_s", math.nan) / r["read"].get("cpu_s", math.nan), 1),
+            " / ".join(_fmt(v, 1) for v in r.get("load", [])) or "-",
         ])
     return out
 
@@ -689,7 +735,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 def stage_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """One row per size and stage: seconds, share of detect, RSS at start / peak / end."""
     with_where = any(s.get("peak_at") for r in rows for s in r["detect"].get("stages", []))
-    out = [["size", "stage", "s", "share", "RSS start MB", "peak MB", "RSS end MB"]
+    out = [["size", "stage", "s", "CPU s", "share", "RSS start MB", "peak MB", "RSS end MB"]
            + ["pipeline line at the peak (sampled)"] * with_where]
     for r in rows:
         stages = {s["name"]: s for s in r["detect"].get("stages", [])}
@@ -698,14 +744,24 @@ def stage_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             s = stages.get(name)
             if s is None:
                 if name == r["last_stage"]:
-                    out.append([str(r["size"]), name, r["problem"] or "stopped", "-", "-", "-", "-"]
-                               + ["-"] * with_where)
+                    out.append([str(r["size"]), name, r["problem"] or "stopped", "-", "-", "-", "-",
+                                "-"] + ["-"] * with_where)
                 continue
             sec = s.get("seconds", math.nan)
             share = f"{100 * sec / total:.0f} %" if r["detect_ok"] else "-"
-            out.append([str(r["size"]), name, _fmt(sec, 1), share,
+            out.append([str(r["size"]), name, _fmt(sec, 1), _fmt(s.get("cpu_s", math.nan), 1),
+                        share,
                         str(s["rss_start_mb"]), str(s["peak_mb"]), str(s.get("rss_end_mb", "-"))]
                        + [s.get("peak_at") or "-"] * with_where)
+    return out
+
+
+def part_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Seconds of the parts the detect and write steps time themselves (wall, their own clock)."""
+    out = [["size", "stage", "part", "s"]]
+    for r in rows:
+        for stage, part, sec in r["detect"].get("parts", []):
+            out.append([str(r["size"]), stage, part, _fmt(sec, 2)])
     return out
 
 
@@ -808,6 +864,13 @@ from its own subprocess; read times are medians of the runs; peak = highest VmHW
 process (per stage: VmHWM reset at each stage start, so it is the peak during that stage,
 everything still held from earlier stages included).
 
+The machine may be shared: "load" is the 1-minute load average (all users) when the size's
+read measurements start, when its detect starts and when it ends; on {info['cores']} cores a
+load well above {info['cores']} means other work competed for the CPU and the wall times above
+are inflated. "CPU s" is the measured process's own user + system CPU time (all its threads),
+which depends much less on that competition; "CPU ratio" compares detect's to the read's.
+Load average at the start of this run: {info.get('load', '?')}.
+
 ## Summary
 
 {md_table(summary_rows(rows))}
@@ -818,6 +881,13 @@ Seconds from the run's own step timer; share of the whole detect; resident memor
 stage's start, its peak during the stage, and at its end.
 
 {md_table(stage_rows(rows))}
+
+## Parts of the detect and write stages
+
+Wall seconds of the parts that the detect step (`detect_sites`) and the evidence package
+(manifest steps `write:*`) time themselves.
+
+{md_table(part_rows(rows))}
 
 ## What was found (sanity check, not a quality measure)
 
@@ -932,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="bench: %(message)s")
     args.workdir = args.workdir.expanduser().resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    load_at_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     rows = [bench_size(size, args) for size in args.size]
     fetch = run_fetch_bench(args) if args.fetch else None
     results_dir = args.workdir / "results"
@@ -945,6 +1016,8 @@ def main(argv: list[str] | None = None) -> int:
     print("detect stages (peak: highest RSS during the stage):")
     print(text_table(stage_rows(rows)))
     print()
+    print(text_table(part_rows(rows)))
+    print()
     print(text_table(finding_rows(rows)))
     if fetch is not None:
         print()
@@ -953,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _bench_fetch().print_tables(fetch)
     if not args.no_docs:
-        write_docs(args.docs, rows, machine(), argv, fetch)
+        write_docs(args.docs, rows, {**machine(), "load": f"{load_at_start} (1, 5, 15 min)"},
+                   argv, fetch)
         log.info("wrote %s", args.docs)
     return 0
 
