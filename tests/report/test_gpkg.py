@@ -46,6 +46,11 @@ def _evidence(eid: str, kind: str, geometry: Any, score: float, measures: dict,
 @pytest.fixture
 def fc() -> dict[str, Any]:
     """Every kind: a graded compound, a change region, buildings, a wall and a watchtower."""
+    return all_kinds_fc()
+
+
+def all_kinds_fc() -> dict[str, Any]:
+    """A FeatureCollection of every kind near Dabancheng (also used by the QGIS test)."""
     evidence = [
         _evidence("compound-0001", "compound", box(X0, Y0, X0 + 400, Y0 + 300), 0.9,
                   {"grade": 2, "grade_reasons": "walls", "closure_ratio": None}),

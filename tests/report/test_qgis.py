@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 
+from pipeline.report.geojson import write_geojson
+from pipeline.report.package import write_gis_layers
+from report.test_gpkg import AOI, all_kinds_fc
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 PROBE = Path(__file__).with_name("qgis_probe.py")
 LAYER_KINDS = {"findings": ("compound", "change"), "walls": ("wall",),
@@ -22,9 +26,8 @@ def _qgis_env() -> dict[str, str]:
             "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp")}
 
 
-@pytest.fixture(scope="module")
-def qgis_view(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """What QGIS saw loading a copy of the run's files."""
+def _require_qgis() -> None:
+    """Skip, with the reason, where QGIS's Python bindings cannot run."""
     if not Path(SYSTEM_PYTHON).exists():
         pytest.skip(f"{SYSTEM_PYTHON} not found; QGIS's Python bindings need the system Python")
     check = subprocess.run([SYSTEM_PYTHON, "-c", "import qgis.core"], capture_output=True,
@@ -32,13 +35,24 @@ def qgis_view(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     if check.returncode != 0:
         pytest.skip("QGIS Python bindings not importable under /usr/bin/python3; install "
                     "Debian's python3-qgis and qgis-providers (.ci/run does)")
-    copy = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("qgis") / "run"))
-    before = {p.name for p in copy.iterdir()}
-    proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(copy)], capture_output=True,
+
+
+def _probe(folder: Path) -> dict:
+    """Run the probe on ``folder``; check QGIS wrote nothing beside the files."""
+    before = {p.name for p in folder.iterdir()}
+    proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(folder)], capture_output=True,
                           text=True, timeout=300, env=_qgis_env(), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name for p in copy.iterdir()} == before  # QGIS wrote nothing beside the files
-    return copy, json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {p.name for p in folder.iterdir()} == before  # no .aux.xml, no lock left behind
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def qgis_view(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """What QGIS saw loading a copy of the run's files."""
+    _require_qgis()
+    copy = Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("qgis") / "run"))
+    return copy, _probe(copy)
 
 
 def test_qgis_loads_geojson_with_style(qgis_view: tuple[Path, dict], fc: dict[str, Any]) -> None:
@@ -68,6 +82,22 @@ def test_qgis_loads_gpkg_layers_with_styles(qgis_view: tuple[Path, dict],
     assert aoi["valid"] and aoi["features"] == 1
     assert aoi["renderer"] == "singleSymbol" and not aoi["labels"]  # its own stored style
     assert not [m for m in view["messages"] if "GeoPackage" in m or "gpkg" in m.lower()]
+
+
+def test_qgis_styles_walls_and_towers_layers(tmp_path: Path) -> None:
+    """With every kind present, the walls layer is a styled line layer, towers points."""
+    _require_qgis()
+    fc = all_kinds_fc()
+    write_geojson(fc, tmp_path / "changes.geojson")
+    write_gis_layers(tmp_path, fc, aoi=AOI)
+    view = _probe(tmp_path)
+    walls, towers = view["layers"]["gpkg:walls"], view["layers"]["gpkg:towers"]
+    assert walls["valid"] and walls["features"] == 1 and walls["geometry"] == 1  # line
+    assert towers["valid"] and towers["features"] == 1 and towers["geometry"] == 0  # point
+    assert walls["rule_labels"]["wall-0001"][0] == "wall"
+    assert towers["rule_labels"]["watchtower-0001"][0] == "watchtower"
+    assert view["layers"]["gpkg:findings"]["rule_labels"]["compound-0001"][0].startswith(
+        "grade 2:")
 
 
 def _assert_rules(rule_labels: dict[str, list], fc: dict[str, Any]) -> None:
