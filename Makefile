@@ -18,9 +18,16 @@ BEFORE_DATE ?=
 AFTER_DATE  ?=
 OFFLINE  ?=
 BENCH_ARGS ?=
+# make watch: SITES (watch file), SCHEDULER (local, sync, tcp://host:8786), FORCE=1, JSON=1
+SITES     ?=
+SCHEDULER ?=
+FORCE     ?=
+JSON      ?=
+BENCH_WATCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
+export SITES SCHEDULER FORCE JSON
 
-.PHONY: setup detect test bench eval train lint clean
+.PHONY: setup detect test bench eval train lint clean watch bench-watch
 
 setup: $(STAMP)
 
@@ -36,6 +43,15 @@ detect: $(STAMP)
 	  $${RADIUS_M:+--radius-m "$$RADIUS_M"} $${CONFIG:+--config "$$CONFIG"} \
 	  $${SOURCE:+--source "$$SOURCE"} $${BEFORE_DATE:+--before-date "$$BEFORE_DATE"} \
 	  $${AFTER_DATE:+--after-date "$$AFTER_DATE"} $${OFFLINE:+--offline}
+
+# Exit codes: 0 nothing new, 3 new findings, 4 some sites failed, 5 both, 2 config error.
+watch: $(STAMP)
+	@$(BIN)/sitewatch watch --out "$$OUT" $${SITES:+--sites "$$SITES"} \
+	  $${CONFIG:+--config "$$CONFIG"} $${SCHEDULER:+--scheduler "$$SCHEDULER"} \
+	  $${FORCE:+--force} $${OFFLINE:+--offline} $${JSON:+--json}
+
+bench-watch: $(STAMP)
+	$(BIN)/python scripts/bench_watch.py $(BENCH_WATCH_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

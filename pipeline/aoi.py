@@ -128,21 +128,31 @@ def load_sites(path: str | Path) -> dict[str, Aoi]:
     AoiError
         A feature is invalid; the message names it by index and name.
     """
-    return {aoi.label: aoi for aoi, _ in load_site_records(path)}
+    return {aoi.label: aoi for _, aoi, _ in load_site_records(path)}
 
 
-def load_site_records(path: str | Path) -> list[tuple[Aoi, dict[str, Any]]]:
+def load_site_records(path: str | Path, *, invalid: list[str] | None = None
+                      ) -> list[tuple[int, Aoi, dict[str, Any]]]:
     """Read a site file as :func:`load_sites` does, keeping each feature's properties.
+
+    Parameters
+    ----------
+    path
+        GeoJSON or GeoPackage.
+    invalid
+        If given, an invalid feature's error message is appended here and the feature
+        skipped, instead of raising.
 
     Returns
     -------
     list
-        ``(aoi, properties)`` per feature in file order; missing GeoPackage values are None.
+        ``(index, aoi, properties)`` per valid feature in file order (``index`` counts
+        every feature from 0); missing GeoPackage values are None.
 
     Raises
     ------
     ConfigError, AoiError
-        As :func:`load_sites`.
+        As :func:`load_sites` (a feature's AoiError only without ``invalid``).
     """
     path = Path(path)
     if not path.is_file():
@@ -151,21 +161,28 @@ def load_site_records(path: str | Path) -> list[tuple[Aoi, dict[str, Any]]]:
     if len(frame) == 0:
         raise ConfigError(f"Site file {path} has no features; add one feature per site.")
     records = frame.drop(columns="geometry").to_dict("records")
-    out: list[tuple[Aoi, dict[str, Any]]] = []
+    out: list[tuple[int, Aoi, dict[str, Any]]] = []
     labels: set[str] = set()
     ids: set[str] = set()
     for index, (geom, props) in enumerate(zip(frame.geometry, records, strict=True)):
-        aoi = _site_from_feature(geom, props, f"Site file {path}: feature {index}")
-        if aoi.label in labels or aoi.id in ids:
-            raise AoiError(
-                f"Site file {path}: feature {index} ('{aoi.label}') repeats a name or folder id "
-                f"('{aoi.id}') already used by another site; give each site a distinct name."
-            )
+        try:
+            aoi = _site_from_feature(geom, props, f"Site file {path}: feature {index}")
+            if aoi.label in labels or aoi.id in ids:
+                raise AoiError(
+                    f"Site file {path}: feature {index} ('{aoi.label}') repeats a name or "
+                    f"folder id ('{aoi.id}') already used by another site; give each site a "
+                    "distinct name."
+                )
+        except AoiError as e:
+            if invalid is None:
+                raise
+            invalid.append(str(e))
+            continue
         labels.add(aoi.label)
         ids.add(aoi.id)
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                  for k, v in props.items()}
-        out.append((aoi, clean))
+        out.append((index, aoi, clean))
     return out
 
 

@@ -15,8 +15,14 @@ from typing import Any
 
 import click
 
-from pipeline.cli import _handle_errors, _has_sources, _stderr_is_terminal, config_opt, \
-    quiet_opt, verbose_opt
+from pipeline.cli import (
+    _handle_errors,
+    _has_sources,
+    _stderr_is_terminal,
+    config_opt,
+    quiet_opt,
+    verbose_opt,
+)
 from pipeline.config import load_config
 from pipeline.errors import AoiError, ConfigError
 
@@ -74,6 +80,9 @@ class _SiteBar:
                    "tcp://host:8786 (also read from DASK_SCHEDULER_ADDRESS).")
 @click.option("--force", is_flag=True, help="Check every site now, whatever its 'every'.")
 @click.option("--offline", is_flag=True, help="Use only the download cache.")
+@click.option("--skip-invalid", is_flag=True,
+              help="Run the valid sites when some features of the watch file are invalid "
+                   "(each counts as a failed site) instead of stopping with exit 2.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print a machine-readable summary on stdout instead of the findings.")
 @config_opt
@@ -81,7 +90,8 @@ class _SiteBar:
 @quiet_opt
 @_handle_errors
 def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, offline: bool,
-          as_json: bool, config_path: Path | None, verbose: int, quiet: int) -> None:
+          skip_invalid: bool, as_json: bool, config_path: Path | None, verbose: int,
+          quiet: int) -> None:
     """Check every due watched site for imagery newer than what was analysed last, and run
     the detection only on what is new, against the last analysed imagery as before.
 
@@ -107,13 +117,16 @@ def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, 
         config = load_config(config_path)
         sources = load_sources(config.config_path if _has_sources(config.config_path)
                                else default_sources_path())
-        watched = load_watch_sites(sites_path or config.sites_path, sources=sources)
+        invalid: list[str] | None = [] if skip_invalid else None
+        watched = load_watch_sites(sites_path or config.sites_path, sources=sources,
+                                   invalid=invalid)
     except (ConfigError, AoiError) as e:
         raise _ConfigProblem(str(e)) from None
     bar = _SiteBar(enabled=quiet == 0 and _stderr_is_terminal())
     try:
         summary = run_watch(watched, config=config, sources=sources, out_root=out_root,
-                            scheduler=scheduler, force=force, offline=offline, progress=bar)
+                            scheduler=scheduler, force=force, offline=offline, progress=bar,
+                            invalid=invalid or ())
     finally:
         bar.close()
     if as_json:

@@ -106,7 +106,7 @@ def choose_pair(listed: list[Imagery], *, last: Imagery | None,
         base = last
     if base is None:
         return None, None
-    newer = [i for i in listed if (i.when, i.key) > (base.when, base.key) and i.when > base.when]
+    newer = [i for i in listed if i.when > base.when]
     return base, (newer[-1] if newer else None)
 
 

@@ -58,7 +58,8 @@ Progress = Callable[[int, int], None]
 def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
               sources: Mapping[str, SourceConfig], out_root: str | Path,
               scheduler: str = "local", force: bool = False, offline: bool = False,
-              now: datetime | None = None, progress: Progress | None = None) -> WatchSummary:
+              now: datetime | None = None, progress: Progress | None = None,
+              invalid: Sequence[str] = ()) -> WatchSummary:
     """Check every due site for new imagery and detect on what is new.
 
     Parameters
@@ -81,6 +82,9 @@ def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
         The run's time (default: the clock); decides which sites are due.
     progress
         Called as ``progress(sites_done, sites_due)``.
+    invalid
+        Messages of watch-file features that could not be read (``load_watch_sites(...,
+        invalid=[])``): each is reported as a failed site.
 
     Returns
     -------
@@ -109,7 +113,9 @@ def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
                 coordinator.run(due, pool, progress)
         summary = WatchSummary(
             run_id, utc_text(now), utc_text(datetime.now(UTC)), str(state.path), scheduler,
-            [coordinator.reports.get(s.id, SiteReport(s.id, s.name)) for s in sites],
+            [coordinator.reports.get(s.id, SiteReport(s.id, s.name)) for s in sites]
+            + [SiteReport(f"invalid-{i + 1}", "(invalid feature)", status="failed",
+                          errors=[message]) for i, message in enumerate(invalid)],
             coordinator.new_findings, lock.stale_pid)
         state.finish_run(run_id, datetime.now(UTC), summary.to_dict())
     return summary
@@ -231,6 +237,7 @@ class _Coordinator:
             report.analyses += 1
             report.adopted += int(outcome.adopted)
             report.run_dirs.append(outcome.run_dir or "")
+            report.warnings += outcome.warnings
             report.new_findings += new_ids
             report.continued_findings += continued
             self._note_new(site, outcome, new_ids)

@@ -133,7 +133,8 @@ def parse_sources(value: Any) -> tuple[SiteSource, ...]:
 
 
 def load_watch_sites(path: str | Path, *, sources: Mapping[str, SourceConfig],
-                     default_sources: Sequence[str] = ("esri-wayback",)) -> list[WatchSite]:
+                     default_sources: Sequence[str] = ("esri-wayback",),
+                     invalid: list[str] | None = None) -> list[WatchSite]:
     """Read and validate a watch file.
 
     Parameters
@@ -145,6 +146,9 @@ def load_watch_sites(path: str | Path, *, sources: Mapping[str, SourceConfig],
         and of a type that can list its imagery (wayback, stac, local).
     default_sources
         Sources of a site without a ``sources`` property.
+    invalid
+        If given, each invalid feature's message is appended here and the feature skipped,
+        so one bad feature does not stop the others; without it, the first one raises.
 
     Returns
     -------
@@ -156,15 +160,18 @@ def load_watch_sites(path: str | Path, *, sources: Mapping[str, SourceConfig],
     ConfigError, AoiError
         The file is unreadable, or a feature is invalid; the message names the feature.
     """
-    records = load_site_records(path)
+    records = load_site_records(path, invalid=invalid)
     sites = []
-    for index, (aoi, props) in enumerate(records):
+    for index, aoi, props in records:
         where = f"Site file {path}: feature {index} ('{aoi.label}')"
         try:
             sites.append(_site(aoi, props, sources, default_sources))
         except ValueError as e:
-            raise ConfigError(f"{where}: {e}. Fix the property in the file (QGIS: the "
-                              "feature's attribute table).") from None
+            message = (f"{where}: {e}. Fix the property in the file (QGIS: the feature's "
+                       "attribute table).")
+            if invalid is None:
+                raise ConfigError(message) from None
+            invalid.append(message)
     return sites
 
 

@@ -44,6 +44,7 @@ class SiteReport:
     continued_findings: list[str] = field(default_factory=list)
     run_dirs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 

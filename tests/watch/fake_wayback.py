@@ -52,6 +52,7 @@ class FakeWayback:
 
     server: LoopbackServer
     images: dict[tuple[str, int], np.ndarray]  # (site, introduced release) -> (3, y, x) uint8
+    sites: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(SITES))
     releases: list[Release] = field(default_factory=list)
     tiles: dict[tuple[int, int, int, int], bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,10 +83,20 @@ class FakeWayback:
             self.releases.append(Release(number, day, acquired, shows))
 
 
-def build_images() -> dict[tuple[str, int], np.ndarray]:
-    """Release 1 (ground) and 2 (new roofs at every site) of each site's patch."""
-    images = {}
-    for index, site in enumerate(SITES):
+def build_images(sites: dict[str, tuple[float, float]] | None = None, *,
+                 variants: int | None = None) -> dict[tuple[str, int], np.ndarray]:
+    """Release 1 (ground) and 2 (new roofs at every site) of each site's patch.
+
+    With ``variants``, only that many different patches are drawn and shared among the sites
+    in turn (quick for hundreds of sites).
+    """
+    images: dict[tuple[str, int], np.ndarray] = {}
+    names = list(sites or SITES)
+    for index, site in enumerate(names):
+        if variants and index >= variants:
+            for release in (1, 2):
+                images[(site, release)] = images[(names[index % variants], release)]
+            continue
         ground = synthetic_background((2 * _HALF_PX, 2 * _HALF_PX), res_m=RES_M, seed=index)
         before, after, _ = make_new_roofs(ground, res_m=RES_M,
                                           rect_m=(460.0, 480.0, 680.0, 660.0), buildings=(3, 4),
@@ -116,7 +127,7 @@ class _Routes:
     def tilemap(self, request: Request) -> tuple[int, dict[str, str], bytes]:
         number, z, y, x = (int(v) for v in request.path.split("/")[2:6])
         release = self._release(number)
-        site = _site_of(mercantile.Tile(x, y, z))
+        site = _site_of(mercantile.Tile(x, y, z), self.fake.sites)
         if release is None or site is None:
             return 200, _JSON, json.dumps({"data": [0], "select": [], "valid": True}).encode()
         body = {"data": [1], "select": [release.shows[site]], "valid": True}
@@ -126,14 +137,15 @@ class _Routes:
         number, z, y, x = (int(v) for v in request.path.split("/")[2:6])
         release = self._release(number)
         tile = mercantile.Tile(x, y, z)
-        site = _site_of(tile)
+        site = _site_of(tile, self.fake.sites)
         if release is None or site is None:
             return 404, {"Content-Type": "text/plain"}, b"no tile"
         key = (release.shows[site], z, x, y)
         with self.fake.lock:
             body = self.fake.tiles.get(key)
         if body is None:
-            body = _render(self.fake.images[(site, release.shows[site])], site, tile)
+            body = _render(self.fake.images[(site, release.shows[site])],
+                           self.fake.sites[site], tile)
             with self.fake.lock:
                 self.fake.tiles[key] = body
         return 200, {"Content-Type": "image/png"}, body
@@ -151,25 +163,25 @@ class _Routes:
             return next((r for r in self.fake.releases if r.number == number), None)
 
 
-def _site_centre(site: str) -> tuple[float, float]:
-    return Transformer.from_crs("EPSG:4326", CRS, always_xy=True).transform(*SITES[site])
+_TO_UTM = Transformer.from_crs("EPSG:4326", CRS, always_xy=True)
 
 
-def _site_of(tile: mercantile.Tile) -> str | None:
-    """The site whose patch the tile's centre falls in."""
+def _site_of(tile: mercantile.Tile, sites: dict[str, tuple[float, float]]) -> str | None:
+    """The site nearest the tile's centre, if its patch is near enough to matter."""
     west, south, east, north = mercantile.bounds(tile)
-    lon, lat = (west + east) / 2, (south + north) / 2
-    x, y = Transformer.from_crs("EPSG:4326", CRS, always_xy=True).transform(lon, lat)
-    for site in SITES:
-        cx, cy = _site_centre(site)
-        if abs(x - cx) <= _HALF_PX * RES_M + 500 and abs(y - cy) <= _HALF_PX * RES_M + 500:
-            return site
-    return None
+    x, y = _TO_UTM.transform((west + east) / 2, (south + north) / 2)
+    best, best_d = None, _HALF_PX * RES_M + 500
+    for site, lonlat in sites.items():
+        cx, cy = _TO_UTM.transform(*lonlat)
+        d = max(abs(x - cx), abs(y - cy))
+        if d <= best_d:
+            best, best_d = site, d
+    return best
 
 
-def _render(image: np.ndarray, site: str, tile: mercantile.Tile) -> bytes:
-    """The tile as RGBA PNG, warped from the site's patch."""
-    cx, cy = _site_centre(site)
+def _render(image: np.ndarray, lonlat: tuple[float, float], tile: mercantile.Tile) -> bytes:
+    """The tile as RGBA PNG, warped from the patch centred on ``lonlat``."""
+    cx, cy = _TO_UTM.transform(*lonlat)
     half = _HALF_PX * RES_M
     src_transform = from_origin(cx - half, cy + half, RES_M, RES_M)
     rgb = np.zeros((3, 256, 256), np.uint8)
@@ -183,12 +195,14 @@ def _render(image: np.ndarray, site: str, tile: mercantile.Tile) -> bytes:
         return mem.read()
 
 
-def serve_fake(images: dict[tuple[str, int], np.ndarray]) -> Iterator[FakeWayback]:
+def serve_fake(images: dict[tuple[str, int], np.ndarray],
+               sites: dict[str, tuple[float, float]] | None = None) -> Iterator[FakeWayback]:
     """Run the fake with releases 1 and 2 (a generator for a pytest fixture)."""
+    sites = dict(sites or SITES)
     with serve() as server:
-        fake = FakeWayback(server, dict(images))
-        fake.releases = [Release(1, "2017-01-10", "2016-11-02", {s: 1 for s in SITES}),
-                         Release(2, "2018-06-20", "2018-05-30", {s: 2 for s in SITES})]
+        fake = FakeWayback(server, dict(images), sites)
+        fake.releases = [Release(1, "2017-01-10", "2016-11-02", {s: 1 for s in sites}),
+                         Release(2, "2018-06-20", "2018-05-30", {s: 2 for s in sites})]
         routes = _Routes(fake)
         server.route("/config.json", routes.config)
         _prefix_routes(server, routes)
@@ -212,12 +226,21 @@ def _prefix_routes(server: LoopbackServer, routes: _Routes) -> None:
     server.routes = PrefixRoutes(server.routes)
 
 
+def grid_sites(count: int, *, spacing_deg: float = 0.02) -> dict[str, tuple[float, float]]:
+    """``count`` site centres on a grid (20 a row) east and north of the first test site."""
+    lon0, lat0 = SITES["alpha"]
+    return {f"site-{i:04d}": (round(lon0 + (i % 20) * spacing_deg, 6),
+                              round(lat0 + (i // 20) * spacing_deg, 6)) for i in range(count)}
+
+
 def sites_geojson(path: Path, names: list[str] | None = None, *, every: str = "P1D",
-                  source: str = "fake-wayback") -> Path:
+                  source: str = "fake-wayback",
+                  sites: dict[str, tuple[float, float]] | None = None) -> Path:
     """A watch file of the fake's sites (points with RADIUS_M)."""
-    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": list(SITES[n])},
+    sites = sites or SITES
+    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": list(sites[n])},
                  "properties": {"name": n, "radius_m": RADIUS_M, "sources": [source],
                                 "every": every, "notes": "synthetic"}}
-                for n in (names or list(SITES))]
+                for n in (names or list(sites))]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path

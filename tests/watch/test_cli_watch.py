@@ -95,3 +95,16 @@ def test_seed_watch_files_are_current(tmp_path):
                                           "--before", "2017-01-01/2017-12-31"])
         assert result.exit_code == 0, result.output
         assert out.read_text(encoding="utf-8") == (SEEDS / made).read_text(encoding="utf-8")
+
+
+def test_watch_skip_invalid_runs_the_other_sites(setup):
+    """With --skip-invalid a bad feature is a failed site (exit 5 with findings); others run."""
+    data = json.loads(setup["sites"].read_text())
+    del data["features"][0]["properties"]["radius_m"]
+    setup["sites"].write_text(json.dumps(data))
+    result = _watch(setup, "--skip-invalid", "--json", "-q")
+    assert result.exit_code == 5, result.output
+    summary = json.loads(result.stdout)
+    status = {s["site_id"]: s["status"] for s in summary["sites"]}
+    assert status == {"bravo": "ok", "charlie": "ok", "invalid-1": "failed"}
+    assert "feature 0 ('alpha')" in summary["sites"][-1]["errors"][0]
