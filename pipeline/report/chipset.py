@@ -24,7 +24,6 @@ from pyproj import Transformer
 
 from pipeline.errors import FetchError
 from pipeline.fetch.local import grid_chunks, read_to_grid
-from pipeline.files import atomic_path
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
 
@@ -125,8 +124,9 @@ def _write_target(stage: Path, target: ChipTarget, evidence: Sequence[Evidence],
             rel = f"{CHIPS_DIR}/{e.id}_{role}{'_outlined' if drawn else ''}.png"
             image = compose_chip(rgb, caption=caption, metres_per_px=metres_per_px,
                                  north_deg=north_deg, outlines=drawn)
-            with atomic_path(stage / rel) as tmp:
-                image.save(tmp, format="PNG", optimize=False)
+            # the run folder is staged and published whole, so no per-file rename and fsync;
+            # zlib level 3 halves the encoding time of level 6 for about 10 % more bytes
+            image.save(stage / rel, format="PNG", compress_level=3)
             paths[key] = rel
     return paths
 
