@@ -141,3 +141,32 @@ def test_report_in_headless_chromium(run_dir: Path, fc: dict[str, Any], tmp_path
                          f"--screenshot={shot}", page.as_uri())
     assert shot.is_file() and shot.stat().st_size > 10_000, proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _feature(fid: str, kind: str, grade: int | None, score: float, **extra: Any) -> dict:
+    ring = [[88.29, 43.38], [88.30, 43.38], [88.30, 43.39], [88.29, 43.38]]
+    props = {"id": fid, "kind": kind, "grade": grade, "score": score, "area_m2": 1.0e4,
+             "before_date": "2017-03-02", "after_date": None, **extra}
+    return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": props}
+
+
+def test_render_report_orders_grades_and_escapes_text() -> None:
+    """Grade 3 comes before grade 1, then ungraded kinds; property text is escaped."""
+    from pipeline.report.html import render_report
+
+    fc = {"type": "FeatureCollection", "features": [
+        _feature("compound-0002", "compound", 1, 0.9),
+        _feature("change-0001", "change", None, 0.99),
+        _feature("compound-0001", "compound", 3, 0.5,
+                 grade_reasons="<script>alert(1)</script>"),
+    ]}
+    page = render_report(fc, run_id="r1", aoi={"id": "x", "label": "<b>site</b>"}, inputs={})
+    order = [page.index(f'id="{fid}"') for fid in ("compound-0001", "compound-0002",
+                                                    "change-0001")]
+    assert order == sorted(order)
+    assert page.index("Grade 3:") < page.index("Grade 1:") < page.index("Not graded: change")
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)" in page
+    assert "<b>site</b>" not in page
+    assert "date unknown" not in page  # no chips here, so no chip captions
+    assert page.count("no chips for this finding") == 3
