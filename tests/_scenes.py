@@ -71,3 +71,19 @@ def real_pair(res_m: float) -> tuple[np.ndarray, np.ndarray]:
     b = np.stack([np.interp(bb, np.percentile(bb, q), np.percentile(aa, q))
                   for aa, bb in zip(a, b, strict=True)]).astype(np.float32)
     return tuple(resample_background(x, from_res_m=0.5, to_res_m=res_m) for x in (a, b))
+
+
+LEVIR_TILES = ("test_1", "test_3", "test_4", "test_5")
+
+
+@cache
+def levir_tile(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A whole LEVIR-CD tile pair (0.5 m, ``(3, y, x)`` float32): real new housing between
+    the dates, no walled compound."""
+    paths = [DATA / "levir_cd_tiles" / d / f"levircd_{name}.png" for d in ("A", "B")]
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"no LEVIR-CD tile {name} under {DATA / 'levir_cd_tiles'}")
+    from skimage import io
+
+    a, b = (io.imread(p)[..., :3].transpose(2, 0, 1).astype(np.float32) for p in paths)
+    return a, b

@@ -6,7 +6,7 @@ from functools import cache
 
 import numpy as np
 import pytest
-from _scenes import LOOK_ALIKES, background, real_pair
+from _scenes import LEVIR_TILES, LOOK_ALIKES, background, levir_tile, real_pair
 from affine import Affine
 from numpy.testing import assert_array_equal
 
@@ -14,7 +14,12 @@ from pipeline.detect.objects import extract_objects, is_building_like
 from pipeline.detect.sites import detect_sites
 from pipeline.detect.texture import block_mean, texture_gain
 from pipeline.model import DetectParams, SourceRef
-from pipeline.testing import detect_pair, make_existing_compound, make_walled_compound
+from pipeline.testing import (
+    detect_pair,
+    make_existing_compound,
+    make_walled_compound,
+    resample_background,
+)
 
 RES = 2.0
 TRANSFORM = Affine(RES, 0, 500000.0, 0, -RES, 4800000.0)
@@ -352,3 +357,27 @@ def test_detect_sites_fine_score_counts_the_wall():
     assert m["score_walls"] == pytest.approx(m["closure_ratio"])
     assert c.score == pytest.approx((m["score_construction"] + m["score_walls"]) / 2, abs=1e-4)
     assert c.score >= DetectParams().objects.min_score
+
+
+@pytest.mark.parametrize("tile", LEVIR_TILES)
+def test_detect_sites_real_new_housing_is_not_a_compound(tile):
+    """Real new housing estates at 0.5 m (LEVIR-CD tiles, no wall around them) give new
+    buildings and change, and no compound, wall or watchtower."""
+    before, after = levir_tile(tile)
+    found = detect_pair(before, after, transform=Affine(0.5, 0, 500000.0, 0, -0.5, 4800000.0))
+    assert [e for e in found if e.kind in ("new_building", "change")]
+    assert not [e for e in found if e.kind in ("compound", "wall", "watchtower")]
+
+
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+def test_detect_sites_walled_compound_amid_real_construction(res_m):
+    """A walled compound drawn over a real tile pair with new housing is found on its wall."""
+    a, b = (x[:, :480, :480] for x in levir_tile("test_4"))
+    if res_m != 0.5:
+        a, b = (resample_background(x, from_res_m=0.5, to_res_m=res_m) for x in (a, b))
+    before, after, truth = make_walled_compound((a, b), res_m=res_m, buildings=None)
+    compounds = [e for e in detect_pair(before, after, transform=truth.transform)
+                 if e.kind == "compound"]
+    assert len(compounds) == 1
+    assert _iou(compounds[0].geometry, truth.wall_polygon) >= 0.9
+    assert compounds[0].measurements["grade"] >= 1
