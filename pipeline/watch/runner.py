@@ -204,7 +204,8 @@ class _Coordinator:
                 continue
             row = self.state.add_pending(self.run_id, site.id, name, base, after,
                                          params_hash(self.config.params), self.now)
-            self._submit_pair(pool, site, row)
+            if row["status"] == "pending":  # a pair already done is never redone
+                self._submit_pair(pool, site, row)
 
     def _submit_pair(self, pool: Any, site: WatchSite, row: Any) -> None:
         """Submit the detect task of a pending analysis row."""
@@ -214,6 +215,11 @@ class _Coordinator:
                                     error="source no longer configured for the site")
             return
         listed = {i.key: i for i in self._known_imagery(site.id, row["source"])}
+        if row["before_key"] not in listed or row["after_key"] not in listed:
+            self.state.end_analysis(row["id"], self.now, status="failed",
+                                    error="its imagery is no longer in the state database")
+            self._fail(site.id, f"{row['source']}: analysis {row['id']} lost its imagery")
+            return
         stamp = row["started_utc"].replace("-", "").replace(":", "")
         job = PairJob(row["id"], site, source_for(item.res_m, self.sources[item.name]),
                       listed[row["before_key"]], listed[row["after_key"]], self.config,
@@ -333,8 +339,9 @@ def open_pool(scheduler: str, n_tasks: int) -> Iterator[Any]:
 
     if scheduler == "local":
         workers = max(1, min(os.cpu_count() or 1, n_tasks))
+        # ":0": the scheduler's HTTP server runs even without a dashboard; 8787 may be taken.
         with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, host="127.0.0.1") as cluster,
+                           dashboard_address=":0", host="127.0.0.1") as cluster,
               Client(cluster) as client):
             log.info("Dask LocalCluster of %d worker process(es)", workers)
             yield _DaskPool(client)

@@ -203,7 +203,7 @@ def test_local_cluster_of_two_processes_matches_in_process(setup, tmp_path):
     sites = sites_geojson(tmp_path / "two.geojson", ["alpha", "bravo"])
     _run(setup, tmp_path / "sync", sites=sites)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, host="127.0.0.1") as cluster:
+                      dashboard_address=":0", host="127.0.0.1") as cluster:
         address = cluster.scheduler_address
         with Client(cluster) as client:
             summary = _run(setup, tmp_path / "cluster", sites=sites, scheduler=address)
