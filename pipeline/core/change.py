@@ -207,11 +207,34 @@ def threshold_value(
     return float(threshold_otsu(hist=(counts, 0.5 * (edges[:-1] + edges[1:]))))
 
 
+def _smoothed_ones_np(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """``gaussian_filter(ones(shape), sigma, mode="constant")``, bit for bit, made narrow.
+
+    Along rows the all-ones input gives one value per row, so in the second (column) pass every
+    column farther than the kernel radius from both edges gets the same value: only the edge
+    columns and one interior column are filtered, then the interior one is repeated.
+    """
+    radius = int(4.0 * float(sigma) + 0.5)  # scipy's truncate=4.0
+    ny, nx = shape
+    narrow_nx = 4 * radius + 3
+    if nx <= narrow_nx:
+        return ndi.gaussian_filter(np.ones(shape), sigma, mode="constant")
+    narrow = ndi.gaussian_filter(np.ones((ny, narrow_nx)), sigma, mode="constant")
+    out = np.empty(shape)
+    out[:, :radius] = narrow[:, :radius]
+    out[:, radius:nx - radius] = narrow[:, 2 * radius + 1:2 * radius + 2]
+    out[:, nx - radius:] = narrow[:, narrow_nx - radius:]
+    return out
+
+
 def _smooth_np(mag: np.ndarray, sigma: float) -> np.ndarray:
     """NaN-aware Gaussian smoothing (normalized convolution); NaN stays NaN."""
     valid = ~np.isnan(mag)
     num = ndi.gaussian_filter(np.where(valid, mag, 0.0).astype(np.float64), sigma, mode="constant")
-    den = ndi.gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
+    if valid.all() and mag.ndim == 2:  # most chunks: the weights need not be filtered in full
+        den = _smoothed_ones_np(mag.shape, sigma)
+    else:
+        den = ndi.gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(valid, num / den, np.nan).astype(np.float32)
 

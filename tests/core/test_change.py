@@ -202,3 +202,27 @@ def test_change_mask_persist_hook_same_mask():
     got, thr_hook = change_mask(mag, params=ChangeParams(), res_m=10.0, persist=persist)
     assert len(seen) == 1 and thr_hook == thr
     assert_array_equal(got.values, expected.values)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (40, 19), (19, 40), (5, 200), (1, 30), (200, 7)])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.3])
+def test_smoothed_ones_equals_gaussian_of_ones(shape, sigma):
+    """The narrow filtering of an all-ones block is bit for bit scipy's full filtering."""
+    from scipy import ndimage as ndi
+
+    from pipeline.core.change import _smoothed_ones_np
+
+    expected = ndi.gaussian_filter(np.ones(shape), sigma, mode="constant")
+    assert_array_equal(_smoothed_ones_np(shape, sigma), expected)
+
+
+def test_smooth_all_valid_equals_normalized_convolution():
+    """A block without NaN is smoothed exactly as the two-filter normalized convolution."""
+    from scipy import ndimage as ndi
+
+    from pipeline.core.change import _smooth_np
+
+    mag = np.random.default_rng(0).random((50, 70)).astype(np.float32) * 40
+    num = ndi.gaussian_filter(mag.astype(np.float64), 1.0, mode="constant")
+    den = ndi.gaussian_filter(np.ones(mag.shape), 1.0, mode="constant")
+    assert_array_equal(_smooth_np(mag, 1.0), (num / den).astype(np.float32))
