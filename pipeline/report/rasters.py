@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,10 @@ def write_cog(
                 if isinstance(values, dask.array.Array):
                     # one computation, each block written to its window as it is ready
                     target: Any = _WindowWriter(dst)
-                    dask.array.store(values, target, lock=True)
+                    try:
+                        dask.array.store(values, target, lock=False)  # the writer locks
+                    finally:
+                        target.close()
                 else:
                     dst.write(values)
                 dst.descriptions = descriptions
@@ -128,15 +132,30 @@ def write_cog(
 
 
 class _WindowWriter:
-    """``dask.array.store`` target writing ``(band, y, x)`` blocks into an open dataset."""
+    """``dask.array.store`` target writing ``(band, y, x)`` blocks into an open dataset.
+
+    Writes are serialised by a lock, and refused once :meth:`close` ran: when one block fails
+    (a lossy cast), Dask raises at once while other threads may still be computing blocks; a
+    late block must not reach the dataset after it is closed (GDAL would crash).
+    """
 
     def __init__(self, dst: Any) -> None:
         self.dst = dst
+        self.lock = threading.Lock()
+        self.closed = False
 
     def __setitem__(self, key: tuple[slice, ...], block: np.ndarray) -> None:
         bands, rows, cols = key
         indexes = list(range(bands.start + 1, bands.stop + 1))
-        self.dst.write(block, indexes=indexes, window=Window.from_slices(rows, cols))
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the GeoTIFF is closed: an earlier block failed")
+            self.dst.write(block, indexes=indexes, window=Window.from_slices(rows, cols))
+
+    def close(self) -> None:
+        """Refuse any later block (waits for a write in progress)."""
+        with self.lock:
+            self.closed = True
 
 
 def validate_cog(path: str | Path) -> tuple[bool, list[str], list[str]]:
