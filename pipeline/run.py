@@ -511,13 +511,19 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
 def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    magnitude: xr.DataArray, *, config: RunConfig, run_id: str, aoi: Aoi,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
-                   started: datetime, caught: list[warnings.WarningMessage]) -> None:
-    """Write the evidence package and, last, the manifest that hashes it (and its digest)."""
+                   started: datetime, caught: list[warnings.WarningMessage],
+                   images: dict[str, xr.DataArray] | None = None) -> None:
+    """Write the evidence package and, last, the manifest that hashes it (and its digest).
+
+    ``images`` (``{"before": da, "after": da}`` on ``plan``, as read, before normalization)
+    gives the chips their pixels; without it they are read again from the input files, so a
+    run from fetched sources gets no chips (the manifest's write:chips step says so).
+    """
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
     notes = [str(w.message) for w in caught if issubclass(w.category, PipelineWarning)]
     package = write_package(stage, evidence, mask, magnitude, method=_method_label(config),
                             plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling,
-                            run_id=run_id, notes=notes)
+                            run_id=run_id, notes=notes, images=images)
     manifest = build_manifest(
         run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
         originals=package.originals, config=config.to_dict(), params=config.params,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+import xarray as xr
 from pyproj import Transformer
 
 from pipeline.errors import FetchError
@@ -71,27 +72,48 @@ def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *, max_chips: int
 
 
 def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence], *,
-                plan: GridPlan, resampling: str = "bilinear") -> dict[str, dict[str, str]]:
+                plan: GridPlan, resampling: str = "bilinear",
+                images: Mapping[str, xr.DataArray] | None = None,
+                notes: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Render and write the chips of ``targets``; return ``{id: {chip key: relative path}}``.
 
-    A finding whose window holds no valid pixel on either date gets no chips (logged). When
-    an input has no local file (a fetched source) no chip is written and the reason logged.
+    Parameters
+    ----------
+    stage
+        The run folder being written; chips go to ``stage/chips``.
+    targets
+        From :func:`chip_targets`.
+    evidence
+        All findings (the parts of each target's site are drawn in its outlined chips).
+    plan
+        The working grid.
+    resampling
+        How the inputs are warped onto the grid when read from their files.
+    images
+        ``{"before": da, "after": da}`` on ``plan`` (``(band, y, x)``, NaN nodata) to take
+        the windows from instead of the input files, e.g. for fetched sources, which have no
+        local file. Pass pixels as read, before normalization.
+    notes
+        Collects why chips were not written (also logged), for the manifest.
 
     Raises
     ------
     FetchError
         An input file changed since the run read it (SHA-256 differs).
     """
+    notes = notes if notes is not None else []
     if not targets:
         return {}
     first = targets[0].evidence
-    images = {}
-    for role, ref in (("before", first.before), ("after", first.after)):
-        if not ref.path:
-            log.warning("No chips: the %s image %s has no local file to read windows from",
-                        role, ref.item_id)
-            return {}
-        images[role] = _read_grid(ref, plan, role=role, resampling=resampling)
+    if images is None:
+        images = {}
+        for role, ref in (("before", first.before), ("after", first.after)):
+            if not ref.path:
+                notes.append(f"no chips: the {role} image {ref.item_id} was fetched, not read "
+                             "from a local file, and its pixels were not handed to the writer")
+                log.warning("%s", notes[-1])
+                return {}
+            images[role] = _read_grid(ref, plan, role=role, resampling=resampling)
     north_deg = _north_deg(plan)
     written: dict[str, dict[str, str]] = {}
     (stage / CHIPS_DIR).mkdir(exist_ok=True)
@@ -99,11 +121,13 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
         paths = _write_target(stage, target, evidence, images, plan=plan, north_deg=north_deg)
         if paths:
             written[target.evidence.id] = paths
+        else:
+            notes.append(f"no chips for {target.evidence.id}: no valid pixel in its window")
     return written
 
 
 def _write_target(stage: Path, target: ChipTarget, evidence: Sequence[Evidence],
-                  images: dict[str, Any], *, plan: GridPlan, north_deg: float
+                  images: Mapping[str, Any], *, plan: GridPlan, north_deg: float
                   ) -> dict[str, str]:
     """The four PNGs of one finding; ``{}`` when its window has no valid pixel."""
     row0, col0, rows, cols = target.window

@@ -69,7 +69,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                   magnitude: xr.DataArray, *, method: str, plan: GridPlan,
                   aoi: Mapping[str, Any], inputs: Mapping[str, SourceRef],
                   resampling: str = "bilinear", run_id: str = "",
-                  notes: Sequence[str] = ()) -> Package:
+                  notes: Sequence[str] = (),
+                  images: Mapping[str, xr.DataArray] | None = None) -> Package:
     """Write the evidence files of one run into its staging folder.
 
     Parameters
@@ -92,6 +93,9 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
         How inputs were warped onto the grid (chips are read the same way).
     run_id, notes
         The run id and warnings, shown on the review page.
+    images
+        The pixels of both dates on ``plan`` for the chips (see ``chipset.write_chips``);
+        None reads them again from the input files (local inputs only).
 
     Returns
     -------
@@ -101,10 +105,12 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
     log = StepLog()
     outputs = [GEOJSON_NAME, MASK_NAME, MAGNITUDE_NAME]
     with log.step("write:chips") as info:
+        skipped: list[str] = []
         chips = write_chips(stage, chip_targets(evidence, plan), evidence, plan=plan,
-                            resampling=resampling)
+                            resampling=resampling, images=images, notes=skipped)
         outputs += [p for paths in chips.values() for p in paths.values()]
-        info.update(findings=len(chips), files=len(outputs) - 3)
+        info.update(findings=len(chips), files=len(outputs) - 3, skipped=skipped,
+                    pixels="as handed in" if images is not None else "input files")
     with log.step("write:geojson") as info:
         shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips
                  else e for e in evidence]

@@ -164,7 +164,35 @@ def test_write_chips_without_local_file_writes_nothing(tmp_path: Path) -> None:
     before, after, plan = _pair(tmp_path)
     fetched = SourceRef("wayback", "wayback-1 z17", acquired=None, url="http://127.0.0.1/x")
     site = _evidence("compound-0001", "compound", _block(18, 22, 32, 42), (before, fetched))
-    assert write_chips(tmp_path, chip_targets([site], plan), [site], plan=plan) == {}
+    notes: list[str] = []
+    assert write_chips(tmp_path, chip_targets([site], plan), [site], plan=plan,
+                       notes=notes) == {}
+    assert len(notes) == 1 and "after image wayback-1 z17 was fetched" in notes[0]
+    assert not (tmp_path / "chips").exists()
+
+
+def test_write_chips_from_pixels_handed_in(tmp_path: Path) -> None:
+    """Pixels handed in (a fetched source) give the same chips as reading the files."""
+    from pipeline.fetch.local import read_to_grid
+
+    before, after, plan = _pair(tmp_path)
+    site = _evidence("compound-0001", "compound", _block(18, 22, 32, 42), (before, after))
+    (tmp_path / "a").mkdir()
+    from_files = write_chips(tmp_path / "a", chip_targets([site], plan), [site], plan=plan)
+    images = {role: read_to_grid(str(ref.path), plan, role=role)[0]
+              for role, ref in (("before", before), ("after", after))}
+    fetched = SourceRef("wayback", "wayback-1 z17", acquired=None, url="http://127.0.0.1/x")
+    handed = _evidence("compound-0001", "compound", site.geometry, (before, fetched))
+    (tmp_path / "b").mkdir()
+    from_pixels = write_chips(tmp_path / "b", chip_targets([handed], plan), [handed], plan=plan,
+                              images=images)
+    assert set(from_pixels) == set(from_files) == {"compound-0001"}
+    for key in ("chip_before", "chip_after_outlined"):
+        a = np.asarray(Image.open(tmp_path / "a" / from_files["compound-0001"][key]))
+        b = np.asarray(Image.open(tmp_path / "b" / from_pixels["compound-0001"][key]))
+        picture = a.shape[0] - 90  # the caption band differs (source names), not the picture
+        assert a.shape == b.shape
+        assert_array_equal(a[:picture], b[:picture])
 
 
 def test_chip_targets_limits_change_regions() -> None:
