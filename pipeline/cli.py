@@ -204,8 +204,10 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
 def verify(run_dir: Path, verbose: int, quiet: int) -> None:
     """Check every file listed in RUN_DIR/manifest.json against its SHA-256 and size.
 
-    Prints one line per problem on stdout and exits 1 if any file is missing or changed since
-    the run; files that the manifest does not list are reported as warnings.
+    Covers the outputs (GeoJSON, GeoPackage, style, chips, COGs, report.html), the preserved
+    originals/ and, through manifest.json.sha256, the manifest itself. Prints one line per
+    problem on stdout and exits 1 if any file is missing or changed since the run; files
+    that the manifest does not list are reported as warnings.
 
     \b
     Examples:
