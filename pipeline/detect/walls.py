@@ -19,6 +19,7 @@ and the grid's transform in, shapely geometries in the grid CRS out; sizes in me
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ from pipeline.model import WallParams
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
            "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
            "drop_small"]  # merge_collinear, collinear_groups: re-exported from lines
+
+
+_BAND_ROWS = 512  # rows per band of the line-map kernels (memory, not results)
 
 
 @dataclass(frozen=True)
@@ -93,20 +97,32 @@ def robust_scale(grey_before: np.ndarray) -> float:
     return float(hi - lo) if hi > lo else 1.0
 
 
-def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16) -> float:
+def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16,
+                max_blocks: int = 16384) -> float:
     """Per-date noise level: the calmer quarter of blockwise spreads of the date difference.
 
     The difference is high-passed (minus its 3 x 3 mean); its robust spread (1.4826 MAD) is
     taken in blocks of ``block_px`` and the 25th percentile over blocks is kept, so that
-    texture which changed between the dates (trees, crops) does not pass for noise.
+    texture which changed between the dates (trees, crops) does not pass for noise. A scene
+    of more than ``max_blocks`` blocks is sampled on a regular grid of blocks (every k-th
+    block row and column) to about that many; the difference is formed one block row at a
+    time, so memory stays a few rows of the scene.
     """
-    d = g_after - g_before
-    d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
-    h, w = (max(n // block_px, 1) * block_px for n in d.shape)
-    if h > d.shape[0] or w > d.shape[1]:  # smaller than one block: one spread
-        block_px, h, w = min(d.shape), min(d.shape), min(d.shape)
-    tiled = d[:h, :w].reshape(h // block_px, block_px, w // block_px, block_px)
-    blocks = tiled.transpose(0, 2, 1, 3).reshape(-1, block_px * block_px)
+    height, width = g_before.shape
+    h, w = (max(n // block_px, 1) * block_px for n in (height, width))
+    if h > height or w > width:  # smaller than one block: one spread
+        block_px, h, w = min(height, width), min(height, width), min(height, width)
+    n_rows, n_cols = h // block_px, w // block_px
+    step = max(1, math.ceil(math.sqrt(n_rows * n_cols / max_blocks)))
+    rows = []
+    for i in range(0, n_rows, step):
+        r0 = i * block_px
+        lo, hi = max(0, r0 - 1), min(height, r0 + block_px + 1)  # the 3 x 3 mean's halo
+        d = g_after[lo:hi] - g_before[lo:hi]
+        d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
+        band = d[r0 - lo:r0 - lo + block_px, :w].reshape(block_px, n_cols, block_px)
+        rows.append(band.transpose(1, 0, 2)[::step].reshape(-1, block_px * block_px))
+    blocks = np.concatenate(rows)
     blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
     if len(blocks) == 0:
         return 0.0
@@ -127,8 +143,30 @@ def drop_small(mask: np.ndarray, *, min_px: float) -> np.ndarray:
     return keep[labels]
 
 
-def _filled(g: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(g), g, float(np.nanmean(g)) if np.isfinite(g).any() else 0.0)
+def _fill_value(g: np.ndarray) -> float:
+    """What stands in for nodata in the morphology: the mean of the valid pixels (or 0)."""
+    return float(np.nanmean(g)) if np.isfinite(g).any() else 0.0
+
+
+def _banded(kernel: Callable[..., tuple[np.ndarray, ...]], inputs: Sequence[np.ndarray], *,
+            halo: int, band_rows: int | None = None) -> list[np.ndarray]:
+    """``kernel`` applied to bands of rows with ``halo`` rows either side, then stitched.
+
+    For a kernel whose output at a pixel depends on inputs at most ``halo`` rows away, the
+    result equals the whole-image one, while its temporaries are band-sized.
+    """
+    height = inputs[0].shape[0]
+    band_rows = band_rows or _BAND_ROWS
+    outs: list[np.ndarray] = []
+    for r0 in range(0, height, band_rows):
+        r1 = min(r0 + band_rows, height)
+        lo, hi = max(0, r0 - halo), min(height, r1 + halo)
+        parts = kernel(*(x[lo:hi] for x in inputs))
+        if not outs:
+            outs = [np.empty((height, *p.shape[1:]), p.dtype) for p in parts]
+        for out, part in zip(outs, parts, strict=True):
+            out[r0:r1] = part[r0 - lo:r1 - lo]
+    return outs
 
 
 def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, res_m: float,
@@ -164,13 +202,22 @@ def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, re
         zero = np.zeros(g_b.shape, np.float32)
         return LineMap(zero, zero > 0, math.inf, transform, res_m)
     scale = robust_scale(g_b)
-    strength, th_b, th_a = _tophat_change(_filled(g_b) / scale, _filled(g_a) / scale, radii)
+    fills = (_fill_value(g_b), _fill_value(g_a))
+
+    def tophats(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, ...]:
+        b, a = (np.where(np.isfinite(g), g, f) / scale for g, f in zip((b, a), fills,
+                                                                      strict=True))
+        return _tophat_change(b, a, radii)
+
+    # Band by band (each output pixel sees 2 radii around it): temporaries stay small.
+    strength, th_b, th_a = _banded(tophats, [g_b, g_a], halo=2 * max(radii) + 1)
     bad = ~(np.isfinite(g_b) & np.isfinite(g_a))
     strength[ndi.binary_dilation(bad, iterations=radii[1]) if bad.any() else bad] = 0.0
     # Averaged along its best direction, a wall keeps its contrast and texture change fades:
     # the average decides which pixels are line evidence, the raw response keeps it thin.
     n_px = max(3, int(round(params.line_average_m / res_m)))
-    along = along_lines(strength, length_px=n_px)
+    along = _banded(lambda x: (along_lines(x, length_px=n_px),), [strength],
+                    halo=n_px // 2 + 1)[0]
     # New walls are sparse: where a whole scene's texture changed (season, haze), the top
     # ``max_line_share`` of the pixels at most may count as new lines.
     share = params.max_line_share

@@ -12,7 +12,7 @@ from affine import Affine
 
 from pipeline.detect.enclosure import measure_enclosure
 from pipeline.detect.outlines import outline_from_segments, propose_outlines
-from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map
+from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map, noise_sigma
 from pipeline.testing import make_field_boundaries, make_road_grid, make_walled_compound
 
 
@@ -32,10 +32,23 @@ def loose_seed(truth) -> shapely.Polygon:
     return shapely.affinity.scale(grown, 1.03, 0.97)
 
 
+def ndi_smooth(x: np.ndarray) -> np.ndarray:
+    """Ground texture: ``x`` smoothed with a 3-pixel Gaussian."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, 3.0)
+
+
+@cache
+def compound_pair(kind: str, res_m: float, **layout):
+    """A new walled compound's pair and truth (cached)."""
+    return make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
+
+
 @cache
 def compound(kind: str, res_m: float, **layout):
     """A new walled compound (cached: several tests read one scene) and its measures."""
-    before, after, truth = make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
+    before, after, truth = compound_pair(kind, res_m, **layout)
     segs, outline, enc = measure(before, after, truth, loose_seed(truth), res_m)
     return truth, segs, outline, enc
 
@@ -163,3 +176,30 @@ def test_road_grid_is_not_a_wall(kind, res_m):
     before, after, truth = make_road_grid(background(kind, res_m), res_m=res_m, seed=1)
     segs = find_wall_segments(before, after, transform=truth.transform, res_m=res_m)
     assert sum(s.length_m for s in segs) < 60.0
+
+
+def test_new_line_map_in_bands_equals_whole_image(monkeypatch):
+    """The line map computed in bands of 37 rows equals the one computed in one band."""
+    import pipeline.detect.walls as walls
+
+    before, after, truth = compound_pair("synthetic", 1.0)
+    before = before.copy()
+    before[:, :25, :] = np.nan  # nodata at an edge
+    whole = new_line_map(before, after, transform=truth.transform, res_m=1.0)
+    monkeypatch.setattr(walls, "_BAND_ROWS", 37)
+    banded = new_line_map(before, after, transform=truth.transform, res_m=1.0)
+    for name in ("strength", "mask", "tophat_before", "tophat_after"):
+        np.testing.assert_array_equal(getattr(banded, name), getattr(whole, name), name)
+    assert banded.threshold == whole.threshold and whole.mask.any()
+
+
+@pytest.mark.parametrize("max_blocks", [16384, 50])
+def test_noise_sigma_recovers_noise_whole_or_sampled(max_blocks):
+    """Independent noise of 3 DN per date is measured within 10 %, every block or 50."""
+    rng = np.random.default_rng(4)
+    ground = ndi_smooth(rng.normal(100, 20, (400, 300)))
+    b, a = (ground + rng.normal(0, 3.0, ground.shape) for _ in range(2))
+    # The 3 x 3 high-pass keeps (1 + 1/9 - 2/9) of the variance of white noise.
+    expected = 3.0 * np.sqrt(8 / 9)
+    assert noise_sigma(b.astype(np.float32), a.astype(np.float32),
+                       max_blocks=max_blocks) == pytest.approx(expected, rel=0.10)
