@@ -523,7 +523,8 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
     notes = [str(w.message) for w in caught if issubclass(w.category, PipelineWarning)]
     package = write_package(stage, evidence, mask, magnitude, method=_method_label(config),
                             plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling,
-                            run_id=run_id, notes=notes, images=images)
+                            run_id=run_id, notes=notes, images=images,
+                            cache_dir=config.cache_dir)
     manifest = build_manifest(
         run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
         originals=package.originals, config=config.to_dict(), params=config.params,

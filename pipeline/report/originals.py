@@ -6,9 +6,12 @@ made read-only. Its SHA-256 must equal the one recorded when the run read the fi
 changed in between is an error, never silently preserved. The manifest lists every original
 (``originals`` member) and ``sitewatch verify`` re-hashes them like the outputs.
 
-A fetched input (STAC assets, XYZ or Wayback tiles) was read window by window over HTTP; its
-bytes are not copied here. Its entry says so and names the URL and item, so the data can be
-fetched again, and the download cache keeps what was fetched.
+Tiles of an XYZ or Wayback input are preserved from the download cache: each tile the run
+used (``ref.extra["tiles"]``: ``{z, x, y, url, sha256}``) is copied from its cache entry to
+``originals/<role>-<n>_tiles/<z>-<x>-<y><ext>`` when the entry still has the recorded hash;
+a tile whose entry is gone or differs is listed as not preserved, with the reason. A STAC
+input was read window by window over HTTP and is not copied; its entry names the URL and
+item, so the data can be fetched again.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import OutputError
+from pipeline.fetch.base import FetchContext
+from pipeline.fetch.cache import cache_paths
 from pipeline.files import atomic_path, sha256_file
 from pipeline.model import SourceRef
 
@@ -34,7 +39,8 @@ LINK_MIN_BYTES = 1 << 30  # from 1 GiB, hard-link instead of copying (same file 
 
 
 def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
-                       link_min_bytes: int = LINK_MIN_BYTES) -> list[dict[str, Any]]:
+                       link_min_bytes: int = LINK_MIN_BYTES,
+                       cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Copy (or hard-link) every local input into ``stage/originals``; describe each input.
 
     Parameters
@@ -45,13 +51,16 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
         ``{"before:0": ref, ...}`` as the run read them (``ref.sha256`` is the hash then).
     link_min_bytes
         Files of at least this size are hard-linked when on the same file system.
+    cache_dir
+        The download cache the run fetched through; tiles are copied from it.
 
     Returns
     -------
     list of dict
-        One entry per input: ``input`` (its key), ``path`` (relative, or None when not
-        preserved), ``sha256``, ``size_bytes``, ``how`` (``copy``, ``hardlink`` or
-        ``not preserved``), ``source_path``, ``source_url``, ``note``.
+        One entry per input file or tile: ``input`` (its key), ``path`` (relative, or None
+        when not preserved), ``sha256``, ``size_bytes``, ``how`` (``copy``, ``hardlink``,
+        ``copy of cache entry`` or ``not preserved``), ``source_path``, ``source_url``,
+        ``note``.
 
     Raises
     ------
@@ -60,14 +69,18 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
     """
     entries = []
     for key, ref in inputs.items():
-        if not ref.path:
+        tiles = (ref.extra or {}).get("tiles")
+        if ref.path:
+            entries.append(_preserve(stage, key, ref, link_min_bytes))
+        elif isinstance(tiles, list) and tiles and cache_dir is not None:
+            entries += [_preserve_tile(stage, key, tile, Path(cache_dir)) for tile in tiles
+                        if isinstance(tile, dict) and tile.get("sha256")]
+        else:
             entries.append({"input": key, "path": None, "sha256": ref.sha256,
                             "size_bytes": None, "how": "not preserved",
                             "source_path": None, "source_url": ref.url,
                             "note": "fetched over HTTP window by window; fetch again from "
-                                    "source_url (the download cache keeps what was fetched)"})
-            continue
-        entries.append(_preserve(stage, key, ref, link_min_bytes))
+                                    "source_url"})
     return entries
 
 
@@ -102,6 +115,38 @@ def _preserve(stage: Path, key: str, ref: SourceRef, link_min_bytes: int) -> dic
             "source_path": str(source), "source_url": ref.url,
             "note": "hard link: the same bytes as source_path; never edit either" if
                     how == "hardlink" else None}
+
+
+def _preserve_tile(stage: Path, key: str, tile: dict[str, Any], cache_dir: Path
+                   ) -> dict[str, Any]:
+    """Copy one tile's cache entry if it still holds the bytes the run used."""
+    url, recorded = str(tile["url"]), str(tile["sha256"])
+    body, _ = cache_paths(url, context=FetchContext(cache_dir=cache_dir))
+    entry: dict[str, Any] = {"input": key, "path": None, "sha256": recorded, "size_bytes": None,
+                             "how": "not preserved", "source_path": str(body),
+                             "source_url": url, "note": None}
+    if not body.is_file():
+        entry["note"] = "the cache entry is gone (evicted or cleared); fetch source_url again"
+        return entry
+    digest = sha256_file(body)
+    if digest != recorded:
+        entry["note"] = (f"the cache entry now holds other bytes (SHA-256 {digest[:12]}…); "
+                         "the tile the run used is not available")
+        return entry
+    suffix = Path(url.split("?")[0]).suffix[:5] if "." in url.rsplit("/", 1)[-1] else ""
+    rel = (f"{ORIGINALS_DIR}/{key.replace(':', '-')}_tiles/"
+           f"{tile.get('z')}-{tile.get('x')}-{tile.get('y')}{suffix}")
+    target = stage / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(body, tmp)
+        target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    except OSError as e:
+        raise OutputError(f"Cannot preserve the tile {url} in {target}: {e}. "
+                          "Choose another --out with room for the originals.") from e
+    return {**entry, "path": rel, "size_bytes": target.stat().st_size,
+            "how": "copy of cache entry"}
 
 
 def _same_device(a: Path, b: Path) -> bool:

@@ -70,7 +70,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                   aoi: Mapping[str, Any], inputs: Mapping[str, SourceRef],
                   resampling: str = "bilinear", run_id: str = "",
                   notes: Sequence[str] = (),
-                  images: Mapping[str, xr.DataArray] | None = None) -> Package:
+                  images: Mapping[str, xr.DataArray] | None = None,
+                  cache_dir: str | Path | None = None) -> Package:
     """Write the evidence files of one run into its staging folder.
 
     Parameters
@@ -96,6 +97,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
     images
         The pixels of both dates on ``plan`` for the chips (see ``chipset.write_chips``);
         None reads them again from the input files (local inputs only).
+    cache_dir
+        The download cache of the run, from which fetched tiles are preserved.
 
     Returns
     -------
@@ -129,7 +132,7 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                      notes=notes)
         outputs.append(REPORT_NAME)
     with log.step("write:originals") as info:
-        originals = preserve_originals(stage, inputs)
+        originals = preserve_originals(stage, inputs, cache_dir=cache_dir)
         info.update(preserved=sum(o["path"] is not None for o in originals),
                     not_preserved=sum(o["path"] is None for o in originals))
     return Package(outputs=outputs, originals=originals, steps=log.records, features=fc)

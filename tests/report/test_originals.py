@@ -105,3 +105,31 @@ def test_verify_manifest_checks_its_digest(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('"run_id": "r"', '"run_id": "s"'))
     ok, errors, _ = verify_manifest(stage)
     assert not ok and "manifest.json: changed" in errors[0]
+
+
+def test_preserve_originals_copies_tiles_from_the_cache(tmp_path: Path) -> None:
+    """Fetched tiles are copied from their cache entries when the hash still matches."""
+    from pipeline.fetch.base import FetchContext
+    from pipeline.fetch.cache import cache_paths
+
+    cache = tmp_path / "cache"
+    tiles = []
+    for x, data in ((10, b"tile ten"), (11, b"tile eleven"), (12, b"tile twelve")):
+        url = f"http://127.0.0.1:1/wayback/17/20/{x}.jpg"
+        body, _ = cache_paths(url, context=FetchContext(cache_dir=cache))
+        body.parent.mkdir(parents=True, exist_ok=True)
+        body.write_bytes(data)
+        tiles.append({"z": 17, "x": x, "y": 20, "url": url, "sha256": sha256_file(body)})
+    body.write_bytes(b"refetched, other bytes")  # the third entry changed since the run
+    tiles.append({"z": 17, "x": 13, "y": 20, "url": "http://127.0.0.1:1/none", "sha256": None})
+    ref = SourceRef("esri-wayback", "wayback-10 z17", url="http://127.0.0.1:1/{z}/{y}/{x}",
+                    extra={"tiles": tiles})
+    stage = tmp_path / "run"
+    stage.mkdir()
+    entries = preserve_originals(stage, {"after:0": ref}, cache_dir=cache)
+    assert [e["how"] for e in entries] == ["copy of cache entry", "copy of cache entry",
+                                           "not preserved"]
+    assert entries[0]["path"] == "originals/after-0_tiles/17-10-20.jpg"
+    assert (stage / entries[0]["path"]).read_bytes() == b"tile ten"
+    assert entries[1]["sha256"] == sha256_file(stage / entries[1]["path"])
+    assert entries[2]["path"] is None and "other bytes" in entries[2]["note"]
