@@ -7,19 +7,18 @@ analysis as ``pending`` (committed before any work starts) and submits a ``detec
 when that comes back it records the findings (matched to the site's known ones) in one
 transaction. A site with pending analyses left by a killed run resumes them instead of listing.
 
-Schedulers: ``"local"`` starts a ``LocalCluster`` of one single-threaded worker process per CPU
-(at most one per due site); a ``tcp://host:port`` address uses that Dask cluster (its workers
-must see the same data folder and cache paths); ``"sync"`` runs every task in this process, one
-after the other (tests, debugging).
+Where tasks run (``pipeline.watch.pools``): listings on a few threads of this process;
+detections on Dask, started at the first one: ``"local"`` a ``LocalCluster`` of one
+single-threaded worker process per CPU (at most one per due site), a ``tcp://host:port`` address
+that Dask cluster (its workers must see the same data folder and cache paths); ``"sync"`` runs
+every task in this process, one after the other (tests, debugging).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from pipeline.model import params_hash
 from pipeline.report.rundir import check_out_root
 from pipeline.watch.imagery import Imagery, choose_pair
 from pipeline.watch.lock import StateLock
+from pipeline.watch.pools import TaskPool, open_pool
 from pipeline.watch.sites import WatchSite
 from pipeline.watch.state import STATE_NAME, WatchState, utc_text
 from pipeline.watch.summary import SiteReport, WatchSummary
@@ -47,7 +47,7 @@ from pipeline.watch.tasks import (
     source_for,
 )
 
-__all__ = ["run_watch", "LOCK_NAME", "open_pool"]
+__all__ = ["run_watch", "LOCK_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class _Coordinator:
     _open: dict[str, int] = field(default_factory=dict)
     _sites: dict[str, WatchSite] = field(default_factory=dict)
 
-    def run(self, due: list[WatchSite], pool: Any, progress: Progress | None) -> None:
+    def run(self, due: list[WatchSite], pool: TaskPool, progress: Progress | None) -> None:
         """Submit every due site and handle results until no task is left."""
         done = 0
         for site in due:
@@ -150,7 +150,7 @@ class _Coordinator:
                 for row in pending:
                     self._submit_pair(pool, site, row)
             else:
-                self._submit(pool, site.id, list_site, self._site_job(site))
+                self._submit(pool, site.id, list_site, self._site_job(site), heavy=False)
         if progress:
             progress(0, len(due))
         while pool.busy():
@@ -174,16 +174,17 @@ class _Coordinator:
                 if progress:
                     progress(done, len(due))
 
-    def _submit(self, pool: Any, site_id: str, fn: Callable[[Any], Any], job: Any) -> None:
+    def _submit(self, pool: TaskPool, site_id: str, fn: Callable[[Any], Any], job: Any, *,
+                heavy: bool) -> None:
         self._open[site_id] += 1
-        pool.submit(fn, job)
+        pool.submit(fn, job, heavy=heavy)
 
     def _site_job(self, site: WatchSite) -> SiteJob:
         last = {s.name: self.state.last_analysed(site.id, s.name) for s in site.sources}
         return SiteJob(site, {s.name: self.sources[s.name] for s in site.sources}, self.config,
                        self.offline, self.now.date(), last)
 
-    def _on_listing(self, pool: Any, site: WatchSite, listing: SiteListing) -> None:
+    def _on_listing(self, pool: TaskPool, site: WatchSite, listing: SiteListing) -> None:
         """Record the imagery; record and submit one pending analysis per source with news."""
         report = self.reports[site.id]
         report.seconds += listing.seconds
@@ -207,7 +208,7 @@ class _Coordinator:
             if row["status"] == "pending":  # a pair already done is never redone
                 self._submit_pair(pool, site, row)
 
-    def _submit_pair(self, pool: Any, site: WatchSite, row: Any) -> None:
+    def _submit_pair(self, pool: TaskPool, site: WatchSite, row: Any) -> None:
         """Submit the detect task of a pending analysis row."""
         item = next((s for s in site.sources if s.name == row["source"]), None)
         if item is None or row["source"] not in self.sources:
@@ -224,7 +225,7 @@ class _Coordinator:
         job = PairJob(row["id"], site, source_for(item.res_m, self.sources[item.name]),
                       listed[row["before_key"]], listed[row["after_key"]], self.config,
                       self.out, self.offline, stamp)
-        self._submit(pool, site.id, detect_pair, job)
+        self._submit(pool, site.id, detect_pair, job, heavy=True)
 
     def _known_imagery(self, site_id: str, source: str) -> list[Imagery]:
         rows = self.state.db.execute("SELECT key, day, label FROM imagery WHERE site_id = ? AND "
@@ -280,72 +281,3 @@ class _Coordinator:
         report.status = "failed"
         report.errors.append(error)
         log.warning("site %s failed (retried next run): %s", site_id, error)
-
-
-class _SyncPool:
-    """Runs each task in this process when its result is asked for, in submission order."""
-
-    def __init__(self) -> None:
-        self.queue: deque[tuple[Callable[[Any], Any], Any]] = deque()
-
-    def submit(self, fn: Callable[[Any], Any], job: Any) -> None:
-        self.queue.append((fn, job))
-
-    def busy(self) -> bool:
-        return bool(self.queue)
-
-    def next_done(self) -> tuple[Any, Any]:
-        fn, job = self.queue.popleft()
-        try:
-            return job, fn(job)
-        except Exception as e:  # noqa: BLE001  (as a dead Dask task: one site fails)
-            return job, e
-
-
-class _DaskPool:
-    """Submits tasks to a Dask cluster and hands back results as they complete."""
-
-    def __init__(self, client: Any) -> None:
-        from dask.distributed import as_completed
-
-        self.client = client
-        self.jobs: dict[str, Any] = {}
-        self.completed = as_completed()
-
-    def submit(self, fn: Callable[[Any], Any], job: Any) -> None:
-        future = self.client.submit(fn, job, pure=False)
-        self.jobs[future.key] = job
-        self.completed.add(future)
-
-    def busy(self) -> bool:
-        return not self.completed.is_empty()
-
-    def next_done(self) -> tuple[Any, Any]:
-        future = next(self.completed)
-        job = self.jobs.pop(future.key)
-        try:
-            return job, future.result()
-        except Exception as e:  # noqa: BLE001  (a dead worker fails one site, not the run)
-            return job, e
-
-
-@contextlib.contextmanager
-def open_pool(scheduler: str, n_tasks: int) -> Iterator[Any]:
-    """A pool for ``scheduler``: ``"sync"``, ``"local"`` or a Dask scheduler address."""
-    if scheduler == "sync":
-        yield _SyncPool()
-        return
-    from dask.distributed import Client, LocalCluster
-
-    if scheduler == "local":
-        workers = max(1, min(os.cpu_count() or 1, n_tasks))
-        # ":0": the scheduler's HTTP server runs even without a dashboard; 8787 may be taken.
-        with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", host="127.0.0.1") as cluster,
-              Client(cluster) as client):
-            log.info("Dask LocalCluster of %d worker process(es)", workers)
-            yield _DaskPool(client)
-        return
-    with Client(scheduler, timeout="20s") as client:
-        log.info("Dask cluster at %s", scheduler)
-        yield _DaskPool(client)

@@ -110,14 +110,12 @@ def list_site(job: SiteJob) -> SiteListing:
         source = source_for(item.res_m, job.sources[item.name])
         last = job.last.get(item.name)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                res_m = None if source.type == "local" else (job.config.res_m
-                                                             or source_res_m(source))
-                listed[item.name] = list_imagery(
-                    job.site.aoi, source, res_m=res_m,
-                    context=context, today=job.today, since=last.when if last else None,
-                    before=job.site.before)
+            # no warnings.catch_warnings here: listings run on threads (not thread-safe)
+            res_m = None if source.type == "local" else (job.config.res_m
+                                                         or source_res_m(source))
+            listed[item.name] = list_imagery(
+                job.site.aoi, source, res_m=res_m, context=context, today=job.today,
+                since=last.when if last else None, before=job.site.before)
         except Exception as e:  # noqa: BLE001  (a batch never dies of one site: see module doc)
             errors[item.name] = _describe(e)
     return SiteListing(job.site.id, listed, errors, time.perf_counter() - start)
