@@ -293,6 +293,10 @@ def _check_georeferencing(src: Any, path: Path) -> None:
     """Reject rasters without pixels, CRS or a north-up geotransform."""
     if src.width == 0 or src.height == 0 or src.count == 0:
         raise FetchError(f"{path} has no pixels ({src.width} x {src.height}, {src.count} bands).")
+    if "complex" in src.dtypes[0]:  # complex64/128 and GDAL's complex_int16
+        raise FetchError(f"{path} holds complex pixels ({src.dtypes[0]}, e.g. SAR); Sitewatch "
+                         "reads optical brightness. Convert it to a real band first, e.g. the "
+                         "amplitude with gdal_calc --calc 'abs(A)' --type Float32.")
     if src.crs is None:
         how = ("it has only ground control points; warp it first, e.g. gdalwarp -t_srs EPSG:32645"
                if src.gcps[0] else "georeference it first, e.g. gdal_translate -a_srs EPSG:32645")
@@ -395,7 +399,7 @@ def _read_window(
         with rasterio.open(path) as src:
             offset = _grid_offset(src, plan)
             if offset is not None:
-                return _read_direct(src, bands, offset, window)
+                return _inf_to_nan(_read_direct(src, bands, offset, window))
             out = np.empty((len(bands), height, width), np.float32)
             for row in range(row0, row0 + height, WARP_TILE_PX):
                 for col in range(col0, col0 + width, WARP_TILE_PX):
@@ -405,6 +409,12 @@ def _read_window(
                     out[:, row - row0:row - row0 + h, col - col0:col - col0 + w] = tile
     except _READ_ERRORS as e:
         raise FetchError(_corrupt_message(path, e)) from e
+    return _inf_to_nan(out)
+
+
+def _inf_to_nan(out: np.ndarray) -> np.ndarray:
+    """+-Inf in a float source is no measurement: nodata, like NaN (in place)."""
+    np.copyto(out, np.float32(np.nan), where=np.isinf(out))
     return out
 
 
