@@ -71,7 +71,7 @@ def _levir_tile(name: str) -> str:
 def levir_crop_origin(name: str) -> tuple[str, int, int]:
     """``(tile, row, col)`` of a LEVIR-CD crop named ``<split>_<tile>_<row>_<col>``."""
     parts = name.split("_")
-    if len(parts) != 4:
+    if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
         raise ValueError(f"{name!r} is not a LEVIR-CD crop name <split>_<tile>_<row>_<col>")
     return f"{parts[0]}_{parts[1]}", int(parts[2]), int(parts[3])
 

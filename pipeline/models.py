@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChangeModel", "DEFAULT_MODEL_PATH", "load_model", "save_model"]
+from pipeline.files import atomic_write_bytes
+
+__all__ = ["ChangeModel", "DEFAULT_MODEL_PATH", "load_model", "load_fold_models", "save_model"]
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / "building_change.json"
 
@@ -30,7 +32,14 @@ class ChangeModel:
     threshold: float
     min_area_px: int
     smooth_sigma_px: float = 1.0
+    min_area_m2: float = 0.0
     card: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def min_area_at(self, res_m: float) -> int:
+        """The minimum region size in pixels at ``res_m`` (``min_area_m2`` if set, else px)."""
+        if self.min_area_m2 > 0:
+            return max(1, round(self.min_area_m2 / (res_m * res_m)))
+        return self.min_area_px
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability of change for each row of an ``(n, n_features)`` float32 array."""
@@ -38,14 +47,18 @@ class ChangeModel:
 
 
 def save_model(booster: Any, card: dict[str, Any], json_path: str | Path) -> Path:
-    """Write ``booster`` as ``<name>.txt`` and ``card`` (plus the text's SHA-256) as ``json_path``."""
+    """Write ``booster`` as ``<name>.txt`` and ``card`` plus the text's SHA-256 as ``json_path``.
+
+    Both files are written atomically and replace earlier versions (a model is rebuilt by
+    ``make train``; git keeps the history).
+    """
     json_path = Path(json_path)
     text_path = json_path.with_suffix(".txt")
     text = booster.model_to_string()
-    text_path.write_text(text)
+    atomic_write_bytes(text_path, text.encode(), overwrite=True)
     card = {**card, "model_file": text_path.name,
             "model_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    json_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    atomic_write_bytes(json_path, (json.dumps(card, indent=2) + "\n").encode(), overwrite=True)
     return json_path
 
 
@@ -83,5 +96,19 @@ def load_model(path: str | Path = DEFAULT_MODEL_PATH) -> ChangeModel:
         )
     booster = lightgbm.Booster(model_str=text)
     return ChangeModel(booster=booster, feature_names=tuple(card["feature_names"]),
-                       threshold=float(card["threshold"]), min_area_px=int(card["min_area_px"]),
-                       smooth_sigma_px=float(card.get("smooth_sigma_px", 1.0)), card=card)
+                       threshold=float(card["threshold"]),
+                       min_area_px=int(card.get("min_area_px", 0)),
+                       smooth_sigma_px=float(card.get("smooth_sigma_px", 1.0)),
+                       min_area_m2=float(card.get("min_area_m2", 0.0)), card=card)
+
+
+def load_fold_models(model: ChangeModel, path: str | Path = DEFAULT_MODEL_PATH
+                     ) -> dict[str, ChangeModel]:
+    """The cross-validation fold models named in ``model``'s card, by fold name.
+
+    Each fold model was trained without its fold's held-out images (``held_out`` in its card);
+    `pipeline.evaluate` scores them on exactly those images. Empty if the card names none.
+    """
+    folder = Path(path).parent
+    return {name: load_model(folder / card_name)
+            for name, card_name in model.card.get("fold_models", {}).items()}

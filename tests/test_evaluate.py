@@ -1,21 +1,28 @@
-"""Tests for pipeline.evaluate: metrics on hand-made arrays, baselines, the held-out check."""
+"""Tests for pipeline.evaluate: metrics on hand-made arrays, baselines, the held-out checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import SHARED_DATA
 from numpy.testing import assert_array_equal
 
-from _helpers import SHARED_DATA
 from pipeline.datasets import IGNORE, LabelledPair, read_levir_crops, read_levir_tiles
 from pipeline.evaluate import (
+    CVA,
+    LEARNED,
+    POOLED,
+    Row,
+    check_folds,
     check_held_out,
     cva_otsu,
+    fold_for,
     object_counts,
     object_scores,
     pca_kmeans,
     pixel_counts,
     pixel_scores,
+    target_status,
 )
 from pipeline.testing import make_pair
 
@@ -99,3 +106,82 @@ def test_real_levir_crops_are_held_out():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     notes = check_held_out(read_levir_crops(SHARED_DATA), read_levir_tiles(SHARED_DATA))
     assert len(notes) == 2 and all("test_2_0000" in n for n in notes)
+
+
+class _Card:
+    """A stand-in for a loaded model: only the card matters to the fold checks."""
+
+    def __init__(self, trained_on, held_out):
+        self.card = {"trained_on": trained_on, "held_out": held_out}
+
+
+def test_check_folds_refuses_shared_names():
+    """A fold trained on an image it is scored on is refused."""
+    crop = _pair("test_55_0256_0000", 256)
+    folds = {"x": _Card(["levir_cd/test_55_0256_0000"], ["levir_cd/test_55_0256_0000"])}
+    with pytest.raises(ValueError, match="trained on images it is scored on"):
+        check_folds(folds, [crop])
+
+
+@pytest.mark.parametrize("direction", ["crop held out", "tile held out"])
+def test_check_folds_refuses_shared_pixels(direction):
+    """In either direction, a crop inside a tile on the other side of a fold is refused."""
+    tile = _pair("levircd_test_2_r0256", 768, row0=256, dataset="levir_cd_tiles")
+    crop = _pair("test_2_0256_0000", 256)
+    keys = ["levir_cd/test_2_0256_0000", "levir_cd_tiles/levircd_test_2_r0256"]
+    if direction == "tile held out":
+        keys = keys[::-1]
+    with pytest.raises(ValueError, match="not held out"):
+        check_folds({"x": _Card([keys[1]], [keys[0]])}, [tile, crop])
+
+
+def test_check_folds_notes_adjacent_rows():
+    """Adjacent rows of one LEVIR-CD tile are allowed, with a note naming the fold."""
+    tile = _pair("levircd_test_2_r0256", 768, row0=256, dataset="levir_cd_tiles")
+    crop = _pair("test_2_0000_0512", 256)
+    folds = {"tiles": _Card(["levir_cd_tiles/levircd_test_2_r0256"], ["levir_cd/test_2_0000_0512"])}
+    notes = check_folds(folds, [tile, crop])
+    assert len(notes) == 1 and notes[0].startswith("fold tiles: test_2_0000_0512")
+
+
+def test_fold_for_picks_the_fold_that_held_the_image_out():
+    """A LEVIR image goes to its fold's model; an image no model saw goes to the shipped one;
+    an image the shipped model saw and no fold holds out is refused."""
+    crop = _pair("test_55_0256_0000", 256)
+    other = _pair("dsifn_1", 256, dataset="dsifn")
+    fold = _Card(["levir_cd_tiles/levircd_test_1"], ["levir_cd/test_55_0256_0000"])
+    shipped = _Card(["levir_cd_tiles/levircd_test_1", "levir_cd/test_55_0256_0000"], [])
+    assert fold_for(crop, shipped, {"tiles": fold}) is fold
+    assert fold_for(other, shipped, {"tiles": fold}) is shipped
+    with pytest.raises(ValueError, match="no fold model"):
+        fold_for(crop, shipped, {})
+
+
+def test_target_status_pooled_and_per_direction():
+    """The bar is F1 >= 0.55 and >= CVA + 0.15, stated for the pooled row and each direction."""
+    rows = []
+    for ds, learned_tp in ((POOLED, 60), ("levir_cd (9 crops)", 40)):
+        for method, tp in ((LEARNED, learned_tp), (CVA, 20)):
+            r = Row(ds, method)
+            r.pixels = np.array([tp, 100 - tp, 100 - tp, 1000])
+            rows.append(r)
+    status = target_status(rows)
+    assert status[0].startswith(POOLED) and "target MET" in status[0]
+    assert status[1].startswith("levir_cd (9 crops)") and "NOT MET" in status[1]
+
+
+def test_real_folds_are_held_out():
+    """The shipped fold models hold out disjoint images covering all 14 LEVIR-CD images, and
+    no held-out image shares a pixel with its fold's training data (real data)."""
+    if not (SHARED_DATA / "levir_cd").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    from pipeline.models import load_fold_models, load_model
+
+    model = load_model()
+    folds = load_fold_models(model)
+    pairs = read_levir_crops(SHARED_DATA) + read_levir_tiles(SHARED_DATA)
+    held = [k for f in folds.values() for k in f.card["held_out"]]
+    assert sorted(held) == sorted(f"{p.dataset}/{p.name}" for p in pairs)
+    assert sorted(model.card["trained_on"]) == sorted(held)
+    notes = check_folds(folds, pairs)
+    assert len(notes) == 4 and all("test_2" in n for n in notes)

@@ -11,7 +11,7 @@ from numpy.testing import assert_array_equal
 
 from pipeline.core.features import FEATURE_NAMES
 from pipeline.detect.learned import change_probability_mask, predict_change
-from pipeline.models import DEFAULT_MODEL_PATH, load_model
+from pipeline.models import DEFAULT_MODEL_PATH, ChangeModel, load_fold_models, load_model
 from pipeline.testing import make_pair
 
 
@@ -21,12 +21,26 @@ def model():
     return load_model()
 
 
-def test_shipped_model_is_small_and_matches_features(model):
-    """The shipped model is under 2 MB and was trained on today's feature list."""
-    text = DEFAULT_MODEL_PATH.with_suffix(".txt")
-    assert text.stat().st_size < 2 * 1024 * 1024
-    assert model.feature_names == FEATURE_NAMES
-    assert 0.0 < model.threshold < 1.0
+def test_shipped_models_are_small_and_match_features(model):
+    """The shipped model and its fold models are under 5 MB together, were trained on today's
+    feature list, and each fold is trained on a subset of the shipped model's images."""
+    folds = load_fold_models(model)
+    assert set(folds) == {"tiles", "crops"}
+    size = sum((DEFAULT_MODEL_PATH.parent / m.card["model_file"]).stat().st_size
+               for m in (model, *folds.values()))
+    assert size < 5 * 1024 * 1024
+    for m in (model, *folds.values()):
+        assert m.feature_names == FEATURE_NAMES
+        assert 0.0 < m.threshold < 1.0
+        assert set(m.card["trained_on"]) <= set(model.card["trained_on"])
+
+
+def test_min_area_at_converts_square_metres():
+    """A minimum area in m2 becomes pixels at the image's resolution; px is the fallback."""
+    m = ChangeModel(booster=None, feature_names=(), threshold=0.5, min_area_px=7,
+                    min_area_m2=10.0)
+    assert m.min_area_at(0.5) == 40 and m.min_area_at(1.0) == 10 and m.min_area_at(10.0) == 1
+    assert dataclasses.replace(m, min_area_m2=0.0).min_area_at(0.5) == 7
 
 
 def test_predict_change_probability_map(model):
