@@ -239,9 +239,37 @@ def _smooth_np(mag: np.ndarray, sigma: float) -> np.ndarray:
         return np.where(valid, num / den, np.nan).astype(np.float32)
 
 
+def _square3_np(binary: np.ndarray, *, erode: bool) -> np.ndarray:
+    """Erosion (pixels outside count as False) or dilation by the full 3x3 square, separably.
+
+    The same pixels as ``ndimage.binary_erosion`` / ``binary_dilation`` with a 3x3 structure
+    and ``border_value=0``, from whole-array boolean operations.
+    """
+    out = binary.copy()
+    for axis in (0, 1):
+        src = out.copy()
+        lo = [slice(None)] * 2
+        hi = [slice(None)] * 2
+        lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+        if erode:
+            out[tuple(lo)] &= src[tuple(hi)]
+            out[tuple(hi)] &= src[tuple(lo)]
+            edge = [slice(None)] * 2
+            for index in (0, -1):
+                edge[axis] = index
+                out[tuple(edge)] = False
+        else:
+            out[tuple(lo)] |= src[tuple(hi)]
+            out[tuple(hi)] |= src[tuple(lo)]
+    return out
+
+
 def _open_np(binary: np.ndarray, radius: int) -> np.ndarray:
     """Binary opening with a disk (corners of 3x3 kept, so rectangles survive radius 1)."""
     footprint = disk(radius, strict_radius=False).astype(bool)
+    if footprint.shape == (3, 3) and footprint.all() and binary.ndim == 2:
+        # radius 1 is the full 3x3 square: separable, several times faster than ndimage
+        return _square3_np(_square3_np(binary, erode=True), erode=False)
     return ndi.binary_opening(binary, structure=footprint)
 
 

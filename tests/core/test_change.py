@@ -226,3 +226,16 @@ def test_smooth_all_valid_equals_normalized_convolution():
     num = ndi.gaussian_filter(mag.astype(np.float64), 1.0, mode="constant")
     den = ndi.gaussian_filter(np.ones(mag.shape), 1.0, mode="constant")
     assert_array_equal(_smooth_np(mag, 1.0), (num / den).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (1, 9), (9, 1), (2, 2), (3, 5), (1, 1)])
+@pytest.mark.parametrize("share", [0.3, 0.7, 0.95])
+def test_open_radius_1_equals_ndimage(shape, share):
+    """The separable 3x3 opening gives exactly scipy's binary_opening, borders included."""
+    from scipy import ndimage as ndi
+
+    from pipeline.core.change import _open_np
+
+    binary = np.random.default_rng(len(shape) + shape[0]).random(shape) < share
+    expected = ndi.binary_opening(binary, structure=np.ones((3, 3), bool))
+    assert_array_equal(_open_np(binary, 1), expected)
