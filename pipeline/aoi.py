@@ -44,8 +44,9 @@ _SEGMENT_DEG = 0.001  # densify lon/lat edges (~100 m) before projecting
 _VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg")
 _MAX_VECTOR_BYTES = 100 << 20
 _OGR = pyogrio.errors
+# ShapelyError: GEOS refuses some geometries GDAL reads (a ring of one point).
 _VECTOR_ERRORS = (_OGR.DataSourceError, _OGR.DataLayerError, _OGR.GeometryError, _OGR.FieldError,
-                  _OGR.CRSError, CRSError, ProjError, OSError)
+                  _OGR.CRSError, CRSError, ProjError, OSError, shapely.errors.ShapelyError)
 
 
 @dataclass(frozen=True)

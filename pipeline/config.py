@@ -172,6 +172,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"Config file {path} is not valid TOML: {e}. Fix the line named.") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"Config file {path} is not UTF-8 text ({e}); save it as UTF-8 "
+                          "TOML.") from e
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
