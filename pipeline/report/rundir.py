@@ -14,6 +14,7 @@ around their names.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, PipelineError
 
 __all__ = [
     "new_run_id",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left", "disk space")  # GDAL reports it in text, without errno
 
 
 def new_run_id(now: datetime, params_hash: str) -> str:
@@ -159,10 +162,26 @@ def staged_run_dir(out_root: str | Path, aoi_id: str, run_id: str) -> Iterator[P
     _make_partial(aoi_dir, final, partial)
     try:
         yield partial
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, PipelineError):
+            raise _write_error(e, Path(out_root)) from e
         raise
     _publish(partial, final)
+
+
+def _write_error(e: OSError, out_root: Path) -> OutputError:
+    """OutputError for an OS error while writing a run folder; a full disk is named as such."""
+    if e.errno in _DISK_FULL_ERRNOS or any(t in str(e) for t in _DISK_FULL_TEXTS):
+        return OutputError(
+            f"The disk holding {out_root} is full (or over quota) while writing the run folder: "
+            f"{e.strerror or e}. The unfinished run folder was removed, so nothing partial is "
+            "left. Free some space there or pass another --out, then run again."
+        )
+    return OutputError(
+        f"Writing the run folder under {out_root} failed: {e.strerror or e}. The unfinished run "
+        "folder was removed. Check that disk, or pass another --out, and run again."
+    )
 
 
 def _make_partial(aoi_dir: Path, final: Path, partial: Path) -> None:
