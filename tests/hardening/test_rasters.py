@@ -6,22 +6,29 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from affine import Affine
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
 from hardening._inputs import (
+    AOI,
     ORIGIN,
+    RADIUS_M,
     assert_clean_outcome,
     detect_args,
     huge_header_tiff,
     invoke,
     write_raster,
 )
-
-from pipeline.errors import FetchError
-from pipeline.fetch.local import describe_raster
+from pipeline.aoi import parse_aoi, plan_grid
+from pipeline.errors import FetchError, PipelineError
+from pipeline.fetch.local import describe_raster, read_to_grid
 
 _RNG = np.random.default_rng(7)
 _IMAGE = _RNG.integers(1, 255, (3, 200, 200))
@@ -157,3 +164,67 @@ def test_huge_header_fails_within_a_memory_limit(tmp_path: Path) -> None:
         assert run["exception"] is None, run
         assert run["code"] == 1 and "Traceback" not in run["output"], run
         assert "corrupt or truncated" in run["output"], run
+
+
+_DTYPES = ["uint8", "int8", "uint16", "int16", "int32", "uint32", "int64", "uint64", "float32",
+           "float64"]
+
+
+@st.composite
+def _random_rasters(draw: Any) -> dict[str, Any]:
+    dtype = draw(st.sampled_from(_DTYPES))
+    bands, height, width = (draw(st.integers(1, 3)), draw(st.integers(1, 40)),
+                            draw(st.integers(1, 40)))
+    info = np.iinfo(dtype) if "int" in dtype else np.finfo(dtype)
+    fill = draw(st.sampled_from(["random", "constant", "extremes", "nan", "inf", "mixed"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    data = rng.uniform(0, 255, (bands, height, width))
+    if fill == "constant":
+        data[:] = draw(st.floats(0, 255))
+    elif fill == "extremes":
+        data = rng.choice([float(info.min), float(info.max), 0.0], data.shape)
+    elif fill in ("nan", "inf", "mixed") and dtype.startswith("float"):
+        special = {"nan": [np.nan], "inf": [np.inf, -np.inf], "mixed": [np.nan, np.inf, 7.0]}
+        data[rng.random(data.shape) < draw(st.floats(0, 1))] = rng.choice(special[fill])
+    res_m = draw(st.sampled_from([0.3, 3.5, 10.0, 60.0, 2000.0]))
+    crs = draw(st.sampled_from(["EPSG:32645", "EPSG:3857", "EPSG:4326"]))
+    if crs == "EPSG:4326":
+        origin = Affine(res_m / 1e5, 0, 88.2815 - draw(st.floats(0, 0.01)), 0, -res_m / 1e5,
+                        43.3835 + draw(st.floats(0, 0.01)))
+    elif crs == "EPSG:3857":
+        origin = Affine(res_m, 0, 9827900.0 - draw(st.floats(0, 500)), 0, -res_m,
+                        5370900.0 + draw(st.floats(0, 500)))
+    else:
+        origin = Affine(res_m, 0, 603500.0 + draw(st.floats(-300, 300)), 0, -res_m,
+                        4804500.0 + draw(st.floats(-300, 300)))
+    nodata = draw(st.sampled_from([None, 0, "max"]))
+    return {"data": data.astype(dtype) if "int" not in dtype else np.clip(
+        np.nan_to_num(data), info.min, info.max).astype(dtype), "crs": crs, "transform": origin,
+            # a 64-bit maximum does not survive GDAL's double nodata: rasterio refuses it
+            "nodata": (float(info.max) if dtype not in ("int64", "uint64") else None)
+            if nodata == "max" else nodata}
+
+
+@settings(derandomize=True, max_examples=40, deadline=10_000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(raster=_random_rasters())
+def test_read_to_grid_random_rasters(raster: dict[str, Any], tmp_path: Path) -> None:
+    """Random dtypes, sizes (down to 1 x 1), values (NaN, Inf, dtype extremes), CRSs and
+    resolutions: describe + read give float32 pixels with NaN as the only non-finite value,
+    or a PipelineError."""
+    path = write_raster(tmp_path / "r.tif", raster["data"], crs=raster["crs"],
+                        transform=raster["transform"], nodata=raster["nodata"])
+    aoi = parse_aoi(AOI, radius_m=float(RADIUS_M))
+    try:
+        info = describe_raster(path)
+        da, _ = read_to_grid(path, plan_grid(aoi, max(info.res_m, 0.3)), role="before",
+                             acquired=date(2017, 3, 2))
+    except PipelineError as e:
+        event(f"error: {type(e).__name__}")
+        assert str(e).strip()
+        return
+    event("read")
+    values = np.asarray(da.values)
+    assert values.dtype == np.float32
+    assert not np.isinf(values).any()
+    assert values.shape[0] == raster["data"].shape[0]
