@@ -101,7 +101,8 @@ def test_newer_release_at_one_site_triggers_exactly_that_site(setup, fake: FakeW
     assert len(_evidence_dirs(setup["out"], "alpha")) == 1
     after = {f[0] for f in _findings(setup["out"])}
     assert known <= after
-    assert set(summary.new_findings and [f["id"] for f in summary.new_findings]) == after - known
+    assert summary.new_findings and summary.exit_code == 3
+    assert {f["id"] for f in summary.new_findings} == after - known
     assert all(f["site"] == "bravo" for f in summary.new_findings)
 
 
