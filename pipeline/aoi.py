@@ -37,6 +37,9 @@ __all__ = ["Aoi", "parse_aoi", "load_sites", "load_site_records", "utm_crs", "pl
 
 LONLAT_CRS = "EPSG:4326"
 MAX_RADIUS_M = 100_000.0
+# Largest working grid (about 32768 x 32768 px): a 100 km radius at 0.1 m would otherwise plan
+# 4 x 10^12 px and run for days; the largest supported inputs (20000 x 20000) fit well below.
+MAX_GRID_PX = 1 << 30
 UTM_MIN_LAT = -80.0
 UTM_MAX_LAT = 84.0
 _CIRCLE_QUAD_SEGS = 16  # 64 segments around the circle
@@ -226,7 +229,8 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
     Raises
     ------
     GridError
-        If ``res_m`` is not a positive number or ``crs`` is unknown, not projected or not metric.
+        If ``res_m`` is not a positive number, ``crs`` is unknown, not projected or not metric,
+        or the grid would exceed ``MAX_GRID_PX`` pixels.
     """
     if not (isinstance(res_m, int | float) and math.isfinite(res_m) and res_m > 0):
         raise GridError(f"Grid resolution must be a positive number of metres, got {res_m!r}.")
@@ -235,7 +239,14 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
                                                                densify_pts=21)
     if not all(math.isfinite(v) for v in bounds):
         raise GridError(f"AOI '{aoi.id}' cannot be projected to {target}; choose another crs.")
-    return GridPlan.snapped(target, tuple(float(v) for v in bounds), float(res_m))
+    plan = GridPlan.snapped(target, tuple(float(v) for v in bounds), float(res_m))
+    if plan.width * plan.height > MAX_GRID_PX:
+        raise GridError(
+            f"AOI '{aoi.id}' at {res_m:g} m is a {plan.width} x {plan.height} px grid "
+            f"({plan.width * plan.height / 1e9:.1f} Gpx), beyond the {MAX_GRID_PX / 1e9:.2f} Gpx "
+            "one run handles; use a smaller AOI or a coarser --res-m, or split the area."
+        )
+    return plan
 
 
 def aoi_polygon_in(aoi: Aoi, crs: str) -> BaseGeometry:

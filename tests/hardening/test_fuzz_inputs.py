@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hardening._inputs import assert_clean_outcome, invoke
-from pipeline.aoi import load_sites, parse_aoi
+from pipeline.aoi import MAX_GRID_PX, load_sites, parse_aoi, plan_grid
 from pipeline.config import PROJECT_ROOT, RunConfig, load_config, load_sources
-from pipeline.errors import PipelineError
+from pipeline.errors import GridError, PipelineError
 from pipeline.watch.sites import load_watch_sites
 
 SAFE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -266,3 +266,24 @@ def test_cli_config_fuzz(data: dict[str, Any], tmp_path: Path) -> None:
     result = invoke(["detect", "--config", str(path), "--aoi", "88.29,43.38", "--before",
                      str(missing), "--after", str(missing), "--out", str(tmp_path / "o"), "-q"])
     assert_clean_outcome(result, allow_success=False)
+
+
+@FUZZ
+@given(radius=st.floats(1, 100_000), res=st.floats(0.01, 5000))
+def test_plan_grid_is_bounded_or_refused(radius: float, res: float) -> None:
+    """Any AOI and resolution plan a grid of at most MAX_GRID_PX pixels or raise GridError."""
+    aoi = parse_aoi("88.29,43.38", radius_m=radius)
+    try:
+        plan = plan_grid(aoi, res)
+    except GridError as e:
+        assert "Gpx" in str(e) and "coarser --res-m" in str(e)
+        return
+    assert 0 < plan.width * plan.height <= MAX_GRID_PX
+
+
+def test_cli_huge_grid_refused_before_reading(tmp_path: Path) -> None:
+    """A 100 km radius at 0.1 m (4 x 10^12 px) is refused at once, not run for days."""
+    result = invoke(["detect", "--aoi", "88.29,43.38", "--radius-m", "100000", "--res-m", "0.1",
+                     "--out", str(tmp_path / "out"), "-q"])
+    assert_clean_outcome(result, allow_success=False)
+    assert result.exit_code == 1 and "Gpx" in result.output, result.output
