@@ -87,18 +87,35 @@ class TaskPool:
             return self._client
         from dask.distributed import Client, LocalCluster
 
+        # the workers log at this process's level: -q quiets them too
+        level = logging.getLogger("pipeline").getEffectiveLevel()
         if self.scheduler == "local":
             workers = max(1, min(os.cpu_count() or 1, self.n_sites))
             # ":0": the scheduler's HTTP server runs even without a dashboard; 8787 may be taken
             cluster = self._stack.enter_context(LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=":0", host="127.0.0.1"))
+                dashboard_address=":0", host="127.0.0.1",
+                silence_logs=max(level, logging.WARNING)))
             self._client = self._stack.enter_context(Client(cluster))
             log.info("Dask LocalCluster of %d worker process(es)", workers)
         else:
             self._client = self._stack.enter_context(Client(self.scheduler, timeout="20s"))
             log.info("Dask cluster at %s", self.scheduler)
+        self._client.register_plugin(_worker_log_level(level), name="sitewatch-log-level")
         return self._client
+
+
+def _worker_log_level(level: int) -> Any:
+    """A Dask worker plugin: the worker's ``pipeline`` logs and Python warnings at ``level``."""
+    from distributed import WorkerPlugin
+
+    class WorkerLogLevel(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            logging.captureWarnings(True)
+            for name in ("pipeline", "py.warnings"):
+                logging.getLogger(name).setLevel(level)
+
+    return WorkerLogLevel()
 
 
 @contextlib.contextmanager

@@ -212,3 +212,15 @@ def test_local_cluster_of_two_processes_matches_in_process(setup, tmp_path):
     assert workers == 2
     assert summary.scheduler == address and summary.exit_code == 3
     assert _findings(tmp_path / "cluster") == _findings(tmp_path / "sync")
+
+
+def test_quiet_local_cluster_run_keeps_stderr_empty(setup, tmp_path):
+    """With -q the worker processes' logs and warnings are quiet too: a successful run on the
+    default LocalCluster writes findings on stdout and nothing on stderr."""
+    sites = sites_geojson(tmp_path / "one.geojson", ["alpha"])
+    args = ["watch", "--sites", str(sites), "--config", str(setup["config"]),
+            "--out", str(tmp_path / "out"), "--scheduler", "local", "--force", "-q"]
+    child = subprocess.run([sys.executable, "-m", "pipeline", *args], env=_child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 3, child.stderr[-2000:]
+    assert child.stdout.strip() and child.stderr == ""
