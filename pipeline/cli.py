@@ -239,8 +239,9 @@ def validate(path: Path, verbose: int, quiet: int) -> None:
 
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise click.ClickException(f"{path} is not JSON: {e}. Give a GeoJSON file.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise click.ClickException(f"{path} is not JSON (or nests too deeply): {e}. Give a "
+                                   "GeoJSON file.") from None
     _report_check(validate_geojson(obj), path)
 
 

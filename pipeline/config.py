@@ -175,6 +175,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"Config file {path} is not UTF-8 text ({e}); save it as UTF-8 "
                           "TOML.") from e
+    except RecursionError as e:
+        raise ConfigError(f"Config file {path} nests arrays or tables too deeply to read; "
+                          "it is not a Sitewatch config. Fix or replace it.") from e
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -203,7 +203,7 @@ def verify_manifest(run_dir: str | Path) -> tuple[bool, list[str], list[str]]:
         manifest = json.loads((run_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         entries = list(manifest["outputs"])
         entries += [o for o in manifest.get("originals") or [] if o.get("path")]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         return False, [f"{run_dir / MANIFEST_NAME}: cannot be read as a manifest ({e})"], []
     _verify_digest(run_dir, errors)
     listed = {DIGEST_NAME}

@@ -287,3 +287,55 @@ def test_cli_huge_grid_refused_before_reading(tmp_path: Path) -> None:
                      "--out", str(tmp_path / "out"), "-q"])
     assert_clean_outcome(result, allow_success=False)
     assert result.exit_code == 1 and "Gpx" in result.output, result.output
+
+
+_option_numbers = st.one_of(st.floats(), st.integers(-10**30, 10**30),
+                            st.sampled_from(["nan", "-inf", "1e400", "0", "-0", "", "abc"]))
+
+
+@settings(derandomize=True, max_examples=25, deadline=5000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(["--radius-m", "--res-m", "--threshold"]), value=_option_numbers,
+       date=st.one_of(st.none(), st.text(max_size=12), st.sampled_from(
+           ["2017-02-30", "0000-01-01", "2017-03-02/2017-01-01", "9999-12-31"])))
+def test_cli_numeric_options_fuzz(option: str, value: Any, date: str | None,
+                                  tmp_path: Path) -> None:
+    """Odd numbers for --radius-m/--res-m/--threshold and odd dates end in exit 1/2."""
+    missing = tmp_path / "missing.tif"
+    args = ["detect", "--aoi", "88.29,43.38", option, str(value), "--before", str(missing),
+            "--after", str(missing), "--out", str(tmp_path / "o"), "-q"]
+    if date is not None:
+        args += ["--before-date", date]
+    assert_clean_outcome(invoke(args), allow_success=False)
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("command", ["validate", "verify", "config", "aoi", "watch"])
+def test_deeply_nested_input_is_a_clean_error(command: str, tmp_path: Path) -> None:
+    """JSON/TOML nested 100000 deep (a RecursionError in the parsers) ends in a message."""
+    feature = ('{"type":"FeatureCollection","features":[{"type":"Feature","properties":'
+               '{"name":"a","x":' + _DEEP + '},"geometry":{"type":"Point","coordinates":'
+               '[88.29,43.38]}}]}')
+    if command == "validate":
+        (tmp_path / "a.json").write_text(_DEEP)
+        args = ["validate", str(tmp_path / "a.json")]
+    elif command == "verify":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "manifest.json").write_text(_DEEP)
+        args = ["verify", str(tmp_path / "run")]
+    elif command == "config":
+        (tmp_path / "c.toml").write_text("a = " + _DEEP)
+        args = ["detect", "--config", str(tmp_path / "c.toml"), "-q"]
+    else:
+        (tmp_path / "s.geojson").write_text(feature)
+        args = (["detect", "--aoi", str(tmp_path / "s.geojson"), "-q"] if command == "aoi" else
+                ["watch", "--sites", str(tmp_path / "s.geojson"), "--offline",
+                 "--out", str(tmp_path / "o"), "-q"])
+    result = invoke(args)
+    if command == "verify":  # verify reports problems on stdout, one per line, and exits 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.exit_code == 1 and "cannot be read as a manifest" in result.output
+        return
+    assert_clean_outcome(result, allow_success=False)
