@@ -330,6 +330,11 @@ def detect_scenes(
         with steps.step("read") as info:
             before, after, plan, refs, inputs = _read(load, aoi, info, scratch)
             before_ref, after_ref = refs
+            # chips of fetched imagery come from the pixels as read (local files are read
+            # again by the writer): kept for in-memory scenes only, one more array at most
+            as_read = ({"before": before, "after": after}
+                       if not (before_ref.path and after_ref.path)
+                       and not isinstance(before.data, dask.array.Array) else None)
         with steps.step("coregister") as info:
             after, coreg = coregister(before, after, params=params.coreg)
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
@@ -357,7 +362,8 @@ def detect_scenes(
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
             _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
                            aoi=aoi, plan=plan, inputs=inputs, steps=steps.records,
-                           started=started, caught=caught)
+                           started=started, caught=caught, images=as_read)
+        del as_read
     shown = [w for w in caught
              if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
     for w in shown:

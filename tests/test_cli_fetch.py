@@ -42,6 +42,10 @@ def test_detect_from_wayback_records_releases_and_reruns_offline(fake, tmp_path)
     assert refs["before:0"]["acquired"] == "2017-03-02"
     assert "release 4073" in refs["before:0"]["release"]
     assert refs["after:0"]["acquired"] == "2018-10-11"
+    # fetched imagery gets chips from the pixels as read (no local file to read again)
+    run_dir = next((tmp_path / "out").glob("*/*/manifest.json")).parent
+    assert len(list(run_dir.glob("chips/*.png"))) >= 4
+    assert "no chips" not in json.dumps(manifest)
     requests = fake.server.total_requests
     second = _detect(config, tmp_path / "out", *dates, "--offline")
     assert second.exit_code == 0, second.output
