@@ -185,3 +185,27 @@ def test_real_folds_are_held_out():
     assert sorted(model.card["trained_on"]) == sorted(held)
     notes = check_folds(folds, pairs)
     assert len(notes) == 4 and all("test_2" in n for n in notes)
+
+
+def test_write_markdown_states_figures_and_folds(tmp_path):
+    """docs/evaluation.md carries every row's figures, the target lines and each fold's
+    training images."""
+    from pipeline.evaluation_doc import write_markdown
+
+    rows = []
+    for method, tp in ((LEARNED, 30), (CVA, 10)):
+        r = Row(POOLED, method)
+        r.pixels = np.array([tp, 10, 20, 100])
+        rows.append(r)
+    fold = _Card(["levir_cd_tiles/levircd_test_1"], ["levir_cd/test_55_0256_0000"])
+    fold.card.update(model_file="f.txt", model_sha256="ab" * 32)
+    shipped = _Card(["levir_cd_tiles/levircd_test_1"], [])
+    out = tmp_path / "evaluation.md"
+    write_markdown(rows, {"seconds": 3.0, "learned_seconds_per_megapixel": 1.5,
+                          "learned_cpu_seconds_per_megapixel": 2.5}, shipped,
+                   {"tiles": fold}, out)
+    text = out.read_text()
+    assert f"| {POOLED} | {LEARNED} | 0 | 0.750 | 0.600 | 0.667 |" in text
+    assert "target MET: learned F1 0.667 vs required >= 0.55 and >= CVA 0.400" in text
+    assert "fold `tiles`" in text and "levir_cd_tiles/levircd_test_1" in text
+    assert "1.500 s wall and 2.500 s CPU per megapixel" in text
