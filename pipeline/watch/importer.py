@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,11 +64,12 @@ def read_aspi_csv(path: str | Path, *, radius_m: float = 1000.0) -> list[dict[st
                               f"{', '.join(missing)}.")
         try:
             lon, lat = float(row["Long"]), float(row["Lat"])
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a short row has None for missing cells
             raise ConfigError(f"{path} line {index} ({row['Name_Code']!r}): coordinates "
                               f"{row['Long']!r}, {row['Lat']!r} are not numbers.") from None
-        props: dict[str, Any] = {"name": row["Name_Code"].strip() or f"ASPI {row['Number']}",
-                                 "radius_m": radius_m, "aspi_number": _number(row["Number"])}
+        name = (row["Name_Code"] or "").strip() or f"ASPI {row['Number']}"
+        props: dict[str, Any] = {"name": name, "radius_m": radius_m,
+                                 "aspi_number": _number(row["Number"])}
         props.update({key: _number(row.get(col, "")) for col, key in _ASPI_FIELDS.items()})
         props["notes"] = (row.get("Notes") or "").strip() or None
         props.update(source_list="ASPI Xinjiang Data Project facility list v1",
@@ -90,8 +92,12 @@ def read_osm(path: str | Path, *, tag: tuple[str, str] = ("prison_camp", "re-edu
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise ConfigError(f"{path} is not OpenStreetMap XML: {e}.") from e
-    nodes = {n.get("id"): (float(n.get("lon", "nan")), float(n.get("lat", "nan")))
-             for n in root.iter("node")}
+    try:
+        nodes = {n.get("id"): (float(n.get("lon", "nan")), float(n.get("lat", "nan")))
+                 for n in root.iter("node")}
+    except ValueError as e:
+        raise ConfigError(f"{path}: a node's lat/lon is not a number ({e}); export the "
+                          "OpenStreetMap extract again.") from e
     rings = {w.get("id"): [nodes[nd.get("ref")] for nd in w.iter("nd")
                            if nd.get("ref") in nodes] for w in root.iter("way")}
     features = []
@@ -172,6 +178,9 @@ def _ring_polygon(ring: list[tuple[float, float]], where: str) -> Polygon:
     if len(ring) < 4 or ring[0] != ring[-1]:
         raise ConfigError(f"{where} is not a closed ring ({len(ring)} nodes); fix it in OSM or "
                           "drop it from the extract.")
+    if not all(math.isfinite(v) for point in ring for v in point):
+        raise ConfigError(f"{where} has a node without a finite lat/lon; export the "
+                          "OpenStreetMap extract again.")
     return shapely.make_valid(Polygon(ring))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,44 @@ def test_deeply_nested_input_is_a_clean_error(command: str, tmp_path: Path) -> N
         assert result.exit_code == 1 and "cannot be read as a manifest" in result.output
         return
     assert_clean_outcome(result, allow_success=False)
+
+
+_CSV_HEADER = "Number,Name_Code,Lat,Long,Notes\n"
+_csv_cell = st.one_of(st.text(max_size=8), st.sampled_from(["43.38", "88.29", "nan", "", '"']))
+_csv_text = st.lists(st.lists(_csv_cell, max_size=6).map(",".join), max_size=4).map(
+    lambda rows: _CSV_HEADER + "\n".join(rows) + "\n")
+_osm_text = st.builds(
+    lambda lat, lon, tags, closed: (
+        '<osm><node id="1" lat="{}" lon="{}"/><node id="2" lat="43.39" lon="88.3"/>'
+        '<node id="3" lat="43.38" lon="88.31"/><way id="9"><nd ref="1"/><nd ref="2"/>'
+        '<nd ref="3"/>{}{}</way></osm>').format(
+            lat, lon, '<nd ref="1"/>' if closed else "",
+            "".join(f'<tag k="{k}" v="{v}"/>' for k, v in tags)),
+    st.sampled_from(["43.38", "x", "", "1e999", "-91"]),
+    st.sampled_from(["88.29", "y", "nan", "200"]),
+    st.lists(st.sampled_from([("prison_camp", "re-education"), ("name", "../../x"),
+                              ("name:en", "a;b"), ("name", "")]), max_size=3),
+    st.booleans())
+
+
+@settings(derandomize=True, max_examples=15, deadline=10_000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["csv", "osm", "bytes"]), csv_text=_csv_text, osm_text=_osm_text,
+       raw=st.binary(max_size=60))
+def test_cli_sites_import_fuzz(kind: str, csv_text: str, osm_text: str, raw: bytes,
+                               tmp_path: Path) -> None:
+    """`sites import` of malformed ASPI CSV / OSM XML: a written, loadable watch file with
+    safe ids, or exit 1/2 with a message."""
+    work = Path(tempfile.mkdtemp(dir=tmp_path))  # tmp_path is shared by the examples
+    source = work / ("list.osm" if kind == "osm" else "list.csv")
+    if kind == "bytes":
+        source.write_bytes(raw)
+    else:
+        source.write_text(osm_text if kind == "osm" else csv_text, encoding="utf-8")
+    output = work / "w.geojson"
+    result = invoke(["sites", "import", str(source), "-o", str(output), "-q"])
+    assert_clean_outcome(result)
+    if result.exit_code == 0:
+        assert all(SAFE_ID.match(a.id) for a in load_sites(output).values())
+    else:
+        assert not output.exists()
