@@ -381,3 +381,27 @@ def test_cli_sites_import_fuzz(kind: str, csv_text: str, osm_text: str, raw: byt
         assert all(SAFE_ID.match(a.id) for a in load_sites(output).values())
     else:
         assert not output.exists()
+
+
+def _laughs() -> str:
+    ents = ['<!ENTITY l0 "lollollollollollollollollollol">'] + [
+        f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10)]
+    return ('<?xml version="1.0"?><!DOCTYPE osm [' + "".join(ents) + ']><osm><node id="1" '
+            'lat="43.38" lon="88.29"><tag k="name" v="&l9;"/></node></osm>')
+
+
+@pytest.mark.parametrize("case", ["billion_laughs", "external_entity"])
+def test_osm_import_refuses_entity_tricks(case: str, tmp_path: Path) -> None:
+    """OSM XML with an entity bomb or an external entity is refused, never expanded or read."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-CONTENT")
+    text = _laughs() if case == "billion_laughs" else (
+        f'<?xml version="1.0"?><!DOCTYPE osm [<!ENTITY x SYSTEM "file://{secret}">]><osm>'
+        '<way id="1"><tag k="prison_camp" v="re-education"/><tag k="name" v="&x;"/></way></osm>')
+    source = tmp_path / "list.osm"
+    source.write_text(text)
+    output = tmp_path / "w.geojson"
+    result = invoke(["sites", "import", str(source), "-o", str(output), "-q"])
+    assert_clean_outcome(result, allow_success=False)
+    assert "not OpenStreetMap XML" in result.output and "SECRET" not in result.output
+    assert not output.exists()
