@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import shapely
@@ -25,12 +26,48 @@ from pipeline.detect.enclosure import (
 from pipeline.detect.walls import WallSegment
 from pipeline.model import WallParams
 
-__all__ = ["outline_from_segments", "propose_outlines", "segment_closure"]
+__all__ = ["SegmentArrays", "outline_from_segments", "propose_outlines", "segment_closure"]
 
 
-def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray,
-               segments: Sequence[WallSegment], search_m: float, tol: float
-               ) -> tuple[np.ndarray, np.ndarray, float] | None:
+@dataclass(frozen=True)
+class SegmentArrays:
+    """Wall segments as arrays (endpoints, weights, directions) and a spatial index, built once
+    when many outlines are matched against the same segments."""
+
+    items: tuple[WallSegment, ...]
+    p: np.ndarray  # (n, 2) start points
+    q: np.ndarray  # (n, 2) end points
+    weight: np.ndarray  # contrast x support
+    lines: np.ndarray  # the LineStrings (object array)
+    unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation
+    tree: shapely.STRtree
+
+    @classmethod
+    def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
+        if isinstance(segments, SegmentArrays):
+            return segments
+        items = tuple(segments)
+        lines = np.array([s.line for s in items], dtype=object)
+        ends = (shapely.get_coordinates(list(lines)).reshape(-1, 2, 2) if items
+                else np.zeros((0, 2, 2)))
+        angle = np.radians([s.orientation_deg for s in items])
+        return cls(items, ends[:, 0], ends[:, 1],
+                   np.array([s.contrast * s.support for s in items], float), lines,
+                   np.column_stack([np.cos(angle), np.sin(angle)]).reshape(-1, 2),
+                   shapely.STRtree(lines))
+
+    def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
+        """`enclosure.segment_backing` of these segments: only those whose bounding box comes
+        within ``tol`` of the points are measured (the others cannot be within ``tol``)."""
+        if not self.items or not len(pts):
+            return np.zeros(len(pts), bool)
+        lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
+        idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
+        return segment_backing(pts, tangents, [self.items[i] for i in idx], tol)
+
+
+def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentArrays,
+               search_m: float, tol: float) -> tuple[np.ndarray, np.ndarray, float] | None:
     """The outermost well-supported wall line near side ``a-b``.
 
     Returns ``(anchor, direction, weight)``: the weighted mean of the chosen segments'
@@ -38,27 +75,25 @@ def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray,
     """
     length = float(np.hypot(*(b - a)))
     u = (b - a) / length
-    cands = []
-    for s in segments:
-        p, q = (np.asarray(c) for c in s.line.coords)
-        v = (q - p) / max(float(np.hypot(*(q - p))), 1e-9)
-        if abs(float(u @ v)) < math.cos(math.radians(PARALLEL_DEG)):
-            continue
-        offset = float(((p + q) / 2 - a) @ outward)
-        t = sorted([float((p - a) @ u), float((q - a) @ u)])
-        overlap = min(t[1], length) - max(t[0], 0.0)
-        if abs(offset) <= search_m and overlap > 0:
-            weight = overlap * s.contrast * s.support
-            cands.append((offset, weight, (p + q) / 2, v if u @ v > 0 else -v))
-    if not cands:
+    p, q = segs.p, segs.q
+    v = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
+    along = v @ u
+    mid = (p + q) / 2
+    offset = (mid - a) @ outward
+    tp, tq = (p - a) @ u, (q - a) @ u
+    overlap = np.minimum(np.maximum(tp, tq), length) - np.maximum(np.minimum(tp, tq), 0.0)
+    ok = ((np.abs(along) >= math.cos(math.radians(PARALLEL_DEG)))
+          & (np.abs(offset) <= search_m) & (overlap > 0))
+    if not ok.any():
         return None
-    best = max(c[1] for c in cands)
-    strong = [c for c in cands if c[1] >= 0.5 * best]
-    outer = max(c[0] for c in strong)
-    chosen = [c for c in strong if c[0] >= outer - tol]
-    w = np.array([c[1] for c in chosen])
-    anchor = np.average([c[2] for c in chosen], axis=0, weights=w)
-    direction = np.average([c[3] for c in chosen], axis=0, weights=w)
+    weight = overlap[ok] * segs.weight[ok]
+    strong = weight >= 0.5 * weight.max()
+    outer = offset[ok][strong].max()
+    chosen = strong & (offset[ok] >= outer - tol)
+    w = weight[chosen]
+    anchor = np.average(mid[ok][chosen], axis=0, weights=w)
+    dirs = v[ok][chosen] * np.where(along[ok][chosen] > 0, 1.0, -1.0)[:, None]
+    direction = np.average(dirs, axis=0, weights=w)
     return anchor, direction / np.hypot(*direction), float(w.sum())
 
 
@@ -68,7 +103,8 @@ def _common_angle(found: list, fallback: float) -> float:
     return float(np.angle(vote) / 4.0) if abs(vote) > 0 else fallback
 
 
-def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Polygon,
+def outline_from_segments(segments: Sequence[WallSegment] | SegmentArrays, *,
+                          seed: shapely.Polygon,
                           res_m: float, params: WallParams = WallParams(),
                           search_m: float = 30.0) -> tuple[shapely.Polygon, int]:
     """Snap each side of ``seed``'s minimum rotated rectangle onto the wall segments near it.
@@ -100,7 +136,8 @@ def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Poly
     ``(outline, n_snapped)``: the rectangle and how many of its four sides met a wall.
     """
     rect = shapely.minimum_rotated_rectangle(seed)
-    if rect.geom_type != "Polygon" or not segments:
+    segs = SegmentArrays.of(segments)
+    if rect.geom_type != "Polygon" or not segs.items:
         return seed, 0
     c = np.asarray(shapely.geometry.polygon.orient(rect, 1.0).exterior.coords)[:4]
     centre = c.mean(axis=0)
@@ -113,7 +150,7 @@ def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Poly
         if outward @ ((a + b) / 2 - centre) < 0:
             outward = -outward
         sides.append(((a + b) / 2, u))
-        found.append(_side_line(a, b, outward, segments, search_m, tol))
+        found.append(_side_line(a, b, outward, segs, search_m, tol))
     theta = _common_angle(found, math.atan2(sides[0][1][1], sides[0][1][0]))
     lines = []
     for (mid, u), f in zip(sides, found, strict=True):
@@ -135,12 +172,12 @@ def outline_from_segments(segments: Sequence[WallSegment], *, seed: shapely.Poly
     return poly, snapped
 
 
-def segment_closure(outline: shapely.Polygon, segments: Sequence[WallSegment], *,
-                    tolerance_m: float) -> tuple[float, int]:
+def segment_closure(outline: shapely.Polygon, segments: Sequence[WallSegment] | SegmentArrays,
+                    *, tolerance_m: float) -> tuple[float, int]:
     """Share of the outline within ``tolerance_m`` of a parallel wall segment (no pixels),
     and how many of its sides have at least half their length so backed."""
     pts, tangents, _, side = perimeter_samples(outline, max(tolerance_m / 3, 0.5))
-    backed = segment_backing(pts, tangents, segments, tolerance_m)
+    backed = SegmentArrays.of(segments).backing(pts, tangents, tolerance_m)
     return float(backed.mean()), count_sides_backed(backed, side)[0]
 
 
@@ -215,14 +252,15 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
     """
     tol = max(2 * res_m, params.tolerance_m)
     long = [s for s in segments if s.length_m >= params.min_length_m]
+    arrays = SegmentArrays.of(segments)  # built once for every seed
     found = []
     for angle in _families(long, PARALLEL_DEG / 2):
         for seed in _pair_seeds(long, angle, tol_deg=PARALLEL_DEG / 2,
                                 min_side_m=params.min_length_m):
-            outline, _ = outline_from_segments(segments, seed=seed, res_m=res_m, params=params)
+            outline, _ = outline_from_segments(arrays, seed=seed, res_m=res_m, params=params)
             if outline.area < min_area_m2:
                 continue
-            closure, sides = segment_closure(outline, segments, tolerance_m=tol)
+            closure, sides = segment_closure(outline, arrays, tolerance_m=tol)
             if closure >= min_closure and sides >= min_sides:
                 found.append((outline, closure))
     found.sort(key=lambda f: -f[1] * f[0].length)
