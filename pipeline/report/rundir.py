@@ -121,9 +121,10 @@ def check_out_root(out_root: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        fix = ("The disk is full: free some space there or choose another --out."
+               if e.errno in _DISK_FULL_ERRNOS else "Choose another --out or fix its permissions.")
         raise OutputError(
-            f"Cannot write to the output folder {out_root}: {e.strerror or e}. "
-            "Choose another --out or fix its permissions."
+            f"Cannot write to the output folder {out_root}: {e.strerror or e}. {fix}"
         ) from e
     return out_root
 

@@ -129,3 +129,18 @@ def test_server_drops_connection_mid_body(fake: FakeWayback, tmp_path: Path) -> 
     again = invoke(args)
     assert again.exit_code == 0, again.output
     assert len([p for p in out.glob("*/*") if p.is_dir()]) == 1
+
+
+def test_disk_already_full_fails_before_reading(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the write probe stops the run before any input is read, saying so."""
+    def full(*_: Any, **__: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("pipeline.report.rundir.tempfile.mkstemp", full)
+    read: list[int] = []
+    monkeypatch.setattr("pipeline.run.read_to_grid", lambda *a, **k: read.append(1))
+    result = _detect(tmp_path / "out")
+    assert_clean_outcome(result, allow_success=False)
+    assert result.exit_code == 1 and "disk is full" in result.output, result.output
+    assert not read
