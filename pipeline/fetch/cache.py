@@ -19,6 +19,7 @@ unless the caller passes ``max_age_s`` (e.g. for a release list that grows).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -260,9 +261,19 @@ def _store(url: str, response: Response, context: FetchContext) -> CachedBody:
     meta = {"format": FORMAT_VERSION, "url": url, "final_url": response.final_url,
             "status": response.status, "sha256": digest, "size": len(response.content),
             "content_type": response.content_type, "fetched_utc": fetched}
-    with atomic_path(body_path, overwrite=True) as tmp:
-        tmp.write_bytes(response.content)
-    _write_json(meta_path, meta)
+    try:
+        with atomic_path(body_path, overwrite=True) as tmp:
+            tmp.write_bytes(response.content)
+        _write_json(meta_path, meta)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            body_path.unlink(missing_ok=True)  # never a body without its sidecar
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = ("The disk is full: free some space there, or set [fetch] cache_dir (or "
+               "$SITEWATCH_CACHE) to a folder on another disk." if full else
+               "Check that folder, or set [fetch] cache_dir (or $SITEWATCH_CACHE) elsewhere.")
+        raise FetchError(f"Cannot store {url} in the download cache {context.cache_dir}: "
+                         f"{e.strerror or e}. {fix}") from e
     return CachedBody(url, response.content, digest, False, body_path, response.content_type,
                       fetched)
 

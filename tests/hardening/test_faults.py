@@ -144,3 +144,49 @@ def test_disk_already_full_fails_before_reading(tmp_path: Path,
     assert_clean_outcome(result, allow_success=False)
     assert result.exit_code == 1 and "disk is full" in result.output, result.output
     assert not read
+
+
+@pytest.mark.parametrize("where", ["body", "sidecar"])
+def test_cache_full_keeps_no_partial_entry(where: str, fake: FakeWayback,  # noqa: F811
+                                           tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while storing a download: exit 1 saying the disk is full, no temporary
+    file and no body without its sidecar in the cache; the next run fills it and succeeds."""
+    import pipeline.fetch.cache as cache_module
+
+    real_atomic = cache_module.atomic_path
+
+    def full(*_: Any, **__: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "sidecar":
+        monkeypatch.setattr(cache_module, "_write_json", full)
+    else:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def half_written(path: Path, **kwargs: Any) -> Any:
+            with real_atomic(path, **kwargs) as tmp:
+                yield tmp
+                tmp.write_bytes(tmp.read_bytes()[:10])
+                full()
+
+        monkeypatch.setattr(cache_module, "atomic_path", half_written)
+    config = _config(fake, tmp_path)
+    out = tmp_path / "out"
+    args = ["detect", *FETCH_AOI, "--source", "test-wayback", "--config", str(config),
+            "--out", str(out), "-q", "--before-date", "2017-03-01/2017-06-30",
+            "--after-date", "2018-10-01/2018-12-31"]
+    result = invoke(args)
+    assert_clean_outcome(result, allow_success=False)
+    assert result.exit_code == 1 and "full" in result.output.lower(), result.output
+    assert not out.exists() or _files_under(out) == []
+    entries = _cache_files(tmp_path / "cache")
+    assert not [p for p in entries if p.name.endswith(".part")], entries
+    sidecars = {p.name for p in entries if p.suffix == ".json"}
+    bodies = [p for p in entries if p.suffix != ".json"]
+    assert all(any(s.startswith(p.name) or s.startswith(p.stem) for s in sidecars)
+               for p in bodies), entries
+    monkeypatch.undo()
+    again = invoke(args)
+    assert again.exit_code == 0, again.output
