@@ -7,6 +7,7 @@ recorded in the manifest.
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import time
@@ -33,7 +34,7 @@ from pipeline.core.change import change_magnitude, change_mask
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
-from pipeline.errors import FetchError, NoValidDataError, PipelineWarning
+from pipeline.errors import FetchError, NoValidDataError, OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.model import (
@@ -442,7 +443,15 @@ class _Scratch:
         writes = [dask.array.map_blocks(_save_block, arr, prefix=prefix, dtype=np.uint8,
                                         chunks=tuple((1,) * len(c) for c in arr.chunks))
                   for arr, prefix in zip(lazy, prefixes, strict=True)]
-        computed = dask.compute(*writes, *also)
+        try:
+            computed = dask.compute(*writes, *also)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OutputError(
+                f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "
+                "run keeps its intermediate rasters there, up to about 36 bytes a pixel. Free "
+                "space there, or point TMPDIR at a disk with room, and run again.") from e
         stored = {}
         for arr, prefix in zip(lazy, prefixes, strict=True):
             stored[id(arr)] = _load_blocks(prefix, arr.chunks, arr.dtype)

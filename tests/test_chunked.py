@@ -119,6 +119,22 @@ def test_run_detect_chunked_equals_in_memory(pair, tmp_path):
     assert len(lazy_features) == len(eager_features)
 
 
+def test_run_detect_scratch_disk_full_is_a_clear_error(pair, tmp_path, monkeypatch):
+    """A full scratch disk in a chunked run is an OutputError naming TMPDIR; nothing under OUT."""
+    import errno
+
+    import pipeline.run
+    from pipeline.errors import OutputError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.run, "_save_block", full)
+    with pytest.raises(OutputError, match="scratch folder .* is full.*TMPDIR"):
+        _run(pair, tmp_path / "out", 512)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
 @pytest.mark.parametrize("chunks", [None, 512])
 def test_run_detect_all_nodata_date_names_it(pair, tmp_path, chunks):
     """An after image with no valid pixel in the AOI is refused, chunked or not, by name."""
