@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+from _helpers import ROOT, write_geotiff
 from affine import Affine
 from click.testing import CliRunner
 
-from _helpers import ROOT, write_geotiff
 from pipeline.cli import SEED_AFTER, SEED_BEFORE, cli
 from pipeline.report.validate import validate_geojson
 

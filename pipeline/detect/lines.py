@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 from skimage import draw
