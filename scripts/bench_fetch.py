@@ -74,6 +74,10 @@ if str(PROJECT_ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT / "tests"))
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
+if str(PROJECT_ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT / "scripts"))
+
+from bench import md_table, text_table  # noqa: E402  (scripts/bench.py, the same tables)
 
 DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sitewatch-bench"
 TARGET_RATIO = 1.25
@@ -678,21 +682,6 @@ def variant_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             str(r["runs"]["rerun"]["total_requests"]),
         ])
     return out
-
-
-def text_table(rows: list[list[str]]) -> str:
-    """Aligned plain-text table, header underlined."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def md_table(rows: list[list[str]]) -> str:
-    """GitHub markdown table."""
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
-    return "\n".join(lines)
 
 
 def describe_tile(result: dict[str, Any]) -> str:
