@@ -97,12 +97,9 @@ def _preserve(stage: Path, key: str, ref: SourceRef, link_min_bytes: int) -> dic
             os.link(source, target)
             how = "hardlink"
         else:
-            with atomic_path(target) as tmp:
-                shutil.copyfile(source, tmp)
-            target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            _copy_read_only(source, target)
     except OSError as e:
-        raise OutputError(f"Cannot preserve the input {source} in {target}: {e}. "
-                          "Choose another --out with room for the originals.") from e
+        raise _cannot_preserve(f"the input {source}", target, e) from e
     digest = sha256_file(target)
     if ref.sha256 and digest != ref.sha256:
         raise OutputError(
@@ -139,12 +136,9 @@ def _preserve_tile(stage: Path, key: str, tile: dict[str, Any], cache_dir: Path
     target = stage / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(body, tmp)
-        target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        _copy_read_only(body, target)
     except OSError as e:
-        raise OutputError(f"Cannot preserve the tile {url} in {target}: {e}. "
-                          "Choose another --out with room for the originals.") from e
+        raise _cannot_preserve(f"the tile {url}", target, e) from e
     return {**entry, "path": rel, "size_bytes": target.stat().st_size,
             "how": "copy of cache entry"}
 
@@ -152,3 +146,15 @@ def _preserve_tile(stage: Path, key: str, tile: dict[str, Any], cache_dir: Path
 def _same_device(a: Path, b: Path) -> bool:
     """Whether two paths are on one file system (a hard link is possible)."""
     return a.stat().st_dev == b.stat().st_dev
+
+
+def _copy_read_only(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically and make the copy read-only."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+def _cannot_preserve(what: str, target: Path, error: OSError) -> OutputError:
+    return OutputError(f"Cannot preserve {what} in {target}: {error}. Choose another --out "
+                       "with room for the originals.")
