@@ -104,6 +104,13 @@ def _cache_files(cache: Path) -> list[Path]:
     return sorted(p for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
 
 
+def _wayback_detect(config: Path, out: Path) -> list[str]:
+    """CLI arguments of a detect run from the loopback Wayback (two dated releases)."""
+    return ["detect", *FETCH_AOI, "--source", "test-wayback", "--config", str(config),
+            "--out", str(out), "-q", "--before-date", "2017-03-01/2017-06-30",
+            "--after-date", "2018-10-01/2018-12-31"]
+
+
 def test_server_drops_connection_mid_body(fake: FakeWayback, tmp_path: Path) -> None:  # noqa: F811
     """Every tile body cut half-way: detect fails with a fetch message, nothing lands in OUT,
     the cache keeps no body of a cut tile; once the server is healthy the run succeeds."""
@@ -112,9 +119,7 @@ def test_server_drops_connection_mid_body(fake: FakeWayback, tmp_path: Path) -> 
     for path in tiles:
         fake.server.fault(path, "truncate")
     out = tmp_path / "out"
-    args = ["detect", *FETCH_AOI, "--source", "test-wayback", "--config", str(config),
-            "--out", str(out), "-q", "--before-date", "2017-03-01/2017-06-30",
-            "--after-date", "2018-10-01/2018-12-31"]
+    args = _wayback_detect(config, out)
     result = invoke(args)
     assert_clean_outcome(result, allow_success=False)
     assert result.exit_code == 1, result.output
@@ -174,9 +179,7 @@ def test_cache_full_keeps_no_partial_entry(where: str, fake: FakeWayback,  # noq
         monkeypatch.setattr(cache_module, "atomic_path", half_written)
     config = _config(fake, tmp_path)
     out = tmp_path / "out"
-    args = ["detect", *FETCH_AOI, "--source", "test-wayback", "--config", str(config),
-            "--out", str(out), "-q", "--before-date", "2017-03-01/2017-06-30",
-            "--after-date", "2018-10-01/2018-12-31"]
+    args = _wayback_detect(config, out)
     result = invoke(args)
     assert_clean_outcome(result, allow_success=False)
     assert result.exit_code == 1 and "full" in result.output.lower(), result.output
