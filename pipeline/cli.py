@@ -107,6 +107,11 @@ def cli() -> None:
       $ sitewatch detect                      # the embedded Dabancheng sample
       $ sitewatch detect --aoi 88.28994,43.38385 --radius-m 1500 \\
             --before before.tif --after after.tif --out out/
+      $ sitewatch verify out/dabancheng/<run-id>          # re-hash an evidence folder
+      $ sitewatch watch --sites configs/sites.geojson --out out/
+      $ sitewatch sites import seeds/sites/CampDataset_v1.csv -o aspi.geojson
+
+    Each command has its own --help. Guides: README.md, docs/analyst-guide.md, docs/method.md.
     """
 
 
@@ -156,8 +161,9 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
 
     Both images are read for the AOI only, put on the AOI's UTM grid, co-registered and
     radiometrically matched; the change is thresholded and grouped into new buildings and
-    compounds. Evidence goes to OUT/<aoi-id>/<run-id>/ (changes.geojson, change_mask.tif,
-    change_magnitude.tif, manifest.json); an earlier run is never overwritten. stdout gets the
+    compounds. Evidence goes to OUT/<aoi-id>/<run-id>/ (changes.geojson and .gpkg with their
+    QGIS style, change_mask.tif, change_magnitude.tif, chips/, report.html, originals/,
+    manifest.json); an earlier run is never overwritten. stdout gets the
     run folder and one line per finding.
 
     \b
@@ -168,9 +174,9 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
       $ sitewatch detect --aoi 88.27,43.37,88.31,43.39 --before a.tif --after b.tif \\
             --before-date 2017-03-02 --after-date 2018-10-11 --out evidence/
       $ sitewatch detect --aoi site.geojson --before a.tif --after b.tif --threshold 25
-      $ sitewatch detect --aoi 88.28994,43.38385 --radius-m 2000 --source earth-search \
+      $ sitewatch detect --aoi 88.28994,43.38385 --radius-m 2000 --source earth-search \\
             --before-date 2017-03-01/2017-05-31 --after-date 2018-09-01/2018-10-31
-      $ sitewatch detect --aoi dabancheng --source esri-wayback \
+      $ sitewatch detect --aoi dabancheng --source esri-wayback \\
             --before-date 2017-06-01 --after-date 2019-06-01 --offline
     """
     from pipeline.acquire import acquire_pair, fetch_context

@@ -143,7 +143,13 @@ def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, 
 
 @click.group(short_help="Make and check watch files.")
 def sites() -> None:
-    """Watch files: one feature per watched site (see `sitewatch watch`)."""
+    """Watch files: one feature per watched site (see `sitewatch watch`).
+
+    \b
+    Examples:
+      $ sitewatch sites import seeds/sites/CampDataset_v1.csv -o aspi.geojson
+      $ sitewatch sites import --help
+    """
 
 
 @sites.command("import", short_help="Turn ASPI / OpenStreetMap site lists into a watch file.")
