@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from fetch.test_stac import api, catalogue, surface  # noqa: F401  (fixtures)
-from fetch.test_wayback import FakeWayback, content, fake  # noqa: F401  (fixtures)
+from fetch.test_wayback import FakeWayback
 
 from pipeline.cli import cli
 

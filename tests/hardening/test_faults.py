@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetch.test_wayback import FakeWayback, content, fake  # noqa: F401  (fixtures)
+from fetch.test_wayback import FakeWayback
 from rasterio.errors import RasterioIOError
 from test_cli_fetch import AOI as FETCH_AOI
 from test_cli_fetch import _config
@@ -111,7 +111,7 @@ def _wayback_detect(config: Path, out: Path) -> list[str]:
             "--after-date", "2018-10-01/2018-12-31"]
 
 
-def test_server_drops_connection_mid_body(fake: FakeWayback, tmp_path: Path) -> None:  # noqa: F811
+def test_server_drops_connection_mid_body(fake: FakeWayback, tmp_path: Path) -> None:
     """Every tile body cut half-way: detect fails with a fetch message, nothing lands in OUT,
     the cache keeps no body of a cut tile; once the server is healthy the run succeeds."""
     config = _config(fake, tmp_path)
@@ -152,7 +152,7 @@ def test_disk_already_full_fails_before_reading(tmp_path: Path,
 
 
 @pytest.mark.parametrize("where", ["body", "sidecar"])
-def test_cache_full_keeps_no_partial_entry(where: str, fake: FakeWayback,  # noqa: F811
+def test_cache_full_keeps_no_partial_entry(where: str, fake: FakeWayback,
                                            tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk while storing a download: exit 1 saying the disk is full, no temporary

@@ -7,7 +7,7 @@ from datetime import date
 import numpy as np
 import pytest
 from _helpers import write_geotiff
-from fetch.test_stac import _context, _source, api, catalogue, plan, surface  # noqa: F401
+from fetch.test_stac import _context, _source
 from rasterio.warp import transform_bounds
 
 from pipeline.aoi import parse_aoi
@@ -16,12 +16,12 @@ from pipeline.fetch.base import DateWindow, SourceConfig
 from pipeline.watch.imagery import Imagery, imagery_key, list_imagery
 
 
-def _aoi(plan):  # noqa: F811
+def _aoi(plan):
     west, south, east, north = transform_bounds(plan.crs, "EPSG:4326", *plan.bounds)
     return parse_aoi(f"{west},{south},{east},{north}")
 
 
-def test_stac_first_run_lists_dates_in_before_window_and_lookback(api, plan, tmp_path):  # noqa: F811
+def test_stac_first_run_lists_dates_in_before_window_and_lookback(api, plan, tmp_path):
     """Items group by date; cloudy ones are left out; the before window is searched too."""
     server, _ = api
     found = list_imagery(_aoi(plan), _source(server), res_m=10.0, context=_context(tmp_path),
@@ -31,7 +31,7 @@ def test_stac_first_run_lists_dates_in_before_window_and_lookback(api, plan, tmp
     assert found[0].when == date(2020, 6, 2) and "S2A_45TXK_20200602_0_L2A" in found[0].label
 
 
-def test_stac_later_run_searches_only_after_the_last_analysed(api, plan, tmp_path):  # noqa: F811
+def test_stac_later_run_searches_only_after_the_last_analysed(api, plan, tmp_path):
     """With ``since``, only later dates are searched and listed."""
     server, stac = api
     found = list_imagery(_aoi(plan), _source(server), res_m=10.0, context=_context(tmp_path),
