@@ -53,7 +53,8 @@ class Acquisition:
                               f"--{self.role} PATH instead.")
 
 
-def fetch_context(config: RunConfig, *, offline: bool = False, progress: object = None) -> FetchContext:
+def fetch_context(config: RunConfig, *, offline: bool = False,
+                  progress: object = None) -> FetchContext:
     """The fetch settings of a run: cache folder, offline mode, timeouts, retries."""
     return FetchContext(cache_dir=config.cache_dir, offline=offline, progress=progress,
                         timeout_s=config.timeout_s, max_retries=config.max_retries,

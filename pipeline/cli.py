@@ -45,7 +45,8 @@ def _show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
     click.echo(f"{kind}: {message}", err=True)
 
 
-verbose_opt = click.option("-v", "--verbose", count=True, help="More log detail on stderr (-vv: debug).")
+verbose_opt = click.option("-v", "--verbose", count=True,
+                           help="More log detail on stderr (-vv: debug).")
 quiet_opt = click.option("-q", "--quiet", count=True, help="No progress, only errors on stderr.")
 config_opt = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -278,9 +279,11 @@ def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None
         if paths[0] is None:
             log.info("No --before/--after: using the embedded sample pair in seeds/")
             paths = (SEED_BEFORE, SEED_AFTER)
-        return tuple(Acquisition(role=r, path=p, acquired=_one_date(d, f"--{r}-date"))
-                     for r, p, d in zip(roles, paths, dates, strict=True))
-    sources_file = config.config_path if _has_sources(config.config_path) else default_sources_path()
+        before, after = (Acquisition(role=r, path=p, acquired=_one_date(d, f"--{r}-date"))
+                         for r, p, d in zip(roles, paths, dates, strict=True))
+        return before, after
+    has_sources = _has_sources(config.config_path)
+    sources_file = config.config_path if has_sources else default_sources_path()
     sources = load_sources(sources_file)
     if source_name not in sources:
         raise click.BadParameter(f"{source_name!r} is not a source in {sources_file}; known: "
@@ -288,7 +291,8 @@ def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None
     wants = []
     for role, path, text in zip(roles, paths, dates, strict=True):
         if path is not None:
-            wants.append(Acquisition(role=role, path=path, acquired=_one_date(text, f"--{role}-date")))
+            acquired = _one_date(text, f"--{role}-date")
+            wants.append(Acquisition(role=role, path=path, acquired=acquired))
         elif text is None:
             raise click.UsageError(f"--source {source_name} needs --{role}-date (YYYY-MM-DD or "
                                    f"START/END) for the {role} image.")

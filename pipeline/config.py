@@ -87,11 +87,13 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, "
+                              f"got {value!r}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(get_args(hint)):
-            raise ConfigError(f"{key}: expected a list of {len(get_args(hint))} numbers, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(get_args(hint))} numbers, "
+                              f"got {value!r}")
         return tuple(_check_value(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(
             zip(value, get_args(hint), strict=True)))
     if hint is bool:
@@ -165,8 +167,9 @@ def _check_resolutions(params: DetectParams) -> None:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
+        default_path = PROJECT_ROOT / "configs" / "default.toml"
         raise ConfigError(f"Config file {path} does not exist. Pass --config with an existing "
-                          f"TOML file, or omit it to use {PROJECT_ROOT / 'configs' / 'default.toml'}.")
+                          f"TOML file, or omit it to use {default_path}.")
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -183,11 +186,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     if not name:
-        raise ConfigError(f"Override {key!r} must be written 'section.key', e.g. 'change.threshold'.")
+        raise ConfigError(f"Override {key!r} must be written 'section.key', "
+                          "e.g. 'change.threshold'.")
     data.setdefault(section, {})[name] = value
 
 
-def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, *,
+                overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a TOML config, apply ``overrides`` (dotted keys, ``None`` values skipped), validate.
 
     Raises
@@ -224,7 +229,8 @@ def load_config(path: str | Path | None = None, *, overrides: dict[str, Any] | N
                           f"number of metres, got {res_m!r}")
     resampling = _check_value("grid.resampling", grid.get("resampling", "bilinear"), str)
     if resampling not in _RESAMPLING:
-        raise ConfigError(f"grid.resampling: expected one of {', '.join(_RESAMPLING)}, got {resampling!r}")
+        raise ConfigError(f"grid.resampling: expected one of {', '.join(_RESAMPLING)}, "
+                          f"got {resampling!r}")
     radius_m = _check_value("aoi.radius_m", aoi.get("radius_m", 1000.0), float)
     if not 0 < radius_m <= 100_000:
         raise ConfigError(f"aoi.radius_m: expected 0 < radius_m <= 100000 metres, got {radius_m!r}")

@@ -717,13 +717,14 @@ def _shown(argv: list[str]) -> list[str]:
 def markdown_section(result: dict[str, Any]) -> str:
     """The docs/benchmarks.md section (scripts/bench.py puts it after its own)."""
     variants = sorted({r["variant"] for r in result["rows"]})
+    command = " ".join(["python scripts/bench_fetch.py", *_shown(result["argv"])])
     text = f"""## COG fetch of a small AOI (STAC)
 
 From `scripts/bench_fetch.py`. Targets: a fetch transfers at most {TARGET_RATIO:g}x the
 compressed bytes of the full-resolution COG blocks that intersect the AOI (ratio = COG bytes
 the server sent / those block bytes, from the TIFF `BLOCK_OFFSET_x_y` / `BLOCK_SIZE_x_y`
 metadata), and a cached rerun of the same job makes {TARGET_RERUN_REQUESTS} requests.
-Measured {result['date']} with `{' '.join(['python scripts/bench_fetch.py', *_shown(result['argv'])])}`
+Measured {result['date']} with `{command}`
 (rasterio {result['rasterio']}, GDAL {result['gdal']}, odc-stac {result.get('odc_stac', '?')}).
 
 {describe_tile(result)}

@@ -86,7 +86,8 @@ def test_detect_default_top_compound_matches_label(default_run, dabancheng_dir):
 
 def test_detect_same_image_reports_no_compound(tmp_path):
     """With after = before there is no compound (and no building)."""
-    result = _run(["detect", "--out", str(tmp_path), "-q", "--before", SEEDS[1], "--after", SEEDS[1]])
+    result = _run(["detect", "--out", str(tmp_path), "-q",
+                   "--before", SEEDS[1], "--after", SEEDS[1]])
     assert result.exit_code == 0, result.output
     fc = json.loads(next(tmp_path.glob("*/*/changes.geojson")).read_text())
     assert [f for f in fc["features"] if f["properties"]["kind"] != "change"] == []
@@ -179,7 +180,8 @@ def test_detect_pair_without_common_pixels(tmp_path):
     a, b = _far_pair(tmp_path)
     from pyproj import Transformer
 
-    lon, lat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True).transform(600700, 4804700)
+    to_lonlat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True)
+    lon, lat = to_lonlat.transform(600700, 4804700)
     result = _run(["detect", "--out", str(tmp_path / "out"), "-q", "--aoi", f"{lon},{lat}",
                    "--radius-m", "600", "--before", str(a), "--after", str(b)])
     assert result.exit_code == 1
