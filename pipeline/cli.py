@@ -7,11 +7,8 @@ warnings go to stderr. Exit codes: 0 success, 1 a pipeline error (message, no tr
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-import warnings
-from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any, get_args
@@ -19,8 +16,16 @@ from typing import Any, get_args
 import click
 
 from pipeline import __version__
+from pipeline.cli_options import (
+    config_opt,
+    handle_errors,
+    quiet_opt,
+    sources_path,
+    stderr_is_terminal,
+    verbose_opt,
+)
+from pipeline.cli_watch import sites, watch
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.model import EvidenceKind, NormalizeMethod, ThresholdMethod
 
 __all__ = ["main", "cli"]
@@ -28,52 +33,6 @@ __all__ = ["main", "cli"]
 SEED_BEFORE = PROJECT_ROOT / "seeds" / "dabancheng_2017-03-02.tif"
 SEED_AFTER = PROJECT_ROOT / "seeds" / "dabancheng_2018-10-11.tif"
 log = logging.getLogger("pipeline")
-
-
-def configure_logging(verbosity: int) -> None:
-    """Log to stderr at WARNING by default, INFO with -v, DEBUG with -vv, ERROR with -q."""
-    level = max(logging.DEBUG, logging.WARNING - 10 * verbosity)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("pipeline")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def _show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
-    kind = "warning" if issubclass(category, PipelineWarning) else category.__name__
-    click.echo(f"{kind}: {message}", err=True)
-
-
-verbose_opt = click.option("-v", "--verbose", count=True,
-                           help="More log detail on stderr (-vv: debug).")
-quiet_opt = click.option("-q", "--quiet", count=True, help="No progress, only errors on stderr.")
-config_opt = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-    help="TOML config file [default: configs/default.toml].",
-)
-
-
-def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn PipelineError into a one-paragraph message and exit code 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        verbosity = kwargs.get("verbose", 0) - kwargs.get("quiet", 0)
-        configure_logging(verbosity)
-        warnings.showwarning = _show_warning
-        try:
-            return func(*args, **kwargs)
-        except PipelineError as e:
-            if verbosity >= 2:
-                raise
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
-
-
-def _stderr_is_terminal() -> bool:
-    return sys.stderr.isatty()
 
 
 class _StageBar:
@@ -151,7 +110,7 @@ def cli() -> None:
 @config_opt
 @verbose_opt
 @quiet_opt
-@_handle_errors
+@handle_errors
 def detect(aoi: str, before_path: Path | None, after_path: Path | None,
            before_date: str | None, after_date: str | None, source_name: str | None,
            offline: bool, radius_m: float | None,
@@ -192,7 +151,7 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
     area = parse_aoi(aoi, radius_m=config.radius_m, sites=sites)
     before, after = _acquisitions(config, source_name, (before_path, after_path),
                                   (before_date, after_date))
-    bar = _StageBar(enabled=quiet == 0 and _stderr_is_terminal())
+    bar = _StageBar(enabled=quiet == 0 and stderr_is_terminal())
     context = fetch_context(config, offline=offline, progress=bar.fetched)
     try:
         result = detect_scenes(
@@ -207,7 +166,7 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @verbose_opt
 @quiet_opt
-@_handle_errors
+@handle_errors
 def verify(run_dir: Path, verbose: int, quiet: int) -> None:
     """Check every file listed in RUN_DIR/manifest.json against its SHA-256 and size.
 
@@ -229,7 +188,7 @@ def verify(run_dir: Path, verbose: int, quiet: int) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @verbose_opt
 @quiet_opt
-@_handle_errors
+@handle_errors
 def validate(path: Path, verbose: int, quiet: int) -> None:
     """Check PATH (GeoJSON) against the rules of RFC 7946: lon/lat ranges, ring orientation,
     closed rings, valid geometries, no crs member, at most 7 decimals, unique ids.
@@ -268,7 +227,7 @@ def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None
                   dates: tuple[str | None, str | None]) -> tuple[Any, Any]:
     """Each role from its file, or from --source and its date; the seeds/ pair by default."""
     from pipeline.acquire import Acquisition
-    from pipeline.config import default_sources_path, load_sources
+    from pipeline.config import load_sources
     from pipeline.fetch.base import DateWindow
 
     roles = ("before", "after")
@@ -282,8 +241,7 @@ def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None
         before, after = (Acquisition(role=r, path=p, acquired=_one_date(d, f"--{r}-date"))
                          for r, p, d in zip(roles, paths, dates, strict=True))
         return before, after
-    has_sources = _has_sources(config.config_path)
-    sources_file = config.config_path if has_sources else default_sources_path()
+    sources_file = sources_path(config.config_path)
     sources = load_sources(sources_file)
     if source_name not in sources:
         raise click.BadParameter(f"{source_name!r} is not a source in {sources_file}; known: "
@@ -300,15 +258,6 @@ def _acquisitions(config: Any, source_name: str | None, paths: tuple[Path | None
             wants.append(Acquisition(role=role, source=sources[source_name],
                                      window=DateWindow.parse(text, pad_days=45)))
     return wants[0], wants[1]
-
-
-def _has_sources(path: Path | None) -> bool:
-    import tomllib
-
-    if path is None or not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return "sources" in tomllib.load(fh)
 
 
 def _one_date(text: str | None, flag: str) -> date | None:
@@ -345,8 +294,6 @@ def _print_result(result: Any, *, all_findings: bool) -> None:
                f"shift {result.coreg.dy:+.2f},{result.coreg.dx:+.2f} px "
                f"({'applied' if result.coreg.applied else 'not applied'})")
 
-
-from pipeline.cli_watch import sites, watch  # noqa: E402  (its commands need the above)
 
 cli.add_command(watch)
 cli.add_command(sites)

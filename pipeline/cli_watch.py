@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from pipeline.cli import (
-    _handle_errors,
-    _has_sources,
-    _stderr_is_terminal,
+from pipeline.cli_options import (
     config_opt,
+    handle_errors,
     quiet_opt,
+    sources_path,
+    stderr_is_terminal,
     verbose_opt,
 )
 from pipeline.config import load_config
@@ -88,7 +88,7 @@ class _SiteBar:
 @config_opt
 @verbose_opt
 @quiet_opt
-@_handle_errors
+@handle_errors
 def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, offline: bool,
           skip_invalid: bool, as_json: bool, config_path: Path | None, verbose: int,
           quiet: int) -> None:
@@ -109,20 +109,19 @@ def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, 
       $ sitewatch watch --scheduler tcp://10.0.0.5:8786 --out /shared/sitewatch
       $ sitewatch watch --scheduler sync --force -v
     """
-    from pipeline.config import default_sources_path, load_sources
+    from pipeline.config import load_sources
     from pipeline.watch import load_watch_sites, run_watch
     from pipeline.watch.summary import format_table
 
     try:
         config = load_config(config_path)
-        sources = load_sources(config.config_path if _has_sources(config.config_path)
-                               else default_sources_path())
+        sources = load_sources(sources_path(config.config_path))
         invalid: list[str] | None = [] if skip_invalid else None
         watched = load_watch_sites(sites_path or config.sites_path, sources=sources,
                                    invalid=invalid)
     except (ConfigError, AoiError) as e:
         raise _ConfigProblem(str(e)) from None
-    bar = _SiteBar(enabled=quiet == 0 and _stderr_is_terminal())
+    bar = _SiteBar(enabled=quiet == 0 and stderr_is_terminal())
     try:
         summary = run_watch(watched, config=config, sources=sources, out_root=out_root,
                             scheduler=scheduler, force=force, offline=offline, progress=bar,
@@ -167,7 +166,7 @@ def sites() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @verbose_opt
 @quiet_opt
-@_handle_errors
+@handle_errors
 def import_lists(lists: tuple[Path, ...], output_path: Path, radius_m: float,
                  source_names: tuple[str, ...], every: str, before: str | None,
                  overwrite: bool, verbose: int, quiet: int) -> None:

@@ -56,7 +56,7 @@ def test_detect_shows_fetch_progress_on_a_terminal(fake, tmp_path, monkeypatch):
     """On a terminal (and without -q) stderr counts the downloads; stdout stays data only."""
     import pipeline.cli
 
-    monkeypatch.setattr(pipeline.cli, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(pipeline.cli, "stderr_is_terminal", lambda: True)
     args = ["detect", *AOI, "--source", "test-wayback", "--config", str(_config(fake, tmp_path)),
             "--out", str(tmp_path / "out"), "--before-date", "2017-03-01/2017-06-30",
             "--after-date", "2018-10-01/2018-12-31"]
