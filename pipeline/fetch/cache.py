@@ -44,7 +44,7 @@ from pipeline.fetch.http import (
 from pipeline.files import atomic_path
 
 __all__ = ["CachedBody", "NEGATIVE_TTL_S", "cache_paths", "fetch_cached", "fetch_many_cached",
-           "evict"]
+           "evict", "store_body"]
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,15 @@ def _download(url: str, *, context: FetchContext, client: HttpClient, expect: Ex
     if validate is not None:
         validate(response.content)
     return _store(url, response, context)
+
+
+def store_body(key: str, response: Response, *, context: FetchContext) -> CachedBody:
+    """Store a body fetched elsewhere (e.g. a COG range GDAL read) under ``key``.
+
+    ``key`` is any string naming the body uniquely (for a range: ``href#bytes=a-b``);
+    ``cache_paths(key)`` finds it again. Raises FetchError when the disk refuses it.
+    """
+    return _store(key, response, context)
 
 
 def _store(url: str, response: Response, context: FetchContext) -> CachedBody:

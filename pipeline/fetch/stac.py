@@ -17,7 +17,7 @@ import logging
 import statistics
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, get_args
 
@@ -45,6 +45,7 @@ from pipeline.fetch.stac_load import (
     load_items,
     rasterio_env,
 )
+from pipeline.fetch.stac_record import RangeRecorder
 from pipeline.fetch.stac_window import read_window, window_key, write_window
 from pipeline.model import GridPlan, SourceRef
 
@@ -271,11 +272,19 @@ def _read_pixels(items: list[ItemBands], plan: GridPlan, window: DateWindow,
     """Load and composite inside the fetch's GDAL environment."""
     signer = make_signer(options.sign, source.options, collection=options.collection,
                          client=client, source_name=source.name)
-    with rasterio_env(context):
+    # GDAL reads through a loopback relay that keeps the bytes (for the run's originals/)
+    with RangeRecorder(context, signer=signer) as relay, rasterio_env(context):
         data, clear = load_items(items, plan, profile, resampling=options.resampling,
-                                 chunk_px=options.chunk_px, signer=signer)
-        result = composite_items(items, data, clear, method=options.composite,
-                                 middle=window.middle, progress=context.progress)
+                                 chunk_px=options.chunk_px, signer=relay.patch_url)
+        try:
+            result = composite_items(items, data, clear, method=options.composite,
+                                     middle=window.middle, progress=context.progress,
+                                     url_names=relay.names())
+        except FetchError:
+            if relay.error is not None:  # the cache refused a body: say so, not "read failed"
+                raise relay.error from None
+            raise
+        result = replace(result, reads=relay.reads())
     log.info("Composited %d of %d %s items (%s): %.1f %% clear", len(result.used), len(items),
              options.collection, result.method, 100 * result.clear_share)
     return result
@@ -307,13 +316,14 @@ def _scene(result: CompositeResult, items: list[ItemBands], plan: GridPlan,
     da = _to_dataarray(result.data, plan, options.bands, role, source.name, acquired)
     da = add_indices(da, options.indices)
     da = da.rio.write_crs(plan.crs).rio.write_transform(plan.transform)
-    refs = [_ref(i, source, options, result.item_clear_share.get(i.item_id)) for i in used]
+    refs = [_ref(i, source, options, result.item_clear_share.get(i.item_id), result.reads)
+            for i in used]
     return Scene(data=da, refs=refs, acquired=acquired, info=info)
 
 
-def _ref(item: ItemBands, source: SourceConfig, options: StacOptions,
-         share: float | None) -> SourceRef:
-    """Provenance of one item (unsigned hrefs only)."""
+def _ref(item: ItemBands, source: SourceConfig, options: StacOptions, share: float | None,
+         reads: Mapping[str, list[dict[str, Any]]]) -> SourceRef:
+    """Provenance of one item (unsigned hrefs only) and the COG bodies read of it."""
     props = item.raw.get("properties", {})
     self_url = next((lk.get("href") for lk in item.raw.get("links", [])
                      if isinstance(lk, Mapping) and lk.get("rel") == "self"), None)
@@ -322,7 +332,9 @@ def _ref(item: ItemBands, source: SourceConfig, options: StacOptions,
     extra = {"processing_baseline": item.baseline, "cloud_cover": props.get("eo:cloud_cover"),
              "assets": dict(item.hrefs), "item_sha256": item.sha256, "clear_share": share,
              "datetime": item.when.isoformat(), "scale": dict(item.scale),
-             "offset": dict(item.offset), "platform": props.get("platform")}
+             "offset": dict(item.offset), "platform": props.get("platform"),
+             "cog_reads": [row for href in dict.fromkeys(item.hrefs.values())
+                           for row in reads.get(href, [])]}
     return SourceRef(provider=source.name, item_id=item.item_id, acquired=item.acquired,
                      release=options.collection, url=url, crs=props.get("proj:code")
                      or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None),

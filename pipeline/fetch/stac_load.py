@@ -16,8 +16,8 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal
 
@@ -60,13 +60,17 @@ _URL_LOGGERS = ("rasterio._env", "rasterio._base", "rasterio._io", "odc.loader._
 
 @dataclass(frozen=True)
 class CompositeResult:
-    """A computed composite: ``data`` (band, y, x) float32 NaN nodata, and how it was made."""
+    """A computed composite: ``data`` (band, y, x) float32 NaN nodata, and how it was made.
+
+    ``reads``: the COG bodies read for it, by unsigned href (``stac_record.RangeRecorder``).
+    """
 
     data: np.ndarray
     used: tuple[str, ...]
     item_clear_share: dict[str, float]
     clear_share: float
     method: CompositeMethod
+    reads: Mapping[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def gdal_options(context: FetchContext) -> dict[str, Any]:
@@ -140,13 +144,16 @@ def load_items(items: Sequence[ItemBands], plan: GridPlan, profile: SensorProfil
 
 def composite_items(items: Sequence[ItemBands], data: xr.DataArray, clear: xr.DataArray, *,
                     method: CompositeMethod, middle: date,
-                    progress: Callable[[int, int], None] | None = None) -> CompositeResult:
+                    progress: Callable[[int, int], None] | None = None,
+                    url_names: Mapping[str, str] | None = None) -> CompositeResult:
     """Compute the composite (this reads the pixels; run inside the GDAL env).
 
     ``"median"``: per-pixel median of every clear observation. ``"clearest"``: the date
     whose items give the largest clear share by their mask (ties: closest to ``middle``,
     then earliest), then the median of that date's items (one item, or same-day tiles).
     ``progress(done, total)`` is called as the read-and-composite tasks finish.
+    ``url_names`` (``{URL GDAL read: URL to name}``) puts the real asset URLs back into a
+    read error's message when GDAL read through a relay.
 
     Raises
     ------
@@ -154,24 +161,27 @@ def composite_items(items: Sequence[ItemBands], data: xr.DataArray, clear: xr.Da
         A COG could not be read.
     """
     if method == "clearest":
-        index = _clearest_date(items, clear, middle)
+        index = _clearest_date(items, clear, middle, url_names)
         items = [items[i] for i in index]
         data, clear = data.isel(time=index), clear.isel(time=index)
     obs = clear_observations(data, clear)
     composite = median_composite(data, obs)
     per_item = clear_share(obs)
     valid = composite.notnull().all(dim="band")
-    result, shares, share = _compute(composite, per_item, valid.mean(), progress=progress)
+    result, shares, share = _compute(composite, per_item, valid.mean(), progress=progress,
+                                     url_names=url_names)
     item_share = {i.item_id: float(s) for i, s in zip(items, shares, strict=True)}
     used = tuple(i.item_id for i in items if item_share[i.item_id] > 0)
     return CompositeResult(np.asarray(result, np.float32), used, item_share, float(share), method)
 
 
-def _clearest_date(items: Sequence[ItemBands], clear: xr.DataArray, middle: date) -> list[int]:
+def _clearest_date(items: Sequence[ItemBands], clear: xr.DataArray, middle: date,
+                   url_names: Mapping[str, str] | None) -> list[int]:
     """Indexes of the items of the date with the largest clear share (by mask only)."""
     dates = sorted({i.acquired for i in items})
     groups = {d: [n for n, i in enumerate(items) if i.acquired == d] for d in dates}
-    shares = _compute(*[clear.isel(time=idx).any("time").mean() for idx in groups.values()])
+    shares = _compute(*[clear.isel(time=idx).any("time").mean() for idx in groups.values()],
+                      url_names=url_names)
     best = max(zip(dates, shares, strict=True),
                key=lambda ds: (float(ds[1]), -abs((ds[0] - middle).days), -ds[0].toordinal()))
     log.info("Clearest date %s: %.1f %% clear by its mask", best[0], 100 * float(best[1]))
@@ -229,18 +239,27 @@ class _TaskProgress(dask.callbacks.Callback):
         self.report(self.done, max(self.total, self.done))
 
 
-def _compute(*arrays: Any, progress: Callable[[int, int], None] | None = None
-             ) -> tuple[Any, ...]:
+def _compute(*arrays: Any, progress: Callable[[int, int], None] | None = None,
+             url_names: Mapping[str, str] | None = None) -> tuple[Any, ...]:
     """dask.compute with read failures turned into FetchError naming the (unsigned) URL."""
     watch = _TaskProgress(progress) if progress is not None else contextlib.nullcontext()
     with _redacted_logs() as redactor, watch:
         try:
             return tuple(np.asarray(a) for a in dask.compute(*arrays))
         except (RasterioError, OSError) as e:
-            where = f" {', '.join(dict.fromkeys(redactor.failed))}" if redactor.failed else ""
-            raise FetchError(f"Reading COG pixels{where} failed: {_redact(str(e))}. The server "
+            named = [_renamed(u, url_names) for u in dict.fromkeys(redactor.failed)]
+            where = f" {', '.join(_redact(u) for u in named)}" if named else ""
+            text = _renamed(str(e), url_names)
+            raise FetchError(f"Reading COG pixels{where} failed: {_redact(text)}. The server "
                              "may be down or the asset URLs stale; try again later, or use "
-                             "--offline with a cache.") from (None if "?" in str(e) else e)
+                             "--offline with a cache.") from (None if "?" in text else e)
+
+
+def _renamed(text: str, url_names: Mapping[str, str] | None) -> str:
+    """``text`` with each relay URL replaced by the real URL it stands for."""
+    for local, real in (url_names or {}).items():
+        text = text.replace(local, real)
+    return text
 
 
 def _by_index(item: Any, parsed: Any, index: int) -> int:

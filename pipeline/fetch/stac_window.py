@@ -4,7 +4,8 @@ GDAL's ``/vsicurl/`` range reads bypass the HTTP cache, so the composite itself 
 a float32 GeoTIFF on the plan's grid plus a JSON sidecar, under ``<cache_dir>/stac/``::
 
     stac/ab/<key>.tif    the composite, one band per canonical band, NaN nodata
-    stac/ab/<key>.json   {key, sha256, size, bands, crs, transform, shape, used items, ...}
+    stac/ab/<key>.json   {key, sha256, size, bands, crs, transform, shape, used items,
+                          reads (the COG bodies read for it, kept in the HTTP cache), ...}
 
 The key is the SHA-256 of everything that decides the pixels: collection, item ids with
 their asset hrefs (unsigned) and DN scaling, the grid plan, the band list and the composite
@@ -109,7 +110,8 @@ def read_window(key: str, plan: GridPlan, bands: Sequence[str], *,
     if data is None:
         return _corrupt(key, context, "its grid or bands differ from the plan")
     result = CompositeResult(data, tuple(meta["used"]), dict(meta["item_clear_share"]),
-                             float(meta["clear_share"]), meta["method"])
+                             float(meta["clear_share"]), meta["method"],
+                             reads=dict(meta.get("reads") or {}))
     log.info("Composite %s... read from the cache (%s)", key[:12], tif_path)
     return result, digest
 
@@ -135,6 +137,7 @@ def write_window(key: str, plan: GridPlan, bands: Sequence[str], result: Composi
             "transform": list(plan.transform)[:6], "shape": list(plan.shape),
             "used": list(result.used), "item_clear_share": result.item_clear_share,
             "clear_share": result.clear_share, "method": result.method,
+            "reads": dict(result.reads),
             "created_utc": datetime.now(UTC).isoformat(), "material": material}
     atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True), overwrite=True)
     log.info("Composite %s... cached at %s", key[:12], tif_path)

@@ -6,12 +6,20 @@ made read-only. Its SHA-256 must equal the one recorded when the run read the fi
 changed in between is an error, never silently preserved. The manifest lists every original
 (``originals`` member) and ``sitewatch verify`` re-hashes them like the outputs.
 
-Tiles of an XYZ or Wayback input are preserved from the download cache: each tile the run
-used (``ref.extra["tiles"]``: ``{z, x, y, url, sha256}``) is copied from its cache entry to
-``originals/<role>-<n>_tiles/<z>-<x>-<y><ext>`` when the entry still has the recorded hash;
-a tile whose entry is gone or differs is listed as not preserved, with the reason. A STAC
-input was read window by window over HTTP and is not copied; its entry names the URL and
-item, so the data can be fetched again.
+Fetched inputs are preserved from the download cache, each body copied from its cache entry
+only while that entry still has the SHA-256 recorded when the run fetched it (else it is
+listed as not preserved, with the reason):
+
+- an XYZ or Wayback input: each tile the run used (``ref.extra["tiles"]``: ``{z, x, y, url,
+  sha256}``) as ``originals/<role>-<n>_tiles/<z>-<x>-<y><ext>``;
+- a STAC item: each HTTP body GDAL received while reading the item's COGs for the AOI window
+  (``ref.extra["cog_reads"]``: ``{url, range, key, sha256, ...}``, kept by
+  ``fetch.stac_record``) as ``originals/<role>-<n>_cog/<asset file>.bytes-<first>-<last>``:
+  the bytes at that range of the asset file exactly as the server sent them (the file's
+  header and the compressed blocks under the window), not the whole file and not decoded
+  pixels. Items read but left out of the composite (no clear pixel) are not inputs of the
+  run and are not kept. A STAC item with no recorded reads (a composite cached by an older
+  version) is listed as not preserved, naming its URL.
 """
 
 from __future__ import annotations
@@ -69,19 +77,45 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
     """
     entries = []
     for key, ref in inputs.items():
-        tiles = (ref.extra or {}).get("tiles")
+        fetched = _fetched_bodies(key, ref)
         if ref.path:
             entries.append(_preserve(stage, key, ref, link_min_bytes))
-        elif isinstance(tiles, list) and tiles and cache_dir is not None:
-            entries += [_preserve_tile(stage, key, tile, Path(cache_dir)) for tile in tiles
-                        if isinstance(tile, dict) and tile.get("sha256")]
+        elif fetched and cache_dir is not None:
+            entries += [_preserve_cached(stage, key, body, Path(cache_dir))
+                        for body in fetched]
         else:
             entries.append({"input": key, "path": None, "sha256": ref.sha256,
                             "size_bytes": None, "how": "not preserved",
                             "source_path": None, "source_url": ref.url,
-                            "note": "fetched over HTTP window by window; fetch again from "
-                                    "source_url"})
+                            "note": "the bytes read were not recorded (or no cache was "
+                                    "given); fetch again from source_url"})
     return entries
+
+
+def _fetched_bodies(key: str, ref: SourceRef) -> list[dict[str, Any]]:
+    """The cached bodies an input was made from: ``{cache_key, sha256, url, rel, note}``."""
+    extra, role = ref.extra or {}, key.replace(":", "-")
+    tiles, reads = extra.get("tiles"), extra.get("cog_reads")
+    bodies = []
+    for tile in tiles if isinstance(tiles, list) else []:
+        if isinstance(tile, dict) and tile.get("sha256"):
+            url = str(tile["url"])
+            suffix = Path(url.split("?")[0]).suffix[:5] if "." in url.rsplit("/", 1)[-1] else ""
+            bodies.append({"cache_key": url, "sha256": str(tile["sha256"]), "url": url,
+                           "rel": f"{ORIGINALS_DIR}/{role}_tiles/{tile.get('z')}-"
+                                  f"{tile.get('x')}-{tile.get('y')}{suffix}",
+                           "note": "the tile as the server sent it"})
+    for read in reads if isinstance(reads, list) else []:
+        if isinstance(read, dict) and read.get("sha256") and read.get("key"):
+            url, span = str(read["url"]), str(read.get("range", "all"))
+            name = Path(url.split("?")[0]).name or "asset"
+            bodies.append({"cache_key": str(read["key"]), "sha256": str(read["sha256"]),
+                           "url": url, "range": span,
+                           "rel": f"{ORIGINALS_DIR}/{role}_cog/{name}.bytes-{span}",
+                           "note": f"bytes {span} of source_url exactly as the server sent "
+                                   "them to GDAL (the header and the compressed blocks read "
+                                   "for the AOI window; not the whole file, not decoded)"})
+    return list({b["rel"]: b for b in bodies}.values())  # a range GDAL read twice: once
 
 
 def _preserve(stage: Path, key: str, ref: SourceRef, link_min_bytes: int) -> dict[str, Any]:
@@ -114,33 +148,32 @@ def _preserve(stage: Path, key: str, ref: SourceRef, link_min_bytes: int) -> dic
                     how == "hardlink" else None}
 
 
-def _preserve_tile(stage: Path, key: str, tile: dict[str, Any], cache_dir: Path
-                   ) -> dict[str, Any]:
-    """Copy one tile's cache entry if it still holds the bytes the run used."""
-    url, recorded = str(tile["url"]), str(tile["sha256"])
-    body, _ = cache_paths(url, context=FetchContext(cache_dir=cache_dir))
+def _preserve_cached(stage: Path, key: str, body: dict[str, Any], cache_dir: Path
+                     ) -> dict[str, Any]:
+    """Copy one fetched body's cache entry if it still holds the bytes the run used."""
+    url, recorded = body["url"], body["sha256"]
+    cached, _ = cache_paths(body["cache_key"], context=FetchContext(cache_dir=cache_dir))
     entry: dict[str, Any] = {"input": key, "path": None, "sha256": recorded, "size_bytes": None,
-                             "how": "not preserved", "source_path": str(body),
+                             "how": "not preserved", "source_path": str(cached),
                              "source_url": url, "note": None}
-    if not body.is_file():
+    if "range" in body:
+        entry["range"] = body["range"]
+    if not cached.is_file():
         entry["note"] = "the cache entry is gone (evicted or cleared); fetch source_url again"
         return entry
-    digest = sha256_file(body)
+    digest = sha256_file(cached)
     if digest != recorded:
         entry["note"] = (f"the cache entry now holds other bytes (SHA-256 {digest[:12]}…); "
-                         "the tile the run used is not available")
+                         "the bytes the run used are not available")
         return entry
-    suffix = Path(url.split("?")[0]).suffix[:5] if "." in url.rsplit("/", 1)[-1] else ""
-    rel = (f"{ORIGINALS_DIR}/{key.replace(':', '-')}_tiles/"
-           f"{tile.get('z')}-{tile.get('x')}-{tile.get('y')}{suffix}")
-    target = stage / rel
+    target = stage / body["rel"]
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _copy_read_only(body, target)
+        _copy_read_only(cached, target)
     except OSError as e:
-        raise _cannot_preserve(f"the tile {url}", target, e) from e
-    return {**entry, "path": rel, "size_bytes": target.stat().st_size,
-            "how": "copy of cache entry"}
+        raise _cannot_preserve(f"the body of {url}", target, e) from e
+    return {**entry, "path": body["rel"], "size_bytes": target.stat().st_size,
+            "how": "copy of cache entry", "note": body["note"]}
 
 
 def _same_device(a: Path, b: Path) -> bool:

@@ -1,0 +1,199 @@
+"""pipeline.fetch.stac_record: keep the COG bytes GDAL reads, exactly as the server sent them.
+
+GDAL's ``/vsicurl/`` fetches COG byte ranges itself and exposes neither the requests nor the
+bytes, so for the evidence package (``originals/``) the reads are relayed: while a STAC
+composite is read, every http(s) asset href handed to odc-stac is replaced by a URL on a
+loopback relay (``http://127.0.0.1:<port>/<n>/<file name>``). The relay forwards each request
+(method and ``Range`` header) to the real, possibly signed, URL once, without retrying (GDAL's
+own retry rules apply, as before), answers GDAL with the server's status, headers and body,
+and stores every successful body in the download cache under the key
+``<unsigned href>#bytes=<Content-Range>``, with its SHA-256. Nothing is decoded or changed.
+
+:meth:`RangeRecorder.reads` lists them per href (``{url, range, key, sha256, size_bytes,
+etag, last_modified}``); the composite's cache entry keeps that list so a rerun served from
+the cache preserves the same bytes. Signed URLs (SAS tokens) never reach the cache, the list
+or the logs: only the unsigned href is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from pipeline.errors import FetchError
+from pipeline.fetch.base import FetchContext
+from pipeline.fetch.cache import store_body
+from pipeline.fetch.http import Response
+
+__all__ = ["RangeRecorder", "read_key"]
+
+log = logging.getLogger(__name__)
+
+_RELAYED_HEADERS = ("Content-Type", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified")
+_ANY_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+class _NoQueries(logging.Filter):
+    """Drops query strings (SAS tokens) from urllib3's request lines while the relay runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "?" in text:
+            record.msg, record.args = _ANY_QUERY.sub("?<query removed>", text), ()
+        return True
+
+
+def read_key(href: str, content_range: str | None) -> str:
+    """The cache key of one read: the unsigned href and the byte range the server sent."""
+    span = (content_range or "").removeprefix("bytes ").split("/")[0] or "all"
+    return f"{href}#bytes={span}"
+
+
+class RangeRecorder:
+    """A loopback HTTP relay that keeps every body it passes to GDAL (a context manager).
+
+    Parameters
+    ----------
+    context
+        ``cache_dir`` (where the bodies go), ``user_agent`` and ``timeout_s``.
+    signer
+        ``href -> signed href`` applied before forwarding (None: unchanged).
+    """
+
+    def __init__(self, context: FetchContext, *,
+                 signer: Callable[[str], str] | None = None) -> None:
+        """Set up the relay; it listens from ``__enter__`` to ``__exit__``."""
+        self.context, self.signer = context, signer
+        self._hrefs: list[str] = []
+        self._index: dict[str, int] = {}
+        self._reads: dict[str, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = context.user_agent
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.error: FetchError | None = None  # a body the cache refused (e.g. disk full)
+        self._quiet = _NoQueries()
+
+    def __enter__(self) -> RangeRecorder:
+        logging.getLogger("urllib3.connectionpool").addFilter(self._quiet)
+        handler = type("_BoundRelay", (_Relay,), {"recorder": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="sitewatch-cog-relay")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self._session.close()
+        logging.getLogger("urllib3.connectionpool").removeFilter(self._quiet)
+
+    def patch_url(self, href: str) -> str:
+        """The relay URL GDAL reads ``href`` through (other schemes: signed, not relayed)."""
+        if urlsplit(href).scheme not in ("http", "https") or self._server is None:
+            return self.signer(href) if self.signer else href
+        with self._lock:
+            n = self._index.setdefault(href, len(self._hrefs))
+            if n == len(self._hrefs):
+                self._hrefs.append(href)
+        name = PurePosixPath(urlsplit(href).path).name or "asset.tif"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{n}/{name}"
+
+    def names(self) -> dict[str, str]:
+        """``{relay URL prefix: signed href}``, to put real URLs back into GDAL's messages."""
+        if self._server is None:
+            return {}
+        port = self._server.server_address[1]
+        return {f"http://127.0.0.1:{port}/{n}/{PurePosixPath(urlsplit(h).path).name}":
+                self._signed(h) for n, h in enumerate(self._hrefs)}
+
+    def reads(self) -> dict[str, list[dict[str, Any]]]:
+        """The bodies stored so far, by unsigned href, in the order they arrived."""
+        with self._lock:
+            return {href: list(rows) for href, rows in self._reads.items()}
+
+    def _signed(self, href: str) -> str:
+        return self.signer(href) if self.signer else href
+
+    def forward(self, n: int, method: str, headers: Mapping[str, str]
+                ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request of GDAL's to the real URL; store a successful GET's body."""
+        if not 0 <= n < len(self._hrefs):
+            return 404, {}, b""
+        href = self._hrefs[n]
+        try:
+            resp = self._session.request(method, self._signed(href), headers=dict(headers),
+                                         timeout=self.context.timeout_s)
+        except requests.RequestException as e:
+            log.debug("COG relay: %s %s failed: %s", method, href, type(e).__name__)
+            return 502, {}, b""
+        out = {k: resp.headers[k] for k in _RELAYED_HEADERS if k in resp.headers}
+        if method == "GET" and resp.status_code in (200, 206):
+            try:
+                self._record(href, resp, out)
+            except FetchError as e:  # not kept, so not given to GDAL either
+                self.error = e
+                return 502, {}, b""
+        elif method == "HEAD" and "Content-Length" in resp.headers:
+            out["Content-Length"] = resp.headers["Content-Length"]
+        return resp.status_code, out, resp.content if method == "GET" else b""
+
+    def _record(self, href: str, resp: requests.Response, headers: dict[str, str]) -> None:
+        """Store the body under its read key and list it."""
+        key = read_key(href, headers.get("Content-Range") if resp.status_code == 206 else None)
+        stored = store_body(key, Response(key, href, resp.status_code, resp.content,
+                                          headers.get("Content-Type", "")),
+                            context=self.context)
+        row = {"url": href, "range": key.rsplit("#bytes=", 1)[1], "key": key,
+               "sha256": stored.sha256, "size_bytes": stored.size,
+               "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+        with self._lock:
+            self._reads.setdefault(href, []).append(row)
+
+
+class _Relay(BaseHTTPRequestHandler):
+    """Answers GDAL from the recorder (one forwarded request per request)."""
+
+    recorder: RangeRecorder
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        """Silent: the access log would repeat every range request on stderr."""
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+        """Relay a GET (GDAL's range reads)."""
+        self._relay("GET")
+
+    def do_HEAD(self) -> None:  # noqa: N802 (stdlib name)
+        """Relay a HEAD (GDAL's size probe)."""
+        self._relay("HEAD")
+
+    def _relay(self, method: str) -> None:
+        try:
+            n = int(self.path.lstrip("/").split("/", 1)[0])
+        except ValueError:
+            n = -1
+        headers = {"Accept-Encoding": "identity"}  # the bytes as stored, never re-encoded
+        if self.headers.get("Range"):
+            headers["Range"] = self.headers["Range"]
+        status, out, body = self.recorder.forward(n, method, headers)
+        self.send_response(status)
+        for name, value in out.items():
+            self.send_header(name, value)
+        if method == "GET" or "Content-Length" not in out:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(body)

@@ -1,0 +1,94 @@
+"""A run from a STAC source keeps the COG bytes GDAL read in originals/ (loopback STAC API)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from click.testing import CliRunner
+from pyproj import Transformer
+
+from pipeline.cli import cli
+
+COLLECTION = "sentinel-2-c1-l2a"
+
+
+def _detect(server, surface, tmp_path: Path, out: Path):
+    """`sitewatch detect` over a 3 km AOI, 2020-06-02 item against 2020-06-07."""
+    t = surface["transform"]
+    to_lonlat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True)
+    west, south = to_lonlat.transform(t.c + 2000, t.f - 5000)
+    east, north = to_lonlat.transform(t.c + 5000, t.f - 2000)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[fetch]\ncache_dir = "{tmp_path / "cache"}"\ntimeout_s = 2.0\nmax_retries = 1\n\n'
+        f'[sources.test-stac]\ntype = "stac"\nurl = "{server.url("/")}"\n'
+        f'collection = "{COLLECTION}"\nindices = []\n')
+    result = CliRunner().invoke(cli, [
+        "detect", "--aoi", f"{west},{south},{east},{north}", "--source", "test-stac",
+        "--before-date", "2020-06-01/2020-06-03", "--after-date", "2020-06-06/2020-06-08",
+        "--config", str(config), "--out", str(out), "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return next(out.glob("*/*/manifest.json")).parent
+
+
+def _cog_originals(run: Path) -> list[dict]:
+    manifest = json.loads((run / "manifest.json").read_text())
+    return [o for o in manifest["originals"] if "_cog/" in str(o.get("path"))]
+
+
+def test_stac_run_keeps_the_cog_bytes_read(api, surface, catalogue, tmp_path):
+    """originals/ holds each range GDAL read, byte-equal to the served file; verify checks it."""
+    server, _ = api
+    run = _detect(server, surface, tmp_path, tmp_path / "out")
+    kept = _cog_originals(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {o["input"] for o in kept} == {"before:0", "after:0"}
+    assert all(o["how"] == "copy of cache entry" for o in kept)
+    assert not [o for o in manifest["originals"] if o["path"] is None]
+    for o in kept:
+        body = (run / o["path"]).read_bytes()
+        served = catalogue["files"][urlsplit(o["source_url"]).path]
+        first, last = (int(v) for v in o["range"].split("-"))
+        assert body == served[first:last + 1]
+        assert hashlib.sha256(body).hexdigest() == o["sha256"] and len(body) == o["size_bytes"]
+        assert not (run / o["path"]).stat().st_mode & stat.S_IWUSR
+        assert "not the whole file" in o["note"]
+    # every asset of both items (5 bands and SCL) is there, from its header on
+    for role in ("before:0", "after:0"):
+        urls = {o["source_url"] for o in kept if o["input"] == role}
+        assert len(urls) == 6
+        assert {o["source_url"] for o in kept if o["input"] == role and
+                o["range"].startswith("0-")} == urls
+    # the bytes kept are those the server sent for the COGs (requests relayed one to one)
+    served = sum(n for p, n in server.bytes_served.items() if p.startswith("/cogs/"))
+    assert sum(o["size_bytes"] for o in kept) <= served
+
+    ok = CliRunner().invoke(cli, ["verify", str(run)])
+    assert ok.exit_code == 0, ok.output
+    target = run / kept[-1]["path"]
+    os.chmod(target, stat.S_IRUSR | stat.S_IWUSR)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    bad = CliRunner().invoke(cli, ["verify", str(run)])
+    assert bad.exit_code != 0
+    assert kept[-1]["path"] in bad.output + bad.stderr
+
+
+def test_stac_rerun_from_cache_keeps_the_same_bytes(api, surface, tmp_path):
+    """A rerun whose composites come from the cache (no COG request) preserves the same reads."""
+    server, _ = api
+    first = _cog_originals(_detect(server, surface, tmp_path, tmp_path / "out1"))
+    server.reset_counts()
+    second_run = _detect(server, surface, tmp_path, tmp_path / "out2")
+    assert server.count("/cogs/") == 0
+    second = _cog_originals(second_run)
+    key = lambda o: (o["input"], o["source_url"], o["range"])  # noqa: E731
+    assert sorted((key(o), o["sha256"]) for o in second) == \
+        sorted((key(o), o["sha256"]) for o in first)
+    assert CliRunner().invoke(cli, ["verify", str(second_run)]).exit_code == 0
