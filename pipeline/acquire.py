@@ -129,9 +129,16 @@ def acquire_pair(aoi: Aoi, before: Acquisition, after: Acquisition, *, config: R
     scenes = [_fetch_one(want, plan, config, context) for want in (before, after)]
     if before.source is not None or after.source is not None:
         _check_distinct(scenes[0], scenes[1])
-    elif scenes[0].refs[0].sha256 == scenes[1].refs[0].sha256:
-        warnings.warn(
-            f"The before and after files are identical (SHA-256 {scenes[0].refs[0].sha256[:12]}…):"
-            " no change can be found. Check that --before and --after name different"
-            " acquisitions.", PipelineWarning, stacklevel=2)
+    else:
+        warn_if_identical(scenes[0], scenes[1])
     return plan, scenes[0], scenes[1]
+
+
+def warn_if_identical(before: Scene, after: Scene) -> None:
+    """Warn (PipelineWarning) when both local scenes come from files with the same SHA-256."""
+    sha256 = before.refs[0].sha256
+    if sha256 is not None and sha256 == after.refs[0].sha256:
+        warnings.warn(
+            f"The before and after files are identical (SHA-256 {sha256[:12]}…):"
+            " no change can be found. Check that --before and --after name different"
+            " acquisitions.", PipelineWarning, stacklevel=3)

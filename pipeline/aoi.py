@@ -235,11 +235,13 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
     if not (isinstance(res_m, int | float) and math.isfinite(res_m) and res_m > 0):
         raise GridError(f"Grid resolution must be a positive number of metres, got {res_m!r}.")
     target = _metric_crs(crs) if crs is not None else utm_crs(aoi)
-    bounds = _transformer(LONLAT_CRS, target).transform_bounds(*aoi.geometry.bounds,
+    west, south, east, north = aoi.geometry.bounds
+    bounds = _transformer(LONLAT_CRS, target).transform_bounds(west, south, east, north,
                                                                densify_pts=21)
     if not all(math.isfinite(v) for v in bounds):
         raise GridError(f"AOI '{aoi.id}' cannot be projected to {target}; choose another crs.")
-    plan = GridPlan.snapped(target, tuple(float(v) for v in bounds), float(res_m))
+    minx, miny, maxx, maxy = (float(v) for v in bounds)
+    plan = GridPlan.snapped(target, (minx, miny, maxx, maxy), float(res_m))
     if plan.width * plan.height > MAX_GRID_PX:
         raise GridError(
             f"AOI '{aoi.id}' at {res_m:g} m is a {plan.width} x {plan.height} px grid "

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -287,10 +288,10 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
             timings[f"{ds_name} / {m_name}"] = time.perf_counter() - t0
             rows.append(row)
     rows += [*pooled.values(), *strict.values()]
-    facts = {"held_out_notes": notes, "timings_s": timings,
-             **{f"learned_{k}_per_megapixel": (clock[k] / clock["megapixels"]
-                                               if clock.get("megapixels") else None)
-                for k in ("seconds", "cpu_seconds")}}
+    facts: dict[str, Any] = {"held_out_notes": notes, "timings_s": timings}
+    facts.update({f"learned_{k}_per_megapixel": (clock[k] / clock["megapixels"]
+                                                 if clock.get("megapixels") else None)
+                  for k in ("seconds", "cpu_seconds")})
     if dabancheng and (data_dir / "dabancheng" / "compound_label.geojson").exists():
         if progress:
             progress("dabancheng: run_detect")
@@ -307,7 +308,7 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
 def target_status(rows: list[Row]) -> list[str]:
     """Whether the learned method meets the issue's bar, pooled and per fold direction."""
     f1 = {(r.dataset, r.method): r.figures()["f1"] for r in rows}
-    out = []
+    out: list[str] = []
     for ds in (POOLED, *(r.dataset for r in rows if r.dataset.startswith("levir_cd"))):
         learned, cva = f1.get((ds, LEARNED)), f1.get((ds, CVA))
         if learned is None or cva is None or any(s.startswith(ds) for s in out):

@@ -86,7 +86,9 @@ def _fold_lines(folds: dict) -> str:
 
 
 def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def write_markdown(rows: list, facts: dict, model, folds: dict, path: Path) -> None:

@@ -28,6 +28,7 @@ from rasterio import features
 from threadpoolctl import threadpool_limits
 
 import pipeline
+from pipeline.acquire import warn_if_identical
 from pipeline.aoi import Aoi, aoi_polygon_in, plan_grid
 from pipeline.config import RunConfig
 from pipeline.core.change import change_magnitude, change_mask
@@ -239,11 +240,7 @@ def read_local_pair(
         data, ref = read_to_grid(path, plan, role=role, acquired=when, resampling=config.resampling,
                                  chunks=chunk_px, check_nodata=chunk_px is None)
         scenes.append(Scene(data=data, refs=[ref], acquired=ref.acquired, info={"path": str(path)}))
-    if scenes[0].refs[0].sha256 == scenes[1].refs[0].sha256:
-        warnings.warn(
-            f"The before and after files are identical (SHA-256 {scenes[0].refs[0].sha256[:12]}…):"
-            " no change can be found. Check that --before and --after name different"
-            " acquisitions.", PipelineWarning, stacklevel=2)
+    warn_if_identical(scenes[0], scenes[1])
     return plan, scenes[0], scenes[1]
 
 

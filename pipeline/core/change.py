@@ -254,7 +254,7 @@ def _square3_np(binary: np.ndarray, *, erode: bool) -> np.ndarray:
         if erode:
             out[tuple(lo)] &= src[tuple(hi)]
             out[tuple(hi)] &= src[tuple(lo)]
-            edge = [slice(None)] * 2
+            edge: list[slice | int] = [slice(None)] * 2
             for index in (0, -1):
                 edge[axis] = index
                 out[tuple(edge)] = False

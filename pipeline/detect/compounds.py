@@ -185,7 +185,9 @@ def _candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: flo
                transform: Affine, factor: int, cell_m: float) -> CompoundCandidate:
     """The candidate for snapped pixel corners: polygon in the grid CRS and its measures."""
     rows, cols = px[:, 0], px[:, 1]
-    xs, ys = transform @ (cols, rows)
+    # the affine map written out: affine's `@` works on arrays, but is typed for scalar pairs
+    xs = transform.a * cols + transform.b * rows + transform.c
+    ys = transform.d * cols + transform.e * rows + transform.f
     polygon = shapely.Polygon(np.column_stack([xs, ys]))
     inside, ring = _cell_masks(polygon, gain.shape, transform, factor, cell_m)
     g = np.where(np.isfinite(gain), gain, np.nan)

@@ -203,6 +203,7 @@ def read_to_grid(
     when, date_source = _resolve_date(info, acquired, role)
     if not _overlaps(info, plan):
         raise NoValidDataError(_no_data_message(info, plan, role, outside=True))
+    data: np.ndarray | dask.array.Array
     if chunks is None:
         data = _read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
         has_data = not bool(np.isnan(data).all())
