@@ -42,6 +42,7 @@ class Acquisition:
     window: DateWindow | None = None
 
     def __post_init__(self) -> None:
+        """Refuse a role with both or neither of a file and a source (ConfigError)."""
         if (self.path is None) == (self.source is None):
             raise ConfigError(f"The {self.role} image needs either a file or a source, not "
                               f"{'both' if self.path else 'neither'}.")

@@ -60,6 +60,7 @@ class GridPlan:
     res_m: float
 
     def __post_init__(self) -> None:
+        """Refuse a non-positive resolution or empty bounds (ValueError)."""
         minx, miny, maxx, maxy = self.bounds
         if not (self.res_m > 0 and math.isfinite(self.res_m)):
             raise ValueError(f"GridPlan.res_m must be a positive number, got {self.res_m!r}")

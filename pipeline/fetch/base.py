@@ -32,6 +32,7 @@ class DateWindow:
     end: date
 
     def __post_init__(self) -> None:
+        """Refuse a window that ends before it starts (ConfigError)."""
         if self.end < self.start:
             raise ConfigError(f"Date window {self.start}/{self.end} ends before it starts. "
                               f"Write it as START/END, e.g. 2017-01-01/2017-04-30.")
@@ -58,6 +59,7 @@ class DateWindow:
         return self.start + (self.end - self.start) / 2
 
     def __str__(self) -> str:
+        """``START/END`` in ISO dates, the form the command line takes."""
         return f"{self.start.isoformat()}/{self.end.isoformat()}"
 
 
@@ -105,4 +107,6 @@ class Fetch(Protocol):
     """The signature of every source module's ``fetch``."""
 
     def __call__(self, plan: GridPlan, window: DateWindow, source: SourceConfig, *,
-                 role: str, context: FetchContext) -> Scene: ...
+                 role: str, context: FetchContext) -> Scene:
+        """Bring the imagery of ``window`` from ``source`` onto ``plan``'s grid."""
+        ...
