@@ -152,5 +152,5 @@ def write_gis_layers(stage: Path, fc: Mapping[str, Any], *,
     if aoi is not None:
         styles["aoi"] = aoi_qml()
     write_gpkg(fc, stage / GPKG_NAME, aoi=aoi, styles=styles)
-    atomic_write_text(stage / QML_NAME, findings_qml(geometry="polygon"))
+    atomic_write_text(stage / QML_NAME, findings_qml(geometry="any"))
     return [GPKG_NAME, QML_NAME]

@@ -1,7 +1,10 @@
 """pipeline.report.style: QGIS styles (QML) for the findings layers.
 
 ``changes.qml`` beside ``changes.geojson`` is picked up by QGIS when the GeoJSON is loaded
-(QGIS looks for a ``.qml`` of the same base name); the GeoPackage carries the same style in its
+(QGIS looks for a ``.qml`` of the same base name), for each of its sublayers: the GeoJSON
+mixes polygons, wall lines and tower points, which QGIS opens as one layer per geometry type,
+so that style gives each kind the symbol of its geometry (``findings_qml(geometry="any")``).
+The GeoPackage carries the same style in its
 ``layer_styles`` table (see :mod:`pipeline.report.gpkg`), which QGIS applies by default.
 
 The findings style is rule based: compounds by ``grade`` (3 red, 2 orange, 1 yellow, 0 grey),
@@ -22,6 +25,9 @@ GRADE_COLOURS = {3: "215,25,28", 2: "253,141,60", 1: "255,221,51", 0: "150,150,1
 KIND_COLOURS = {"new_building": "44,123,182", "change": "171,95,200", "wall": "230,0,126",
                 "watchtower": "230,0,126"}
 OTHER_COLOUR = "90,90,90"
+KIND_GEOMETRY = {"wall": "line", "watchtower": "point"}  # every other kind is a polygon
+GEOMETRY_NAMES = {"polygon": "Polygon", "line": "Line", "point": "Point"}  # geometry_type()
+GEOMETRY_CODES = {"point": 0, "line": 1, "polygon": 2}  # QGIS's QgsWkbTypes::GeometryType
 LABEL_EXPRESSION = (
     "attribute('kind') || coalesce(' g' || to_string(attribute('grade')), '')"
     " || ' ' || format_number(attribute('score'), 2)"
@@ -37,6 +43,10 @@ def findings_qml(*, geometry: str = "polygon", labels: bool = True) -> str:
     ----------
     geometry
         ``"polygon"``, ``"line"`` or ``"point"``: the symbol type of the layer it styles.
+        ``"any"``: for ``changes.geojson``, which mixes the three; each kind gets the symbol
+        of its geometry (walls lines, watchtowers points, the rest polygons) and the style
+        names no geometry type, so QGIS applies it to each of the file's sublayers (one per
+        geometry type, ``changes.geojson|geometrytype=LineString``).
     labels
         Label each feature with its kind, grade and score.
 
@@ -48,15 +58,24 @@ def findings_qml(*, geometry: str = "polygon", labels: bool = True) -> str:
     rules, symbols = [], []
     for i, (grade, colour) in enumerate(GRADE_COLOURS.items()):
         rules.append(_rule(f"attribute('grade') = {grade}", _GRADE_LABELS[grade], i))
-        symbols.append(_symbol(i, colour, geometry, width_mm=0.8))
+        symbols.append(_symbol(i, colour, _family(geometry, "compound"), width_mm=0.8))
     ungraded = "attribute('grade') IS NULL"
     for kind, colour in KIND_COLOURS.items():
         i = len(symbols)
         rules.append(_rule(f"{ungraded} AND attribute('kind') = '{kind}'", kind, i))
-        symbols.append(_symbol(i, colour, geometry, width_mm=0.4))
-    rules.append(_rule("ELSE", "other", len(symbols)))
-    symbols.append(_symbol(len(symbols), OTHER_COLOUR, geometry, width_mm=0.4))
-    geometry_type = {"point": 0, "line": 1, "polygon": 2}[geometry]
+        symbols.append(_symbol(i, colour, _family(geometry, kind), width_mm=0.4))
+    if geometry != "any":
+        rules.append(_rule("ELSE", "other", len(symbols)))
+        symbols.append(_symbol(len(symbols), OTHER_COLOUR, geometry, width_mm=0.4))
+    else:  # one "other" rule per geometry, each with a symbol that can draw it
+        known = ", ".join(f"'{k}'" for k in KIND_COLOURS)
+        for family, name in GEOMETRY_NAMES.items():
+            rules.append(_rule(f"{ungraded} AND coalesce(attribute('kind') NOT IN ({known}), "
+                               f"true) AND geometry_type($geometry) = '{name}'", "other",
+                               len(symbols)))
+            symbols.append(_symbol(len(symbols), OTHER_COLOUR, family, width_mm=0.4))
+    layer_type = ("" if geometry == "any" else
+                  f"  <layerGeometryType>{GEOMETRY_CODES[geometry]}</layerGeometryType>\n")
     return (
         "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
         f'<qgis version="{QGIS_VERSION}" styleCategories="Symbology|Labeling" '
@@ -65,9 +84,14 @@ def findings_qml(*, geometry: str = "polygon", labels: bool = True) -> str:
         'forceraster="0">\n'
         '    <rules key="{sitewatch-root}">\n' + "".join(rules) + "    </rules>\n"
         "    <symbols>\n" + "".join(symbols) + "    </symbols>\n"
-        "  </renderer-v2>\n" + (_labeling() if labels else "")
-        + f"  <layerGeometryType>{geometry_type}</layerGeometryType>\n</qgis>\n"
+        "  </renderer-v2>\n" + (_labeling(geometry) if labels else "") + layer_type
+        + "</qgis>\n"
     )
+
+
+def _family(geometry: str, kind: str) -> str:
+    """The symbol family of ``kind`` in a layer of ``geometry`` (``"any"``: the kind's own)."""
+    return KIND_GEOMETRY.get(kind, "polygon") if geometry == "any" else geometry
 
 
 def aoi_qml() -> str:
@@ -124,8 +148,13 @@ def _symbol(name: int, colour: str, geometry: str, *, width_mm: float) -> str:
     )
 
 
-def _labeling() -> str:
-    """Simple labeling with the kind/grade/score expression, white buffer."""
+def _labeling(geometry: str) -> str:
+    """Simple labeling with the kind/grade/score expression, white buffer.
+
+    Over the point (the polygon's centroid) for polygons and lines; beside it where points
+    may be drawn (``"point"``, ``"any"``), or the label would hide the tower's marker.
+    """
+    placement, dist = ("0", "1.5") if geometry in ("point", "any") else ("1", "0")
     return (
         '  <labeling type="simple">\n'
         '    <settings calloutType="simple">\n'
@@ -135,7 +164,7 @@ def _labeling() -> str:
         '        <text-buffer bufferDraw="1" bufferSize="1" bufferSizeUnits="MM" '
         'bufferColor="255,255,255,255" bufferOpacity="0.8" bufferJoinStyle="128"/>\n'
         "      </text-style>\n"
-        '      <placement placement="1" dist="0" distUnits="MM" priority="5" '
+        f'      <placement placement="{placement}" dist="{dist}" distUnits="MM" priority="5" '
         'centroidInside="1" centroidWhole="0" fitInPolygonOnly="0"/>\n'
         '      <rendering obstacle="1" displayAll="0" limitNumLabels="0" maxNumLabels="2000" '
         'drawLabels="1" scaleVisibility="0" upsidedownLabels="0"/>\n'

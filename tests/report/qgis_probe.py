@@ -15,10 +15,56 @@ from qgis.core import (
     Qgis,
     QgsApplication,
     QgsExpressionContextUtils,
+    QgsMapRendererCustomPainterJob,
+    QgsMapSettings,
     QgsProject,
+    QgsProviderRegistry,
     QgsRenderContext,
     QgsVectorLayer,
+    QgsWkbTypes,
 )
+from qgis.PyQt.QtCore import QSize
+from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+RENDER_PX = 400
+
+
+def rendered_colours(layer: QgsVectorLayer) -> dict[str, int]:
+    """Render the layer alone (its style, labels included) on white; count pixels by colour."""
+    settings = QgsMapSettings()
+    settings.setLayers([layer])
+    settings.setDestinationCrs(layer.crs())
+    extent = layer.extent()
+    settings.setExtent(extent.buffered(max(extent.width(), extent.height(), 1e-3) * 0.2))
+    settings.setOutputSize(QSize(RENDER_PX, RENDER_PX))
+    image = QImage(QSize(RENDER_PX, RENDER_PX), QImage.Format_ARGB32)
+    image.fill(QColor(255, 255, 255))
+    painter = QPainter(image)
+    job = QgsMapRendererCustomPainterJob(settings, painter)
+    job.start()
+    job.waitForFinished()
+    painter.end()
+    counts: dict[str, int] = {}
+    for y in range(RENDER_PX):
+        for x in range(RENDER_PX):
+            c = image.pixelColor(x, y)
+            key = f"{c.red()},{c.green()},{c.blue()}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def geojson_sublayers(path: Path) -> list[dict]:
+    """The sublayers QGIS offers for the file (one per geometry type), each loaded by its URI."""
+    metadata = QgsProviderRegistry.instance().providerMetadata("ogr")
+    found = []
+    for sub in metadata.querySublayers(str(path), Qgis.SublayerQueryFlag.ResolveGeometryType):
+        layer = QgsVectorLayer(sub.uri(), sub.name(), "ogr")
+        found.append({"uri": sub.uri(), "type": QgsWkbTypes.displayString(sub.wkbType()),
+                      "listed_features": sub.featureCount(), **describe(layer),
+                      "kinds": sorted(str(f["kind"]) for f in layer.getFeatures()),
+                      "colours": rendered_colours(layer)})
+        del layer
+    return found
 
 
 def describe(layer: QgsVectorLayer) -> dict:
@@ -60,7 +106,8 @@ def main(run_dir: Path) -> dict:
     for name in ("findings", "walls", "towers", "buildings", "aoi"):
         uri = f"{run_dir / 'changes.gpkg'}|layername={name}"
         layers[f"gpkg:{name}"] = QgsVectorLayer(uri, name, "ogr")
-    result = {"qgis": Qgis.QGIS_VERSION, "layers": {k: describe(v) for k, v in layers.items()}}
+    result = {"qgis": Qgis.QGIS_VERSION, "layers": {k: describe(v) for k, v in layers.items()},
+              "geojson_sublayers": geojson_sublayers(run_dir / "changes.geojson")}
     app.processEvents()
     result["messages"] = messages
     QgsProject.instance().removeAllMapLayers()

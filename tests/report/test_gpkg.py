@@ -162,7 +162,22 @@ def test_write_gis_layers_styles_every_layer(fc: dict, tmp_path: Path) -> None:
     assert symbol_types == {"findings": {"fill"}, "buildings": {"fill"}, "walls": {"line"},
                             "towers": {"marker"}, "aoi": {"fill"}}
     assert layer_geometries(fc)["walls"] == "line"
-    assert (tmp_path / "changes.qml").read_text(encoding="utf-8") == styles["findings"][3]
+    assert (tmp_path / "changes.qml").read_text(encoding="utf-8") == findings_qml(geometry="any")
+
+
+def test_geojson_qml_draws_each_kind_with_its_geometry() -> None:
+    """changes.qml (any geometry): walls lines, towers markers, the rest fills; no layer type."""
+    root = ET.fromstring(findings_qml(geometry="any"))
+    symbols = {s.get("name"): s.get("type") for s in root.iter("symbol")}
+    by_label: dict[str, set[str]] = {}
+    for rule in root.iter("rule"):
+        by_label.setdefault(rule.get("label", ""), set()).add(symbols[rule.get("symbol")])
+    assert by_label["wall"] == {"line"} and by_label["watchtower"] == {"marker"}
+    assert by_label["new_building"] == by_label["grade 2: walls or fences"] == {"fill"}
+    assert by_label["other"] == {"fill", "line", "marker"}
+    # QGIS refuses a style whose layerGeometryType differs from the layer's: none is named
+    assert root.find("layerGeometryType") is None
+    assert findings_qml().count("<layerGeometryType>2</layerGeometryType>") == 1
 
 
 def test_findings_qml_grades_and_labels() -> None:

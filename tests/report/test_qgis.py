@@ -13,10 +13,13 @@ import pytest
 
 from pipeline.report.geojson import write_geojson
 from pipeline.report.package import write_gis_layers
+from pipeline.report.style import GRADE_COLOURS, KIND_COLOURS
 from report.test_gpkg import AOI, all_kinds_fc
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 PROBE = Path(__file__).with_name("qgis_probe.py")
+GEOMETRY_SUBLAYER = {"Polygon": "Polygon", "MultiPolygon": "Polygon", "LineString": "LineString",
+                     "MultiLineString": "LineString", "Point": "Point", "MultiPoint": "Point"}
 LAYER_KINDS = {"findings": ("compound", "change"), "walls": ("wall",),
                "towers": ("watchtower",), "buildings": ("new_building",)}
 
@@ -111,3 +114,60 @@ def _assert_rules(rule_labels: dict[str, list], fc: dict[str, Any]) -> None:
             assert labels and labels[0].startswith(f"grade {grade}:"), (fid, labels)
         else:
             assert labels == [props[fid]["kind"]], (fid, labels)
+
+
+def _by_geometry(fc: dict[str, Any]) -> dict[str, list[str]]:
+    """The kinds of the features, by the GeoJSON sublayer QGIS puts them in."""
+    out: dict[str, list[str]] = {}
+    for f in fc["features"]:
+        out.setdefault(GEOMETRY_SUBLAYER[f["geometry"]["type"]], []).append(
+            f["properties"]["kind"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _pixels_near(colours: dict[str, int], rgb: str, tolerance: int = 40) -> int:
+    """Rendered pixels within ``tolerance`` of ``rgb`` on every channel."""
+    target = [int(v) for v in rgb.split(",")]
+    return sum(n for key, n in colours.items()
+               if all(abs(int(a) - b) <= tolerance for a, b in zip(key.split(","), target,
+                                                                   strict=True)))
+
+
+def _assert_sublayers(view: dict, fc: dict[str, Any]) -> dict[str, dict]:
+    """QGIS offers one styled EPSG:4326 sublayer per geometry type, holding the right kinds."""
+    subs = {s["type"]: s for s in view["geojson_sublayers"]}
+    expected = _by_geometry(fc)
+    assert set(subs) == set(expected)
+    for kind, sub in subs.items():
+        assert sub["valid"] and sub["crs"] == "EPSG:4326", sub["uri"]
+        # a file of one geometry type is one plain layer; a mixed one is split by type
+        suffix = f"|geometrytype={kind}" if len(subs) > 1 else ""
+        assert sub["uri"].endswith(f"changes.geojson{suffix}")
+        assert sub["features"] == len(expected[kind])
+        if len(subs) > 1:  # QGIS counts a mixed file's sublayers when it lists them
+            assert sub["listed_features"] == len(expected[kind])
+        assert sub["kinds"] == expected[kind]
+        assert sub["renderer"] == "RuleRenderer" and sub["labels"]
+        _assert_rules(sub["rule_labels"], fc)
+    return subs
+
+
+def test_qgis_geojson_sublayers_show_walls_and_towers(tmp_path: Path) -> None:
+    """changes.geojson: QGIS's sublayers hold walls (lines) and towers (points), drawn styled."""
+    _require_qgis()
+    fc = all_kinds_fc()
+    write_geojson(fc, tmp_path / "changes.geojson")
+    write_gis_layers(tmp_path, fc, aoi=AOI)
+    subs = _assert_sublayers(_probe(tmp_path), fc)
+    assert subs["LineString"]["kinds"] == ["wall"] and subs["Point"]["kinds"] == ["watchtower"]
+    # changes.qml draws each kind with a symbol of its geometry: the pixels show its colour
+    assert _pixels_near(subs["LineString"]["colours"], KIND_COLOURS["wall"]) > 20
+    assert _pixels_near(subs["Point"]["colours"], KIND_COLOURS["watchtower"]) > 10
+    assert _pixels_near(subs["Polygon"]["colours"], GRADE_COLOURS[2]) > 20
+    assert _pixels_near(subs["Polygon"]["colours"], KIND_COLOURS["new_building"]) > 0
+
+
+def test_qgis_run_geojson_sublayers(qgis_view: tuple[Path, dict], fc: dict[str, Any]) -> None:
+    """The default run's GeoJSON (polygons only at 10 m) loads as one styled sublayer."""
+    _, view = qgis_view
+    _assert_sublayers(view, fc)
