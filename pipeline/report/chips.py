@@ -117,7 +117,8 @@ def compose_chip(
     -------
     PIL.Image.Image
         RGB image, at least :data:`MIN_WIDTH_PX` wide (the picture is centred on a dark
-        background when narrower).
+        background when narrower). Its ``info`` names what the band shows, as text:
+        ``caption`` (the lines), ``scale_bar`` (e.g. ``"200 m"``) and ``north_deg``.
     """
     height, width = rgb.shape[:2]
     total_w = max(width, MIN_WIDTH_PX)
@@ -136,9 +137,10 @@ def compose_chip(
         draw.text((PAD_PX, height + PAD_PX + i * LINE_PX),
                   _fit(draw, line, font, total_w - tools_w - PAD_PX * 2),
                   fill=(240, 240, 240), font=font)
-    _scale_bar(draw, font, x=total_w - tools_w + 4, y=height + band_h - PAD_PX - 14,
-               metres_per_px=metres_per_px, max_px=tools_w - 48)
+    bar = _scale_bar(draw, font, x=total_w - tools_w + 4, y=height + band_h - PAD_PX - 14,
+                     metres_per_px=metres_per_px, max_px=tools_w - 48)
     _north_arrow(draw, font, centre=(total_w - 22, height + band_h // 2), north_deg=north_deg)
+    image.info.update(caption="\n".join(caption), scale_bar=bar, north_deg=f"{north_deg:.3f}")
     return image
 
 
@@ -167,8 +169,8 @@ def _draw_geometry(draw: ImageDraw.ImageDraw, outline: Outline) -> None:
 
 
 def _scale_bar(draw: ImageDraw.ImageDraw, font: Any, *, x: int, y: int, metres_per_px: float,
-               max_px: int) -> None:
-    """A black-and-white bar of a round length with its label above."""
+               max_px: int) -> str:
+    """A black-and-white bar of a round length with its label above; returns the label."""
     length_m = nice_length_m(max_px * metres_per_px)
     length_px = int(round(length_m / metres_per_px))
     half = length_px // 2
@@ -176,6 +178,7 @@ def _scale_bar(draw: ImageDraw.ImageDraw, font: Any, *, x: int, y: int, metres_p
     draw.rectangle([x + half, y, x + length_px, y + 6], fill=(0, 0, 0), outline=(255, 255, 255))
     label = f"{length_m / 1000:g} km" if length_m >= 1000 else f"{length_m:g} m"
     draw.text((x, y - LINE_PX), label, fill=(240, 240, 240), font=font)
+    return label
 
 
 def _north_arrow(draw: ImageDraw.ImageDraw, font: Any, *, centre: tuple[int, int],

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyogrio
 import pytest
 from click.testing import CliRunner
@@ -56,6 +58,7 @@ def test_package_chips_for_every_compound(run_dir: Path, fc: dict[str, Any]) -> 
     """Each compound names four chip PNGs inside the folder; before and after share a size."""
     compounds = [f["properties"] for f in fc["features"] if f["properties"]["kind"] == "compound"]
     assert compounds
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     for props in compounds:
         sizes = set()
         for key in CHIP_KEYS:
@@ -64,9 +67,32 @@ def test_package_chips_for_every_compound(run_dir: Path, fc: dict[str, Any]) -> 
             with Image.open(path) as image:
                 sizes.add(image.size)
         assert len(sizes) == 1, props["id"]
+        _assert_caption(run_dir, props, manifest)
     buildings = [f["properties"] for f in fc["features"]
                  if f["properties"]["kind"] == "new_building"]
     assert all(props.get("chip_before") is None for props in buildings)
+
+
+def _assert_caption(run_dir: Path, props: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Each chip's caption band names date, source, provider, resolution, scale and north."""
+    inputs = {i["role"].split(":")[0]: i for i in manifest["inputs"]}
+    grid_m = manifest["grid"]["res_m"]
+    for key in CHIP_KEYS:
+        role = "before" if "before" in key else "after"
+        with Image.open(run_dir / props[key]) as image:
+            text = dict(image.text)  # the caption band's text, as PNG text chunks
+            pixels = np.asarray(image.convert("RGB"))
+        caption = text["Description"].splitlines()
+        source = inputs[role]
+        assert caption[0] == f"{role.upper()} {props[f'{role}_date']}"  # the date
+        assert caption[1].startswith(f"{source['provider']}:{source['item_id']}")  # source
+        assert re.fullmatch(rf"{grid_m:g} m grid \({source['res_m']:g} m source\) · "
+                            r"shown at [\d.]+ m/px", caption[2])  # resolution
+        assert caption[3].startswith(f"{props['id']} · compound · grade {props['grade']}")
+        assert re.fullmatch(r"\d+(\.\d+)? k?m", text["Sitewatch-Scale-Bar"])  # scale bar
+        assert abs(float(text["Sitewatch-North-Deg"])) < 3  # true north near grid up in UTM
+        band = pixels[-(len(caption) * 16):]
+        assert (band > 200).any() and (band < 40).any()  # light text and bar on the dark band
 
 
 def _flip_one_byte(path: Path) -> None:
@@ -111,7 +137,8 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     assert sorted(s["started_utc"] for s in writes) == [s["started_utc"] for s in writes]
     roles = {o["input"]: o for o in manifest["originals"]}
     assert set(roles) == {"before:0", "after:0"}
-    inputs = {i["role"]: i for i in manifest["inputs"]}
+    inputs = {i["role"].split(":")[0]: i for i in manifest["inputs"]}
+    grid_m = manifest["grid"]["res_m"]
     for key, original in roles.items():
         assert original["sha256"] == inputs[key]["sha256"]
         assert (run_dir / original["path"]).is_file()
