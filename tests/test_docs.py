@@ -3,14 +3,16 @@
 A command is run when it sits in a ```` ```console ```` block of README.md or docs/*.md, on a
 line starting ``$ `` (a line ending in ``\\`` continues on the next one). The lines after it,
 up to the next ``$ ``, are what it prints (stdout, then stderr), compared line by line with runs
-of whitespace equal: ``...`` skips any number of lines, ``<run-id>``, ``<version>`` and
-``<path>`` match one word, and ``(exit status N)`` is the expected exit status (default 0).
+of whitespace equal: ``...`` skips any number of lines, ``<run-id>``, ``<version>``,
+``<path>`` and ``<seconds>`` match one word, and ``(exit status N)`` is the expected exit
+status (default 0).
 In a command, ``DIR/<run-id>`` is the newest run folder under ``DIR``.
 
 Each document's commands run in order in their own scratch folder, which links to every
-top-level entry of the project except ``out``/``evidence`` (so runs write there, not into the
-checkout), with an empty download cache and every HTTP proxy pointed at a closed port (a
-command that reaches for the internet fails instead of fetching). Shell blocks that are not
+top-level entry of the project except the folders the documented runs write (``out``,
+``evidence``, ``watchdata``: so they land there, not in the checkout), with an empty download
+cache and every HTTP proxy pointed at a closed port (a command that reaches for the internet
+fails instead of fetching). Shell blocks that are not
 run (``sh``, ``bash``, ``shell``) must say why in a ``<!-- not run: ... -->`` comment above.
 """
 
@@ -32,10 +34,10 @@ LINKED_DOCS = DOCS + [p for p in (ROOT / "scripts" / "README.md", ROOT / "seeds"
                                   ROOT / "seeds" / "sites" / "README.md") if p.exists()]
 SHELL_LANGS = {"sh", "bash", "shell"}
 NOT_RUN = re.compile(r"<!--\s*not run\b[^:]*:\s*\S.*-->")
-PLACEHOLDER = re.compile(r"<(run-id|version|path)>")
+PLACEHOLDER = re.compile(r"<(run-id|version|path|seconds)>")
 EXIT = re.compile(r"^\(exit status (\d+)\)$")
 # The scratch folder keeps its own output folders; everything else links to the checkout.
-LOCAL_ENTRIES = {"out", "evidence", ".git", "aspi.geojson", "pyproject.toml"}
+LOCAL_ENTRIES = {"out", "evidence", "watchdata", ".git", "aspi.geojson", "pyproject.toml"}
 COMMAND_TIMEOUT_S = 600
 
 
