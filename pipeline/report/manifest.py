@@ -291,13 +291,21 @@ def _verify_entry(run_dir: Path, rel: str, entry: dict[str, Any], errors: list[s
 
 
 def _inputs(inputs: Sequence[SourceRef] | Mapping[str, SourceRef]) -> list[dict[str, Any]]:
-    """One dict per input, role first, in the given order."""
+    """One dict per input, role first, in the given order, with ``size_bytes``."""
     pairs: list[tuple[str | None, SourceRef]]
     if isinstance(inputs, Mapping):
         pairs = list(inputs.items())
     else:
         pairs = [(ref.extra.get("role"), ref) for ref in inputs]
-    return [{"role": role, **ref.to_dict()} for role, ref in pairs]
+    return [{"role": role, **ref.to_dict(), "size_bytes": _size(ref)} for role, ref in pairs]
+
+
+def _size(ref: SourceRef) -> int | None:
+    """Size of a local input file (fetched inputs: see their originals' bodies)."""
+    try:
+        return Path(str(ref.path)).stat().st_size if ref.path else None
+    except OSError:
+        return None
 
 
 def _outputs(run_dir: Path, outputs: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -137,10 +137,10 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     assert sorted(s["started_utc"] for s in writes) == [s["started_utc"] for s in writes]
     roles = {o["input"]: o for o in manifest["originals"]}
     assert set(roles) == {"before:0", "after:0"}
-    inputs = {i["role"].split(":")[0]: i for i in manifest["inputs"]}
-    grid_m = manifest["grid"]["res_m"]
+    inputs = {i["role"]: i for i in manifest["inputs"]}
     for key, original in roles.items():
         assert original["sha256"] == inputs[key]["sha256"]
+        assert original["size_bytes"] == inputs[key]["size_bytes"] > 0
         assert (run_dir / original["path"]).is_file()
     assert inputs["before:0"]["acquired"] == "2017-03-02"
     assert manifest["software"]["pillow"] and manifest["software"]["GDAL (pyogrio)"]
