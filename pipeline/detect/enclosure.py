@@ -23,7 +23,7 @@ from pipeline.detect.walls import LineMap, WallSegment
 from pipeline.model import WallParams
 
 __all__ = ["EnclosureMeasures", "measure_enclosure", "perimeter_samples", "segment_backing",
-           "PARALLEL_DEG", "count_sides_backed"]
+           "backing_of_lines", "segment_units", "PARALLEL_DEG", "count_sides_backed"]
 
 PARALLEL_DEG = 10.0  # a wall segment backs an outline side within this angle (degrees)
 
@@ -126,11 +126,62 @@ def segment_backing(pts: np.ndarray, tangents: np.ndarray, segments: Sequence[Wa
     if not segments:
         return np.zeros(len(pts), bool)
     lines = np.array([s.line for s in segments], dtype=object)
-    dist = shapely.distance(shapely.points(pts)[:, None], lines[None, :])
-    seg_u = np.array([[math.cos(math.radians(s.orientation_deg)),
-                       math.sin(math.radians(s.orientation_deg))] for s in segments])
-    parallel = np.abs(tangents @ seg_u.T) >= math.cos(math.radians(PARALLEL_DEG))
-    return np.any((dist <= tol) & parallel, axis=1)
+    return backing_of_lines(pts, tangents, lines, segment_units(segments), tol)
+
+
+def segment_units(segments: Sequence[WallSegment]) -> np.ndarray:
+    """``(n, 2)`` unit vectors of the segments' ``orientation_deg``."""
+    return np.array([[math.cos(math.radians(s.orientation_deg)),
+                      math.sin(math.radians(s.orientation_deg))] for s in segments],
+                    dtype=float).reshape(-1, 2)
+
+
+def backing_of_lines(pts: np.ndarray, tangents: np.ndarray, lines: np.ndarray,
+                     units: np.ndarray, tol: float) -> np.ndarray:
+    """`segment_backing` of ``lines`` (LineStrings) with their unit directions ``units``.
+
+    Distances are measured only between a point and the segments parallel to its tangent.
+    Two-point lines are measured with NumPy; where that distance is within
+    ``_EXACT_BAND_M`` of ``tol`` (or a line has more points), GEOS measures it, so the
+    answer is GEOS's own.
+    """
+    out = np.zeros(len(pts), bool)
+    if not len(lines) or not len(pts):
+        return out
+    parallel = np.abs(tangents @ units.T) >= math.cos(math.radians(PARALLEL_DEG))
+    ii, jj = np.nonzero(parallel)
+    if not len(ii):
+        return out
+    coords, index = shapely.get_coordinates(lines, return_index=True)
+    counts = np.bincount(index, minlength=len(lines))
+    simple = counts == 2
+    start = np.zeros(len(lines), int)
+    start[1:] = np.cumsum(counts)[:-1]
+    a = coords[np.where(simple, start, 0)]
+    b = coords[np.where(simple, start + 1, 0)]
+    dist = _point_segment_distance(pts[ii], a[jj], b[jj])
+    exact = ~simple[jj] | (np.abs(dist - tol) <= _EXACT_BAND_M)
+    if exact.any():
+        dist[exact] = shapely.distance(shapely.points(pts[ii[exact]]), lines[jj[exact]])
+    out[ii[dist <= tol]] = True
+    return out
+
+
+# NumPy's point-to-segment distance differs from GEOS's by rounding only (about 1e-9 m at
+# UTM coordinates); pairs this close to the tolerance are measured by GEOS instead.
+_EXACT_BAND_M = 1e-6
+
+
+def _point_segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distance from points ``p`` to segments ``a-b`` (all ``(n, 2)``)."""
+    ab = b - a
+    len2 = np.einsum("ij,ij->i", ab, ab)
+    ap = p - a
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.clip(np.einsum("ij,ij->i", ap, ab) / len2, 0.0, 1.0)
+    t = np.where(len2 > 0, t, 0.0)
+    nearest = a + t[:, None] * ab
+    return np.hypot(p[:, 0] - nearest[:, 0], p[:, 1] - nearest[:, 1])
 
 
 def _longest_run(flags: np.ndarray) -> int:

@@ -19,9 +19,10 @@ import shapely
 
 from pipeline.detect.enclosure import (
     PARALLEL_DEG,
+    backing_of_lines,
     count_sides_backed,
     perimeter_samples,
-    segment_backing,
+    segment_units,
 )
 from pipeline.detect.walls import WallSegment
 from pipeline.model import WallParams
@@ -39,7 +40,7 @@ class SegmentArrays:
     q: np.ndarray  # (n, 2) end points
     weight: np.ndarray  # contrast x support
     lines: np.ndarray  # the LineStrings (object array)
-    unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation
+    unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation (`segment_units`)
     tree: shapely.STRtree
 
     @classmethod
@@ -50,11 +51,9 @@ class SegmentArrays:
         lines = np.array([s.line for s in items], dtype=object)
         ends = (shapely.get_coordinates(list(lines)).reshape(-1, 2, 2) if items
                 else np.zeros((0, 2, 2)))
-        angle = np.radians([s.orientation_deg for s in items])
         return cls(items, ends[:, 0], ends[:, 1],
                    np.array([s.contrast * s.support for s in items], float), lines,
-                   np.column_stack([np.cos(angle), np.sin(angle)]).reshape(-1, 2),
-                   shapely.STRtree(lines))
+                   segment_units(items), shapely.STRtree(lines))
 
     def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
         """`enclosure.segment_backing` of these segments: only those whose bounding box comes
@@ -63,7 +62,7 @@ class SegmentArrays:
             return np.zeros(len(pts), bool)
         lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
         idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
-        return segment_backing(pts, tangents, [self.items[i] for i in idx], tol)
+        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol)
 
 
 def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentArrays,
