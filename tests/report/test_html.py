@@ -57,6 +57,33 @@ def test_report_lists_every_feature_and_card(run_dir: Path, fc: dict[str, Any]) 
             assert f["properties"][key] in refs.src
 
 
+def test_report_cards_show_place_measurements_and_caveats(run_dir: Path,
+                                                          fc: dict[str, Any]) -> None:
+    """Each compound's card has its coordinates and map links, measurements and caveats."""
+    from html import escape
+
+    from shapely.geometry import shape
+
+    from pipeline.report.html import CAVEATS
+
+    text, _ = _page(run_dir)
+    assert "<h2>Caveats</h2>" in text and all(escape(c) in text for c in CAVEATS)
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    assert all(escape(w) in text for w in manifest["warnings"])  # the run's own warnings
+    compounds = [f for f in fc["features"] if f["properties"]["kind"] == "compound"]
+    for f in compounds:
+        card = text.split(f'id="{f["id"]}"', 1)[1].split("</section>", 1)[0]
+        point = shape(f["geometry"]).representative_point()
+        assert f"at {point.y:.6f}, {point.x:.6f} (lat, lon; WGS 84)" in card
+        assert all(escape(url) in card for url in map_links(point.x, point.y).values())
+        props = f["properties"]
+        for key in ("area_m2", "building_count", "before_date", "after_date"):
+            assert f"<tr><th>{key}</th><td>" in card, (f["id"], key)
+        assert f"<tr><th>building_count</th><td>{props['building_count']}</td>" in card
+        if props.get("grade_caveats"):
+            assert f'<p class="caveat"><b>caveats:</b> {escape(props["grade_caveats"])}' in card
+
+
 def test_report_is_self_contained(run_dir: Path) -> None:
     """Images are files inside the package; no external script, style or frame; CSP set."""
     text, refs = _page(run_dir)
