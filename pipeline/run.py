@@ -41,6 +41,7 @@ from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks
 from pipeline.model import (
     EVIDENCE_ORDER,
     CoregResult,
+    DetectParams,
     Evidence,
     GridPlan,
     SourceRef,
@@ -95,10 +96,12 @@ class _Steps:
         if self.progress:
             self.progress(name, index, len(STEPS))
         log.info("%s ...", name)
+        started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         start = time.perf_counter()
         yield details
         seconds = time.perf_counter() - start
-        self.records.append({"name": name, "seconds": round(seconds, 3), "details": details})
+        self.records.append({"name": name, "seconds": round(seconds, 3), "started_utc": started,
+                             "details": details})
         log.info("%s done in %.2f s", name, seconds)
 
 
@@ -520,6 +523,18 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
     return before, after, plan, refs, inputs
 
 
+# The parameter sections (DetectParams) each detection step used, for the manifest's steps.
+_STEP_PARAMS = {"coregister": ("coreg",), "normalize": ("change",), "change": ("change",),
+                "detect": ("objects", "walls", "towers", "grade")}
+
+
+def _with_params(steps: list[dict[str, Any]], params: DetectParams) -> list[dict[str, Any]]:
+    """Each step record with the parameters it ran with (``params``), where it has any."""
+    sections = params.to_dict()
+    return [{**s, "params": {k: sections[k] for k in _STEP_PARAMS[s["name"]]}}
+            if s.get("name") in _STEP_PARAMS else s for s in steps]
+
+
 def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    magnitude: xr.DataArray, *, config: RunConfig, run_id: str, aoi: Aoi,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
@@ -540,7 +555,8 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
     manifest = build_manifest(
         run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
         originals=package.originals, config=config.to_dict(), params=config.params,
-        steps=[*steps, *package.steps], started_utc=started, finished_utc=datetime.now(UTC),
+        steps=[*_with_params(steps, config.params), *package.steps], started_utc=started,
+        finished_utc=datetime.now(UTC),
         extra={"grid": {"crs": plan.crs, "bounds": list(plan.bounds), "res_m": plan.res_m},
                "warnings": notes},
     )

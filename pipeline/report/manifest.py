@@ -324,14 +324,15 @@ def _outputs(run_dir: Path, outputs: Sequence[str | Path]) -> list[dict[str, Any
 
 
 def _step(step: dict[str, Any]) -> dict[str, Any]:
-    """Normalise one step record to ``{name, seconds, details}``."""
+    """Normalise one step record to ``{name, seconds, details}`` (+ ``started_utc``, ``params``)."""
     if not step.get("name"):
         raise ValueError(f"Every step needs a name, got {step!r}")
     seconds = step.get("seconds")
     seconds = round(float(seconds), 3) if seconds is not None and math.isfinite(seconds) else None
     record = {"name": str(step["name"]), "seconds": seconds, "details": step.get("details") or {}}
-    if step.get("started_utc") is not None:
-        record["started_utc"] = step["started_utc"]
+    for key in ("started_utc", "params"):
+        if step.get(key) is not None:
+            record[key] = step[key]
     return record
 
 
