@@ -72,29 +72,63 @@ def greedy_hough(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *, 
     At most ``max_lines`` lines are taken (a bound on the work in cluttered scenes).
     """
     offset = int(math.ceil(math.hypot(*shape)))
-    size = (2 * offset + 1) * len(_THETA)
-    acc = np.zeros(size, np.int64)
+    acc = _Accumulator((2 * offset + 1) * len(_THETA))
     for k in range(0, len(rows), 8192):  # chunks bound the memory of the index array
-        acc += np.bincount(_vote_index(rows[k:k + 8192], cols[k:k + 8192], offset),
-                           minlength=size)
-    alive = np.ones(len(rows), bool)
+        acc.add(_vote_index(rows[k:k + 8192], cols[k:k + 8192], offset))
+    # The pixels not yet read off, in their original order (withdrawn ones are dropped).
+    rows, cols = np.asarray(rows), np.asarray(cols)
     runs: list[tuple[float, float, float, float]] = []
     for _ in range(max_lines):
-        best = int(np.argmax(acc))
-        if acc[best] < max(5.0, min_px / 2):
+        best = acc.argmax()
+        if acc.values[best] < max(5.0, min_px / 2):
             break
         k_rho, k_theta = divmod(best, len(_THETA))
         cos, sin = math.cos(_THETA[k_theta]), math.sin(_THETA[k_theta])
         dist = np.abs(cols * cos + rows * sin - (k_rho - offset))
-        close = alive & (dist <= near_px)
+        close = dist <= near_px
         if not close.any():
-            close = alive & (dist <= dist[alive].min())
+            close = dist <= dist.min()
         runs += _read_runs(rows[close], cols[close], (cos, sin), gap_px=gap_px, min_px=min_px)
-        acc -= np.bincount(_vote_index(rows[close], cols[close], offset), minlength=size)
-        alive &= ~close
-        if not alive.any():
+        acc.add(_vote_index(rows[close], cols[close], offset), sign=-1)
+        rows, cols = rows[~close], cols[~close]
+        if not len(rows):
             break
     return runs
+
+
+class _Accumulator:
+    """A flat vote array with the maxima of its blocks kept, so that the first index of the
+    maximum (`numpy.argmax`'s answer) is found without scanning the whole array."""
+
+    BLOCK = 4096
+
+    def __init__(self, size: int) -> None:
+        n_blocks = -(-size // self.BLOCK)
+        self.size = size
+        # votes, padded with -1 to whole blocks (votes are never negative)
+        self.padded = np.full(n_blocks * self.BLOCK, -1, np.int64)
+        self.values = self.padded[:size]
+        self.values[:] = 0
+        self.block_max = np.zeros(n_blocks, np.int64)
+
+    def add(self, index: np.ndarray, sign: int = 1) -> None:
+        """Add (``sign`` 1) or withdraw (-1) one vote at each of ``index``."""
+        if not len(index):
+            return
+        lo, hi = int(index.min()), int(index.max()) + 1
+        counts = np.bincount(index - lo, minlength=hi - lo)
+        if sign > 0:
+            self.values[lo:hi] += counts
+        else:
+            self.values[lo:hi] -= counts
+        b0, b1 = lo // self.BLOCK, (hi - 1) // self.BLOCK + 1
+        self.block_max[b0:b1] = self.padded[b0 * self.BLOCK:b1 * self.BLOCK].reshape(
+            b1 - b0, self.BLOCK).max(axis=1)
+
+    def argmax(self) -> int:
+        """The first index of the largest vote."""
+        b = int(np.argmax(self.block_max))
+        return b * self.BLOCK + int(np.argmax(self.padded[b * self.BLOCK:(b + 1) * self.BLOCK]))
 
 
 def _read_runs(rows: np.ndarray, cols: np.ndarray, normal: tuple[float, float], *,
