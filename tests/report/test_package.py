@@ -130,6 +130,14 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     names = [s["name"] for s in manifest["steps"]]
     assert names[:5] == ["read", "coregister", "normalize", "change", "detect"]
+    detection = manifest["steps"][:5]
+    assert all(s["started_utc"].endswith("Z") for s in detection)
+    assert sorted(s["started_utc"] for s in detection) == [s["started_utc"] for s in detection]
+    # each step with the parameters it ran with (the sections of the manifest's params)
+    assert detection[1]["params"] == {"coreg": manifest["params"]["coreg"]}
+    assert detection[3]["params"] == {"change": manifest["params"]["change"]}
+    assert set(detection[4]["params"]) == {"objects", "walls", "towers", "grade"}
+    assert detection[3]["details"]["threshold"] is not None
     writes = [s for s in manifest["steps"] if s["name"].startswith("write:")]
     assert [s["name"] for s in writes] == ["write:chips", "write:geojson", "write:rasters",
                                            "write:gis_layers", "write:report", "write:originals"]
