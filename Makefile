@@ -27,7 +27,7 @@ BENCH_WATCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 export SITES SCHEDULER FORCE JSON
 
-.PHONY: setup detect test bench eval train lint clean watch bench-watch
+.PHONY: setup detect test check lint typecheck bench eval train clean watch bench-watch
 
 setup: $(STAMP)
 
@@ -53,8 +53,21 @@ watch: $(STAMP)
 bench-watch: $(STAMP)
 	$(BIN)/python scripts/bench_watch.py $(BENCH_WATCH_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# `make test` (the README's test command, run by .ci/run) is the whole check: ruff, mypy, then
+# pytest. PYTEST_ARGS narrows the pytest part, e.g. make test PYTEST_ARGS="tests/core -x".
+PYTEST_ARGS ?=
+
+test: check
+
+check: lint typecheck
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# files, cache folder and the untyped libraries are in pyproject.toml [tool.mypy]
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
@@ -66,4 +79,4 @@ train: $(STAMP)
 	$(BIN)/python scripts/train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
