@@ -51,12 +51,13 @@ class ChipTarget:
     window: tuple[int, int, int, int]
 
 
-def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *, max_chips: int = 30,
+def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *,
                  max_change: int = 10) -> list[ChipTarget]:
-    """The findings that get chips: compounds (and new kinds) first, then the best changes.
+    """The findings that get chips: every compound (and new kind), then the best changes.
 
     Buildings, walls and towers get no chip of their own: they are drawn in their site's.
-    At most ``max_change`` change regions and ``max_chips`` findings in all, best score first.
+    Unexplained change regions can be many; only the ``max_change`` best scored get chips
+    (the manifest's ``write:chips`` step counts the others).
     """
     own = [e for e in evidence if e.kind not in OWN_CHIP_EXCLUDED]
     own.sort(key=lambda e: (e.kind == "change", -e.score, e.id))
@@ -67,8 +68,6 @@ def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *, max_chips: int
                 continue
             n_change += 1
         chosen.append(ChipTarget(e, _window(e.geometry, plan)))
-        if len(chosen) >= max_chips:
-            break
     return chosen
 
 

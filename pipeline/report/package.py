@@ -109,10 +109,14 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
     outputs = [GEOJSON_NAME, MASK_NAME, MAGNITUDE_NAME]
     with log.step("write:chips") as info:
         skipped: list[str] = []
-        chips = write_chips(stage, chip_targets(evidence, plan), evidence, plan=plan,
+        targets = chip_targets(evidence, plan)
+        chips = write_chips(stage, targets, evidence, plan=plan,
                             resampling=resampling, images=images, notes=skipped)
         outputs += [p for paths in chips.values() for p in paths.values()]
+        n_change = sum(e.kind == "change" for e in evidence)
         info.update(findings=len(chips), files=len(outputs) - 3, skipped=skipped,
+                    change_regions_without_chips=n_change - sum(
+                        t.evidence.kind == "change" for t in targets),
                     pixels="as handed in" if images is not None else "input files")
     with log.step("write:geojson") as info:
         shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips

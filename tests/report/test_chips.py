@@ -196,7 +196,7 @@ def test_write_chips_from_pixels_handed_in(tmp_path: Path) -> None:
 
 
 def test_chip_targets_limits_change_regions() -> None:
-    """At most max_change change regions, best first; compounds always come first."""
+    """At most max_change change regions, best first; every compound, always first."""
     refs = (SourceRef("local", "a"), SourceRef("local", "b"))
     plan = GridPlan(CRS, (X0, Y0 - 600, X0 + 600, Y0), RES)
     changes = [_evidence(f"change-{i:04d}", "change", _block(i, i, i + 2, i + 2), refs,
@@ -205,5 +205,8 @@ def test_chip_targets_limits_change_regions() -> None:
     targets = chip_targets([*changes, site], plan, max_change=3)
     assert [t.evidence.id for t in targets] == ["compound-0001", "change-0007", "change-0006",
                                                 "change-0005"]
+    many = [_evidence(f"compound-{i:04d}", "compound", _block(i, i, i + 9, i + 9), refs,
+                      score=i / 100) for i in range(1, 41)]
+    assert len(chip_targets([*many, *changes], plan, max_change=3)) == 40 + 3
     row0, col0, rows, cols = targets[0].window
     assert row0 >= 0 and col0 >= 0 and row0 + rows <= plan.height and col0 + cols <= plan.width

@@ -68,6 +68,10 @@ def test_package_chips_for_every_compound(run_dir: Path, fc: dict[str, Any]) -> 
                 sizes.add(image.size)
         assert len(sizes) == 1, props["id"]
         _assert_caption(run_dir, props, manifest)
+    (chips_step,) = [s for s in manifest["steps"] if s["name"] == "write:chips"]
+    changes = [f["properties"] for f in fc["features"] if f["properties"]["kind"] == "change"]
+    unchipped = sum(p.get("chip_before") is None for p in changes)
+    assert chips_step["details"]["change_regions_without_chips"] == unchipped
     buildings = [f["properties"] for f in fc["features"]
                  if f["properties"]["kind"] == "new_building"]
     assert all(props.get("chip_before") is None for props in buildings)
