@@ -86,7 +86,7 @@ class RangeRecorder:
     def __enter__(self) -> RangeRecorder:
         logging.getLogger("urllib3.connectionpool").addFilter(self._quiet)
         handler = type("_BoundRelay", (_Relay,), {"recorder": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="sitewatch-cog-relay")
@@ -161,6 +161,14 @@ class RangeRecorder:
                "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
         with self._lock:
             self._reads.setdefault(href, []).append(row)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Logs a dropped connection (GDAL gave up on a slow answer) instead of printing it."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One DEBUG line instead of socketserver's traceback on stderr."""
+        log.debug("COG relay: connection from %s dropped", client_address)
 
 
 class _Relay(BaseHTTPRequestHandler):
