@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
 import pytest
 import shapely
 from _scenes import background
@@ -81,3 +82,25 @@ def test_coarse_resolution_returns_reason():
     assert found == []
     assert "at 2 m" in note and "not searched" in note
     assert TowerParams().max_res_m < 2.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_opening_equals_scipy(seed):
+    """The shifted-copy opening gives SciPy's booleans, borders and long footprints included."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect.lines import line_footprint
+    from pipeline.detect.towers import _binary_opening
+
+    rng = np.random.default_rng(seed)
+    kept = 0
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(1, 90, 2))
+        mask = rng.random(shape) < rng.uniform(0.3, 0.97)
+        footprint = line_footprint(int(rng.integers(3, 70)), float(rng.uniform(0, 360)))
+        if rng.random() < 0.3:  # any odd footprint
+            footprint = rng.random((2 * int(rng.integers(0, 4)) + 1,) * 2) < 0.5
+        expected = ndi.binary_opening(mask, structure=footprint)
+        np.testing.assert_array_equal(_binary_opening(mask, footprint), expected)
+        kept += int(expected.sum())
+    assert kept > 0
