@@ -32,6 +32,7 @@ from pipeline.acquire import warn_if_identical
 from pipeline.aoi import Aoi, aoi_polygon_in, plan_grid
 from pipeline.config import RunConfig
 from pipeline.core.change import change_magnitude, change_mask
+from pipeline.core.components import Regions, label_regions
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
@@ -309,12 +310,13 @@ def detect_scenes(
 
     ``load`` runs as the ``read`` step (after the output folder is checked, so a bad ``--out``
     fails before any download). Every later stage is the same for every source. Scenes whose
-    data are Dask arrays are processed chunk by chunk, so memory stays bounded (only the uint8
-    change mask, its labels and small cell grids are held whole): intermediate rasters read
-    more than once (the masked inputs, the normalized after image, the magnitude) are kept as
-    one file per chunk in a temporary folder (``TMPDIR``; up to about 36 bytes a pixel),
-    removed at the end. NumPy scenes are processed in memory (their arrays are masked in
-    place). Both give the same evidence.
+    data are Dask arrays are processed chunk by chunk, so memory stays bounded (the change
+    mask's connected components are merged across chunk borders, `label_regions`, so neither
+    the mask nor its labels are held whole; small cell grids are): intermediate rasters read
+    more than once (the masked inputs, the normalized after image, the magnitude, the mask,
+    chunk labels) are kept as one file per chunk in a temporary folder (``TMPDIR``; up to
+    about 40 bytes a pixel), removed at the end. NumPy scenes are processed in memory (their
+    arrays are masked in place). Both give the same evidence.
     """
     started = datetime.now(UTC)
     out = check_out_root(out_root)
@@ -344,21 +346,21 @@ def detect_scenes(
             after = _normalized(before, after, method=params.change.normalize, scratch=scratch)
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
-            magnitude, mask, threshold = _change(before, after, params=params.change,
-                                                 res_m=plan.res_m, scratch=scratch)
-            mask_np = np.asarray(mask.values)
+            magnitude, mask, threshold, changed_share = _change(
+                before, after, params=params.change, res_m=plan.res_m, scratch=scratch)
             info.update(threshold=threshold, method=params.change.threshold_method,
-                        changed_share=float(np.count_nonzero(mask_np == 1) / max(1, mask_np.size)))
+                        changed_share=changed_share)
         with steps.step("detect") as info:
             timings: dict[str, float] = {}  # detect sub-steps (objects, compounds, walls, grade)
+            changes = _change_pixels(mask, scratch, timings)
             evidence = detect_sites(
-                before.data, after.data, mask_np, magnitude.data, transform=plan.transform,
+                before.data, after.data, changes, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
                 after_ref=after_ref, timings=timings,
             )
             info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
             info["seconds_by_part"] = timings
-        del before, after  # only the magnitude is written from here
+        del before, after, changes  # only the magnitude and the mask are written from here
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
             _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
@@ -387,22 +389,39 @@ def _normalized(before: xr.DataArray, after: xr.DataArray, *, method: Any,
 
 
 def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
-            scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, float]:
-    """The change stage: ``(magnitude, mask, threshold)``; the magnitude stored when chunked.
+            scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, float, float]:
+    """The change stage: ``(magnitude, mask, threshold, changed share)``.
 
-    The smoothed magnitude, which the threshold and the mask read three times, is stored for
-    the stage only.
+    Chunked, the magnitude and the mask are stored; the smoothed magnitude (read three times)
+    and the size filter's chunk labels, which the mask is computed from, only for the stage.
     """
     magnitude = scratch.keep(change_magnitude(before, after))
-    smoothed: list[Any] = []
+    stored: list[Any] = []
 
     def persist(data: Any) -> Any:
-        smoothed.append(scratch.keep(data))
-        return smoothed[-1]
+        stored.append(scratch.keep(data))
+        return stored[-1]
 
     mask, threshold = change_mask(magnitude, params=params, res_m=res_m, persist=persist)
-    scratch.drop(*smoothed)
-    return magnitude, mask, threshold
+    mask, (changed,) = scratch.keep(mask, also=((mask.data == 1).sum(),))
+    scratch.drop(*stored)
+    return magnitude, mask, threshold, float(changed) / max(1, mask.size)
+
+
+def _change_pixels(mask: xr.DataArray, scratch: _Scratch,
+                   timings: dict[str, float]) -> np.ndarray | Regions:
+    """The change mask as `detect_sites` takes it: NumPy whole, or chunked `Regions`.
+
+    Chunked, the change pixels are labelled chunk by chunk and merged across chunk borders
+    (`label_regions`; the chunk labels stored), so neither the mask nor its labels are held
+    whole: the detector reads the windows it needs. Seconds go to ``timings["label"]``.
+    """
+    if not isinstance(mask.data, dask.array.Array):
+        return np.asarray(mask.data)
+    start = time.perf_counter()
+    regions = label_regions(mask.data == 1, connectivity=2, persist=scratch.keep)
+    timings["label"] = round(time.perf_counter() - start, 3)
+    return regions
 
 
 def _save_block(block: np.ndarray, prefix: str, block_info: dict | None = None) -> np.ndarray:
@@ -450,7 +469,7 @@ class _Scratch:
                 raise
             raise OutputError(
                 f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "
-                "run keeps its intermediate rasters there, up to about 36 bytes a pixel. Free "
+                "run keeps its intermediate rasters there, up to about 40 bytes a pixel. Free "
                 "space there, or point TMPDIR at a disk with room, and run again.") from e
         stored = {}
         for arr, prefix in zip(lazy, prefixes, strict=True):

@@ -169,3 +169,39 @@ def test_acquire_pair_reads_large_grids_chunked(pair, tmp_path, monkeypatch):
     assert lazy_b.data.data.chunksize[-2:] == (512, 512)
     assert_array_equal(lazy_b.data.values, whole_b.data.values)
     assert_array_equal(lazy_a.data.values, whole_a.data.values)
+
+
+@pytest.mark.parametrize("chunks", [(16, 16), (7, 23), (64, 5)])
+def test_objects_from_regions_equal_extract_objects(chunks):
+    """Objects read window by window from chunked regions equal those of the whole mask."""
+    import dask.array as da
+    import shapely
+
+    from pipeline.core.components import label_regions
+    from pipeline.detect.objects import extract_objects
+    from pipeline.detect.region_objects import objects_from_regions
+
+    rng = np.random.default_rng(7)
+    mask = np.zeros((64, 80), np.uint8)
+    mask[10:30, 12:40] = 1  # a block over chunk borders and a corner
+    mask[14:18, 20:24] = 0  # with a hole
+    mask[40:60, 3:6] = mask[57:60, 3:70] = 1  # an L across many chunks
+    mask[33, 50] = mask[34, 51] = mask[35, 52] = 1  # a diagonal line (8-connected only)
+    mask[rng.random(mask.shape) < 0.05] = 1  # speckle: small objects everywhere
+    mask[:, 76:] = 255  # nodata
+    magnitude = rng.normal(5.0, 2.0, mask.shape).astype(np.float32)
+    magnitude[:, 76:] = np.nan
+    delta = rng.normal(0.0, 10.0, mask.shape).astype(np.float32)
+    transform = from_origin(*ORIGIN, RES_M, RES_M)
+    kwargs = dict(transform=transform, threshold=3.0, min_area_m2=12.0)
+    expected = extract_objects(mask, da.from_array(magnitude, chunks=chunks),
+                               da.from_array(delta, chunks=chunks), **kwargs)
+    regions = label_regions(da.from_array(mask, chunks=chunks) == 1, connectivity=2)
+    got = objects_from_regions(regions, da.from_array(magnitude, chunks=chunks),
+                               da.from_array(delta, chunks=chunks), **kwargs)
+    assert len(expected) > 5 and [o.label for o in got] == [o.label for o in expected]
+    for e, g in zip(expected, got, strict=True):
+        assert shapely.equals_exact(e.polygon, g.polygon, tolerance=0), e.label
+        for name in ("area_m2", "solidity", "rectangularity", "elongation", "mean_magnitude",
+                     "contrast", "brightness_change"):
+            assert getattr(g, name) == getattr(e, name), (e.label, name)

@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
+from pipeline.core.components import label_regions
 from pipeline.errors import GridError, NoValidDataError
 from pipeline.model import ChangeParams, ThresholdMethod
 
@@ -302,6 +303,15 @@ def _remove_small_np(mask: np.ndarray, min_px: float) -> np.ndarray:
     return mask | fill[holes]
 
 
+def _remove_small_chunked(mask: da.Array, min_px: float,
+                          persist: Callable[[da.Array], da.Array] | None) -> da.Array:
+    """`_remove_small_np` chunk by chunk: global labels merged across chunk borders; lazy."""
+    objects = label_regions(mask, connectivity=2, persist=persist)
+    kept = objects.relabel(np.concatenate([[False], objects.area_px >= min_px]))
+    holes = label_regions(~kept, connectivity=1, persist=persist)
+    return kept | holes.relabel(np.concatenate([[False], holes.area_px < min_px]))
+
+
 def change_mask(
     magnitude: xr.DataArray,
     *,
@@ -327,16 +337,20 @@ def change_mask(
         Pixel size in metres.
     persist
         For Dask input: applied to the smoothed magnitude, which the threshold and the mask
-        then read three times; a function that computes it once and returns it stored
-        (e.g. on disk, chunk by chunk) saves two smoothing passes. None recomputes it.
+        then read three times, and to the per-chunk labels of the objects and holes that
+        the size filter labels (`pipeline.core.components.label_regions`); a function that
+        computes an array once and returns it stored (e.g. on disk, chunk by chunk) saves
+        the repeated passes. None recomputes them.
 
     Returns
     -------
     tuple
         ``(mask, threshold)``. ``mask`` has dims ``("y", "x")``, uint8: 1 change, 0 no
         change, 255 (``MASK_NODATA``) where ``magnitude`` is NaN, with ``magnitude``'s coords.
-        It is computed and NumPy-backed even for Dask input, because removing small objects
-        needs global labels (smoothing and opening run chunk-wise with overlap first).
+        For Dask input it is lazy and Dask-backed: smoothing and opening run chunk-wise with
+        overlap, and the size filter uses connected components merged across chunk borders,
+        so no step holds the whole grid (it reads what ``persist`` stored: keep those until
+        the mask is computed).
         ``threshold`` is the float used, on the smoothed scale.
 
     Raises
@@ -359,12 +373,15 @@ def change_mask(
     radius = params.opening_radius_px
     if radius > 0:
         binary = _map2d(_open_np, binary, 2 * radius + 1, bool, radius=radius)
-    if isinstance(binary, da.Array):
-        binary, valid = dask.compute(binary, valid)
     min_px = params.min_region_area_m2 / res_m**2
-    if min_px > 1:
-        binary = _remove_small_np(binary, min_px)
-    out = np.where(valid, binary.astype(np.uint8), np.uint8(MASK_NODATA)).astype(np.uint8)
+    if isinstance(binary, da.Array):
+        if min_px > 1:
+            binary = _remove_small_chunked(binary, min_px, persist)
+        out = da.where(valid, binary.astype(np.uint8), np.uint8(MASK_NODATA)).astype(np.uint8)
+    else:
+        if min_px > 1:
+            binary = _remove_small_np(binary, min_px)
+        out = np.where(valid, binary.astype(np.uint8), np.uint8(MASK_NODATA)).astype(np.uint8)
     mask = xr.DataArray(out, dims=("y", "x"), coords=magnitude.coords, name="change_mask")
     mask.attrs.update({"threshold": thr, "nodata": MASK_NODATA})
     return mask, thr

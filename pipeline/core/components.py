@@ -191,7 +191,7 @@ class Regions:
         if values.shape[:1] != (self.n + 1,):
             raise ValueError(f"relabel needs n + 1 = {self.n + 1} values, got {values.shape}")
         luts = {index: values[lut] for index, lut in self.luts.items()}
-        return self.local.map_blocks(_relabel_block, luts=luts, dtype=values.dtype)
+        return da.map_blocks(_relabel_block, self.local, luts=luts, dtype=values.dtype)
 
     @property
     def labels(self) -> da.Array:

@@ -18,10 +18,12 @@ import numpy as np
 import shapely
 from affine import Affine
 
+from pipeline.core.components import Regions
 from pipeline.detect.compounds import CompoundCandidate, find_compounds
 from pipeline.detect.compounds import _candidate as texture_candidate
 from pipeline.detect.grade import SiteAssessment, site_features
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
+from pipeline.detect.region_objects import objects_from_regions
 from pipeline.detect.texture import grey
 from pipeline.detect.towers import outline_orientation_deg
 from pipeline.detect.walled import (
@@ -230,7 +232,7 @@ def _site_evidence(sites: list[_Site], make: Callable[..., Evidence], params: De
 def detect_sites(
     before: np.ndarray,
     after: np.ndarray,
-    mask: np.ndarray,
+    mask: np.ndarray | Regions,
     magnitude: np.ndarray,
     *,
     transform: Affine,
@@ -261,7 +263,9 @@ def detect_sites(
         ``(band, y, x)`` float32 stacks on the working grid (NumPy or Dask), after
         co-registered and normalized to before; NaN = nodata.
     mask
-        uint8 change mask (1 change, 0 none, 255 nodata) on the same grid.
+        uint8 change mask (1 change, 0 none, 255 nodata) on the same grid; or, for a chunked
+        run, its change pixels as `Regions` (``label_regions(mask == 1, connectivity=2)``),
+        whose objects are read window by window (`objects_from_regions`): same evidence.
     magnitude
         float32 change magnitude on the same grid.
     transform, crs
@@ -286,9 +290,13 @@ def detect_sites(
     res_m = abs(transform.a)
     with _timed(timings, "objects"):
         delta = grey(after) - grey(before)
-        objects = extract_objects(
-            mask, magnitude, delta, transform=transform, threshold=threshold,
-            min_area_m2=min(op.building_min_area_m2, op.change_min_area_m2))
+        min_area_m2 = min(op.building_min_area_m2, op.change_min_area_m2)
+        if isinstance(mask, Regions):  # a chunked run: objects read window by window
+            objects = objects_from_regions(mask, magnitude, delta, transform=transform,
+                                           threshold=threshold, min_area_m2=min_area_m2)
+        else:
+            objects = extract_objects(mask, magnitude, delta, transform=transform,
+                                      threshold=threshold, min_area_m2=min_area_m2)
         buildings = [o for o in objects if is_building_like(
             o, min_area_m2=op.building_min_area_m2, max_area_m2=op.building_max_area_m2,
             min_solidity=op.building_min_solidity,

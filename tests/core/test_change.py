@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask.array
 import numpy as np
 import pytest
 import xarray as xr
@@ -187,7 +188,8 @@ def test_change_magnitude_dask_stays_lazy():
 
 
 def test_change_mask_persist_hook_same_mask():
-    """A persist hook (here: an in-memory store) sees the smoothed magnitude; same mask."""
+    """A persist hook (here: an in-memory store) sees the smoothed magnitude and the size
+    filter's chunk labels; same mask."""
     import dask.array
 
     before, after = make_pair(shape=(120, 120), change=np.s_[25:70, 35:80], noise=6.0)
@@ -200,7 +202,8 @@ def test_change_mask_persist_hook_same_mask():
 
     expected, thr = change_mask(mag, params=ChangeParams(), res_m=10.0)
     got, thr_hook = change_mask(mag, params=ChangeParams(), res_m=10.0, persist=persist)
-    assert len(seen) == 1 and thr_hook == thr
+    # the smoothed magnitude, then the chunk labels of the size filter's objects and holes
+    assert [a.dtype for a in seen] == [np.float32, np.int32, np.int32] and thr_hook == thr
     assert_array_equal(got.values, expected.values)
 
 
@@ -239,3 +242,20 @@ def test_open_radius_1_equals_ndimage(shape, share):
     binary = np.random.default_rng(len(shape) + shape[0]).random(shape) < share
     expected = ndi.binary_opening(binary, structure=np.ones((3, 3), bool))
     assert_array_equal(_open_np(binary, 1), expected)
+
+
+@pytest.mark.parametrize("chunks", [7, 16, 45])
+def test_change_mask_dask_size_filter_across_chunk_borders(chunks):
+    """Small objects and holes straddling chunk borders are removed/filled as in memory."""
+    rng = np.random.default_rng(11)
+    values = np.where(rng.random((90, 90)) < 0.45, 50.0, 0.0).astype(np.float32)
+    values[30:60, 30:60] = 50.0  # a big object with holes of every size across borders
+    values[40:42, 40:43] = values[50:56, 44:52] = 0.0
+    values[:4, :] = np.nan
+    mag = xr.DataArray(values, dims=("y", "x"))
+    params = ChangeParams(threshold=25.0, smooth_sigma_px=0.0, opening_radius_px=0,
+                          min_region_area_m2=1200.0)  # 12 px at 10 m
+    expected, _ = change_mask(mag, params=params, res_m=10.0)
+    got, _ = change_mask(mag.chunk({"y": chunks, "x": chunks}), params=params, res_m=10.0)
+    assert isinstance(got.data, dask.array.Array)
+    assert_array_equal(got.values, expected.values)
