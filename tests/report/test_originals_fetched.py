@@ -1,4 +1,7 @@
-"""A run from a STAC source keeps the COG bytes GDAL read in originals/ (loopback STAC API)."""
+"""Runs from fetched sources keep what they read in originals/ (loopback STAC API, Wayback).
+
+STAC: the COG byte ranges GDAL read, as served. Wayback: the tiles, from the download cache.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from urllib.parse import urlsplit
 
 from click.testing import CliRunner
 from pyproj import Transformer
+from test_cli_fetch import _config as _wayback_config
+from test_cli_fetch import _detect as _wayback_detect
 
 from pipeline.cli import cli
 
@@ -68,16 +73,21 @@ def test_stac_run_keeps_the_cog_bytes_read(api, surface, catalogue, tmp_path):
     served = sum(n for p, n in server.bytes_served.items() if p.startswith("/cogs/"))
     assert sum(o["size_bytes"] for o in kept) <= served
 
+    _assert_verify_catches_one_byte(run, kept[-1]["path"])
+
+
+def _assert_verify_catches_one_byte(run: Path, rel: str) -> None:
+    """`sitewatch verify` passes, then fails naming ``rel`` once one of its bytes changed."""
     ok = CliRunner().invoke(cli, ["verify", str(run)])
     assert ok.exit_code == 0, ok.output
-    target = run / kept[-1]["path"]
+    target = run / rel
     os.chmod(target, stat.S_IRUSR | stat.S_IWUSR)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
     bad = CliRunner().invoke(cli, ["verify", str(run)])
-    assert bad.exit_code != 0
-    assert kept[-1]["path"] in bad.output + bad.stderr
+    assert bad.exit_code == 1
+    assert rel in bad.output + bad.stderr
 
 
 def test_stac_rerun_from_cache_keeps_the_same_bytes(api, surface, tmp_path):
@@ -92,3 +102,23 @@ def test_stac_rerun_from_cache_keeps_the_same_bytes(api, surface, tmp_path):
     assert sorted((key(o), o["sha256"]) for o in second) == \
         sorted((key(o), o["sha256"]) for o in first)
     assert CliRunner().invoke(cli, ["verify", str(second_run)]).exit_code == 0
+
+
+def test_wayback_run_keeps_the_tiles(fake, tmp_path):
+    """Every tile a Wayback run used is in originals/, hash as fetched; verify checks it."""
+    result = _wayback_detect(_wayback_config(fake, tmp_path), tmp_path / "out",
+                             "--before-date", "2017-03-01/2017-06-30",
+                             "--after-date", "2018-10-01/2018-12-31")
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "out").glob("*/*/manifest.json")).parent
+    manifest = json.loads((run / "manifest.json").read_text())
+    used = {(i["role"], t["url"]): t["sha256"] for i in manifest["inputs"]
+            for t in i["extra"]["tiles"] if t.get("sha256")}
+    kept = {(o["input"], o["source_url"]): o for o in manifest["originals"]}
+    assert used and set(kept) == set(used)
+    for key, o in kept.items():
+        assert o["how"] == "copy of cache entry" and "_tiles/" in o["path"]
+        body = (run / o["path"]).read_bytes()
+        assert hashlib.sha256(body).hexdigest() == o["sha256"] == used[key]
+        assert body == fake.server.files[urlsplit(o["source_url"]).path][0]  # as served
+    _assert_verify_catches_one_byte(run, next(iter(kept.values()))["path"])
