@@ -27,7 +27,7 @@ BENCH_WATCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 export SITES SCHEDULER FORCE JSON
 
-.PHONY: setup detect test check lint typecheck bench eval train clean watch bench-watch
+.PHONY: setup detect test check lint typecheck bench bench-coreg eval train clean watch bench-watch
 
 setup: $(STAMP)
 
@@ -71,6 +71,14 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# Co-registration against AROSICS, which runs in its own environment beside the project
+# (made here from Debian's python3-gdal when missing; never a dependency of Sitewatch).
+AROSICS_VENV ?= $(abspath ..)/arosics-venv
+BENCH_COREG_ARGS ?=
+
+bench-coreg: $(STAMP)
+	$(BIN)/python scripts/bench_coreg.py --setup --arosics-venv "$(AROSICS_VENV)" $(BENCH_COREG_ARGS)
 
 eval: $(STAMP)
 	$(BIN)/python -m pipeline.evaluate
