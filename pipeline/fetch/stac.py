@@ -13,6 +13,7 @@ job makes no request, and an offline run works from the cache or says what is mi
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import warnings
@@ -131,6 +132,7 @@ class _CachedStacIO(StacApiIO):
     def __init__(self, *, context: FetchContext, client: HttpClient, max_age_s: float) -> None:
         super().__init__()
         self.context, self.client, self.max_age_s = context, client, max_age_s
+        self.pages: list[dict[str, Any]] = []  # search result pages: {url, sha256, ids}
 
     def request(self, href: str, method: str | None = None,
                 headers: dict[str, str] | None = None,
@@ -140,6 +142,7 @@ class _CachedStacIO(StacApiIO):
             url = requests.Request("GET", href, params=parameters or {}).prepare().url or href
             body = fetch_cached(url, context=self.context, client=self.client, expect="json",
                                 max_age_s=self.max_age_s)
+            self._note_page(url, body.sha256, body.content)
             return body.content.decode("utf-8")
         if self.context.offline:
             raise FetchError(f"offline and {href} needs a POST request, which is never cached; "
@@ -148,8 +151,20 @@ class _CachedStacIO(StacApiIO):
                                  headers=headers).content.decode("utf-8")
 
 
+    def _note_page(self, url: str, sha256: str, content: bytes) -> None:
+        """Remember a search result page (a FeatureCollection) and the item ids it lists."""
+        try:
+            doc = json.loads(content)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and isinstance(doc.get("features"), list):
+            ids = [f.get("id") for f in doc["features"] if isinstance(f, dict)]
+            self.pages.append({"url": url, "sha256": sha256, "ids": ids})
+
+
 def search_items(plan: GridPlan, window: DateWindow, options: StacOptions, *,
-                 context: FetchContext, client: HttpClient) -> list[dict[str, Any]]:
+                 context: FetchContext, client: HttpClient,
+                 pages: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Items of ``options.collection`` over the plan's area and ``window``, as JSON dicts.
 
     Parameters
@@ -162,6 +177,9 @@ def search_items(plan: GridPlan, window: DateWindow, options: StacOptions, *,
         ``url``, ``collection``, ``max_cloud``, ``max_items``, ``search_max_age_h``.
     context, client
         Cache, offline mode and HTTP client.
+    pages
+        When given, each GET result page is appended as ``{url, sha256, ids}``: the body is
+        in the HTTP cache under ``url`` (for the run's originals).
 
     Returns
     -------
@@ -188,6 +206,8 @@ def search_items(plan: GridPlan, window: DateWindow, options: StacOptions, *,
             query={"eo:cloud_cover": {"lte": max_cloud}} if has_query else None,
             limit=min(100, options.max_items))
         raws = list(search.items_as_dicts())
+        if pages is not None:
+            pages += stac_io.pages
     except (APIError, NotImplementedError, ValueError, KeyError) as e:
         raise FetchError(f"The STAC API at {options.url} could not be searched: {e}. Check "
                          "url and collection in configs/sources.toml.") from e
@@ -239,7 +259,8 @@ def fetch(plan: GridPlan, window: DateWindow, source: SourceConfig, *, role: str
     options = StacOptions.from_source(source)
     profile = profile_for(options.collection, source.options, source_name=source.name)
     with HttpClient(context) as client:
-        raws = search_items(plan, window, options, context=context, client=client)
+        pages: list[dict[str, Any]] = []
+        raws = search_items(plan, window, options, context=context, client=client, pages=pages)
         items, skipped = prepare_items(raws, profile, options.bands)
         if not items:
             raise NoValidDataError(_no_items_message(profile, source, window, options, skipped))
@@ -263,7 +284,7 @@ def fetch(plan: GridPlan, window: DateWindow, source: SourceConfig, *, role: str
             "composite": result.method, "items_found": len(items), "items_skipped": skipped,
             "collection": options.collection, "window": str(window), "cache_key": key,
             "window_sha256": digest, "from_cache": hit is not None, "stac_requests": n_requests}
-    return _scene(result, items, plan, options, source, role, info)
+    return _scene(result, items, plan, options, source, role, info, pages)
 
 
 def _read_pixels(items: list[ItemBands], plan: GridPlan, window: DateWindow,
@@ -309,21 +330,23 @@ def _check_clear(result: CompositeResult, profile: SensorProfile, source: Source
 
 def _scene(result: CompositeResult, items: list[ItemBands], plan: GridPlan,
            options: StacOptions, source: SourceConfig, role: str,
-           info: dict[str, Any]) -> Scene:
+           info: dict[str, Any], pages: list[dict[str, Any]]) -> Scene:
     """Wrap the composite, its indices and provenance into a Scene."""
     used = [i for i in items if i.item_id in result.used]
     acquired = date.fromordinal(statistics.median_low(i.acquired.toordinal() for i in used))
     da = _to_dataarray(result.data, plan, options.bands, role, source.name, acquired)
     da = add_indices(da, options.indices)
     da = da.rio.write_crs(plan.crs).rio.write_transform(plan.transform)
-    refs = [_ref(i, source, options, result.item_clear_share.get(i.item_id), result.reads)
-            for i in used]
+    refs = [_ref(i, source, options, result.item_clear_share.get(i.item_id), result.reads,
+                 [{"url": p["url"], "sha256": p["sha256"]} for p in pages
+                  if i.item_id in p["ids"]]) for i in used]
     return Scene(data=da, refs=refs, acquired=acquired, info=info)
 
 
 def _ref(item: ItemBands, source: SourceConfig, options: StacOptions, share: float | None,
-         reads: Mapping[str, list[dict[str, Any]]]) -> SourceRef:
-    """Provenance of one item (unsigned hrefs only) and the COG bodies read of it."""
+         reads: Mapping[str, list[dict[str, Any]]], pages: list[dict[str, Any]]) -> SourceRef:
+    """Provenance of one item (unsigned hrefs only), the COG bodies read of it and the search
+    pages that listed it."""
     props = item.raw.get("properties", {})
     self_url = next((lk.get("href") for lk in item.raw.get("links", [])
                      if isinstance(lk, Mapping) and lk.get("rel") == "self"), None)
@@ -334,7 +357,8 @@ def _ref(item: ItemBands, source: SourceConfig, options: StacOptions, share: flo
              "datetime": item.when.isoformat(), "scale": dict(item.scale),
              "offset": dict(item.offset), "platform": props.get("platform"),
              "cog_reads": [row for href in dict.fromkeys(item.hrefs.values())
-                           for row in reads.get(href, [])]}
+                           for row in reads.get(href, [])],
+             "stac_pages": pages}
     return SourceRef(provider=source.name, item_id=item.item_id, acquired=item.acquired,
                      release=options.collection, url=url, crs=props.get("proj:code")
                      or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None),

@@ -12,7 +12,9 @@ listed as not preserved, with the reason):
 
 - an XYZ or Wayback input: each tile the run used (``ref.extra["tiles"]``: ``{z, x, y, url,
   sha256}``) as ``originals/<role>-<n>_tiles/<z>-<x>-<y><ext>``;
-- a STAC item: each HTTP body GDAL received while reading the item's COGs for the AOI window
+- a STAC item: the search result page(s) of the STAC API that listed it (JSON as served:
+  ``ref.extra["stac_pages"]``) as ``originals/<role>-<n>_stac/search-<hash>.json``; and
+  each HTTP body GDAL received while reading the item's COGs for the AOI window
   (``ref.extra["cog_reads"]``: ``{url, range, key, sha256, ...}``, kept by
   ``fetch.stac_record``) as ``originals/<role>-<n>_cog/<asset file>.bytes-<first>-<last>``:
   the bytes at that range of the asset file exactly as the server sent them (the file's
@@ -105,6 +107,15 @@ def _fetched_bodies(key: str, ref: SourceRef) -> list[dict[str, Any]]:
                            "rel": f"{ORIGINALS_DIR}/{role}_tiles/{tile.get('z')}-"
                                   f"{tile.get('x')}-{tile.get('y')}{suffix}",
                            "note": "the tile as the server sent it"})
+    pages = extra.get("stac_pages")
+    for page in pages if isinstance(pages, list) else []:
+        if isinstance(page, dict) and page.get("sha256") and page.get("url"):
+            bodies.append({"cache_key": str(page["url"]), "sha256": str(page["sha256"]),
+                           "url": str(page["url"]),
+                           "rel": f"{ORIGINALS_DIR}/{role}_stac/search-"
+                                  f"{str(page['sha256'])[:16]}.json",
+                           "note": "the STAC API's search result page that listed this item "
+                                   "(its metadata and asset links), as the server sent it"})
     for read in reads if isinstance(reads, list) else []:
         if isinstance(read, dict) and read.get("sha256") and read.get("key"):
             url, span = str(read["url"]), str(read.get("range", "all"))

@@ -55,6 +55,14 @@ def test_stac_run_keeps_the_cog_bytes_read(api, surface, catalogue, tmp_path):
     assert {o["input"] for o in kept} == {"before:0", "after:0"}
     assert all(o["how"] == "copy of cache entry" for o in kept)
     assert not [o for o in manifest["originals"] if o["path"] is None]
+    # the search page that listed each item, as the API served it
+    pages = [o for o in manifest["originals"] if "_stac/search-" in str(o["path"])]
+    assert {o["input"] for o in pages} == {"before:0", "after:0"}
+    for o in pages:
+        page = json.loads((run / o["path"]).read_bytes())
+        item_id = next(i["item_id"] for i in manifest["inputs"] if i["role"] == o["input"])
+        assert item_id in [f["id"] for f in page["features"]]
+        assert "/search?" in o["source_url"] and o["how"] == "copy of cache entry"
     for o in kept:
         body = (run / o["path"]).read_bytes()
         served = catalogue["files"][urlsplit(o["source_url"]).path]
