@@ -49,8 +49,11 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sitewatch-bench"
 DEFAULT_DOCS = PROJECT_ROOT / "docs" / "benchmarks.md"
-TARGET_RATIO = 4.0
+TARGET_RATIO = 4.0  # issue 2, at 8192
+TARGET_RATIO_LARGE = 3.0  # issue 7, at 20000
 TARGET_PEAK_MB = 2048.0
+TARGET_SPEEDUP = 1.6  # issue 7: 2 cores against 1
+TARGET_MP_SPREAD = 0.2  # issue 7: time per megapixel at 4k..20k within 20 %
 PERF_ENV = ("GDAL_CACHEMAX", "GDAL_NUM_THREADS", "VSI_CACHE", "OMP_NUM_THREADS",
             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SITEWATCH_CONFIG")
 STAGES = ("read", "coregister", "normalize", "change", "detect", "write")
@@ -537,8 +540,13 @@ def _step_parts(result: Any) -> list[list[Any]]:
 
 
 def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
-                 *, peak_stacks: bool = False) -> dict[str, Any]:
-    """The whole run_detect on the pair; wall seconds, stages, per-stage peak RSS, findings."""
+                 *, peak_stacks: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """The whole run_detect on the pair; wall seconds, stages, per-stage peak RSS, findings.
+
+    ``threads``: Dask's threaded scheduler with that many workers (default: one per core).
+    """
+    import dask
+
     from pipeline.aoi import parse_aoi
     from pipeline.config import load_config
     from pipeline.run import run_detect
@@ -552,8 +560,9 @@ def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
     baseline = _proc_status_mb("VmRSS")
     with tempfile.TemporaryDirectory(prefix="detect-out-", dir=workdir) as out_root:
         start, cpu = time.perf_counter(), _cpu_s()
-        result = run_detect(area, paths[0], paths[1], config=config, out_root=out_root,
-                            progress=tracker)
+        with dask.config.set(scheduler="threads", num_workers=threads or os.cpu_count()):
+            result = run_detect(area, paths[0], paths[1], config=config, out_root=out_root,
+                                progress=tracker)
         seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu
         tracker.finish()
         parts = _step_parts(result)
@@ -564,6 +573,7 @@ def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
     kinds = ("compound", "new_building", "change")
     return {
         "seconds": seconds, "cpu_s": cpu, "parts": parts, "peak_mb": tracker.peak_mb,
+        "threads": threads or os.cpu_count(),
         "peak_exact": tracker.exact,
         "baseline_mb": baseline, "stages": tracker.stages, "grid_shape": list(result.grid.shape),
         "counts": {k: sum(e.kind == k for e in result.evidence) for k in kinds},
@@ -586,7 +596,7 @@ def child_main(args: argparse.Namespace) -> int:
         out = child_read(paths, args.window_px)
     else:
         out = child_detect(paths, args.aoi, Path(args.workdir), Path(args.status),
-                           peak_stacks=args.peak_stacks)
+                           peak_stacks=args.peak_stacks, threads=args.threads)
     _write_json(Path(args.result), out)
     return 0
 
@@ -603,8 +613,12 @@ class Outcome:
     last_stage: str | None = None
 
 
-def run_child(mode: str, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str = "") -> Outcome:
-    """Run one measurement in a subprocess, stopping it past --timeout or --max-rss-mb."""
+def run_child(mode: str, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str = "",
+              threads: int | None = None) -> Outcome:
+    """Run one measurement in a subprocess, stopping it past --timeout or --max-rss-mb.
+
+    ``threads`` (detect only): Dask worker threads, else ``--threads``, else one per core.
+    """
     with tempfile.TemporaryDirectory(prefix="child-", dir=cfg.workdir) as tmp:
         result, status = Path(tmp) / "result.json", Path(tmp) / "status.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
@@ -612,6 +626,8 @@ def run_child(mode: str, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str
                "--workdir", str(cfg.workdir), "--window-px", str(cfg.window_px),
                "--result", str(result), "--status", str(status)] + ["-q"] * (cfg.verbose < 0)
         cmd += ["--peak-stacks"] * cfg.peak_stacks
+        threads = threads or cfg.threads
+        cmd += ["--threads", str(threads)] if threads else []
         start = time.perf_counter()
         # the child's stdout goes to our stderr: our stdout carries only the tables
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=sys.stderr)
@@ -691,6 +707,8 @@ def bench_size(size: int, cfg: argparse.Namespace) -> dict[str, Any]:
         "truth": pair["truth"],
         "disk_mb": sum(Path(pair[k]).stat().st_size for k in ("before", "after")) / 2**20,
     }
+    if size in cfg.speedup:
+        row["speedup"] = _speedup(size, pair, cfg, aoi, det)
     if det.ok:
         row["ious"] = _best_ious(pair["truth"], det.data["compounds_wkt"])
         log.info("size %d: detect %.1f s, peak %.0f MB", size, row["detect_s"], row["peak_mb"])
@@ -698,6 +716,61 @@ def bench_size(size: int, cfg: argparse.Namespace) -> dict[str, Any]:
         log.warning("size %d: detect %s during stage %r (sampled peak %.0f MB, %.0f s)",
                     size, det.problem, det.last_stage, det.sampled_peak_mb, det.wall_s)
     return row
+
+
+def _speedup(size: int, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str,
+             det: Outcome) -> list[dict[str, Any]]:
+    """The same detect with one Dask thread, beside the run just made (``--threads`` or all)."""
+    runs = [{"threads": det.data.get("threads", cfg.threads or os.cpu_count()),
+             "seconds": det.data.get("seconds", math.nan),
+             "cpu_s": det.data.get("cpu_s", math.nan), "problem": det.problem}]
+    load = _load()
+    log.info("size %d: detect again with 1 Dask thread (speed-up); load %.1f", size, load)
+    one = run_child("detect", pair, cfg, aoi, threads=1)
+    runs.insert(0, {"threads": 1, "seconds": one.data.get("seconds", math.nan),
+                    "cpu_s": one.data.get("cpu_s", math.nan), "problem": one.problem,
+                    "load": [load, _load()],
+                    "same_counts": one.data.get("counts") == det.data.get("counts")})
+    return runs
+
+
+def speedup_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Detect with 1 Dask thread against the normal run: wall and CPU seconds, speed-up."""
+    out = [["size", "Dask threads", "detect s", "detect CPU s", "speed-up (wall)",
+            f"speed-up >= {TARGET_SPEEDUP:g}", "same findings", "load at start / end (1 thread)"]]
+    for r in rows:
+        runs = r.get("speedup") or []
+        if not runs:
+            continue
+        base = runs[0]["seconds"]
+        for run in runs:
+            gain = base / run["seconds"] if run["seconds"] else math.nan
+            out.append([
+                str(r["size"]), str(run["threads"]),
+                _fmt(run["seconds"], 1) if not run["problem"] else run["problem"],
+                _fmt(run["cpu_s"], 1), _fmt(gain, 2),
+                "-" if run["threads"] == 1 else _met(gain >= TARGET_SPEEDUP),
+                ("yes" if run.get("same_counts") else "no") if "same_counts" in run else "-",
+                " / ".join(_fmt(v, 1) for v in run.get("load", [])) or "-"])
+    return out
+
+
+def per_mp_spread(rows: list[dict[str, Any]]) -> str:
+    """Time per megapixel of the working grid across sizes of 4096 and more: max / min."""
+    per_mp = {r["size"]: r["detect_s"] / _grid_mp(r) for r in rows
+              if r["detect_ok"] and r["size"] >= 4096}
+    if len(per_mp) < 2:
+        return "Time per megapixel: fewer than two sizes of 4096 or more were measured."
+    spread = max(per_mp.values()) / min(per_mp.values())
+    listed = ", ".join(f"{k}: {v:.2f} s" for k, v in sorted(per_mp.items()))
+    return (f"Detect seconds per megapixel of the working grid ({listed}): max / min = "
+            f"{spread:.2f} (target <= {1 + TARGET_MP_SPREAD:.2f}: "
+            f"{_met(spread <= 1 + TARGET_MP_SPREAD)}).")
+
+
+def _grid_mp(r: dict[str, Any]) -> float:
+    grid = r["detect"].get("grid_shape") or [r["size"], r["size"]]
+    return grid[0] * grid[1] / 1e6
 
 
 def _met(ok: bool) -> str:
@@ -711,8 +784,9 @@ def _fmt(v: float, digits: int = 2) -> str:
 def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The summary table: one row per size, with the targets marked."""
     head = ["size", "grid (y x)", "read s", "read 2048-win s", "detect s", "ratio", "peak MB",
-            "read peak MB", "ratio <= 4", "peak < 2048 MB", "read CPU s", "detect CPU s",
-            "CPU ratio", "load at start / detect / end"]
+            "read peak MB", f"ratio <= {TARGET_RATIO:g}", f"ratio <= {TARGET_RATIO_LARGE:g}",
+            f"peak < {TARGET_PEAK_MB:g} MB", "detect s per MP", "read CPU s", "detect CPU s",
+            "CPU ratio", "Dask threads", "load at start / detect / end"]
     out = [head]
     for r in rows:
         ratio = r["detect_s"] / r["read"]["seconds"] if r["detect_ok"] else math.nan
@@ -724,9 +798,12 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _fmt(r["detect_s"], 1) if r["detect_ok"] else r["problem"] or "-",
             _fmt(ratio, 1), peak_txt, _fmt(r["read"]["peak_mb"], 0),
             _met(ratio <= TARGET_RATIO) if r["detect_ok"] else "not met",
+            _met(ratio <= TARGET_RATIO_LARGE) if r["detect_ok"] else "not met",
             _met(r["peak_mb"] < TARGET_PEAK_MB),
+            _fmt(r["detect_s"] / _grid_mp(r)) if r["detect_ok"] else "-",
             _fmt(r["read"].get("cpu_s", math.nan)), _fmt(r["detect"].get("cpu_s", math.nan), 1),
             _fmt(r["detect"].get("cpu_s", math.nan) / r["read"].get("cpu_s", math.nan), 1),
+            str(r["detect"].get("threads", "-")),
             " / ".join(_fmt(v, 1) for v in r.get("load", [])) or "-",
         ])
     return out
@@ -845,8 +922,11 @@ def write_docs(
     text = f"""# Benchmarks: `make bench`
 
 Written by `scripts/bench.py` (do not edit by hand; rerun it). Figures are measured, not
-asserted. Targets: the whole detect within {TARGET_RATIO:g}x of the time to read both inputs,
-and peak memory under {TARGET_PEAK_MB:g} MB whatever the AOI size.
+asserted. Targets: the whole detect within {TARGET_RATIO:g}x of the time to read both inputs
+(issue 2, at 8192; issue 7: within {TARGET_RATIO_LARGE:g}x at 20000), peak memory under
+{TARGET_PEAK_MB:g} MB whatever the AOI size, detect seconds per megapixel at 4k to 20k within
+{100 * TARGET_MP_SPREAD:.0f} % of each other, and a parallel speed-up of at least
+{TARGET_SPEEDUP:g}x on 2 Dask threads over 1.
 
 - Date: {now}
 - Command: `{' '.join(['python scripts/bench.py', *argv])}`
@@ -875,6 +955,8 @@ Load average at the start of this run: {info.get('load', '?')}.
 
 {md_table(summary_rows(rows))}
 
+{per_mp_spread(rows)}
+{_speedup_section(rows)}
 ## Detect stages
 
 Seconds from the run's own step timer; share of the whole detect; resident memory at the
@@ -895,8 +977,53 @@ Wall seconds of the parts that the detect step (`detect_sites`) and the evidence
 """
     if fetch is not None:
         text += "\n" + fetch_markdown(fetch)
+    kept = _other_sections(path, text)
+    if kept:  # e.g. the COG fetch section of an earlier run, when this one skipped it
+        text += "\n" + kept
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """``## `` sections of a markdown text by heading (each with its heading)."""
+    parts = text.split("\n## ")
+    return {p.split("\n", 1)[0]: "## " + p for p in parts[1:]}
+
+
+def _other_sections(path: Path, text: str) -> str:
+    """The sections of the existing report that ``text`` does not write again, in order.
+
+    Sections come from separate measurements (`scripts/bench_fetch.py`'s COG fetch): a run
+    that does not repeat them keeps them as they were, with their own date.
+    """
+    try:
+        old = path.read_text()
+    except OSError:
+        return ""
+    new = _sections(text)
+    kept = [body.rstrip("\n") + "\n" for head, body in _sections(old).items()
+            if head not in new and head not in _OWN_SECTIONS]
+    return "\n".join(kept)
+
+
+def _speedup_section(rows: list[dict[str, Any]]) -> str:
+    if not any(r.get("speedup") for r in rows):
+        return ""
+    return f"""
+## Parallel speed-up
+
+The same detect with one Dask worker thread and with the summary's thread count, one run
+each, back to back (so load from other users affects them differently; CPU seconds show the
+work done). Speed-up = wall seconds with 1 thread / wall seconds with more.
+
+{md_table(speedup_rows(rows))}
+"""
+
+
+# sections this script writes itself (never carried over from an earlier report)
+_OWN_SECTIONS = ("Summary", "Parallel speed-up", "Detect stages",
+                 "Parts of the detect and write stages",
+                 "What was found (sanity check, not a quality measure)")
 
 
 def _lines(path: str) -> list[str]:
@@ -984,6 +1111,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--peak-stacks", action="store_true",
                    help="sample RSS every 5 ms in detect and report the pipeline line at each "
                         "stage's peak (adds a little overhead)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Dask worker threads of the detect run (default: one per core)")
+    p.add_argument("--speedup", type=parse_sizes, default=[],
+                   help="sizes at which detect also runs with 1 Dask thread, for the parallel "
+                        "speed-up, e.g. 4096")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less progress on stderr")
     for name in ("--child", "--before", "--after", "--aoi", "--result", "--status"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -1012,7 +1144,12 @@ def main(argv: list[str] | None = None) -> int:
                               default=str))
     log.info("raw results in %s", raw)
     print(text_table(summary_rows(rows)))
+    print(per_mp_spread(rows))
     print()
+    if any(r.get("speedup") for r in rows):
+        print("parallel speed-up (Dask threads):")
+        print(text_table(speedup_rows(rows)))
+        print()
     print("detect stages (peak: highest RSS during the stage):")
     print(text_table(stage_rows(rows)))
     print()
