@@ -315,7 +315,7 @@ def detect_scenes(
     the mask nor its labels are held whole; small cell grids are): intermediate rasters read
     more than once (the masked inputs, the normalized after image, the magnitude, the mask,
     chunk labels) are kept as one file per chunk in a temporary folder (``TMPDIR``; up to
-    about 40 bytes a pixel), removed at the end. NumPy scenes are processed in memory (their
+    about 41 bytes a pixel), removed at the end. NumPy scenes are processed in memory (their
     arrays are masked in place). Both give the same evidence.
     """
     started = datetime.now(UTC)
@@ -469,7 +469,7 @@ class _Scratch:
                 raise
             raise OutputError(
                 f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "
-                "run keeps its intermediate rasters there, up to about 40 bytes a pixel. Free "
+                "run keeps its intermediate rasters there, up to about 41 bytes a pixel. Free "
                 "space there, or point TMPDIR at a disk with room, and run again.") from e
         stored = {}
         for arr, prefix in zip(lazy, prefixes, strict=True):
