@@ -85,6 +85,7 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
         elif fetched and cache_dir is not None:
             entries += [_preserve_cached(stage, key, body, Path(cache_dir))
                         for body in fetched]
+            entries += _unread_assets(key, ref)
         else:
             entries.append({"input": key, "path": None, "sha256": ref.sha256,
                             "size_bytes": None, "how": "not preserved",
@@ -92,6 +93,19 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
                             "note": "the bytes read were not recorded (or no cache was "
                                     "given); fetch again from source_url"})
     return entries
+
+
+def _unread_assets(key: str, ref: SourceRef) -> list[dict[str, Any]]:
+    """A "not preserved" entry for each COG of a STAC item with no recorded read."""
+    extra = ref.extra or {}
+    if not isinstance(extra.get("cog_reads"), list) or not isinstance(extra.get("assets"), dict):
+        return []
+    read = {r.get("url") for r in extra["cog_reads"] if isinstance(r, dict)}
+    return [{"input": key, "path": None, "sha256": None, "size_bytes": None,
+             "how": "not preserved", "source_path": None, "source_url": str(href),
+             "note": "no read of this asset was recorded (not an http(s) URL, or a composite "
+                     "cached by an older version); fetch again from source_url"}
+            for href in dict.fromkeys(extra["assets"].values()) if href not in read]
 
 
 def _fetched_bodies(key: str, ref: SourceRef) -> list[dict[str, Any]]:

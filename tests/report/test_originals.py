@@ -133,3 +133,26 @@ def test_preserve_originals_copies_tiles_from_the_cache(tmp_path: Path) -> None:
     assert (stage / entries[0]["path"]).read_bytes() == b"tile ten"
     assert entries[1]["sha256"] == sha256_file(stage / entries[1]["path"])
     assert entries[2]["path"] is None and "other bytes" in entries[2]["note"]
+
+
+def test_preserve_originals_names_stac_assets_without_reads(tmp_path: Path) -> None:
+    """A STAC item's asset with no recorded read is listed as not preserved, by its URL."""
+    from pipeline.fetch.base import FetchContext
+    from pipeline.fetch.cache import store_body
+    from pipeline.fetch.http import Response
+
+    stage = tmp_path / "run"
+    stage.mkdir()
+    context = FetchContext(cache_dir=tmp_path / "cache")
+    key = "https://h.test/item/red.tif#bytes=0-3"
+    stored = store_body(key, Response(key, key, 206, b"II*\x00", "image/tiff"), context=context)
+    ref = SourceRef("stac", "item", url="https://h.test/items/item", extra={
+        "assets": {"red": "https://h.test/item/red.tif", "scl": "s3://bucket/item/scl.tif"},
+        "cog_reads": [{"url": "https://h.test/item/red.tif", "range": "0-3", "key": key,
+                       "sha256": stored.sha256, "size_bytes": 4}]})
+    entries = preserve_originals(stage, {"after:0": ref}, cache_dir=tmp_path / "cache")
+    kept, missing = entries
+    assert kept["path"] == "originals/after-0_cog/red.tif.bytes-0-3"
+    assert (stage / kept["path"]).read_bytes() == b"II*\x00"
+    assert missing["path"] is None and missing["how"] == "not preserved"
+    assert missing["source_url"] == "s3://bucket/item/scl.tif"
