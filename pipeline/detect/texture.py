@@ -162,15 +162,42 @@ def _block_mean_np(arr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray
     padded[: a.shape[0], : a.shape[1]] = a
     blocks = padded.reshape(rows // factor, factor, cols // factor, factor)
     valid = ~np.isnan(blocks)
-    count = valid.sum(axis=(1, 3))
-    total = np.where(valid, blocks, 0.0).sum(axis=(1, 3))
+    zeroed = np.where(valid, blocks, 0.0)
+    if factor <= _SMALL_FACTOR and min(blocks.shape[0], blocks.shape[2]) > 1:
+        # counts of at most 16 add up exactly in uint8
+        count = _small_block_sum(valid.view(np.uint8), np.uint8).astype(np.int64)
+        total = _small_block_sum(zeroed, np.float32)
+    else:
+        count, total = valid.sum(axis=(1, 3)), zeroed.sum(axis=(1, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     # Fraction of the block's pixels that exist in the input and are valid.
-    inside = np.zeros((rows, cols), dtype=bool)
-    inside[: a.shape[0], : a.shape[1]] = True
-    n_inside = inside.reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+    starts = np.arange(0, rows, factor), np.arange(0, cols, factor)
+    n_inside = np.outer(np.minimum(factor, a.shape[0] - starts[0]),
+                        np.minimum(factor, a.shape[1] - starts[1])).astype(np.int64)
     return mean.astype(np.float32), (count / np.maximum(n_inside, 1)).astype(np.float32)
+
+
+# Blocks this small are summed from strided slices: NumPy's reduction over two short axes is
+# several times slower, and the slices are added in its own order (each row of a block from
+# left to right, then the rows from top to bottom), so the sums are the same to the bit. With a
+# single row or column of blocks NumPy merges the two axes and adds in another order: the
+# reduction itself is used there (tests/detect/test_texture.py checks both against it).
+_SMALL_FACTOR = 4
+
+
+def _small_block_sum(blocks: np.ndarray, dtype: Any) -> np.ndarray:
+    """``blocks.sum(axis=(1, 3))`` of ``(rows, f, cols, f)`` blocks, for small ``f``."""
+    factor = blocks.shape[1]
+    total = blocks[:, 0, :, 0].astype(dtype)
+    for j in range(1, factor):
+        total += blocks[:, 0, :, j]
+    for i in range(1, factor):
+        row = blocks[:, i, :, 0].astype(dtype)
+        for j in range(1, factor):
+            row += blocks[:, i, :, j]
+        total += row
+    return total
 
 
 def _aligned(arr: da.Array, factor: int) -> da.Array:

@@ -1,0 +1,51 @@
+"""Tests of pipeline.detect.texture's block means."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.detect.texture import _block_mean_np, block_mean
+
+
+def _reference(a: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """The definition: NaN-aware sums over whole padded blocks with NumPy's reduction."""
+    rows, cols = (-(-n // factor) * factor for n in a.shape)
+    padded = np.full((rows, cols), np.nan, np.float32)
+    padded[: a.shape[0], : a.shape[1]] = a
+    blocks = padded.reshape(rows // factor, factor, cols // factor, factor)
+    valid = ~np.isnan(blocks)
+    count = valid.sum(axis=(1, 3))
+    total = np.where(valid, blocks, 0.0).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    inside = np.zeros((rows, cols), bool)
+    inside[: a.shape[0], : a.shape[1]] = True
+    n_inside = inside.reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+    return mean.astype(np.float32), (count / np.maximum(n_inside, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 20])
+def test_block_mean_is_numpy_reduction_to_the_bit(factor: int) -> None:
+    rng = np.random.default_rng(factor)
+    shapes = [(1, 1), (factor, 7 * factor), (7 * factor + 1, factor - 1), (2 * factor, 1)]
+    shapes += [tuple(int(n) for n in rng.integers(1, 3 * factor + 40, 2)) for _ in range(60)]
+    for shape in shapes:
+        a = (rng.random(shape, dtype=np.float32) * rng.choice([1e-3, 1.0, 1e3])).astype(
+            np.float32)
+        a[rng.random(shape) < rng.choice([0.0, 0.05, 0.6, 1.0])] = np.nan
+        mean, valid = _block_mean_np(a, factor)
+        ref_mean, ref_valid = _reference(a, factor)
+        assert mean.dtype == np.float32 and valid.dtype == np.float32
+        np.testing.assert_array_equal(mean, ref_mean)  # NaNs at the same places
+        np.testing.assert_array_equal(valid, ref_valid)
+
+
+def test_block_mean_values() -> None:
+    a = np.arange(30, dtype=np.float32).reshape(5, 6)
+    a[0, 0] = np.nan
+    mean, valid = block_mean(a, 2)
+    assert mean.shape == (3, 3)
+    assert mean[0, 0] == pytest.approx((1 + 6 + 7) / 3)
+    assert valid[0, 0] == pytest.approx(0.75)
+    assert mean[2, 2] == pytest.approx((28 + 29) / 2) and valid[2, 2] == 1.0  # partial block
