@@ -322,3 +322,46 @@ def test_docs_output_matcher_catches_differences():
     assert match_output(["ok <path>."], ["ok /tmp/a b."]) is not None
     assert github_slug("What `make detect` shows") == "what-make-detect-shows"
     assert github_slug("Watch: scheduled runs, over sites") == "watch-scheduled-runs-over-sites"
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Cells of the Markdown table rows of a text."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.lstrip().startswith("|")]
+
+
+def test_docs_method_parameter_defaults_match_the_config():
+    """Every `section.key` row of method.md's tables shows the default of configs/default.toml."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "configs" / "default.toml").read_text(encoding="utf-8"))
+    checked, wrong = 0, []
+    for cells in _table_rows((ROOT / "docs" / "method.md").read_text(encoding="utf-8")):
+        keys = re.findall(r"`([\w.]+)`", cells[0]) if len(cells) > 1 else []
+        if not keys or "." not in keys[0]:
+            continue
+        section, values = keys[0].split(".")[0], re.findall(r"`([^`]+)`", cells[1])
+        if not values:  # a key without a default (change.threshold: automatic)
+            continue
+        if len(values) != len(keys):
+            wrong.append(f"{cells[0]}: {len(keys)} keys, {len(values)} values")
+            continue
+        for key, shown in zip(keys, values, strict=True):
+            name = key.split(".")[-1]
+            have = config.get(section, {}).get(name, "<missing from default.toml>")
+            checked += 1
+            if tomllib.loads(f"v = {shown}")["v"] != have:
+                wrong.append(f"{section}.{name}: method.md says {shown}, default.toml {have!r}")
+    assert checked >= 40, f"only {checked} parameters found in method.md's tables"
+    assert not wrong, "\n".join(wrong)
+
+
+def test_docs_analyst_guide_names_real_properties():
+    """Every property the analyst guide's tables explain is a name the pipeline writes."""
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "pipeline").rglob("*.py"))
+    text = (ROOT / "docs" / "analyst-guide.md").read_text(encoding="utf-8")
+    section = text[text.index("## 4. Reading a finding"):text.index("## 5. QGIS")]
+    names = {n for cells in _table_rows(section) for n in re.findall(r"`(\w+)`", cells[0])}
+    assert len(names) >= 30, names
+    unknown = sorted(n for n in names if f'"{n}"' not in source and f"'{n}'" not in source)
+    assert not unknown, f"the guide explains properties the code never writes: {unknown}"
