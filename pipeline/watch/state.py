@@ -14,7 +14,10 @@ Tables (all times UTC ISO 8601):
 - ``finding_events``: the history: each analysis that saw a finding, with that run's figures.
 
 The database runs in WAL mode; every change is one transaction (``with state.transaction()``),
-so a killed run leaves the state as of its last commit.
+so a killed run leaves the state as of its last commit. A write SQLite refuses (a full disk, an
+unwritable folder, a file that is not a database) rolls its transaction back and is an
+``OutputError`` saying so: the state stays as of the last commit, and the next run resumes
+from there.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import OutputError
 from pipeline.watch.findings import Finding, KnownFinding, match_findings
 from pipeline.watch.imagery import Imagery
 from pipeline.watch.sites import WatchSite
@@ -77,15 +81,27 @@ class WatchState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        with self.transaction() as db:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        except sqlite3.OperationalError as e:  # cannot open the file at all
+            raise _state_error(self.path, e) from e
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            with self.transaction() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                           (str(SCHEMA_VERSION),))
+        except OutputError:
+            self.db.close()
+            raise
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            if not _is_refusal(e):
+                raise
+            raise _state_error(self.path, e) from e
 
     def close(self) -> None:
         """Close the connection (WAL content is checkpointed into the file)."""
@@ -99,14 +115,33 @@ class WatchState:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``); rolled back on any error."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """One write transaction (``BEGIN IMMEDIATE``); rolled back on any error.
+
+        Raises
+        ------
+        OutputError
+            SQLite refused a write (full disk, unwritable folder, not a database).
+        """
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self._rollback()
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            self._rollback()
+            if not _is_refusal(e):
+                raise
+            raise _state_error(self.path, e) from e
+
+    def _rollback(self) -> None:
+        # SQLite may already have rolled back (SQLITE_FULL does); a failed rollback leaves
+        # the transaction to be discarded when the connection closes
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
     # --- runs -----------------------------------------------------------------------------
 
@@ -298,3 +333,21 @@ class WatchState:
         if table not in ("sites", "imagery", "runs", "analyses", "findings", "finding_events"):
             raise ValueError(f"unknown table {table!r}")
         return int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+def _is_refusal(error: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite refused because of the file or the disk (full, read-only, I/O, not a
+    database), not because of a bug (constraint, binding, misuse: its subclasses)."""
+    return type(error) in (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+
+def _state_error(path: Path, error: sqlite3.DatabaseError) -> OutputError:
+    """The one-paragraph error for a write SQLite refused, with the fix."""
+    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        fix = "The disk is full: free some space there, or choose another --out"
+    else:
+        fix = ("Check that the folder is writable and that the file is the watch state of "
+               "this data folder, or choose another --out")
+    return OutputError(f"Cannot write the watch state {path}: {error}. {fix}. Nothing of the "
+                       "unfinished step was recorded; the next run resumes from the last "
+                       "completed one.")
