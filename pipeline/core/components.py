@@ -128,6 +128,24 @@ def _border_pairs(tables: np.ndarray, offsets: np.ndarray, connectivity: int) ->
     return np.concatenate(found)
 
 
+def _reduce(tables: list[_ChunkTable], row_of: np.ndarray, n: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Area, bounding box and centroid per global label from the chunk tables."""
+    area = np.zeros(n, np.int64)
+    np.add.at(area, row_of, np.concatenate([np.zeros(0, np.int64), *(t.area for t in tables)]))
+    boxes = np.concatenate([np.zeros((0, 4), np.int64), *(t.bbox for t in tables)])
+    bbox = np.empty((n, 4), np.int64)
+    bbox[:, :2], bbox[:, 2:] = _NONE, -1
+    np.minimum.at(bbox[:, 0], row_of, boxes[:, 0])
+    np.minimum.at(bbox[:, 1], row_of, boxes[:, 1])
+    np.maximum.at(bbox[:, 2], row_of, boxes[:, 2])
+    np.maximum.at(bbox[:, 3], row_of, boxes[:, 3])
+    sums = np.zeros((n, 2))
+    np.add.at(sums, row_of, np.concatenate([np.zeros((0, 2)), *(t.coord_sum for t in tables)]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return area, bbox, sums / area[:, None]
+
+
 def _relabel_block(block: np.ndarray, luts: dict[tuple[int, ...], np.ndarray],
                    block_info: dict | None = None) -> np.ndarray:
     """One chunk of local labels through its own lookup table."""
@@ -242,8 +260,8 @@ def label_regions(mask: Any, *, connectivity: int = 2,
     connectivity
         1: 4-connected (edges); 2: 8-connected (edges and corners), as in skimage.
     persist
-        Applied to the per-chunk labels (int32, 4 bytes a pixel), which are read twice here
-        and again by every later read of the labels; a function that computes them once and
+        Applied to the per-chunk labels (int32, 4 bytes a pixel), which are read here and
+        again by every later read of the labels; a function that computes them once and
         returns them stored (e.g. one file per chunk) avoids labelling again. None keeps
         them lazy (each read labels again).
 
@@ -286,20 +304,8 @@ def label_regions(mask: Any, *, connectivity: int = 2,
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     row_of = rank[component]  # provisional label - 1 -> global label - 1
-    area = np.zeros(n, np.int64)
-    np.add.at(area, row_of, np.concatenate([np.zeros(0, np.int64), *(t.area for t in computed)]))
-    boxes = np.concatenate([np.zeros((0, 4), np.int64), *(t.bbox for t in computed)])
-    bbox = np.empty((n, 4), np.int64)
-    bbox[:, :2], bbox[:, 2:] = _NONE, -1
-    np.minimum.at(bbox[:, 0], row_of, boxes[:, 0])
-    np.minimum.at(bbox[:, 1], row_of, boxes[:, 1])
-    np.maximum.at(bbox[:, 2], row_of, boxes[:, 2])
-    np.maximum.at(bbox[:, 3], row_of, boxes[:, 3])
-    sums = np.zeros((n, 2))
-    np.add.at(sums, row_of, np.concatenate([np.zeros((0, 2)), *(t.coord_sum for t in computed)]))
+    area, bbox, centroid = _reduce(computed, row_of, n)
     luts = {index: np.concatenate([[0], row_of[offsets[k]:offsets[k + 1]] + 1]).astype(np.int32)
             for k, index in enumerate(index_list)}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centroid = sums / area[:, None]
     return Regions(area_px=area, bbox=bbox, centroid=centroid, first_px=first_of[order],
                    connectivity=connectivity, local=local, luts=luts)
