@@ -71,8 +71,14 @@ def stretch_pair(
         low, high = np.percentile(both, percentiles) if both.size else (0.0, 1.0)
         span = high - low if high > low else 1.0
         for image, rgb in zip((before, after), out, strict=True):
-            scaled = np.clip((image[band] - low) / span, 0.0, 1.0) * 255.0
-            rgb[..., channel] = np.nan_to_num(np.round(scaled), nan=0.0).astype(np.uint8)
+            # in place, in float64 as ``(image - low)`` with NumPy's float64 ``low`` gives
+            scaled = np.subtract(image[band], low, dtype=np.float64)
+            scaled /= span
+            np.clip(scaled, 0.0, 1.0, out=scaled)
+            scaled *= 255.0
+            np.round(scaled, out=scaled)
+            scaled[np.isnan(scaled)] = 0.0  # clipped: no infinity is left, only NaN
+            rgb[..., channel] = scaled
     for image, rgb in zip((before, after), out, strict=True):
         rgb[~np.isfinite(image[bands]).all(axis=0)] = NODATA_RGB
     return out[0], out[1]

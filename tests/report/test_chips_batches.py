@@ -41,3 +41,27 @@ def test_batches_and_threads_give_the_same_chips(tmp_path: Path, monkeypatch: py
                 a, b = Image.open(tmp_path / "one" / rel), Image.open(tmp_path / name / rel)
                 assert a.info == b.info
                 assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stretch_pair_equals_the_plain_formula() -> None:
+    """The in-place stretch gives the bytes of the plain float64 formula (NaN, inf, flat)."""
+    from pipeline.report.chips import NODATA_RGB, stretch_pair
+
+    rng = np.random.default_rng(5)
+    for n_bands, scale in ((3, 255.0), (1, 1e4), (4, 1.0), (3, 0.0)):
+        before = (rng.random((n_bands, 37, 41)) * scale).astype(np.float32)
+        after = (rng.random((n_bands, 37, 41)) * scale + 3).astype(np.float32)
+        before[:, :3] = np.nan
+        after[0, 5, 5], after[-1, 6, 6] = np.inf, -np.inf
+        bands = [0, 1, 2] if n_bands >= 3 else [0, 0, 0]
+        got = stretch_pair(before, after)
+        for image, rgb in zip((before, after), got, strict=True):
+            expected = np.zeros((*image.shape[1:], 3), np.uint8)
+            for channel, band in enumerate(bands):
+                both = np.concatenate([before[band].ravel(), after[band].ravel()])
+                low, high = np.percentile(both[np.isfinite(both)], (2.0, 98.0))
+                span = high - low if high > low else 1.0
+                scaled = np.clip((image[band] - low) / span, 0.0, 1.0) * 255.0
+                expected[..., channel] = np.nan_to_num(np.round(scaled), nan=0.0).astype(np.uint8)
+            expected[~np.isfinite(image[bands]).all(axis=0)] = NODATA_RGB
+            assert_array_equal(rgb, expected)
