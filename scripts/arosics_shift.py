@@ -8,7 +8,8 @@ NumPy and arosics. For each case of the JSON file given as the only argument
 memory, then times ``arosics.COREG(...)`` with its defaults (256 px window at the centre of the
 overlap, first band, all CPUs) plus ``calculate_spatial_shifts()``, and prints one JSON object
 per case on stdout: ``x_shift_px``, ``y_shift_px`` (AROSICS's correction of the target, in
-target pixels, columns and rows), ``reliability_pct``, ``seconds`` and ``read_seconds``.
+target pixels, columns and rows), ``reliability_pct``, ``seconds`` (wall), ``cpu_seconds``
+(this process's threads and any child processes) and ``read_seconds``.
 
 Debian 12 ships GDAL 3.6 bindings; arosics, geoarray and py_tools_ds want 3.8 for two small
 things, added here when missing: ``gdal.config_options`` (a context manager setting GDAL config
@@ -18,6 +19,7 @@ options) and ``with`` on GDAL and OGR datasets (FIELD_NOTES.md, "Co-registration
 import contextlib
 import io
 import json
+import resource
 import sys
 import time
 
@@ -61,6 +63,12 @@ def _read(path: str):
     return geo
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its finished children."""
+    own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure(case: dict) -> dict:
     """AROSICS's shift and timing for one case."""
     from arosics import COREG
@@ -69,7 +77,7 @@ def measure(case: dict) -> dict:
     ref, tgt = _read(case["reference"]), _read(case["target"])
     read_s = time.perf_counter() - t0
     nodata = case.get("nodata")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     # arosics prints warnings and notes even with q=True: keep stdout for the JSON lines
     with contextlib.redirect_stdout(io.StringIO()) as chatter:
         try:
@@ -78,10 +86,10 @@ def measure(case: dict) -> dict:
             coreg.calculate_spatial_shifts()
         except Exception as e:  # an AROSICS failure is a figure of the benchmark, not a crash
             return {"name": case["name"], "seconds": time.perf_counter() - t0,
-                    "read_seconds": read_s, "success": False,
+                    "cpu_seconds": cpu_seconds() - cpu0, "read_seconds": read_s, "success": False,
                     "problem": f"{type(e).__name__}: {e}"[:400]}
-    seconds = time.perf_counter() - t0
-    out = {"name": case["name"], "seconds": seconds, "read_seconds": read_s,
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    out = {"name": case["name"], "seconds": seconds, "cpu_seconds": cpu, "read_seconds": read_s,
            "success": bool(coreg.success), "x_shift_px": coreg.x_shift_px,
            "y_shift_px": coreg.y_shift_px, "reliability_pct": coreg.shift_reliability}
     if not coreg.success:

@@ -203,15 +203,17 @@ def measure_ours(case: dict[str, Any], repeat: int) -> dict[str, Any]:
     from pipeline.model import CoregParams
 
     before, after = _as_dataarray(Path(case["reference"])), _as_dataarray(Path(case["target"]))
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untrusted shift is reported in the table
             result = estimate_shift(before, after, params=CoregParams())
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - cpu0)
     dy_true, dx_true = case["shift_px"]
-    return {"seconds": statistics.median(times), "dy": result.dy, "dx": result.dx,
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu),
+            "dy": result.dy, "dx": result.dx,
             "error_px": float(np.hypot(result.dy + dy_true, result.dx + dx_true)),
             "trusted": result.applied, "note": result.note}
 
@@ -290,6 +292,7 @@ def measure_arosics(venv: Path, cases: list[dict[str, Any]], repeat: int,
         dy_true, dx_true = case["shift_px"]
         x, y = ok[0]["x_shift_px"], ok[0]["y_shift_px"]
         out[case["name"]] = {"seconds": statistics.median(r["seconds"] for r in ok),
+                             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in ok),
                              "dy": y, "dx": x, "reliability_pct": ok[0]["reliability_pct"],
                              "error_px": float(np.hypot(y + dy_true, x + dx_true))}
     return out
@@ -300,19 +303,25 @@ def _fmt(value: Any, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _seconds(figures: dict[str, Any]) -> str:
+    if figures.get("seconds") is None:
+        return "-"
+    return f"{figures['seconds']:.2f} ({figures['cpu_seconds']:.2f})"
+
+
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """Header plus one row per (image, shift)."""
-    rows = [["image", "size (px)", "shift (rows, cols)", "ours error px", "ours s",
-             "ours trusted", "AROSICS error px", "AROSICS s", "AROSICS reliability %"]]
+    rows = [["image", "size (px)", "shift (rows, cols)", "ours error px", "ours s (CPU s)",
+             "ours trusted", "AROSICS error px", "AROSICS s (CPU s)", "AROSICS reliability %"]]
     for case in result["cases"]:
         ours, theirs = case["ours"], case.get("arosics") or {}
         problem = theirs.get("problem") or result.get("arosics_problem")
         rows.append([case["image"], " x ".join(map(str, case["shape"])),
                      "{:+.2f}, {:+.2f}".format(*case["shift_px"]),
-                     _fmt(ours["error_px"], 3), _fmt(ours["seconds"], 2),
+                     _fmt(ours["error_px"], 3), _seconds(ours),
                      "yes" if ours["trusted"] else f"no ({ours['note']})",
                      "failed" if problem else _fmt(theirs["error_px"], 3),
-                     _fmt(theirs.get("seconds"), 2),
+                     _seconds(theirs),
                      _fmt(theirs.get("reliability_pct"), 0)])
     return rows
 
@@ -324,7 +333,9 @@ def markdown_section(result: dict[str, Any]) -> str:
     problems = sorted({c["arosics"]["problem"] for c in result["cases"]
                        if c.get("arosics") and "problem" in c["arosics"]})
     notes = "".join(f"\n- AROSICS failed: {p}" for p in problems)
-    command = " ".join(["python scripts/bench_coreg.py", *result["argv"]])
+    shown = [a for i, a in enumerate(result["argv"])
+             if not (a.startswith("--json") or result["argv"][i - 1:i] == ["--json"])]
+    command = " ".join(["python scripts/bench_coreg.py", *shown])
     if result.get("arosics_problem"):
         notes += f"\n- AROSICS not run: {result['arosics_problem']}"
     return f"""{SECTION}
@@ -335,7 +346,9 @@ in its own environment (Debian python3-gdal, see FIELD_NOTES.md), ours at git {r
 A real image is shifted by a known sub-pixel amount (Fourier shift; pixels shifted in from
 outside the frame or from nodata are nodata) and both methods measure the correction on the same
 uint8 GeoTIFFs with their defaults. Error: distance in pixels from the true correction. Times
-exclude reading the files and are medians of {result['repeat']} runs. Ours searches the
+exclude reading the files and are medians of {result['repeat']} runs: wall seconds, and in
+brackets the CPU seconds of the measuring process (all threads), which depend much less on
+other users of the machine. Ours searches the
 correlation peak on a 1/20 px grid (`coreg.upsample_factor`), so its error is at least the
 distance to that grid (up to 0.035 px); the shifts are chosen off it. The LEVIR-CD mosaic is
 made of the real 0.5 m tiles of both dates, flipped and rotated at random. The machine is
