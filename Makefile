@@ -69,8 +69,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The detect benchmark, then the co-registration comparison; each script rewrites only its own
+# sections of docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-coreg
 
 # Co-registration against AROSICS, which runs in its own environment beside the project
 # (made here from Debian's python3-gdal when missing; never a dependency of Sitewatch).
