@@ -928,11 +928,9 @@ asserted. Targets: the whole detect within {TARGET_RATIO:g}x of the time to read
 {100 * TARGET_MP_SPREAD:.0f} % of each other, and a parallel speed-up of at least
 {TARGET_SPEEDUP:g}x on 2 Dask threads over 1.
 
-- Date: {now}
-- Command: `{' '.join(['python scripts/bench.py', *argv])}`
+{_runs_lines(info, now, argv)}
 - Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; {info['os']}
 - Python {info['python']}; {info['versions']}
-- Code: git {info['git']}
 - Performance-related environment: {info['gdal_env']}
 
 Inputs: synthetic pairs (size x size x 3 uint8, {RES_M} m, {CRS}, tiled {BLOCK_PX},
@@ -982,6 +980,36 @@ Wall seconds of the parts that the detect step (`detect_sites`) and the evidence
         text += "\n" + kept
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _runs_lines(info: dict[str, Any], now: str, argv: list[str]) -> str:
+    """Date, command and code of the run, or of each run rendered together."""
+    runs = info.get("runs") or [{"date": now, "argv": argv, "git": info["git"],
+                                 "load": info.get("load", "?")}]
+    lines = [f"- Date: {r['date']}; command: "
+             f"`{' '.join(['python scripts/bench.py', *r['argv']])}`; code: git {r['git']}"
+             f"{'; load average at its start: ' + r['load'] if len(runs) > 1 else ''}"
+             for r in runs]
+    if len(runs) > 1:
+        lines.insert(0, f"- Rendered {now} with `--from-results` from {len(runs)} runs:")
+    return "\n".join(lines)
+
+
+def from_results(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and machine info of saved raw results (``results/bench-*.json``), in order."""
+    rows: list[dict[str, Any]] = []
+    runs = []
+    info: dict[str, Any] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        if "info" not in data:
+            raise SystemExit(f"{path}: no machine info (saved by an older bench.py); rerun it")
+        info = {**data["info"], **info}
+        rows += data["rows"]
+        runs.append({"date": data["info"]["date"], "argv": data["argv"],
+                     "git": data["info"]["git"], "load": data["info"]["load"]})
+    return sorted(rows, key=lambda r: r["size"]), {**info, "runs": runs,
+                                                   "load": "see each run"}
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -1116,6 +1144,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speedup", type=parse_sizes, default=[],
                    help="sizes at which detect also runs with 1 Dask thread, for the parallel "
                         "speed-up, e.g. 4096")
+    p.add_argument("--from-results", default="",
+                   help="comma-separated raw results files (results/bench-*.json) to render "
+                        "together into --docs, measuring nothing")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less progress on stderr")
     for name in ("--child", "--before", "--after", "--aoi", "--result", "--status"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -1134,14 +1165,22 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="bench: %(message)s")
     args.workdir = args.workdir.expanduser().resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.from_results:  # render saved runs together, measuring nothing
+        rows, info = from_results([Path(p) for p in args.from_results.split(",")])
+        print(text_table(summary_rows(rows)))
+        write_docs(args.docs, rows, info, argv, None)
+        log.info("wrote %s", args.docs)
+        return 0
     load_at_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     rows = [bench_size(size, args) for size in args.size]
     fetch = run_fetch_bench(args) if args.fetch else None
     results_dir = args.workdir / "results"
     results_dir.mkdir(exist_ok=True)
     raw = results_dir / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    raw.write_text(json.dumps({"argv": argv, "rows": rows, "fetch": fetch}, indent=1,
-                              default=str))
+    info = {**machine(), "load": f"{load_at_start} (1, 5, 15 min)",
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    raw.write_text(json.dumps({"argv": argv, "rows": rows, "fetch": fetch, "info": info},
+                              indent=1, default=str))
     log.info("raw results in %s", raw)
     print(text_table(summary_rows(rows)))
     print(per_mp_spread(rows))
