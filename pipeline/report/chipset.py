@@ -47,6 +47,7 @@ MIN_DISPLAY_PX = 400
 # Chip windows are read together up to this many grid pixels (about 190 MB of float32 for both
 # dates): the chunks several windows share are read once per batch, and memory stays bounded.
 READ_BATCH_PX = 8 << 20
+READ_ORDER_PX = 2048  # about the chunk size of a lazily read grid (fetch.local.CHUNK_PX)
 # PNGs are encoded on this many threads (Pillow's encoder releases the GIL).
 ENCODE_THREADS = 2
 
@@ -123,29 +124,38 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                 return {}
             images[role] = _read_grid(ref, plan, role=role, resampling=resampling)
     north_deg = _north_deg(plan)
-    written: dict[str, dict[str, str]] = {}
+    done: dict[str, dict[str, str]] = {}
     (stage / CHIPS_DIR).mkdir(exist_ok=True)
     with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
         for batch in _read_batches(images, targets):  # one batch of windows held at a time
             jobs = [pool.submit(_write_target, stage, target, windows, evidence, plan=plan,
                                 north_deg=north_deg) for target, windows in batch]
             for (target, _), job in zip(batch, jobs, strict=True):
-                paths = job.result()
-                if paths:
-                    written[target.evidence.id] = paths
-                else:
-                    notes.append(f"no chips for {target.evidence.id}: no valid pixel in its "
-                                 "window")
+                done[target.evidence.id] = job.result()
+    written: dict[str, dict[str, str]] = {}
+    for target in targets:  # in the targets' order, whatever the order of reading
+        if done[target.evidence.id]:
+            written[target.evidence.id] = done[target.evidence.id]
+        else:
+            notes.append(f"no chips for {target.evidence.id}: no valid pixel in its window")
     return written
 
 
 def _read_batches(images: Mapping[str, Any], targets: Sequence[ChipTarget]
                   ) -> Iterator[list[tuple[ChipTarget, list[np.ndarray]]]]:
     """The targets in batches of about `READ_BATCH_PX` grid pixels, each with its ``[before,
-    after]`` float32 windows (lazy images are computed once per batch)."""
+    after]`` float32 windows (lazy images are computed once per batch).
+
+    Targets are read in the order of the grid block (of ``READ_ORDER_PX``) that holds their
+    window's centre, so windows on the same chunks tend to share a batch.
+    """
+    def block(target: ChipTarget) -> tuple[int, int]:
+        r0, c0, rows, cols = target.window
+        return (r0 + rows // 2) // READ_ORDER_PX, (c0 + cols // 2) // READ_ORDER_PX
+
     batch: list[ChipTarget] = []
     size = 0
-    for target in [*targets, None]:
+    for target in [*sorted(targets, key=block), None]:
         area = target.window[2] * target.window[3] if target is not None else 0
         if batch and (target is None or size + area > READ_BATCH_PX):
             crops = [images[role].data[:, r0:r0 + rows, c0:c0 + cols]
