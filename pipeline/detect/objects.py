@@ -49,13 +49,20 @@ def _polygons_by_label(labels: np.ndarray, transform: Affine) -> dict[int, shape
 
 
 def _label_sums_np(labels: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    """Sum of ``values`` (NaN as 0) per label ``0..n``, float64, a strip of rows at a time."""
+    """Sum of ``values`` (NaN as 0) per label ``1..n``, float64, a strip of rows at a time.
+
+    Element 0 is 0: unlabelled pixels are skipped (each label's pixels are still added in
+    raster order, so its sum is the same as over the whole strip).
+    """
     sums = np.zeros(n + 1)
     step = max(1, _STRIP_PX // max(1, labels.shape[1]))
     for r in range(0, labels.shape[0], step):
         lab = labels[r:r + step].ravel()
-        sums += np.bincount(lab, weights=np.nan_to_num(values[r:r + step]).ravel(),
-                            minlength=n + 1)[:n + 1]
+        where = np.flatnonzero(lab)
+        if not len(where):
+            continue
+        weights = np.nan_to_num(np.asarray(values[r:r + step]).ravel()[where])
+        sums += np.bincount(lab[where], weights=weights, minlength=n + 1)[:n + 1]
     return sums
 
 
