@@ -74,21 +74,28 @@ def _sobel_magnitude_np(img: np.ndarray) -> np.ndarray:
     """Sobel gradient magnitude (scipy's kernels and 'reflect' edges) in float32.
 
     The same sums as ``hypot(ndimage.sobel(img, 0), ndimage.sobel(img, 1))``, made with array
-    slices in float32, about three times faster.
+    slices in float32, about three times faster; a band of rows at a time, so that the
+    temporaries stay in the CPU cache (each output pixel is the same sum of the same inputs).
     """
     p = np.pad(img, 1, mode="symmetric")  # scipy's 'reflect' mode: d c b a | a b c d
-    diff = p[2:, :] - p[:-2, :]
-    g_rows = diff[:, :-2] + diff[:, 2:]
-    g_rows += 2 * diff[:, 1:-1]
-    del diff
-    smooth = p[:-2, :] + p[2:, :]
-    smooth += 2 * p[1:-1, :]
-    g_cols = smooth[:, 2:] - smooth[:, :-2]
-    del smooth
-    g_rows *= g_rows
-    g_cols *= g_cols
-    g_rows += g_cols
-    return np.sqrt(g_rows, out=g_rows)
+    out = np.empty(np.shape(img), np.float32)
+    for r0 in range(0, out.shape[0], _SOBEL_BAND_ROWS):
+        r1 = min(r0 + _SOBEL_BAND_ROWS, out.shape[0])
+        q = p[r0:r1 + 2]
+        diff = q[2:, :] - q[:-2, :]
+        g_rows = diff[:, :-2] + diff[:, 2:]
+        g_rows += 2 * diff[:, 1:-1]
+        smooth = q[:-2, :] + q[2:, :]
+        smooth += 2 * q[1:-1, :]
+        g_cols = smooth[:, 2:] - smooth[:, :-2]
+        g_rows *= g_rows
+        g_cols *= g_cols
+        g_rows += g_cols
+        np.sqrt(g_rows, out=out[r0:r1])
+    return out
+
+
+_SOBEL_BAND_ROWS = 32  # measured: about 1.6x faster than whole 2048-px chunks at once
 
 
 def _grow_cross(mask: np.ndarray) -> np.ndarray:

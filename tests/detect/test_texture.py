@@ -49,3 +49,22 @@ def test_block_mean_values() -> None:
     assert mean[0, 0] == pytest.approx((1 + 6 + 7) / 3)
     assert valid[0, 0] == pytest.approx(0.75)
     assert mean[2, 2] == pytest.approx((28 + 29) / 2) and valid[2, 2] == 1.0  # partial block
+
+
+def test_sobel_in_bands_is_the_same_to_the_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any band height gives the whole image's bytes, and the values are SciPy's Sobel."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect import texture
+
+    rng = np.random.default_rng(2)
+    for shape in [(1, 1), (2, 7), (33, 40), (97, 64)]:
+        img = (rng.random(shape) * 9).astype(np.float32)
+        monkeypatch.setattr(texture, "_SOBEL_BAND_ROWS", 10_000)
+        whole = texture._sobel_magnitude_np(img)
+        for rows in (1, 5, 32):
+            monkeypatch.setattr(texture, "_SOBEL_BAND_ROWS", rows)
+            np.testing.assert_array_equal(texture._sobel_magnitude_np(img), whole)
+        wide = img.astype(np.float64)
+        expected = np.hypot(ndi.sobel(wide, 0), ndi.sobel(wide, 1))
+        np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-5)
