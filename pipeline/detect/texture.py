@@ -78,9 +78,10 @@ def _sobel_magnitude_np(img: np.ndarray) -> np.ndarray:
     temporaries stay in the CPU cache (each output pixel is the same sum of the same inputs).
     """
     p = np.pad(img, 1, mode="symmetric")  # scipy's 'reflect' mode: d c b a | a b c d
-    out = np.empty(np.shape(img), np.float32)
-    for r0 in range(0, out.shape[0], _SOBEL_BAND_ROWS):
-        r1 = min(r0 + _SOBEL_BAND_ROWS, out.shape[0])
+    height = p.shape[0] - 2
+    out = np.empty((height, p.shape[1] - 2), np.float32)
+    for r0 in range(0, height, _SOBEL_BAND_ROWS):
+        r1 = min(r0 + _SOBEL_BAND_ROWS, height)
         q = p[r0:r1 + 2]
         diff = q[2:, :] - q[:-2, :]
         g_rows = diff[:, :-2] + diff[:, 2:]
