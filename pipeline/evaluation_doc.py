@@ -55,13 +55,13 @@ were made knowing these numbers: read the shipped figures with that in mind.
    opening/closing at 5-15 px and top-hats at 21/41 px of each date, gradient-direction
    agreement at 1 and 12 px, edge-density change at 1 and 8 px, Lab change at 1/6/8 px, the
    largest change within 9/21 px, five more superpixel means), fold models trained by
-   `make train` with the shipped settings otherwise: crops 0.382 (P 0.408, R 0.359), tiles 0.436 (P 0.332,
-   R 0.631), both directions pooled 0.406, against 0.397 / 0.408 / 0.402 for the 70 features.
-   Not kept: a gain in one direction and a loss in the other, each within the 0.03 that
-   augmentation draws move a figure, for about three times the feature time. Scored with the
-   folds' rule (1 px smoothing, 0.5, 10 m2) by a script on the same held-out images from
-   features stored as float16, not by `make eval`. Before that, on a grouped 4-fold split of
-   the nine crops alone (no held-out image involved), the 70-feature method reached 0.579 at
+   `make train` with the shipped settings otherwise: crops 0.382 (P 0.408, R 0.359), tiles
+   0.436 (P 0.332, R 0.631), both directions pooled 0.406, against 0.397 / 0.408 / 0.402 for
+   the 70 features. Not kept: a gain in one direction and a loss in the other, each within the
+   0.03 that augmentation draws move a figure, for about three times the feature time. Scored
+   with the folds' rule (1 px smoothing, 0.5, 10 m2) by a script on the same held-out images
+   from features stored as float16, not by `make eval`. Before that, on a grouped 4-fold split
+   of the nine crops alone (no held-out image involved), the 70-feature method reached 0.579 at
    0.5; minimum regions of 20-40 m2, 2 px smoothing or a 3 px closing moved that by at most
    0.004, and thresholds 0.4-0.6 by at most 0.013, so the decision rule was left as it is.
 
