@@ -178,7 +178,7 @@ def offline_env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in {"AOI", "OUT", "BEFORE", "AFTER", "RADIUS_M", "CONFIG", "SOURCE",
                         "BEFORE_DATE", "AFTER_DATE", "OFFLINE", "SITES", "SCHEDULER", "FORCE",
-                        "JSON", "SITEWATCH_CONFIG", "MAKEFLAGS", "MFLAGS"}}
+                        "JSON", "SITEWATCH_CONFIG", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     closed = "http://127.0.0.1:9"
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                 "all_proxy"):
