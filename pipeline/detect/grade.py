@@ -235,7 +235,8 @@ def site_features(site: SiteAssessment, *, walls: WallParams = WallParams()
     Returns
     -------
     One dict per feature: ``kind`` (``"wall"`` or ``"watchtower"``), ``geometry`` (grid CRS:
-    the segment's line, the tower's square), ``score`` in [0, 1] (a wall's support: the share
+    the segment's line; the tower's centre as a point, its square's side in ``size_m``, so
+    that GIS tools draw it as a marker at any zoom), ``score`` in [0, 1] (a wall's support: the share
     of its length on new line pixels; a tower's contrast, as a share of the image's 2-98 %
     range, capped at 1) and ``measurements`` (a wall's ``role``: ``"perimeter"``,
     ``"inner_fence"``, ``"internal_fence"`` or ``"inside"``).
@@ -249,7 +250,7 @@ def site_features(site: SiteAssessment, *, walls: WallParams = WallParams()
                         "support": seg.support, "lineness": seg.lineness,
                         "before_ratio": seg.before_ratio}})
     for tower in site.towers:
-        out.append({"kind": "watchtower", "geometry": tower.polygon,
+        out.append({"kind": "watchtower", "geometry": tower.point,
                     "score": min(1.0, tower.contrast),
                     "measurements": {"size_m": tower.size_m, "at_corner": tower.at_corner,
                                      "distance_to_wall_m": tower.distance_m,
