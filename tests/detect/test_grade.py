@@ -134,7 +134,7 @@ def test_assess_site_fenced_towered_compound_is_grade_3(kind, res_m):
 
 
 def test_site_features_walls_and_towers():
-    """Wall segments come with their role, towers with their square, for separate evidence."""
+    """Wall segments come with their role, towers as points, for separate evidence."""
     site, truth = assessed("real", 1.0, double_fence_gap_m=6.0, internal_fences=2,
                            towers="corners_and_sides")
     features = site_features(site)
@@ -142,6 +142,9 @@ def test_site_features_walls_and_towers():
     towers = [f for f in features if f["kind"] == "watchtower"]
     assert {"perimeter", "inner_fence", "internal_fence"} <= roles
     assert len(towers) == site.measurements["watchtower_count"]
+    # a point at the tower's centre (a marker in QGIS at any zoom), its side in size_m
+    assert all(f["geometry"].geom_type == "Point" for f in towers)
+    assert all(3.0 <= f["measurements"]["size_m"] <= 8.0 for f in towers)
     perimeter = sum(f["measurements"]["length_m"] for f in features
                     if f["kind"] == "wall" and f["measurements"]["role"] == "perimeter")
     assert perimeter == pytest.approx(truth.wall_length_m, rel=0.15)
