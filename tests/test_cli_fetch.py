@@ -85,12 +85,12 @@ def test_detect_source_needs_dates(fake, tmp_path):
     assert "--after-date" in result.stderr
 
 
-def test_detect_from_stac_across_baseline_change_flags_nothing(api, surface, tmp_path):
-    """Two S2 dates of one surface, baselines 03.01 and 04.00: a full run reports no compound."""
+def stac_detect(server, surface, tmp_path: Path, out: Path) -> Path:
+    """`sitewatch detect` from the loopback STAC API over a 3 km AOI, 2020-06-02 against
+    2020-06-07 (the fixtures of tests/fetch/test_stac.py); returns the run folder."""
     from fetch.test_stac import COLLECTION
     from pyproj import Transformer
 
-    server, _ = api
     t = surface["transform"]
     to_lonlat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True)
     west, south = to_lonlat.transform(t.c + 2000, t.f - 5000)
@@ -103,9 +103,15 @@ def test_detect_from_stac_across_baseline_change_flags_nothing(api, surface, tmp
     result = CliRunner().invoke(cli, [
         "detect", "--aoi", f"{west},{south},{east},{north}", "--source", "test-stac",
         "--before-date", "2020-06-01/2020-06-03", "--after-date", "2020-06-06/2020-06-08",
-        "--config", str(config), "--out", str(tmp_path / "out"), "-q"],
-        catch_exceptions=False)
+        "--config", str(config), "--out", str(out), "-q"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    return next(out.glob("*/*/manifest.json")).parent
+
+
+def test_detect_from_stac_across_baseline_change_flags_nothing(api, surface, tmp_path):
+    """Two S2 dates of one surface, baselines 03.01 and 04.00: a full run reports no compound."""
+    server, _ = api
+    stac_detect(server, surface, tmp_path, tmp_path / "out")
     fc = json.loads(next((tmp_path / "out").glob("*/*/changes.geojson")).read_text())
     assert [f for f in fc["features"] if f["properties"]["kind"] == "compound"] == []
     manifest = json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())

@@ -236,8 +236,8 @@ def site_features(site: SiteAssessment, *, walls: WallParams = WallParams()
     -------
     One dict per feature: ``kind`` (``"wall"`` or ``"watchtower"``), ``geometry`` (grid CRS:
     the segment's line; the tower's centre as a point, its square's side in ``size_m``, so
-    that GIS tools draw it as a marker at any zoom), ``score`` in [0, 1] (a wall's support: the share
-    of its length on new line pixels; a tower's contrast, as a share of the image's 2-98 %
+    that GIS tools draw it as a marker at any zoom), ``score`` in [0, 1] (a wall's support:
+    the share of its length on new line pixels; a tower's contrast, as a share of the image's 2-98 %
     range, capped at 1) and ``measurements`` (a wall's ``role``: ``"perimeter"``,
     ``"inner_fence"``, ``"internal_fence"`` or ``"inside"``).
     """

@@ -13,32 +13,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from click.testing import CliRunner
-from pyproj import Transformer
 from test_cli_fetch import _config as _wayback_config
 from test_cli_fetch import _detect as _wayback_detect
+from test_cli_fetch import stac_detect as _detect
 
 from pipeline.cli import cli
-
-COLLECTION = "sentinel-2-c1-l2a"
-
-
-def _detect(server, surface, tmp_path: Path, out: Path):
-    """`sitewatch detect` over a 3 km AOI, 2020-06-02 item against 2020-06-07."""
-    t = surface["transform"]
-    to_lonlat = Transformer.from_crs("EPSG:32645", "EPSG:4326", always_xy=True)
-    west, south = to_lonlat.transform(t.c + 2000, t.f - 5000)
-    east, north = to_lonlat.transform(t.c + 5000, t.f - 2000)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[fetch]\ncache_dir = "{tmp_path / "cache"}"\ntimeout_s = 2.0\nmax_retries = 1\n\n'
-        f'[sources.test-stac]\ntype = "stac"\nurl = "{server.url("/")}"\n'
-        f'collection = "{COLLECTION}"\nindices = []\n')
-    result = CliRunner().invoke(cli, [
-        "detect", "--aoi", f"{west},{south},{east},{north}", "--source", "test-stac",
-        "--before-date", "2020-06-01/2020-06-03", "--after-date", "2020-06-06/2020-06-08",
-        "--config", str(config), "--out", str(out), "-q"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return next(out.glob("*/*/manifest.json")).parent
 
 
 def _cog_originals(run: Path) -> list[dict]:
