@@ -18,7 +18,7 @@ from rasterio import features
 from scipy import ndimage as ndi
 from skimage import measure
 
-__all__ = ["ChangeObject", "extract_objects", "is_building_like"]
+__all__ = ["ChangeObject", "change_object", "extract_objects", "is_building_like"]
 
 _STRIP_PX = 1 << 20  # pixels per strip when summing per label: small float64 temporaries
 
@@ -149,26 +149,30 @@ def extract_objects(
             labels[r:r + step] = kept_labels[labels[r:r + step]]
     mean_mag, mean_delta = _label_means(labels, [magnitude, brightness_delta], n_labels)
     polygons = _polygons_by_label(labels, transform)
-    objects = []
-    for p in keep:
-        poly = polygons[p.label]
-        rect = shapely.minimum_rotated_rectangle(poly)
-        rect_area = float(shapely.area(rect)) or 1.0
-        sides = _rectangle_sides(rect)
-        objects.append(
-            ChangeObject(
-                label=p.label,
-                polygon=poly,
-                area_m2=float(p.area * pixel_m2),
-                solidity=float(p.solidity),
-                rectangularity=float(min(1.0, shapely.area(poly) / rect_area)),
-                elongation=float(sides[1] / sides[0]) if sides[0] > 0 else float("inf"),
-                mean_magnitude=float(mean_mag[p.label - 1]),
-                contrast=float(mean_mag[p.label - 1] / threshold) if threshold > 0 else 0.0,
-                brightness_change=float(mean_delta[p.label - 1]),
-            )
-        )
-    return objects
+    return [change_object(p.label, polygons[p.label], area_m2=float(p.area * pixel_m2),
+                          solidity=float(p.solidity), mean_magnitude=mean_mag[p.label - 1],
+                          brightness_change=mean_delta[p.label - 1], threshold=threshold)
+            for p in keep]
+
+
+def change_object(label: int, poly: shapely.Geometry, *, area_m2: float, solidity: float,
+                  mean_magnitude: float, brightness_change: float,
+                  threshold: float) -> ChangeObject:
+    """One `ChangeObject` from its outline and pixel measurements (shape measures derived)."""
+    rect = shapely.minimum_rotated_rectangle(poly)
+    rect_area = float(shapely.area(rect)) or 1.0
+    sides = _rectangle_sides(rect)
+    return ChangeObject(
+        label=label,
+        polygon=poly,
+        area_m2=area_m2,
+        solidity=solidity,
+        rectangularity=float(min(1.0, shapely.area(poly) / rect_area)),
+        elongation=float(sides[1] / sides[0]) if sides[0] > 0 else float("inf"),
+        mean_magnitude=float(mean_magnitude),
+        contrast=float(mean_magnitude / threshold) if threshold > 0 else 0.0,
+        brightness_change=float(brightness_change),
+    )
 
 
 def _rectangle_sides(rect: shapely.Geometry) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from rasterio import features
 from skimage import measure
 
 from pipeline.core.components import Regions
-from pipeline.detect.objects import ChangeObject, _label_sums_np, _rectangle_sides
+from pipeline.detect.objects import ChangeObject, _label_sums_np, change_object
 
 __all__ = ["objects_from_regions"]
 
@@ -99,19 +99,10 @@ def objects_from_regions(
     for label in keep.tolist():
         r0, c0, r1, c1 = (int(v) for v in regions.bbox[label - 1])
         image = regions.window(slice(r0, r1), slice(c0, c1)) == label
-        poly = _polygon(image, transform * Affine.translation(c0, r0))
-        rect = shapely.minimum_rotated_rectangle(poly)
-        rect_area = float(shapely.area(rect)) or 1.0
-        sides = _rectangle_sides(rect)
-        objects.append(ChangeObject(
-            label=label,
-            polygon=poly,
+        objects.append(change_object(
+            label, _polygon(image, transform * Affine.translation(c0, r0)),
             area_m2=float(regions.area_px[label - 1] * pixel_m2),
             solidity=float(measure.regionprops(image.astype(np.uint8))[0].solidity),
-            rectangularity=float(min(1.0, shapely.area(poly) / rect_area)),
-            elongation=float(sides[1] / sides[0]) if sides[0] > 0 else float("inf"),
-            mean_magnitude=float(mean_mag[label - 1]),
-            contrast=float(mean_mag[label - 1] / threshold) if threshold > 0 else 0.0,
-            brightness_change=float(mean_delta[label - 1]),
-        ))
+            mean_magnitude=mean_mag[label - 1], brightness_change=mean_delta[label - 1],
+            threshold=threshold))
     return objects
