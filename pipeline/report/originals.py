@@ -186,17 +186,19 @@ def _preserve_cached(stage: Path, key: str, body: dict[str, Any], cache_dir: Pat
     if not cached.is_file():
         entry["note"] = "the cache entry is gone (evicted or cleared); fetch source_url again"
         return entry
-    digest = sha256_file(cached)
-    if digest != recorded:
-        entry["note"] = (f"the cache entry now holds other bytes (SHA-256 {digest[:12]}…); "
-                         "the bytes the run used are not available")
-        return entry
     target = stage / body["rel"]
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         _copy_read_only(cached, target)
     except OSError as e:
         raise _cannot_preserve(f"the body of {url}", target, e) from e
+    # hash the copy, not the cache entry: another run may rewrite the entry meanwhile
+    digest = sha256_file(target)
+    if digest != recorded:
+        target.unlink()
+        entry["note"] = (f"the cache entry now holds other bytes (SHA-256 {digest[:12]}…); "
+                         "the bytes the run used are not available")
+        return entry
     return {**entry, "path": body["rel"], "size_bytes": target.stat().st_size,
             "how": "copy of cache entry", "note": body["note"]}
 
