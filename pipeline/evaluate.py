@@ -40,6 +40,7 @@ from pipeline.datasets import (
     read_nanjing,
 )
 from pipeline.errors import PipelineError
+from pipeline.evaluation_doc import fmt_figure as _fmt
 from pipeline.scoring import (
     cva_otsu,
     object_counts,
@@ -317,10 +318,6 @@ def target_status(rows: list[Row]) -> list[str]:
         out.append(f"{ds}: target {'MET' if ok else 'NOT MET'}: learned F1 {learned:.3f} vs "
                    f"required >= {TARGET_F1} and >= CVA {cva:.3f} + {TARGET_MARGIN}")
     return out or ["target not evaluated (no learned model or no LEVIR-CD images)"]
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def format_table(rows: list[Row], facts: dict) -> str:

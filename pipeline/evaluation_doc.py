@@ -75,7 +75,8 @@ missed; five of the nine crops stay below F1 0.2 (one of them has no change at a
 """
 
 
-def _fmt(value: float | None) -> str:
+def fmt_figure(value: float | None) -> str:
+    """A figure to three decimals, ``-`` when there is none."""
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -85,7 +86,7 @@ def _markdown_table(rows: list) -> str:
     for r in rows:
         f = r.figures()
         out.append(f"| {r.dataset} | {r.method} | {r.n_images} | " + " | ".join(
-            _fmt(f[k]) for k in ("precision", "recall", "f1", "iou", "obj_precision",
+            fmt_figure(f[k]) for k in ("precision", "recall", "f1", "iou", "obj_precision",
                                  "obj_recall")) + " |")
     return "\n".join(out)
 
@@ -141,7 +142,7 @@ Every LEVIR-CD figure of the learned method comes from a fold model that never s
 {status}
 
 Learned method speed (features and prediction, NumPy, 2 LightGBM threads), over every image
-scored in this run: {_fmt(speed)} s wall and {_fmt(cpu)} s CPU per megapixel (wall time
+scored in this run: {fmt_figure(speed)} s wall and {fmt_figure(cpu)} s CPU per megapixel (wall time
 depends on what else shares the cores).
 
 Dabancheng (Sentinel-2, 3.5 m): IoU of the top compound of a default `run_detect` with

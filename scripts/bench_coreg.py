@@ -24,8 +24,8 @@ is impossible the reason is printed and only our figures are measured. AROSICS i
 dependency of Sitewatch.
 
 stdout gets the table; progress goes to stderr; ``--json PATH`` writes the raw results and
-``--docs PATH`` replaces this script's section of docs/benchmarks.md (``scripts/bench.py``
-also runs this script and appends the section when it rewrites the file).
+``--docs PATH`` replaces this script's section of docs/benchmarks.md (``make bench`` runs this
+script after ``scripts/bench.py``, which keeps this section when it rewrites the file).
 
 Examples::
 

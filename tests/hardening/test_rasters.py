@@ -124,7 +124,7 @@ def test_zero_size_raster_cannot_be_written_or_is_rejected(tmp_path: Path) -> No
     try:
         path = write_raster(tmp_path / "zero.tif", np.zeros((1, 0, 5), "uint8"))
     except Exception:  # noqa: BLE001  GDAL/rasterio refuse zero sizes with several types
-        return
+        pytest.skip("this GDAL cannot write a 0-pixel raster, so there is no file to refuse")
     with pytest.raises(FetchError, match="no pixels|not a raster"):
         describe_raster(path)
 
