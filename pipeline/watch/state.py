@@ -335,10 +335,18 @@ class WatchState:
         return int(self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
+_REFUSALS = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+                       sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT,
+                       sqlite3.SQLITE_PERM})
+
+
 def _is_refusal(error: sqlite3.DatabaseError) -> bool:
     """Whether SQLite refused because of the file or the disk (full, read-only, I/O, not a
-    database), not because of a bug (constraint, binding, misuse: its subclasses)."""
-    return type(error) in (sqlite3.OperationalError, sqlite3.DatabaseError)
+    database), not because of a bug (a constraint, "no such column", a syntax error)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:  # raised by Python's module itself, not by SQLite
+        return False
+    return code & 0xFF in _REFUSALS  # the primary result code of an extended one
 
 
 def _state_error(path: Path, error: sqlite3.DatabaseError) -> OutputError:
