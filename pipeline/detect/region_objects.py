@@ -14,13 +14,16 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import shapely
 from affine import Affine
-from rasterio import features
 from skimage import measure
 
 from pipeline.core.components import Regions
-from pipeline.detect.objects import ChangeObject, _label_sums_np, change_object
+from pipeline.detect.objects import (
+    ChangeObject,
+    _label_sums_np,
+    _polygons_by_label,
+    change_object,
+)
 
 __all__ = ["objects_from_regions"]
 
@@ -46,13 +49,6 @@ def _region_means(regions: Regions, kept: np.ndarray, arrays: list[Any]) -> list
     computed = dask.compute(*parts)
     with np.errstate(invalid="ignore", divide="ignore"):
         return [(np.sum(sums, axis=0) / counts)[1:] for sums in computed]
-
-
-def _polygon(image: np.ndarray, transform: Affine) -> shapely.Geometry:
-    """The outline of one object's pixels (``image``, its bounding box) in grid coordinates."""
-    parts = [shapely.geometry.shape(geom) for geom, _ in features.shapes(
-        image.astype(np.int32), mask=image, transform=transform, connectivity=8)]
-    return shapely.union_all(parts) if len(parts) > 1 else parts[0]
 
 
 def objects_from_regions(
@@ -100,7 +96,7 @@ def objects_from_regions(
         r0, c0, r1, c1 = (int(v) for v in regions.bbox[label - 1])
         image = regions.window(slice(r0, r1), slice(c0, c1)) == label
         objects.append(change_object(
-            label, _polygon(image, transform * Affine.translation(c0, r0)),
+            label, _polygons_by_label(image, transform * Affine.translation(c0, r0))[1],
             area_m2=float(regions.area_px[label - 1] * pixel_m2),
             solidity=float(measure.regionprops(image.astype(np.uint8))[0].solidity),
             mean_magnitude=mean_mag[label - 1], brightness_change=mean_delta[label - 1],
