@@ -289,7 +289,10 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
             timings[f"{ds_name} / {m_name}"] = time.perf_counter() - t0
             rows.append(row)
     rows += [*pooled.values(), *strict.values()]
-    facts: dict[str, Any] = {"held_out_notes": notes, "timings_s": timings}
+    facts: dict[str, Any] = {"held_out_notes": notes, "timings_s": timings,
+                             "adjacent_images": sorted(adjacent),
+                             "adjacent_tiles": sorted({p.group for p in levir
+                                                       if f"{p.dataset}/{p.name}" in adjacent})}
     facts.update({f"learned_{k}_per_megapixel": (clock[k] / clock["megapixels"]
                                                  if clock.get("megapixels") else None)
                   for k in ("seconds", "cpu_seconds")})

@@ -102,6 +102,18 @@ def _fold_lines(folds: dict) -> str:
     return "\n".join(lines) or "  - no fold models: the LEVIR-CD rows are not held-out figures."
 
 
+def _adjacent_text(facts: dict) -> str:
+    """Which held-out images the strict row leaves out, from the run's facts."""
+    images = facts.get("adjacent_images", [])
+    if not images:
+        return "no image: none shares a LEVIR-CD tile with its fold's training data"
+    tiles = ", ".join(facts.get("adjacent_tiles", []))
+    many = len(images) > 1
+    return (f"the {len(images)} image{'s' if many else ''} that share{'' if many else 's'} a "
+            f"LEVIR-CD tile ({tiles}) with {'their' if many else 'its'} fold's training data "
+            f"({', '.join(images)})")
+
+
 def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -164,8 +176,8 @@ SCM 62.8 (Tan et al., IGARSS 2024); supervised BIT 89.3, ChangeFormer 90.4. Ours
   model saw; both are out of domain for a building model and shown for reference.
 - No pixel of a held-out image is in its fold's training images: names are checked disjoint
   and rows of one LEVIR-CD tile compared at every run. {"; ".join(facts.get("held_out_notes", []))
-  }. The row "held-out images of LEVIR tiles their fold never saw" leaves out the three images
-  that share a LEVIR-CD tile (test_2) with their fold's training data.
+  }. The row "held-out images of LEVIR tiles their fold never saw" leaves out
+  {_adjacent_text(facts)}.
 - Decision rule, the same for every fold and fixed before evaluation: the classes are weighted
   to equal total weight in training, so the probability carries no training share of change;
   change = probability > {card.get('threshold', '-')} after Gaussian smoothing of

@@ -209,3 +209,25 @@ def test_write_markdown_states_figures_and_folds(tmp_path):
     assert "target MET: learned F1 0.667 vs required >= 0.55 and >= CVA 0.400" in text
     assert "fold `tiles`" in text and "levir_cd_tiles/levircd_test_1" in text
     assert "1.500 s wall and 2.500 s CPU per megapixel" in text
+
+
+def test_adjacent_groups_and_markdown_name_them(tmp_path):
+    """Held-out images whose LEVIR-CD tile is in their fold's training data are found, and
+    docs/evaluation.md names them and their tile instead of a fixed count."""
+    from pipeline.evaluate import _adjacent_groups
+    from pipeline.evaluation_doc import write_markdown
+
+    tile = _pair("levircd_test_2_r0256", 768, row0=256, dataset="levir_cd_tiles")
+    near, far = _pair("test_2_0000_0512", 256), _pair("test_55_0256_0000", 256)
+    fold = _Card(["levir_cd_tiles/levircd_test_2_r0256"],
+                 ["levir_cd/test_2_0000_0512", "levir_cd/test_55_0256_0000"])
+    adjacent = _adjacent_groups({"tiles": fold}, [tile, near, far])
+    assert adjacent == {"levir_cd/test_2_0000_0512"}
+    shipped = _Card(["levir_cd_tiles/levircd_test_2_r0256"], [])
+    out = tmp_path / "evaluation.md"
+    for facts, phrase in (({"adjacent_images": sorted(adjacent), "adjacent_tiles": ["test_2"]},
+                           "leaves out the 1 image that shares a LEVIR-CD tile (test_2) with "
+                           "its fold's training data (levir_cd/test_2_0000_0512)"),
+                          ({}, "leaves out no image: none shares a LEVIR-CD tile")):
+        write_markdown([], facts, shipped, {"tiles": fold}, out)
+        assert phrase in " ".join(out.read_text().split())
