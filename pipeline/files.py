@@ -1,17 +1,23 @@
-"""pipeline.files: hashing and atomic file writes shared by fetchers and the reporter."""
+"""pipeline.files: hashing, atomic file writes and the full-disk test shared by every writer."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256_file", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["sha256_file", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+           "is_disk_full"]
 
 _CHUNK = 1 << 20
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# GDAL (through rasterio) reports a full disk in its message text only, without an errno
+_DISK_FULL_TEXTS = ("No space left", "disk space")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -64,3 +70,20 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False
 def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = False) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full.
+
+    True for an ``OSError`` with ``ENOSPC`` or ``EDQUOT``, a SQLite error whose result code is
+    ``SQLITE_FULL``, and an error without an errno whose message says so (GDAL's, e.g.
+    "No space left on device"; rasterio's ``CPLE_*`` errors carry GDAL's error class, not an
+    OS errno). Callers name the full disk and how to free it; anything else is a different
+    failure.
+    """
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in _DISK_FULL_ERRNOS
+    return any(text in str(error) for text in _DISK_FULL_TEXTS)

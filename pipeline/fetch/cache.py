@@ -19,7 +19,6 @@ unless the caller passes ``max_age_s`` (e.g. for a release list that grows).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -41,7 +40,7 @@ from pipeline.fetch.http import (
     check_url,
     map_concurrent,
 )
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, is_disk_full
 
 __all__ = ["CachedBody", "NEGATIVE_TTL_S", "cache_paths", "fetch_cached", "fetch_many_cached",
            "evict", "store_body"]
@@ -277,9 +276,8 @@ def _store(url: str, response: Response, context: FetchContext) -> CachedBody:
     except OSError as e:
         with contextlib.suppress(OSError):
             body_path.unlink(missing_ok=True)  # never a body without its sidecar
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         fix = ("The disk is full: free some space there, or set [fetch] cache_dir (or "
-               "$SITEWATCH_CACHE) to a folder on another disk." if full else
+               "$SITEWATCH_CACHE) to a folder on another disk." if is_disk_full(e) else
                "Check that folder, or set [fetch] cache_dir (or $SITEWATCH_CACHE) elsewhere.")
         raise FetchError(f"Cannot store {url} in the download cache {context.cache_dir}: "
                          f"{e.strerror or e}. {fix}") from e

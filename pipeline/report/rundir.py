@@ -14,7 +14,6 @@ around their names.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.errors import OutputError, PipelineError
+from pipeline.files import is_disk_full
 
 __all__ = [
     "new_run_id",
@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXTS = ("No space left", "disk space")  # GDAL reports it in text, without errno
 
 
 def new_run_id(now: datetime, params_hash: str) -> str:
@@ -122,7 +120,7 @@ def check_out_root(out_root: str | Path) -> Path:
         os.unlink(probe)
     except OSError as e:
         fix = ("The disk is full: free some space there or choose another --out."
-               if e.errno in _DISK_FULL_ERRNOS else "Choose another --out or fix its permissions.")
+               if is_disk_full(e) else "Choose another --out or fix its permissions.")
         raise OutputError(
             f"Cannot write to the output folder {out_root}: {e.strerror or e}. {fix}"
         ) from e
@@ -173,7 +171,7 @@ def staged_run_dir(out_root: str | Path, aoi_id: str, run_id: str) -> Iterator[P
 
 def _write_error(e: OSError, out_root: Path) -> OutputError:
     """OutputError for an OS error while writing a run folder; a full disk is named as such."""
-    if e.errno in _DISK_FULL_ERRNOS or any(t in str(e) for t in _DISK_FULL_TEXTS):
+    if is_disk_full(e):
         return OutputError(
             f"The disk holding {out_root} is full (or over quota) while writing the run folder: "
             f"{e.strerror or e}. The unfinished run folder was removed, so nothing partial is "

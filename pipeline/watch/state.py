@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import OutputError
+from pipeline.files import is_disk_full
 from pipeline.watch.findings import Finding, KnownFinding, match_findings
 from pipeline.watch.imagery import Imagery
 from pipeline.watch.sites import WatchSite
@@ -351,7 +352,7 @@ def _is_refusal(error: sqlite3.DatabaseError) -> bool:
 
 def _state_error(path: Path, error: sqlite3.DatabaseError) -> OutputError:
     """The one-paragraph error for a write SQLite refused, with the fix."""
-    if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+    if is_disk_full(error):
         fix = "The disk is full: free some space there, or choose another --out"
     else:
         fix = ("Check that the folder is writable and that the file is the watch state of "
