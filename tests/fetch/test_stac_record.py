@@ -8,12 +8,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import requests
+from fetch.servers import serve
 from fetch.test_stac import COLLECTION, WINDOW, _context, _source
 
 from pipeline.errors import FetchError
 from pipeline.fetch import stac
-from pipeline.fetch.cache import cache_paths
-from pipeline.fetch.stac_record import read_key
+from pipeline.fetch.cache import cache_paths, store_body
+from pipeline.fetch.stac_record import RangeRecorder, read_key
 
 
 def test_read_key_names_href_and_range() -> None:
@@ -83,3 +85,48 @@ def test_fetch_cache_disk_error_names_the_cache(api, plan, tmp_path, monkeypatch
     with pytest.raises(FetchError, match="Cannot store .*download cache"):
         stac.fetch(plan, WINDOW, _source(server), role="after", context=_context(tmp_path))
     assert not list(Path(tmp_path / "cache").glob("stac/*/*.tif"))
+
+
+def _relay_get(url: str, first: int, last: int) -> requests.Response:
+    return requests.get(url, headers={"Range": f"bytes={first}-{last}"}, timeout=5,
+                        proxies={"http": "", "https": ""})
+
+
+def test_relay_urls_one_form_for_patch_url_and_names(tmp_path):
+    """Every URL handed to GDAL is a key of names(), a href without a file name included."""
+    hrefs = ["https://h.example/x/B04.tif", "http://h.example/", "https://h.example/x/B04.tif"]
+    with RangeRecorder(_context(tmp_path)) as relay:
+        urls = [relay.patch_url(h) for h in hrefs]
+        names = relay.names()
+    assert urls[0] == urls[2] and len(set(urls)) == 2
+    assert {names[u] for u in urls} == set(hrefs)
+    assert relay.patch_url("s3://bucket/B04.tif") == "s3://bucket/B04.tif"  # not relayed
+
+
+def test_relay_same_range_twice_stored_once_changed_file_refused(tmp_path, monkeypatch):
+    """A range read again with the same bytes is answered and listed once, stored once; a
+    file that changed between two reads of a range is refused with a FetchError."""
+    from pipeline.fetch import stac_record
+
+    stores: list[str] = []
+
+    def counting(key, response, *, context):
+        stores.append(key)
+        return store_body(key, response, context=context)
+
+    monkeypatch.setattr(stac_record, "store_body", counting)
+    data = bytes(range(256)) * 4
+    with serve({"/cogs/a.tif": data}) as server, RangeRecorder(_context(tmp_path)) as relay:
+        url = relay.patch_url(server.url("/cogs/a.tif"))
+        answers = [_relay_get(url, 16, 99) for _ in range(2)]
+        assert [(a.status_code, a.content) for a in answers] == [(206, data[16:100])] * 2
+        assert relay.error is None
+        server.add("/cogs/a.tif", data[::-1])
+        changed = _relay_get(url, 16, 99)
+    assert stores == [f"{server.url('/cogs/a.tif')}#bytes=16-99"]
+    rows = relay.reads()[server.url("/cogs/a.tif")]
+    assert [(r["range"], r["sha256"]) for r in rows] == [
+        ("16-99", hashlib.sha256(data[16:100]).hexdigest())]
+    assert changed.status_code == 502 and changed.content == b""
+    assert isinstance(relay.error, FetchError)
+    assert "a.tif changed while it was being read: bytes 16-99" in str(relay.error)
