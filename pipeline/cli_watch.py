@@ -100,7 +100,8 @@ def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, 
     imagery seen, runs, findings with stable ids and history) is kept in OUT/watch.db; evidence
     goes to OUT/<site-id>/<run-id>/ as with `sitewatch detect`. A second run with nothing new
     does no detection and writes no file; a killed run is resumed by the next. stdout gets one
-    line per new finding (or the --json summary); the table goes to stderr.
+    line per new finding (or the --json summary); the table goes to stderr, followed by the
+    run's warnings, each distinct one once with its count (none with -q).
 
     \b
     Examples:

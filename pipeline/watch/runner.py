@@ -16,9 +16,11 @@ every task in this process, one after the other (tests, debugging).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -28,6 +30,7 @@ from shapely.geometry import shape
 
 from pipeline.aoi import utm_crs
 from pipeline.config import RunConfig
+from pipeline.errors import PipelineWarning
 from pipeline.fetch.base import SourceConfig
 from pipeline.model import params_hash
 from pipeline.report.rundir import check_out_root
@@ -47,7 +50,7 @@ from pipeline.watch.tasks import (
     source_for,
 )
 
-__all__ = ["run_watch", "LOCK_NAME"]
+__all__ = ["run_watch", "collect_warnings", "LOCK_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +111,40 @@ def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
         due = [s for s in sites if force or state.is_due(s, now)]
         log.info("%d of %d site(s) due", len(due), len(sites))
         coordinator = _Coordinator(state, run_id, config, dict(sources), out, offline, now)
+        caught: list[dict[str, Any]] = []
         if due:
-            with open_pool(scheduler, len(due)) as pool:
+            with collect_warnings(caught), open_pool(scheduler, len(due)) as pool:
                 coordinator.run(due, pool, progress)
         summary = WatchSummary(
             run_id, utc_text(now), utc_text(datetime.now(UTC)), str(state.path), scheduler,
             [coordinator.reports.get(s.id, SiteReport(s.id, s.name)) for s in sites]
             + [SiteReport(f"invalid-{i + 1}", "(invalid feature)", status="failed",
                           errors=[message]) for i, message in enumerate(invalid)],
-            coordinator.new_findings, lock.stale_pid)
+            coordinator.new_findings, lock.stale_pid, caught)
         state.finish_run(run_id, datetime.now(UTC), summary.to_dict())
     return summary
+
+
+@contextlib.contextmanager
+def collect_warnings(into: list[dict[str, Any]]) -> Iterator[None]:
+    """Collect the warnings raised in this process while the block runs (the listings on
+    their threads; a detection's own are kept with its site) instead of printing each as it
+    comes: ``into`` gets each distinct one once, ``{kind, message, count}``, in order of first
+    appearance, for the summary (printed once at the end, not with -q). Deprecation warnings
+    are left out, as for detections."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count every one, not the first per code line
+        try:
+            yield
+        finally:
+            counts: dict[tuple[str, str], int] = {}
+            for w in caught:
+                if not issubclass(w.category, DeprecationWarning):
+                    kind = ("warning" if issubclass(w.category, PipelineWarning)
+                            else w.category.__name__)
+                    counts[kind, str(w.message)] = counts.get((kind, str(w.message)), 0) + 1
+            into.extend({"kind": kind, "message": message, "count": count}
+                        for (kind, message), count in counts.items())
 
 
 @dataclass

@@ -60,6 +60,7 @@ class WatchSummary:
     sites: list[SiteReport]
     new_findings: list[dict[str, Any]] = field(default_factory=list)
     stale_lock_pid: int | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # {kind, message, count}
 
     @property
     def failed(self) -> list[SiteReport]:
@@ -90,11 +91,13 @@ class WatchSummary:
                 "finished_utc": self.finished_utc, "state": self.state_path,
                 "scheduler": self.scheduler, "exit_code": self.exit_code,
                 "totals": self.totals(), "stale_lock_pid": self.stale_lock_pid,
-                "new_findings": self.new_findings, "sites": [asdict(s) for s in self.sites]}
+                "new_findings": self.new_findings, "warnings": self.warnings,
+                "sites": [asdict(s) for s in self.sites]}
 
 
 def format_table(summary: WatchSummary) -> str:
-    """A fixed-width table of the checked sites and a totals line (for stderr)."""
+    """A fixed-width table of the checked sites, a totals line, the failures and the run's
+    warnings, each distinct one once with its count (for stderr)."""
     rows = [("site", "status", "new imagery", "analyses", "new findings", "seconds")]
     for s in summary.sites:
         if s.status == "not due":
@@ -112,4 +115,7 @@ def format_table(summary: WatchSummary) -> str:
     for s in summary.failed:
         for error in s.errors:
             lines.append(f"failed {s.name}: {error}")
+    for w in summary.warnings:
+        times = f" ({w['count']} times)" if w["count"] > 1 else ""
+        lines.append(f"{w['kind']}{times}: {w['message']}")
     return "\n".join(lines)

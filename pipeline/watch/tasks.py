@@ -110,7 +110,8 @@ def list_site(job: SiteJob) -> SiteListing:
         source = source_for(item.res_m, job.sources[item.name])
         last = job.last.get(item.name)
         try:
-            # no warnings.catch_warnings here: listings run on threads (not thread-safe)
+            # no warnings.catch_warnings here: listings run on threads (not thread-safe);
+            # runner.collect_warnings gathers their warnings for the run's summary
             res_m = None if source.type == "local" else (job.config.res_m
                                                          or source_res_m(source))
             listed[item.name] = list_imagery(

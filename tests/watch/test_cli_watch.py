@@ -108,3 +108,39 @@ def test_watch_skip_invalid_runs_the_other_sites(setup):
     status = {s["site_id"]: s["status"] for s in summary["sites"]}
     assert status == {"bravo": "ok", "charlie": "ok", "invalid-1": "failed"}
     assert "feature 0 ('alpha')" in summary["sites"][-1]["errors"][0]
+
+
+def _warning_listing(monkeypatch):
+    """Listings that warn: the same warning at every site, and one naming its site."""
+    import warnings
+
+    from pipeline.errors import ProvenanceWarning
+    from pipeline.watch import tasks
+
+    def list_imagery(aoi, source, **_):
+        warnings.warn("The STAC search returned max_items = 2 items; later ones were left "
+                      "out.", ProvenanceWarning, stacklevel=2)
+        if aoi.id.endswith("bravo") or "bravo" in aoi.id:
+            warnings.warn(f"{aoi.id}: an item without a processing baseline.",
+                          ProvenanceWarning, stacklevel=2)
+        return []
+
+    monkeypatch.setattr(tasks, "list_imagery", list_imagery)
+
+
+def test_watch_listing_warnings_once_per_run_quiet_with_q(setup, monkeypatch):
+    """A warning every site's listing gives reaches stderr once per run (with its count), each
+    distinct one once; -q prints none; --json lists them with their counts."""
+    _warning_listing(monkeypatch)
+    loud = _watch(setup, "--force")
+    assert loud.exit_code == 0, loud.output
+    shared = [line for line in loud.stderr.splitlines() if "max_items = 2" in line]
+    assert shared == ["warning (3 times): The STAC search returned max_items = 2 items; later "
+                      "ones were left out."], loud.stderr
+    own = [line for line in loud.stderr.splitlines() if "processing baseline" in line]
+    assert len(own) == 1 and own[0].startswith("warning: ") and "bravo" in own[0], loud.stderr
+    quiet = _watch(setup, "--force", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+    data = json.loads(_watch(setup, "--force", "--json", "-q").stdout)
+    assert [(w["count"], "max_items" in w["message"]) for w in data["warnings"]] == [
+        (3, True), (1, False)]
