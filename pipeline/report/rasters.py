@@ -74,7 +74,7 @@ def write_cog(
     -------
     Path
         ``path``: DEFLATE-compressed (level 1), 512 px tiles, overviews (NEAREST for integer dtypes,
-        AVERAGE for floats), floating-point predictor for floats.
+        AVERAGE for floats), no predictor.
 
     Raises
     ------
@@ -276,7 +276,10 @@ def _cog_options(dtype: str) -> dict[str, Any]:
         # level 1: measured 3.5x faster than the default 6 on an 8446 px float32 magnitude, for
         # files a few per cent larger; compression is most of the write time of large AOIs
         "LEVEL": 1,
-        "PREDICTOR": "YES" if is_float else "NO",
+        # no floating-point predictor: on change magnitudes it made the files larger, not
+        # smaller (8446 px bench: 293 MB with it, 230 MB without; Dabancheng 3.5 MB vs 2.6 MB)
+        # and cost more CPU (6.9 s vs 6.3 s at 8446 px); the pixels are the same either way
+        "PREDICTOR": "NO",
         "OVERVIEWS": "AUTO",
         "OVERVIEW_RESAMPLING": "AVERAGE" if is_float else "NEAREST",
         "BIGTIFF": "IF_SAFER",
