@@ -351,29 +351,12 @@ brackets the CPU seconds of the measuring process (all threads), which depend mu
 other users of the machine. Ours searches the
 correlation peak on a 1/20 px grid (`coreg.upsample_factor`), so its error is at least the
 distance to that grid (up to 0.035 px); the shifts are chosen off it. The LEVIR-CD mosaic is
-made of the real 0.5 m tiles of both dates, flipped and rotated at random. The machine is
-shared (2 cores): load average {result['load_start']} at the start, {result['load_end']} at
-the end (1, 5, 15 min).{notes}
+made of the real 0.5 m tiles of both dates, flipped and rotated at random. The machine may be
+shared ({result.get('cores', '?')} cores): load average {result['load_start']} at the start,
+{result['load_end']} at the end (1, 5, 15 min).{notes}
 
 {md_table(table_rows(result))}
 """
-
-
-def replace_section(text: str, section: str) -> str:
-    """``text`` with this script's section replaced by ``section`` (appended if absent)."""
-    start = text.find(SECTION)
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + section
-    end = text.find("\n## ", start + len(SECTION))
-    return text[:start] + section + (text[end:] if end >= 0 else "")
-
-
-def write_docs(path: Path, section: str) -> None:
-    """Put the section into ``path`` (written whole to a temporary file, then renamed)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(replace_section(old, section))
-    os.replace(tmp, path)
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -396,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("%s; measuring ours only", problem)
     result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                               "argv": args.argv, "repeat": args.repeat, "git": _git(),
-                              "load_start": _load(), "arosics_problem": problem}
+                              "cores": os.cpu_count(), "load_start": _load(),
+                              "arosics_problem": problem}
     args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pairs-", dir=args.workdir) as tmp:
         cases = make_cases(Path(tmp), args.large_px)
@@ -451,15 +435,18 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="bench_coreg: %(message)s")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/bench.py's tables
     from bench import text_table
+    from doc_section import write_section
+
+    from pipeline.files import atomic_write_text
 
     result = run(args)
     print(text_table(table_rows(result)))
     if result["arosics_problem"]:
         print(f"AROSICS not measured: {result['arosics_problem']}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
+        atomic_write_text(args.json, json.dumps(result, indent=1, default=str), overwrite=True)
     if not args.no_docs:
-        write_docs(args.docs, markdown_section(result))
+        write_section(args.docs, markdown_section(result))
         log.info("updated %s", args.docs)
     return 0
 

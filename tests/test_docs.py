@@ -25,6 +25,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -239,8 +240,8 @@ def test_docs_readme_runs_make_detect_and_verify():
 
 
 def test_docs_readme_picture_comes_from_the_run(doc_runs, tmp_path):
-    """scripts/readme_picture.py makes, from the README's make detect run, a picture of the
-    same size as the committed one, and the README shows that picture."""
+    """scripts/readme_picture.py makes, from the README's make detect run, the committed
+    picture (same size and pixels), and the README shows that picture."""
     sandbox, _ = doc_runs[ROOT / "README.md"]
     run = sandbox / "out" / "dabancheng" / _newest_run(sandbox / "out" / "dabancheng")
     out = tmp_path / "picture.png"
@@ -251,6 +252,13 @@ def test_docs_readme_picture_comes_from_the_run(doc_runs, tmp_path):
     committed = ROOT / "docs" / "img" / "dabancheng_compound.png"
     with Image.open(out) as made, Image.open(committed) as shown:
         assert made.size == shown.size
+        made_px = np.asarray(made.convert("RGB"), dtype=np.int16)
+        shown_px = np.asarray(shown.convert("RGB"), dtype=np.int16)
+    # the same pixels: PNG is lossless and the chips are made deterministically; 2 levels
+    # allow only for rounding in another library version's stretch, not a moved outline
+    off = np.abs(made_px - shown_px).max(axis=-1) > 2
+    assert not off.any(), (f"{int(off.sum())} of {off.size} pixels differ from the committed "
+                           "picture: regenerate it with scripts/readme_picture.py")
     assert "](docs/img/dabancheng_compound.png)" in (ROOT / "README.md").read_text()
 
 
@@ -365,3 +373,43 @@ def test_docs_analyst_guide_names_real_properties():
     assert len(names) >= 30, names
     unknown = sorted(n for n in names if f'"{n}"' not in source and f"'{n}'" not in source)
     assert not unknown, f"the guide explains properties the code never writes: {unknown}"
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch):
+    """A module of scripts/ (which import each other by name)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
+
+def test_doc_section_replaces_only_its_own_section(monkeypatch, tmp_path):
+    """write_section swaps one ## section in place (others byte for byte), appends a missing
+    one, and leaves no temporary file; the current report is unchanged by its own section."""
+    doc_section = _script("doc_section", monkeypatch)
+    report = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    heading = "## Co-registration: ours against AROSICS"
+    own = report[report.index(heading):]
+    own = own[:own.find("\n## ") + 1] if "\n## " in own else own
+    assert doc_section.replace_section(report, own) == report
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# B\n\n## One\nold one\n\n## Two\nkept\n", encoding="utf-8")
+    doc_section.write_section(path, "## One\nnew one\n")
+    assert path.read_text() == "# B\n\n## One\nnew one\n\n## Two\nkept\n"
+    doc_section.write_section(path, "## Three\nadded\n")
+    doc_section.write_section(path, "## Two\nnew two\n")
+    assert path.read_text() == ("# B\n\n## One\nnew one\n\n## Two\nnew two\n\n"
+                                "## Three\nadded\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]
+    with pytest.raises(ValueError, match="heading"):
+        doc_section.replace_section("# B\n", "no heading\n")
+
+
+def test_bench_coreg_section_names_the_measured_cores(monkeypatch):
+    """bench_coreg's report states the core count the run recorded, not a fixed one."""
+    bench_coreg = _script("bench_coreg", monkeypatch)
+    result = {"date": "2026-01-01 00:00 UTC", "argv": [], "repeat": 1, "git": "abc",
+              "cores": 7, "load_start": "1.00", "load_end": "1.00", "arosics_problem": None,
+              "cases": []}
+    text = bench_coreg.markdown_section(result)
+    assert "(7 cores)" in text and "2 cores" not in text
