@@ -356,7 +356,7 @@ def detect_scenes(
             evidence = detect_sites(
                 before.data, after.data, changes, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
-                after_ref=after_ref, timings=timings,
+                after_ref=after_ref, timings=timings, persist=scratch.keep,
             )
             info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
             info["seconds_by_part"] = timings

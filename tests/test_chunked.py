@@ -204,3 +204,67 @@ def test_objects_from_regions_equal_extract_objects(chunks):
         for name in ("area_m2", "solidity", "rectangularity", "elongation", "mean_magnitude",
                      "contrast", "brightness_change"):
             assert getattr(g, name) == getattr(e, name), (e.label, name)
+
+
+def _walled_pair(shape: tuple[int, int], res_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy pair whose after date has three walled rectangles (walls and shadows), some
+    across chunk borders, a nodata strip in each date."""
+    rng = np.random.default_rng(0)
+    before = (100 + rng.normal(0, 3, (3, *shape))).astype(np.float32)
+    after = before + rng.normal(0, 2, before.shape).astype(np.float32)
+    s = int(round(1 / res_m))
+    for r0, c0, r1, c1 in ((40, 50, 230, 300), (300, 90, 420, 180), (120, 330, 480, 470)):
+        r0, c0, r1, c1, w = r0 * s, c0 * s, r1 * s, c1 * s, 2 * s
+        after[:, r0:r0 + w, c0:c1] = after[:, r1 - w:r1, c0:c1] = 200.0
+        after[:, r0:r1, c0:c0 + w] = after[:, r0:r1, c1 - w:c1] = 200.0
+        after[:, r0 + w:r0 + 2 * w, c0:c1] = 40.0  # a shadow inside the north wall
+    after[:, :, :7 * s] = np.nan
+    before[:, -5 * s:, :] = np.nan
+    return before, after
+
+
+@pytest.mark.parametrize(("res_m", "chunk"), [(1.0, 128), (1.0, 200), (0.5, 300)])
+def test_scene_walls_chunked_equal_whole(res_m, chunk):
+    """A Dask pair's wall search (chunk by chunk) finds the segments and line map of the
+    whole-scene search: same segments to the bit, same mask and strength everywhere."""
+    import dask.array as da
+
+    from pipeline.detect.walled import scene_walls
+    from pipeline.model import DetectParams
+
+    shape = (int(500 / res_m), int(520 / res_m))
+    before, after = _walled_pair(shape, res_m)
+    kwargs = dict(transform=from_origin(*ORIGIN, res_m, res_m), res_m=res_m,
+                  params=DetectParams())
+    whole = scene_walls(before, after, **kwargs)
+    lazy = scene_walls(da.from_array(before, chunks=(3, chunk, chunk)),
+                       da.from_array(after, chunks=(3, chunk, chunk)), **kwargs)
+    assert len(whole.segments) >= 12 and lazy.segments == whole.segments
+    height, width = whole.line_map.mask.shape
+    assert whole.line_map.mask.any() and lazy.line_map.threshold == whole.line_map.threshold
+    assert_array_equal(lazy.line_map.mask[0:height, 0:width], whole.line_map.mask)
+    assert_array_equal(lazy.line_map.strength[0:height, 0:width], whole.line_map.strength)
+    assert lazy.line_map.transform == whole.line_map.transform
+
+
+def test_windowed_array_reads_only_what_is_asked():
+    """WindowedArray: windows and points as NumPy would give them, each from one window read."""
+    from pipeline.detect.walls_chunked import WindowedArray
+
+    data = np.arange(60 * 70).reshape(60, 70)
+    reads = []
+
+    def read(rows, cols):
+        reads.append((rows, cols))
+        return data[rows, cols]
+
+    arr = WindowedArray(data.shape, data.dtype, read)
+    assert_array_equal(arr[5:17, 60:80], data[5:17, 60:80])
+    r, c = np.array([3, 50, 7]), np.array([9, 2, 69])
+    assert_array_equal(arr[r, c], data[r, c])
+    assert reads[-1] == (slice(3, 51), slice(2, 70))  # the points' bounding window only
+    assert arr[np.zeros(0, int), np.zeros(0, int)].shape == (0,)
+    with pytest.raises(IndexError):
+        arr[np.array([60]), np.array([0])]
+    with pytest.raises(IndexError):
+        arr[0:10:2, 0:5]

@@ -36,6 +36,7 @@ from pipeline.detect.walled import (
     site_measures,
     wall_outlines,
 )
+from pipeline.detect.walls_chunked import Persist
 from pipeline.model import (
     EVIDENCE_ORDER,
     DetectParams,
@@ -242,6 +243,7 @@ def detect_sites(
     before_ref: SourceRef,
     after_ref: SourceRef,
     timings: dict[str, float] | None = None,
+    persist: Persist | None = None,
 ) -> list[Evidence]:
     """Turn a change mask and the image pair into compound, wall, tower, building and change
     evidence.
@@ -280,6 +282,9 @@ def detect_sites(
     timings
         When given, seconds per sub-step are added to it: ``objects``, ``compounds``,
         ``walls`` (fine imagery only) and ``grade``.
+    persist
+        For Dask input: computes a lazy wall-grid map once and returns it stored (a chunked
+        run's scratch files); None keeps such maps in memory. See `walled.scene_walls`.
 
     Returns
     -------
@@ -309,7 +314,8 @@ def detect_sites(
         sites = _propose(candidates, buildings, op)
     if is_fine(res_m, params):
         with _timed(timings, "walls"):
-            scene = scene_walls(before, after, transform=transform, res_m=res_m, params=params)
+            scene = scene_walls(before, after, transform=transform, res_m=res_m, params=params,
+                                persist=persist)
             sites += [_Site(_outline_candidate(outline, gain, gain_threshold,
                                                transform=transform, res_m=res_m, op=op),
                             [], "walls") for outline in wall_outlines(scene, params=params)]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask.array as da
 import shapely
 from affine import Affine
 
@@ -22,6 +23,7 @@ from pipeline.detect.grade import SiteAssessment, assess_site, grade_site
 from pipeline.detect.outlines import propose_outlines
 from pipeline.detect.texture import block_mean, compute_crops, grey
 from pipeline.detect.walls import LineMap, WallSegment, find_wall_segments, new_line_map
+from pipeline.detect.walls_chunked import Persist, scene_walls_chunked
 from pipeline.model import DetectParams
 
 __all__ = ["SceneWalls", "scene_walls", "wall_outlines", "assess_outlines", "coarse_grade",
@@ -46,25 +48,33 @@ def is_fine(res_m: float, params: DetectParams) -> bool:
 
 
 def scene_walls(before: Any, after: Any, *, transform: Affine, res_m: float,
-                params: DetectParams) -> SceneWalls:
+                params: DetectParams, persist: Persist | None = None) -> SceneWalls:
     """New wall segments over the whole scene.
 
     Parameters
     ----------
     before, after
         ``(band, y, x)`` NumPy or Dask stacks on the working grid, after co-registered and
-        normalized; NaN = nodata. A Dask pair is reduced chunk by chunk to the wall grid
-        (grey, then block means), so only that grid is held in memory.
+        normalized; NaN = nodata. A Dask pair is searched chunk by chunk
+        (`walls_chunked.scene_walls_chunked`: same segments), so no wall-grid map is held
+        whole beyond a moment; its line map's mask is then read window by window.
     transform, res_m
         The working grid's affine transform and pixel size.
     params
         Detection parameters (``params.walls`` is used).
+    persist
+        For a Dask pair: stores a lazy wall-grid map once (see `scene_walls_chunked`).
 
     Returns
     -------
     A `SceneWalls`: the line map on the wall grid and the segments in the grid CRS.
     """
     walls = params.walls
+    if isinstance(before, da.Array) or isinstance(after, da.Array):
+        lm, segments = scene_walls_chunked(da.asarray(before), da.asarray(after),
+                                           transform=transform, res_m=res_m, params=walls,
+                                           persist=persist)
+        return SceneWalls(lm, tuple(segments))
     factor = int(round(walls.work_res_m / res_m)) if res_m < walls.work_res_m else 1
     g_b, g_a = grey(before), grey(after)
     if factor > 1:

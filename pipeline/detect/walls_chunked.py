@@ -1,0 +1,293 @@
+"""pipeline.detect.walls_chunked: a lazy scene's new walls, chunk by chunk, as the whole search.
+
+The chunked counterpart of `walls.new_line_map` followed by `walls.find_wall_segments` on a Dask
+pair: no wall-grid map is held whole for long. The grey wall-grid images are each made whole
+once, only to take the scene's scale and nodata fills (the same NumPy calls on the same values),
+then stored. The top-hat responses and their line averages are made per chunk with a halo that
+covers everything they depend on, so they equal the whole-scene maps pixel for pixel; the
+scene's thresholds come from the same samples. The hysteresis components are labelled chunk by
+chunk and merged across borders (`pipeline.core.components.label_regions`), so a component is
+seeded, and dropped when small, as a whole; each 8-connected component is skeletonized on its
+own window (thinning looks at 3 x 3 neighbourhoods, which never hold another component's
+pixels), and the skeleton pixels vote in one Hough transform over the scene, in raster order.
+Each segment is then described on a crop of the maps around it. Outline grading reads the
+hysteresis mask through `WindowedArray`, which computes only the pixels asked for.
+
+Same segments and the same line-map values as the whole-scene functions (tests/detect/
+test_walls_chunked.py); the crops' georeferencing is the grid's shifted by whole pixels, exact
+for the usual power-of-two pixel sizes (0.5, 1, 2 m).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import dask
+import dask.array as da
+import numpy as np
+from affine import Affine
+from scipy import ndimage as ndi
+from skimage import morphology
+
+from pipeline.core.components import Regions, label_regions
+from pipeline.detect.lines import along_lines, greedy_hough, merge_collinear
+from pipeline.detect.texture import _aligned, _block_mean_np, grey
+from pipeline.detect.walls import (
+    LineMap,
+    WallSegment,
+    _describe,
+    _fill_value,
+    _keep_walls,
+    _tophat_change,
+    noise_sigma,
+    robust_scale,
+)
+from pipeline.model import WallParams
+
+__all__ = ["WindowedArray", "scene_walls_chunked"]
+
+Persist = Callable[[da.Array], da.Array]
+
+
+class WindowedArray:
+    """A read-only 2-D array whose pixels are computed on demand, window by window.
+
+    Indexing with two slices (steps of 1) or with two integer arrays returns NumPy, computing
+    only the bounding window of what is asked (``read(rows, cols)``). Stands in for a whole map
+    where code reads windows or points of it (`enclosure.measure_enclosure`'s mask).
+    """
+
+    def __init__(self, shape: tuple[int, int], dtype: Any,
+                 read: Callable[[slice, slice], np.ndarray]) -> None:  # noqa: D107
+        self.shape, self.dtype, self.ndim, self._read = shape, np.dtype(dtype), 2, read
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = key
+        if isinstance(rows, slice) and isinstance(cols, slice):
+            (r0, r1, s0), (c0, c1, s1) = rows.indices(self.shape[0]), cols.indices(self.shape[1])
+            if s0 != 1 or s1 != 1:
+                raise IndexError("WindowedArray reads windows with steps of 1")
+            return self._read(slice(r0, max(r0, r1)), slice(c0, max(c0, c1)))
+        r, c = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        if r.size == 0:
+            return np.zeros(r.shape, self.dtype)
+        if r.min() < 0 or c.min() < 0 or r.max() >= self.shape[0] or c.max() >= self.shape[1]:
+            raise IndexError("WindowedArray takes indices inside the array only")
+        r0, c0 = int(r.min()), int(c.min())
+        window = self._read(slice(r0, int(r.max()) + 1), slice(c0, int(c.max()) + 1))
+        return window[r - r0, c - c0]
+
+
+def _wall_grey(stack: da.Array, factor: int) -> da.Array:
+    """Lazy grey image on the wall grid: `texture.grey`, block-averaged by ``factor`` per chunk
+    (the chunk results `texture.block_mean` computes and joins)."""
+    g = grey(stack)
+    if factor <= 1:
+        return g
+    g = _aligned(g, factor)
+    coarse = tuple(tuple(-(-c // factor) for c in axis) for axis in g.chunks)
+    return da.map_blocks(lambda b: _block_mean_np(b, factor)[0], g, chunks=coarse,
+                         dtype=np.float32)
+
+
+def _whole_stats(g: da.Array, persist: Persist, *, scale: bool
+                 ) -> tuple[da.Array, float, float | None]:
+    """``g`` stored, its nodata fill and (``scale``) its robust scale, from ``g`` made whole
+    once (the same NumPy calls on the same values as the whole-scene search), then dropped."""
+    whole = np.empty(g.shape, np.float32)
+    da.store(g, whole, lock=False)
+    fill = _fill_value(whole)
+    spread = robust_scale(whole) if scale else None
+    stored = persist(da.from_array(whole, chunks=g.chunks))
+    del whole
+    return stored, fill, spread
+
+
+def _min_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Chunk sizes with any chunk under ``depth`` merged into its neighbour (one chunk stays)."""
+    out: list[int] = []
+    for c in chunks:
+        if out and (c < depth or out[-1] < depth):
+            out[-1] += c
+        else:
+            out.append(c)
+    return tuple(out)
+
+
+def _line_block(b: np.ndarray, a: np.ndarray, *, depth: int, scale: float,
+                fills: tuple[float, float], radii: list[int], n_px: int,
+                block_info: dict | None = None) -> np.ndarray:
+    """``(strength, tophat before, tophat after, along)`` of one chunk from its haloed greys."""
+    info = (block_info or {0: {"chunk-location": (0, 0), "num-chunks": (1, 1)}})[0]
+    loc, num = info["chunk-location"], info["num-chunks"]
+    lo = [depth if loc[k] > 0 else 0 for k in range(2)]
+    hi = [b.shape[k] - (depth if loc[k] < num[k] - 1 else 0) for k in range(2)]
+    bb, aa = (np.where(np.isfinite(g), g, f) / scale for g, f in zip((b, a), fills, strict=True))
+    strength, th_b, th_a = _tophat_change(bb, aa, radii)
+    bad = ~(np.isfinite(b) & np.isfinite(a))
+    if bad.any():
+        strength[ndi.binary_dilation(bad, iterations=radii[1])] = 0.0
+    along = along_lines(strength, length_px=n_px)
+    return np.stack([strength, th_b, th_a, along])[:, lo[0]:hi[0], lo[1]:hi[1]]
+
+
+class _Rows:
+    """Row bands of a lazy 2-D array as NumPy (`walls.noise_sigma` reads full-width bands)."""
+
+    def __init__(self, arr: da.Array) -> None:  # noqa: D107
+        self.arr, self.shape = arr, arr.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.arr[rows].compute())
+
+
+def _seeded(regions: Regions, seeds: da.Array) -> np.ndarray:
+    """Per global label ``0..n``: whether any of its pixels is in ``seeds`` (0 never)."""
+    local, seed = regions.local.to_delayed(), seeds.to_delayed()
+
+    def found(lab: np.ndarray, s: np.ndarray, lut: np.ndarray) -> np.ndarray:
+        return np.unique(lut[lab[s]])
+
+    parts = dask.compute(*(dask.delayed(found)(local[i], seed[i], regions.luts[i])
+                           for i in np.ndindex(*regions.local.numblocks)))
+    seeded = np.zeros(regions.n + 1, bool)
+    seeded[np.concatenate([np.zeros(0, np.int64), *parts])] = True
+    seeded[0] = False
+    return seeded
+
+
+def _skeleton_pixels(regions: Regions, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raster-ordered ``(rows, cols)`` of the skeletons of the kept components (labels).
+
+    Components inside one chunk are thinned with the chunk; those across chunk borders on
+    their own bounding-box windows.
+    """
+    bounds = [np.concatenate([[0], np.cumsum(c)]) for c in regions.chunks]
+    box = regions.bbox
+    chunk_r = np.searchsorted(bounds[0], box[:, 0], side="right") - 1
+    chunk_c = np.searchsorted(bounds[1], box[:, 1], side="right") - 1
+    inside = ((box[:, 2] <= bounds[0][chunk_r + 1]) & (box[:, 3] <= bounds[1][chunk_c + 1]))
+    alone = np.concatenate([[False], keep[1:] & inside])
+    local = regions.local.to_delayed()
+
+    def thin(lab: np.ndarray, lut: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        rr, cc = np.nonzero(morphology.skeletonize(alone[lut[lab]]))
+        return np.column_stack([rr + r0, cc + c0])
+
+    parts = list(dask.compute(*(dask.delayed(thin)(local[i], regions.luts[i],
+                                                   int(bounds[0][i[0]]), int(bounds[1][i[1]]))
+                                for i in np.ndindex(*regions.local.numblocks))))
+    for label in np.flatnonzero(keep[1:] & ~inside) + 1:
+        r0, c0, r1, c1 = (int(v) for v in box[label - 1])
+        image = regions.window(slice(r0, r1), slice(c0, c1)) == label
+        rr, cc = np.nonzero(morphology.skeletonize(image))
+        parts.append(np.column_stack([rr + r0, cc + c0]))
+    px = np.concatenate([np.zeros((0, 2), np.int64), *parts]).astype(np.int64)
+    px = px[np.argsort(px[:, 0] * regions.shape[1] + px[:, 1], kind="stable")]
+    return px[:, 0], px[:, 1]
+
+
+def _crop_map(maps: da.Array, mask: WindowedArray, lm: LineMap, rows: slice, cols: slice
+              ) -> LineMap:
+    """The line map on ``[rows, cols]`` (its transform shifted there)."""
+    crop = np.asarray(maps[:3, rows, cols].compute())
+    return LineMap(crop[0], mask[rows, cols], lm.threshold,
+                   lm.transform * Affine.translation(cols.start, rows.start), lm.res_m,
+                   crop[1], crop[2])
+
+
+def _segments(maps: da.Array, mask: WindowedArray, lm: LineMap, regions: Regions,
+              keep: np.ndarray, params: WallParams) -> list[WallSegment]:
+    """`walls.find_wall_segments` on the stored maps: one Hough transform, crops to describe."""
+    transform, res_m = lm.transform, lm.res_m
+    rows, cols = _skeleton_pixels(regions, keep)
+    height, width = regions.shape[0], regions.shape[1]
+    runs = greedy_hough(rows.astype(np.float64), cols.astype(np.float64), (height, width),
+                        min_px=params.min_length_m / res_m / 2, near_px=max(1.5, 1.5 / res_m),
+                        gap_px=max(2.0, params.gap_m / res_m))
+    if not runs:
+        return []
+    px = np.asarray(runs, dtype=np.float64) + 0.5  # (col, row) of pixel centres
+    xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)  # type: ignore[operator]
+    segs = np.column_stack([xs[0], ys[0], xs[1], ys[1]])
+    merged = merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
+                             offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
+    # a crop holds everything `_describe` reads: the segment, 8 m parallels, shifts, slack
+    margin = int(math.ceil((8.0 + params.existing_tolerance_m) / res_m)) + 4
+    out = []
+    for seg in merged:
+        cs, rs = ~transform * (seg[[0, 2]], seg[[1, 3]])
+        r0, c0 = max(0, math.floor(min(rs)) - margin), max(0, math.floor(min(cs)) - margin)
+        r1 = min(height, math.ceil(max(rs)) + margin + 1)
+        c1 = min(width, math.ceil(max(cs)) + margin + 1)
+        crop = _crop_map(maps, mask, lm, slice(r0, r1), slice(c0, c1))
+        out.append(_describe(seg, crop, crop.transform, params.existing_tolerance_m))
+    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+
+
+def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine, res_m: float,
+                        params: WallParams, persist: Persist | None = None
+                        ) -> tuple[LineMap, list[WallSegment]]:
+    """`walls.new_line_map` and `walls.find_wall_segments` of a lazy pair, chunk by chunk.
+
+    Parameters
+    ----------
+    before, after
+        ``(band, y, x)`` Dask stacks on the working grid (co-registered, normalized; NaN =
+        nodata).
+    transform, res_m
+        The working grid's transform and pixel size (finer than ``params.max_res_m``).
+    params
+        Wall parameters.
+    persist
+        Computes a lazy wall-grid array once and returns it stored (e.g. one file per chunk);
+        five float32 maps and the int32 chunk labels of the wall grid go through it. None keeps
+        them in memory (Dask ``persist``).
+
+    Returns
+    -------
+    ``(line_map, segments)``: the line map's ``mask`` is a `WindowedArray` (pixels computed
+    on demand), its other maps are None; segments as `find_wall_segments` returns them.
+    """
+    keep_lazy: Persist = persist or (lambda a: a.persist())
+    factor = int(round(params.work_res_m / res_m)) if res_m < params.work_res_m else 1
+    if factor > 1:
+        transform, res_m = transform * Affine.scale(factor), res_m * factor
+    if res_m > params.max_res_m:  # walls are below a pixel: an empty map, no segment
+        shape = tuple(-(-n // factor) for n in before.shape[-2:])
+        empty = WindowedArray((shape[0], shape[1]), bool,
+                              lambda r, c: np.zeros((r.stop - r.start, c.stop - c.start), bool))
+        return LineMap(cast(np.ndarray, empty), cast(np.ndarray, empty), math.inf, transform,
+                       res_m), []
+    g_b, fill_b, spread = _whole_stats(_wall_grey(before, factor), keep_lazy, scale=True)
+    scale = cast(float, spread)
+    g_a, fill_a, _ = _whole_stats(_wall_grey(after, factor), keep_lazy, scale=False)
+    radii = [max(1, int(math.floor(w / (2 * res_m))))
+             for w in (params.max_wall_width_m, params.max_shadow_width_m)]
+    n_px = max(3, int(round(params.line_average_m / res_m)))
+    depth = max(2 * max(radii) + 1, radii[1]) + n_px // 2 + 1
+    chunks = tuple(_min_chunks(c, depth) for c in g_b.chunks)
+    halo = [da.overlap.overlap(g.rechunk(chunks), depth={0: depth, 1: depth}, boundary="none")
+            for g in (g_b, g_a)]
+    maps = keep_lazy(da.map_blocks(
+        _line_block, *halo, new_axis=0, chunks=((4,), *chunks), dtype=np.float32, depth=depth,
+        scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
+    strength, along = maps[0], maps[3]
+    share = params.max_line_share
+    top, low = np.quantile(np.asarray(along[::3, ::3].compute()), [1.0 - share, 1.0 - 2 * share])
+    sigma = noise_sigma(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)))
+    noise = params.noise_factor * sigma / scale / math.sqrt(n_px)
+    threshold = max(params.min_contrast, float(top), noise)
+    floor = max(0.5 * threshold, float(low))
+    weak = (strength >= floor) & (along >= floor)
+    regions = label_regions(weak, connectivity=2, persist=keep_lazy)
+    seeded = _seeded(regions, weak & (along >= threshold))
+    shape = (regions.shape[0], regions.shape[1])
+    mask = WindowedArray(shape, bool, lambda r, c: seeded[regions.window(r, c)])
+    lm = LineMap(cast(np.ndarray, WindowedArray(shape, np.float32,
+                                                lambda r, c: np.asarray(strength[r, c]))),
+                 cast(np.ndarray, mask), float(threshold), transform, res_m)
+    keep = seeded & (np.concatenate([[0], regions.area_px]) >= max(3.0, 3.0 / res_m))
+    return lm, _segments(maps, mask, lm, regions, keep, params)
