@@ -268,3 +268,24 @@ def test_windowed_array_reads_only_what_is_asked():
         arr[np.array([60]), np.array([0])]
     with pytest.raises(IndexError):
         arr[0:10:2, 0:5]
+
+
+@pytest.mark.parametrize(("shape", "leaf_px"), [((300, 410), 1000), ((97, 1203), 4096),
+                                                 ((1200, 1100), 1 << 18)])
+def test_grid_stats_equal_whole_image_stats(shape, leaf_px):
+    """The wall search's fill and scale, read band by band, equal walls' own on the whole image
+    to the bit (NumPy's pairwise float32 sum split the same way; the same scale sample)."""
+    import dask.array as da
+
+    from pipeline.detect.walls import _fill_value, robust_scale
+    from pipeline.detect.walls_chunked import _grid_stats
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(120.0, 40.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.1] = np.nan
+    image[:, :30] = np.nan
+    fill, scale = _grid_stats(da.from_array(image, chunks=(64, 128)), scale=True,
+                              leaf_px=leaf_px)
+    assert fill == _fill_value(image) and scale == robust_scale(image)
+    empty = da.full((40, 50), np.nan, dtype=np.float32, chunks=16)
+    assert _grid_stats(empty, scale=True) == (0.0, 1.0)

@@ -38,11 +38,9 @@ from pipeline.detect.walls import (
     LineMap,
     WallSegment,
     _describe,
-    _fill_value,
     _keep_walls,
     _tophat_change,
     noise_sigma,
-    robust_scale,
 )
 from pipeline.model import WallParams
 
@@ -92,17 +90,57 @@ def _wall_grey(stack: da.Array, factor: int) -> da.Array:
                          dtype=np.float32)
 
 
-def _whole_stats(g: da.Array, persist: Persist, *, scale: bool
-                 ) -> tuple[da.Array, float, float | None]:
-    """``g`` stored, its nodata fill and (``scale``) its robust scale, from ``g`` made whole
-    once (the same NumPy calls on the same values as the whole-scene search), then dropped."""
-    whole = np.empty(g.shape, np.float32)
-    da.store(g, whole, lock=False)
-    fill = _fill_value(whole)
-    spread = robust_scale(whole) if scale else None
-    stored = persist(da.from_array(whole, chunks=g.chunks))
-    del whole
-    return stored, fill, spread
+class _Flat:
+    """Ranges of a lazy 2-D array's raster-order (flattened) pixels, read as full-width rows."""
+
+    def __init__(self, arr: da.Array) -> None:  # noqa: D107
+        self.arr, self.width = arr, int(arr.shape[1])
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        r0, r1 = lo // self.width, -(-hi // self.width)
+        rows = np.asarray(self.arr[r0:r1].compute()).ravel()
+        return rows[lo - r0 * self.width:hi - r0 * self.width]
+
+
+def _pairwise_sum(read: _Flat, lo: int, hi: int, leaf_px: int) -> np.float32:
+    """``np.sum`` of the NaN-zeroed pixels ``lo..hi`` (raster order), float32, to the bit.
+
+    NumPy sums a contiguous float32 array pairwise: halves (the first a multiple of 8 long)
+    summed alone and added. Ranges above ``leaf_px`` are split the same way, so each range
+    read is summed by NumPy as the same subtree (tests check it against the whole sum).
+    """
+    n = hi - lo
+    if n <= leaf_px:
+        part = read(lo, hi)
+        return np.sum(np.where(np.isnan(part), np.float32(0), part))
+    half = n // 2
+    half -= half % 8
+    return np.float32(_pairwise_sum(read, lo, lo + half, leaf_px)
+                      + _pairwise_sum(read, lo + half, hi, leaf_px))
+
+
+def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22
+                ) -> tuple[float, float | None]:
+    """`walls._fill_value` and (``scale``) `walls.robust_scale` of a lazy wall-grid image, to
+    the bit, reading ``leaf_px`` pixels or one chunk row at a time (never the whole image)."""
+    n_nan, n_finite = dask.compute(da.isnan(g).sum(), da.isfinite(g).sum())
+    n_nan, n_finite = int(n_nan), int(n_finite)
+    if n_finite == 0:
+        return 0.0, 1.0 if scale else None
+    read = _Flat(g)
+    total = _pairwise_sum(read, 0, g.size, leaf_px)
+    fill = float(np.float32(total / np.intp(g.size - n_nan)))  # `np.nanmean`'s own steps
+    if not scale:
+        return fill, None
+    step = max(1, n_finite // 250_000)  # robust_scale's sample: every step-th valid pixel
+    sample, seen, r0 = [], 0, 0
+    for rows in g.chunks[0]:
+        band = np.asarray(g[r0:r0 + rows].compute())
+        values = band[np.isfinite(band)]
+        sample.append(values[(-seen) % step::step])
+        seen, r0 = seen + values.size, r0 + rows
+    lo, hi = np.percentile(np.concatenate(sample), [2, 98])
+    return fill, float(hi - lo) if hi > lo else 1.0
 
 
 def _min_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -261,9 +299,10 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
                               lambda r, c: np.zeros((r.stop - r.start, c.stop - c.start), bool))
         return LineMap(cast(np.ndarray, empty), cast(np.ndarray, empty), math.inf, transform,
                        res_m), []
-    g_b, fill_b, spread = _whole_stats(_wall_grey(before, factor), keep_lazy, scale=True)
+    g_b, g_a = (keep_lazy(_wall_grey(x, factor)) for x in (before, after))
+    fill_b, spread = _grid_stats(g_b, scale=True)
+    fill_a, _ = _grid_stats(g_a, scale=False)
     scale = cast(float, spread)
-    g_a, fill_a, _ = _whole_stats(_wall_grey(after, factor), keep_lazy, scale=False)
     radii = [max(1, int(math.floor(w / (2 * res_m))))
              for w in (params.max_wall_width_m, params.max_shadow_width_m)]
     n_px = max(3, int(round(params.line_average_m / res_m)))
