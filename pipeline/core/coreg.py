@@ -40,6 +40,7 @@ _CLIP_SIGMAS = 2.0
 _AGREE_PX = 1.0
 _PEAK_EXCLUDE_PX = 4
 _HIGHPASS_SIGMAS_PX = (1.0, 4.0)
+_SHIFT_STRIP_PX = 1 << 16  # pixels per strip of the shift: its temporaries stay in cache
 
 
 def _highpass_np(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -296,8 +297,9 @@ def estimate_shift(
 def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
     """Bilinear shift of ``(..., y, x)`` by ``(dy, dx)``; NaN unless every contributor is valid.
 
-    One plane at a time with float32 weights: the same sums, in the same order, as a padded
-    whole-stack version, without its copies.
+    One plane at a time, a strip of rows at a time (the temporaries stay in cache), with
+    float32 weights: the same sums, in the same order, as a padded whole-stack version,
+    without its copies. Only the frame that no shifted pixel reaches is filled with NaN.
     """
     ky, kx = math.floor(-dy), math.floor(-dx)
     fy, fx = -dy - ky, -dx - kx
@@ -311,18 +313,26 @@ def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
     r1 = min(ny, *(ny - ky - oy for oy, _, _ in corners))
     c0 = max(0, *(-kx - ox for _, ox, _ in corners))
     c1 = min(nx, *(nx - kx - ox for _, ox, _ in corners))
-    out = np.full(arr.shape, np.nan, dtype=dtype)
     if r1 <= r0 or c1 <= c0:
-        return out
-    scratch = np.empty((r1 - r0, c1 - c0), dtype=dtype)
+        return np.full(arr.shape, np.nan, dtype=dtype)
+    out = np.empty(arr.shape, dtype=dtype)
+    out[..., :r0, :] = np.nan
+    out[..., r1:, :] = np.nan
+    out[..., r0:r1, :c0] = np.nan
+    out[..., r0:r1, c1:] = np.nan
+    step = max(1, _SHIFT_STRIP_PX // (c1 - c0))
+    scratch = np.empty((min(step, r1 - r0), c1 - c0), dtype=dtype)
     for index in np.ndindex(arr.shape[:-2]):
-        src, acc = arr[index], out[index][r0:r1, c0:c1]
-        for n, (oy, ox, weight) in enumerate(corners):
-            part = src[r0 + ky + oy:r1 + ky + oy, c0 + kx + ox:c1 + kx + ox]
-            # NaN propagates through the sum: a pixel with any invalid contributor stays NaN
-            np.multiply(part, weight, out=acc if n == 0 else scratch)
-            if n:
-                acc += scratch
+        src, plane = arr[index], out[index]
+        for s0 in range(r0, r1, step):
+            s1 = min(s0 + step, r1)
+            acc, tmp = plane[s0:s1, c0:c1], scratch[:s1 - s0]
+            for n, (oy, ox, weight) in enumerate(corners):
+                part = src[s0 + ky + oy:s1 + ky + oy, c0 + kx + ox:c1 + kx + ox]
+                # NaN propagates through the sum: a pixel with any invalid contributor stays NaN
+                np.multiply(part, weight, out=acc if n == 0 else tmp)
+                if n:
+                    acc += tmp
     return out
 
 
