@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -139,12 +140,22 @@ def _kittler_np(counts: np.ndarray, edges: np.ndarray) -> float:
     return float(edges[int(np.argmin(np.where(ok, crit, np.inf))) + 1])
 
 
+def _stats_np(block: np.ndarray) -> tuple[float, float, int]:
+    """``(min, max, count)`` of the non-NaN values (``(inf, -inf, 0)`` when there are none)."""
+    n_valid = int(np.count_nonzero(~np.isnan(block)))
+    if n_valid == 0:
+        return math.inf, -math.inf, 0
+    return float(np.nanmin(block)), float(np.nanmax(block)), n_valid
+
+
 def _histogram(data) -> tuple[np.ndarray, np.ndarray] | float:
     """Histogram of the non-NaN values, or the single value if they are all equal."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "All-NaN", RuntimeWarning)
-        if isinstance(data, da.Array):
-            stats = dask.compute(da.nanmin(data), da.nanmax(data), (~da.isnan(data)).sum())
+        if isinstance(data, da.Array):  # one pass over the blocks for the three
+            parts = dask.compute(*map(dask.delayed(_stats_np), data.to_delayed().ravel()))
+            stats = (min(p[0] for p in parts), max(p[1] for p in parts),
+                     sum(p[2] for p in parts))
         else:
             stats = (np.nanmin(data), np.nanmax(data), (~np.isnan(data)).sum()) if data.size else (
                 np.nan, np.nan, 0)
@@ -229,15 +240,24 @@ def _smoothed_ones_np(shape: tuple[int, int], sigma: float) -> np.ndarray:
 
 
 def _smooth_np(mag: np.ndarray, sigma: float) -> np.ndarray:
-    """NaN-aware Gaussian smoothing (normalized convolution); NaN stays NaN."""
+    """NaN-aware Gaussian smoothing (normalized convolution); NaN stays NaN.
+
+    ndimage filters in float64 whatever the input type, so the float32 values go in as they
+    are (no float64 copy) and only the filtered result is float64.
+    """
     valid = ~np.isnan(mag)
-    num = ndi.gaussian_filter(np.where(valid, mag, 0.0).astype(np.float64), sigma, mode="constant")
+    fill = np.where(valid, mag, mag.dtype.type(0))
+    num = ndi.gaussian_filter(fill, sigma, mode="constant", output=np.float64)
+    del fill
     if valid.all() and mag.ndim == 2:  # most chunks: the weights need not be filtered in full
         den = _smoothed_ones_np(mag.shape, sigma)
     else:
         den = ndi.gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid, num / den, np.nan).astype(np.float32)
+        np.divide(num, den, out=num)
+    out = num.astype(np.float32)
+    out[~valid] = np.nan
+    return out
 
 
 def _square3_np(binary: np.ndarray, *, erode: bool) -> np.ndarray:
