@@ -282,16 +282,25 @@ def estimate_shift(
         exclude = exclude.data
     windows = [np.s_[y0 : y0 + h, x0 : x0 + w]
                for y0, x0, h, w in _select_windows(before, after, exclude, params.window_px)]
-    # all windows in one computation: chunks they share are read once
-    pixels = dask.compute(*((_band_mean(before, *win), _band_mean(after, *win))
-                            for win in windows))
-    results = []
-    for win, (r, m) in zip(windows, pixels, strict=True):
-        h, w = r.shape
-        valid = np.ones((h, w), bool) if exclude is None else ~np.asarray(exclude[win], bool)
-        r, m = (np.asarray(a, dtype=np.float64) for a in (r, m))
-        results.append(_phase_shift_np(r, m, valid, upsample_factor=params.upsample_factor))
+    # all windows in one computation: chunks they share are read once, and the windows are
+    # registered in parallel on the scheduler's workers (NumPy's FFTs and ndimage release
+    # the GIL); each window's result is the same whatever the scheduler
+    register = dask.delayed(_window_shift_np, pure=False)
+    tasks = []
+    for win in windows:
+        valid = None if exclude is None else ~np.asarray(exclude[win], bool)
+        tasks.append(register(_band_mean(before, *win), _band_mean(after, *win), valid,
+                              upsample_factor=params.upsample_factor))
+    results = list(dask.compute(*tasks))
     return _check_excess(_combine(results, params), params)
+
+
+def _window_shift_np(ref, mov, valid, *, upsample_factor: int):
+    """`_phase_shift_np` of one window's band means (``valid`` None: every pixel usable)."""
+    ref, mov = (np.asarray(a, dtype=np.float64) for a in (ref, mov))
+    if valid is None:
+        valid = np.ones(ref.shape, bool)
+    return _phase_shift_np(ref, mov, valid, upsample_factor=upsample_factor)
 
 
 def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
