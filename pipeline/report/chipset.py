@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from pyproj import Transformer
 
 from pipeline.errors import FetchError
-from pipeline.fetch.local import grid_chunks, read_to_grid
+from pipeline.fetch.local import WARP_TILE_PX, read_to_grid
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
 
@@ -47,7 +47,10 @@ MIN_DISPLAY_PX = 400
 # Chip windows are read together up to this many grid pixels (about 190 MB of float32 for both
 # dates): the chunks several windows share are read once per batch, and memory stays bounded.
 READ_BATCH_PX = 8 << 20
-READ_ORDER_PX = 2048  # about the chunk size of a lazily read grid (fetch.local.CHUNK_PX)
+READ_ORDER_PX = 2048  # targets are read in the order of these blocks of the grid
+# The inputs are read again in chunks of one warp tile: a window costs only the tiles it
+# overlaps, not whole 2048 px chunks (read_to_grid gives the same values whatever the chunks).
+READ_CHUNK_PX = WARP_TILE_PX
 # PNGs are encoded on this many threads (Pillow's encoder releases the GIL).
 ENCODE_THREADS = 2
 
@@ -207,7 +210,7 @@ def _read_grid(ref: SourceRef, plan: GridPlan, *, role: str, resampling: str) ->
         raise ValueError(f"The {role} image {ref.item_id} has no local file")
     # a local input always has a date (the run needs one); it only labels the array here
     da, read_ref = read_to_grid(ref.path, plan, role=role, acquired=ref.acquired or date.min,
-                                resampling=resampling, chunks=grid_chunks(plan),
+                                resampling=resampling, chunks=READ_CHUNK_PX,
                                 check_nodata=False)
     if ref.sha256 and read_ref.sha256 and read_ref.sha256 != ref.sha256:
         raise FetchError(
