@@ -137,12 +137,13 @@ def collect_warnings(into: list[dict[str, Any]]) -> Iterator[None]:
         try:
             yield
         finally:
-            counts: dict[tuple[str, str], int] = {}
+            counts: dict[tuple[str, str], int] = {}  # dicts keep the first appearance's order
             for w in caught:
-                if not issubclass(w.category, DeprecationWarning):
-                    kind = ("warning" if issubclass(w.category, PipelineWarning)
-                            else w.category.__name__)
-                    counts[kind, str(w.message)] = counts.get((kind, str(w.message)), 0) + 1
+                if issubclass(w.category, DeprecationWarning):
+                    continue
+                kind = "warning" if issubclass(w.category, PipelineWarning) else w.category.__name__
+                key = (kind, str(w.message))
+                counts[key] = counts.get(key, 0) + 1
             into.extend({"kind": kind, "message": message, "count": count}
                         for (kind, message), count in counts.items())
 
