@@ -296,7 +296,9 @@ class HttpClient:
                                      f"{self.max_body_bytes >> 20} MiB; refusing it.")
                 chunks.append(chunk)
         except requests.exceptions.ChunkedEncodingError as e:
-            raise _Retryable(f"the body was cut off after {size} bytes", "truncated") from e
+            # urllib3 drops the chunk it was reading, so ``size`` only counts whole chunks
+            got = f" ({size} bytes arrived before the cut)" if size else ""
+            raise _Retryable(f"the body was cut off mid-read{got}", "truncated") from e
         except requests.ConnectionError as e:
             if isinstance(e.args[0] if e.args else None, urllib3.exceptions.ReadTimeoutError):
                 raise _Retryable(f"no data within {self.context.timeout_s:g} s", "timeout") from e

@@ -302,7 +302,8 @@ def _read_pixels(items: list[ItemBands], plan: GridPlan, window: DateWindow,
                                      middle=window.middle, progress=context.progress,
                                      url_names=relay.names())
         except FetchError:
-            if relay.error is not None:  # the cache refused a body: say so, not "read failed"
+            # the cache refused a body, or a range changed mid-read: say so, not "read failed"
+            if relay.error is not None:
                 raise relay.error from None
             raise
         result = replace(result, reads=relay.reads())
