@@ -24,8 +24,9 @@ import numpy as np
 import shapely
 from affine import Affine
 from scipy import ndimage as ndi
-from skimage import feature, morphology
+from skimage import morphology
 
+from pipeline.detect.blobs import log_blobs
 from pipeline.detect.lines import line_footprint
 from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
 from pipeline.model import TowerParams, WallParams
@@ -190,8 +191,7 @@ def _candidates(new: np.ndarray, threshold: float, *, res_m: float,
     # own scale (and is dropped) instead of at the nearest accepted one.
     lo, hi = 0.6 * params.min_size_m / 2.5 / res_m, 1.2 * params.max_size_m / 2.5 / res_m
     # No pruning of overlapping blobs here: a large band would hide the tower beside it.
-    blobs = feature.blob_log(r, min_sigma=lo, max_sigma=hi, num_sigma=8,
-                             threshold=0.72 * threshold, overlap=1.0, exclude_border=False)
+    blobs = log_blobs(r, min_sigma=lo, max_sigma=hi, num_sigma=8, threshold=0.72 * threshold)
     sizes = 2.5 * blobs[:, 2] * res_m if len(blobs) else np.zeros(0)
     blobs = blobs[(sizes >= params.min_size_m) & (sizes <= params.max_size_m)]
     if len(blobs) == 0:

@@ -1,0 +1,74 @@
+"""Tests for pipeline.detect.blobs: scikit-image's LoG blobs and peaks, found faster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import feature
+
+from pipeline.detect.blobs import local_peaks, log_blobs
+
+SCALES = {"min_sigma": 1.44, "max_sigma": 8.64, "num_sigma": 8}
+
+
+def _image(shape, *, seed, density, dtype=np.float32):
+    """Non-negative clutter: squares of several sizes and strengths on a faint background."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, np.float64)
+    for _ in range(int(density * shape[0] * shape[1] / 100)):
+        r, c = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+        h = int(rng.integers(1, 12))
+        img[r:r + h, c:c + h] += rng.uniform(0.05, 0.6)
+    img += np.clip(rng.normal(0, 0.02, shape), 0, None)
+    return np.clip(ndi.uniform_filter(img, 2), 0, None).astype(dtype)
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (130, 47), (20, 25)])
+@pytest.mark.parametrize("density", [0.5, 5.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_blobs_equal_skimage(shape, density, dtype):
+    """Rows (values, order, dtype) equal skimage's blob_log at overlap 1.0, edges included."""
+    image = _image(shape, seed=sum(shape), density=density, dtype=dtype)
+    for threshold in (0.02, 0.108):
+        expected = feature.blob_log(image, threshold=threshold, overlap=1.0,
+                                    exclude_border=False, **SCALES)
+        got = log_blobs(image, threshold=threshold, **SCALES)
+        assert len(expected) > 0 or threshold > 0.1
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+def _reference_peaks(cube, threshold):
+    return feature.peak_local_max(cube.transpose(1, 2, 0), threshold_abs=threshold,
+                                  exclude_border=False, footprint=np.ones((3, 3, 3)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_local_peaks_equal_peak_local_max_with_plateaus_and_ties(seed):
+    """Quantised values (plateaus, equal peaks, peaks on every face): same rows, same order."""
+    rng = np.random.default_rng(seed)
+    cube = np.round(rng.random((5, 23, 31)) * 6).astype(np.float32) / 6
+    cube[:, :, :3] = 1.0  # a plateau on an edge
+    cube[2, 10, 15] = 2.0
+    cube[0, 0, 30] = 2.0  # equal to the peak above, in a corner
+    for threshold in (0.0, 0.5, 0.9):
+        np.testing.assert_array_equal(local_peaks(cube, threshold),
+                                      _reference_peaks(cube, threshold))
+
+
+def test_local_peaks_constant_cube_has_none():
+    """A constant cube above the threshold has no peak (peak_local_max's trivial case)."""
+    cube = np.full((3, 8, 8), 0.7, np.float32)
+    assert len(_reference_peaks(cube, 0.1)) == 0
+    assert local_peaks(cube, 0.1).shape == (0, 3)
+
+
+def test_log_blobs_rejects_bad_input():
+    """Non-finite or non-2-D images are refused with a clear message."""
+    image = _image((40, 40), seed=5, density=5.0)
+    image[3, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        log_blobs(image, threshold=0.01, **SCALES)
+    with pytest.raises(ValueError, match="2-D"):
+        log_blobs(np.zeros((2, 4, 4), np.float32), threshold=0.01, **SCALES)
