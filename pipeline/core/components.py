@@ -28,7 +28,7 @@ from scipy.sparse import csgraph
 __all__ = ["Regions", "label_regions"]
 
 _NONE = np.iinfo(np.int64).max
-_RECENT_BLOCKS = 4  # chunks of local labels kept by Regions.window
+_RECENT_BLOCKS = 16  # chunks of local labels kept by Regions.window (memory-mapped when stored)
 
 
 def _structure(connectivity: int) -> np.ndarray:

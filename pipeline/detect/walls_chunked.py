@@ -90,15 +90,60 @@ def _wall_grey(stack: da.Array, factor: int) -> da.Array:
                          dtype=np.float32)
 
 
-class _Flat:
-    """Ranges of a lazy 2-D array's raster-order (flattened) pixels, read as full-width rows."""
+class _Stored:
+    """Windows of a lazy ``(..., y, x)`` array (leading axes one chunk), read block by block.
 
-    def __init__(self, arr: da.Array) -> None:  # noqa: D107
-        self.arr, self.width = arr, int(arr.shape[1])
+    Only the blocks a window touches are computed, each through its own small graph (a read of
+    a stored chunk), not through a graph of the whole array, whose cost grows with the number
+    of chunks; the last few blocks are kept (reads cluster).
+    """
+
+    def __init__(self, arr: da.Array, keep: int = 32) -> None:  # noqa: D107
+        self.shape = (int(arr.shape[-2]), int(arr.shape[-1]))
+        self.lead = (0,) * (arr.ndim - 2)
+        self.delayed = arr.to_delayed()
+        self.bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[-2:]]
+        self.keep = keep
+        self.recent: dict[tuple[int, int], np.ndarray] = {}
+
+    def _block(self, i: int, j: int) -> np.ndarray:
+        if (i, j) not in self.recent:
+            if len(self.recent) >= self.keep:
+                self.recent.pop(next(iter(self.recent)))
+            self.recent[i, j] = np.asarray(
+                self.delayed[(*self.lead, i, j)].compute(scheduler="synchronous"))
+        return self.recent[i, j]
+
+    def window(self, rows: slice, cols: slice) -> np.ndarray:
+        """``arr[..., rows, cols]`` (steps of 1, inside the array) as NumPy."""
+        (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
+        parts = []
+        for i in range(np.searchsorted(self.bounds[0], r0, "right") - 1,
+                       np.searchsorted(self.bounds[0], r1, "left")):
+            lo, hi = self.bounds[0][i], self.bounds[0][i + 1]
+            line = []
+            for j in range(np.searchsorted(self.bounds[1], c0, "right") - 1,
+                           np.searchsorted(self.bounds[1], c1, "left")):
+                left, right = self.bounds[1][j], self.bounds[1][j + 1]
+                line.append(self._block(i, j)[..., max(r0, lo) - lo:min(r1, hi) - lo,
+                                              max(c0, left) - left:min(c1, right) - left])
+            parts.append(np.concatenate(line, axis=-1))
+        return np.concatenate(parts, axis=-2)
+
+    def rows(self, rows: slice) -> np.ndarray:
+        """Full-width rows ``arr[..., rows, :]`` as NumPy."""
+        return self.window(rows, slice(0, self.shape[1]))
+
+
+class _Flat:
+    """Ranges of a stored 2-D array's raster-order (flattened) pixels."""
+
+    def __init__(self, arr: _Stored) -> None:  # noqa: D107
+        self.arr, self.width = arr, arr.shape[1]
 
     def __call__(self, lo: int, hi: int) -> np.ndarray:
         r0, r1 = lo // self.width, -(-hi // self.width)
-        rows = np.asarray(self.arr[r0:r1].compute()).ravel()
+        rows = self.arr.rows(slice(r0, r1)).ravel()
         return rows[lo - r0 * self.width:hi - r0 * self.width]
 
 
@@ -127,7 +172,8 @@ def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22
     n_nan, n_finite = int(n_nan), int(n_finite)
     if n_finite == 0:
         return 0.0, 1.0 if scale else None
-    read = _Flat(g)
+    stored = _Stored(g)
+    read = _Flat(stored)
     total = _pairwise_sum(read, 0, g.size, leaf_px)
     fill = float(np.float32(total / np.intp(g.size - n_nan)))  # `np.nanmean`'s own steps
     if not scale:
@@ -135,7 +181,7 @@ def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22
     step = max(1, n_finite // 250_000)  # robust_scale's sample: every step-th valid pixel
     sample, seen, r0 = [], 0, 0
     for rows in g.chunks[0]:
-        band = np.asarray(g[r0:r0 + rows].compute())
+        band = stored.rows(slice(r0, r0 + rows))
         values = band[np.isfinite(band)]
         sample.append(values[(-seen) % step::step])
         seen, r0 = seen + values.size, r0 + rows
@@ -172,13 +218,14 @@ def _line_block(b: np.ndarray, a: np.ndarray, *, depth: int, scale: float,
 
 
 class _Rows:
-    """Row bands of a lazy 2-D array as NumPy (`walls.noise_sigma` reads full-width bands)."""
+    """Row bands of a stored 2-D array as NumPy (`walls.noise_sigma` reads full-width bands)."""
 
     def __init__(self, arr: da.Array) -> None:  # noqa: D107
-        self.arr, self.shape = arr, arr.shape
+        self.arr = _Stored(arr)
+        self.shape = self.arr.shape
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        return np.asarray(self.arr[rows].compute())
+        return self.arr.rows(slice(*rows.indices(self.shape[0])[:2]))
 
 
 def _seeded(regions: Regions, seeds: da.Array) -> np.ndarray:
@@ -227,16 +274,16 @@ def _skeleton_pixels(regions: Regions, keep: np.ndarray) -> tuple[np.ndarray, np
     return px[:, 0], px[:, 1]
 
 
-def _crop_map(maps: da.Array, mask: WindowedArray, lm: LineMap, rows: slice, cols: slice
+def _crop_map(maps: _Stored, mask: WindowedArray, lm: LineMap, rows: slice, cols: slice
               ) -> LineMap:
     """The line map on ``[rows, cols]`` (its transform shifted there)."""
-    crop = np.asarray(maps[:3, rows, cols].compute())
+    crop = maps.window(rows, cols)
     return LineMap(crop[0], mask[rows, cols], lm.threshold,
                    lm.transform * Affine.translation(cols.start, rows.start), lm.res_m,
                    crop[1], crop[2])
 
 
-def _segments(maps: da.Array, mask: WindowedArray, lm: LineMap, regions: Regions,
+def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
               keep: np.ndarray, params: WallParams) -> list[WallSegment]:
     """`walls.find_wall_segments` on the stored maps: one Hough transform, crops to describe."""
     transform, res_m = lm.transform, lm.res_m
@@ -254,15 +301,22 @@ def _segments(maps: da.Array, mask: WindowedArray, lm: LineMap, regions: Regions
                              offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
     # a crop holds everything `_describe` reads: the segment, 8 m parallels, shifts, slack
     margin = int(math.ceil((8.0 + params.existing_tolerance_m) / res_m)) + 4
-    out = []
-    for seg in merged:
-        cs, rs = ~transform * (seg[[0, 2]], seg[[1, 3]])
-        r0, c0 = max(0, math.floor(min(rs)) - margin), max(0, math.floor(min(cs)) - margin)
-        r1 = min(height, math.ceil(max(rs)) + margin + 1)
-        c1 = min(width, math.ceil(max(cs)) + margin + 1)
+    cs, rs = ~transform * (merged[:, [0, 2]].T, merged[:, [1, 3]].T)
+    boxes = np.column_stack([np.maximum(0, np.floor(rs.min(axis=0)) - margin),
+                             np.maximum(0, np.floor(cs.min(axis=0)) - margin),
+                             np.minimum(height, np.ceil(rs.max(axis=0)) + margin + 1),
+                             np.minimum(width, np.ceil(cs.max(axis=0)) + margin + 1)]
+                            ).astype(np.int64)
+    # described block by block (the blocks read stay cached), listed in the merged order
+    chunk = max(maps.bounds[0][1], 1), max(maps.bounds[1][1], 1)
+    order = np.lexsort((boxes[:, 1] // chunk[1], boxes[:, 0] // chunk[0]))
+    out: list[WallSegment | None] = [None] * len(merged)
+    for k in order.tolist():
+        r0, c0, r1, c1 = (int(v) for v in boxes[k])
         crop = _crop_map(maps, mask, lm, slice(r0, r1), slice(c0, c1))
-        out.append(_describe(seg, crop, crop.transform, params.existing_tolerance_m))
-    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+        out[k] = _describe(merged[k], crop, crop.transform, params.existing_tolerance_m)
+    return _keep_walls([w for w in out if w is not None], threshold=lm.threshold, res_m=res_m,
+                       params=params)
 
 
 def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine, res_m: float,
@@ -314,6 +368,7 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         _line_block, *halo, new_axis=0, chunks=((4,), *chunks), dtype=np.float32, depth=depth,
         scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
     strength, along = maps[0], maps[3]
+    stored = _Stored(maps)
     share = params.max_line_share
     top, low = np.quantile(np.asarray(along[::3, ::3].compute()), [1.0 - share, 1.0 - 2 * share])
     sigma = noise_sigma(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)))
@@ -326,7 +381,7 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
     shape = (regions.shape[0], regions.shape[1])
     mask = WindowedArray(shape, bool, lambda r, c: seeded[regions.window(r, c)])
     lm = LineMap(cast(np.ndarray, WindowedArray(shape, np.float32,
-                                                lambda r, c: np.asarray(strength[r, c]))),
+                                                lambda r, c: stored.window(r, c)[0])),
                  cast(np.ndarray, mask), float(threshold), transform, res_m)
     keep = seeded & (np.concatenate([[0], regions.area_px]) >= max(3.0, 3.0 / res_m))
-    return lm, _segments(maps, mask, lm, regions, keep, params)
+    return lm, _segments(stored, mask, lm, regions, keep, params)
