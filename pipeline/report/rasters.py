@@ -238,6 +238,8 @@ def _cast(data: np.ndarray, dtype: str, nodata: float | int) -> np.ndarray:
     is_float = np.issubdtype(target, np.floating)
     if data.dtype == bool:
         data = data.astype(np.uint8)
+    if data.dtype == target and (not is_float or math.isnan(nodata)):
+        return data  # nothing to map or check: NaN is the nodata, or integers already fit
     is_nan_able = np.issubdtype(data.dtype, np.floating)
     missing = np.isnan(data) if is_nan_able else np.zeros(data.shape, dtype=bool)
     if is_float:
