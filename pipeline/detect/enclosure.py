@@ -137,18 +137,22 @@ def segment_units(segments: Sequence[WallSegment]) -> np.ndarray:
 
 
 def backing_of_lines(pts: np.ndarray, tangents: np.ndarray, lines: np.ndarray,
-                     units: np.ndarray, tol: float) -> np.ndarray:
+                     units: np.ndarray, tol: float, near: np.ndarray | None = None
+                     ) -> np.ndarray:
     """`segment_backing` of ``lines`` (LineStrings) with their unit directions ``units``.
 
-    Distances are measured only between a point and the segments parallel to its tangent.
-    Two-point lines are measured with NumPy; where that distance is within
-    ``_EXACT_BAND_M`` of ``tol`` (or a line has more points), GEOS measures it, so the
-    answer is GEOS's own.
+    Distances are measured only between a point and the segments parallel to its tangent
+    (and, with ``near``, a ``(points, lines)`` boolean mask, only for its True pairs: the
+    caller vouches that the others are farther apart than ``tol``). Two-point lines are
+    measured with NumPy; where that distance is within ``_EXACT_BAND_M`` of ``tol`` (or a
+    line has more points), GEOS measures it, so the answer is GEOS's own.
     """
     out = np.zeros(len(pts), bool)
     if not len(lines) or not len(pts):
         return out
     parallel = np.abs(tangents @ units.T) >= math.cos(math.radians(PARALLEL_DEG))
+    if near is not None:
+        parallel &= near
     ii, jj = np.nonzero(parallel)
     if not len(ii):
         return out

@@ -42,6 +42,8 @@ class SegmentArrays:
     lines: np.ndarray  # the LineStrings (object array)
     unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation (`segment_units`)
     tree: shapely.STRtree
+    direction: np.ndarray  # (n, 2) unit vectors from p to q
+    mid: np.ndarray  # (n, 2) midpoints
 
     @classmethod
     def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
@@ -51,18 +53,33 @@ class SegmentArrays:
         lines = np.array([s.line for s in items], dtype=object)
         ends = (shapely.get_coordinates(list(lines)).reshape(-1, 2, 2) if items
                 else np.zeros((0, 2, 2)))
-        return cls(items, ends[:, 0], ends[:, 1],
-                   np.array([s.contrast * s.support for s in items], float), lines,
-                   segment_units(items), shapely.STRtree(lines))
+        p, q = ends[:, 0], ends[:, 1]
+        direction = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
+        return cls(items, p, q, np.array([s.contrast * s.support for s in items], float),
+                   lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2)
 
     def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
         """`enclosure.segment_backing` of these segments: only those whose bounding box comes
-        within ``tol`` of the points are measured (the others cannot be within ``tol``)."""
+        within ``tol`` of the points are measured (the others cannot be within ``tol``), and
+        each run of `_RUN_PX` consecutive points only against those near the run."""
         if not self.items or not len(pts):
             return np.zeros(len(pts), bool)
         lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
         idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
-        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol)
+        run = np.arange(len(pts)) // _RUN_PX
+        starts = np.arange(0, len(pts), _RUN_PX)
+        lo = np.minimum.reduceat(pts, starts, axis=0) - tol
+        hi = np.maximum.reduceat(pts, starts, axis=0) + tol
+        k, hit = self.tree.query(shapely.box(lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]))
+        near = np.zeros((len(starts), len(idx)), bool)
+        near[k, np.searchsorted(idx, hit)] = True  # a run's box lies in the points' box
+        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol,
+                                near=near[run])
+
+
+# Points measured against one set of nearby segments (perimeter samples are 1 m apart or
+# less: runs of a few tens of metres keep their boxes tight). Not a result.
+_RUN_PX = 16
 
 
 def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentArrays,
@@ -74,10 +91,8 @@ def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentA
     """
     length = float(np.hypot(*(b - a)))
     u = (b - a) / length
-    p, q = segs.p, segs.q
-    v = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
+    p, q, v, mid = segs.p, segs.q, segs.direction, segs.mid
     along = v @ u
-    mid = (p + q) / 2
     offset = (mid - a) @ outward
     tp, tq = (p - a) @ u, (q - a) @ u
     overlap = np.minimum(np.maximum(tp, tq), length) - np.maximum(np.minimum(tp, tq), 0.0)
