@@ -35,20 +35,29 @@ def along_lines(image: np.ndarray, *, length_px: int, n_angles: int = 16) -> np.
 
     Edges repeat the nearest pixel (``ndimage.correlate``'s ``"nearest"``). The line's pixels
     are summed as shifted views of one padded copy: a line footprint is mostly empty, so this
-    is several times faster than a dense correlation (equal to float32 rounding).
+    is several times faster than a dense correlation (equal to float32 rounding). Bands of
+    `_ALONG_BAND_ROWS` rows are done one at a time, so the sums stay in the CPU cache (each
+    pixel's sum is the same, in the same order).
     """
     h = length_px // 2
     padded = np.pad(np.asarray(image, dtype=np.float32), h, mode="edge")
     rows, cols = image.shape
+    offsets = [np.nonzero(line_footprint(length_px, 180.0 * k / n_angles))
+               for k in range(n_angles)]
     out = np.zeros(image.shape, np.float32)
-    total = np.empty(image.shape, np.float32)
-    for k in range(n_angles):
-        dr, dc = np.nonzero(line_footprint(length_px, 180.0 * k / n_angles))
-        total[...] = 0.0
-        for r, c in zip(dr, dc, strict=True):
-            total += padded[r:r + rows, c:c + cols]
-        np.maximum(out, total / len(dr), out=out)
+    total = np.empty((min(rows, _ALONG_BAND_ROWS), cols), np.float32)
+    for r0 in range(0, rows, _ALONG_BAND_ROWS):
+        n = min(rows, r0 + _ALONG_BAND_ROWS) - r0
+        band, t = out[r0:r0 + n], total[:n]
+        for dr, dc in offsets:
+            t[...] = 0.0
+            for r, c in zip(dr, dc, strict=True):
+                t += padded[r0 + r:r0 + r + n, c:c + cols]
+            np.maximum(band, t / len(dr), out=band)
     return out
+
+
+_ALONG_BAND_ROWS = 64  # measured: about 1.8x faster than whole 1100 px chunks at once
 
 
 _THETA = np.linspace(-np.pi / 2, np.pi / 2, 360, endpoint=False)  # 0.5 degree bins

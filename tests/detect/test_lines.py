@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from scipy import ndimage as ndi
 from skimage import draw
 
-from pipeline.detect.lines import _Accumulator, _vote_index, greedy_hough
+from pipeline.detect.lines import (
+    _Accumulator,
+    _vote_index,
+    along_lines,
+    greedy_hough,
+    line_footprint,
+)
 
 
 def test_accumulator_argmax_is_numpy_argmax_through_adds_and_withdrawals() -> None:
@@ -48,3 +56,26 @@ def test_vote_index_one_vote_per_angle() -> None:
     index = _vote_index(np.array([3.0, 7.0]), np.array([5.0, 1.0]), offset=20)
     assert index.shape == (2 * 360,)
     assert np.all(np.diff(index[:360] % 360) == 1)
+
+
+@pytest.mark.parametrize("shape", [(150, 97), (64, 10), (3, 40)])
+def test_along_lines_equals_whole_image_sums_and_correlation(shape) -> None:
+    """Banded sums equal the whole-image shifted sums exactly, and the dense correlation to
+    float32 rounding, on images taller and shorter than a band."""
+    rng = np.random.default_rng(shape[0])
+    image = rng.random(shape).astype(np.float32)
+    length = 9
+    got = along_lines(image, length_px=length)
+    padded = np.pad(image, length // 2, mode="edge")
+    expected = np.zeros(shape, np.float32)
+    dense = np.full(shape, -np.inf)
+    for k in range(16):
+        fp = line_footprint(length, 180.0 * k / 16)
+        total = np.zeros(shape, np.float32)
+        for r, c in zip(*np.nonzero(fp), strict=True):
+            total += padded[r:r + shape[0], c:c + shape[1]]
+        expected = np.maximum(expected, total / int(fp.sum()))
+        dense = np.maximum(dense, ndi.correlate(image.astype(np.float64), fp / fp.sum(),
+                                                mode="nearest"))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-6)
