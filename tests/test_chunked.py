@@ -289,3 +289,23 @@ def test_grid_stats_equal_whole_image_stats(shape, leaf_px):
     assert fill == _fill_value(image) and scale == robust_scale(image)
     empty = da.full((40, 50), np.nan, dtype=np.float32, chunks=16)
     assert _grid_stats(empty, scale=True) == (0.0, 1.0)
+
+
+def test_assess_outlines_in_batches_equal_all_at_once(monkeypatch):
+    """Outlines graded a batch of crops at a time (lazy pair) grade as all at once (NumPy)."""
+    import dask.array as da
+
+    import pipeline.detect.walled as walled
+    from pipeline.model import DetectParams
+
+    before, after = _walled_pair((500, 520), 1.0)
+    kwargs = dict(transform=from_origin(*ORIGIN, 1.0, 1.0), res_m=1.0, params=DetectParams())
+    scene = walled.scene_walls(before, after, **kwargs)
+    outlines = walled.wall_outlines(scene, params=kwargs["params"])
+    whole = walled.assess_outlines(before, after, outlines, scene=scene, **kwargs)
+    monkeypatch.setattr(walled, "GRADE_BATCH_PX", 1)  # one outline a batch
+    lazy = walled.assess_outlines(da.from_array(before, chunks=(3, 128, 128)),
+                                  da.from_array(after, chunks=(3, 128, 128)), outlines,
+                                  scene=scene, **kwargs)
+    assert len(outlines) >= 2 and lazy == whole
+    assert max(a.grade for a in whole) >= 1

@@ -10,6 +10,7 @@ or Dask) and shapely geometries in the grid CRS in, numbers and geometries out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ __all__ = ["SceneWalls", "scene_walls", "wall_outlines", "assess_outlines", "coa
 # Margin around an outline for grading: walls the seed outline misses by up to this much are
 # still found (texture seeds come from ~10 m cells), and towers just outside it.
 GRADE_MARGIN_M = 60.0
+# Outlines are graded a batch at a time, of about this many crop values (both dates, all
+# bands; 128 MB of float32): the crops of a large scene's outlines would not fit together.
+GRADE_BATCH_PX = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,31 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
                     scene: SceneWalls) -> list[SiteAssessment]:
     """Walls, fences, towers and grade of each outline, on a crop of the pair around it.
 
-    The crops (outline plus `GRADE_MARGIN_M`) are computed together when the pair is lazy;
-    the scene's line map and segments are shared by all outlines.
+    The crops (outline plus `GRADE_MARGIN_M`) are computed together, a batch of outlines of
+    about `GRADE_BATCH_PX` crop pixels at a time (only one batch of crops is held: their
+    number grows with the area); the scene's line map and segments are shared by all
+    outlines.
     """
     margin_px = max(1, round(GRADE_MARGIN_M / res_m))
     windows = [outline_window(o, transform, before.shape, margin_px=margin_px) for o in outlines]
-    crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows
-                           for x in (before, after)])
-    out = []
-    for k, (outline, (_, _, window)) in enumerate(zip(outlines, windows, strict=True)):
-        out.append(assess_site(crops[2 * k], crops[2 * k + 1], outline, transform=window,
-                               res_m=res_m, walls=params.walls, towers=params.towers,
-                               grades=params.grade, line_map=scene.line_map,
-                               segments=scene.segments))
+    sizes = [2 * math.prod(before.shape[:-2]) * (r.stop - r.start) * (c.stop - c.start)
+             for r, c, _ in windows]
+    out: list[SiteAssessment] = []
+    while len(out) < len(outlines):
+        start, total = len(out), 0
+        stop = start
+        while stop < len(outlines) and (stop == start or total + sizes[stop] <= GRADE_BATCH_PX):
+            total += sizes[stop]
+            stop += 1
+        crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[start:stop]
+                               for x in (before, after)])
+        for k in range(start, stop):
+            out.append(assess_site(crops[2 * (k - start)], crops[2 * (k - start) + 1],
+                                   outlines[k], transform=windows[k][2], res_m=res_m,
+                                   walls=params.walls, towers=params.towers,
+                                   grades=params.grade, line_map=scene.line_map,
+                                   segments=scene.segments))
+        del crops
     return out
 
 
