@@ -28,8 +28,8 @@ from affine import Affine
 from scipy import ndimage as ndi
 from skimage import morphology
 
+from pipeline.detect.blocks import block_mean
 from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
-from pipeline.detect.texture import block_mean
 from pipeline.model import WallParams
 
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",

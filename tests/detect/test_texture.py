@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.detect.texture import _block_mean_np, block_mean
+from pipeline.detect.blocks import _block_mean_np, block_mean
 
 
 def _reference(a: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,3 +68,19 @@ def test_sobel_in_bands_is_the_same_to_the_bit(monkeypatch: pytest.MonkeyPatch) 
         wide = img.astype(np.float64)
         expected = np.hypot(ndi.sobel(wide, 0), ndi.sobel(wide, 1))
         np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (40, 300), (300, 41)])
+def test_gaussian_bands_equal_scipy(monkeypatch, shape):
+    """The column pass in bands gives SciPy's gaussian_filter exactly, for any band width."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect import texture
+
+    img = (np.random.default_rng(shape[1]).random(shape) * 5).astype(np.float32)
+    expected = ndi.gaussian_filter(img, 1.0)
+    for cols in (1, 7, 256, 10_000):
+        monkeypatch.setattr(texture, "_GAUSS_BAND_COLS", cols)
+        got = texture._gaussian_np(img, 1.0)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
