@@ -309,3 +309,31 @@ def test_assess_outlines_in_batches_equal_all_at_once(monkeypatch):
                                   scene=scene, **kwargs)
     assert len(outlines) >= 2 and lazy == whole
     assert max(a.grade for a in whole) >= 1
+
+
+def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
+    """Compound candidates found a batch of crops at a time (lazy pair) are those found with
+    every crop at once (NumPy pair)."""
+    import dask.array as da
+
+    import pipeline.detect.compounds as compounds
+    from pipeline.model import DetectParams
+
+    with rasterio.open(pair[0]) as b, rasterio.open(pair[1]) as a:
+        before, after = (src.read().astype(np.float32) for src in (b, a))
+        transform = b.transform
+    after[:, :, :40] = np.nan
+    for r in range(30, 120, 30):  # a second block of new buildings: two candidate regions
+        for c in range(470, 600, 38):
+            after[:, r:r + 14, c:c + 24] = 205.0
+    params = DetectParams().objects
+    whole = compounds.find_compounds(before, after, transform=transform, res_m=RES_M,
+                                     params=params)
+    monkeypatch.setattr(compounds, "CROP_BATCH_PX", 1)  # one region a batch
+    lazy = compounds.find_compounds(da.from_array(before, chunks=(3, 200, 200)),
+                                    da.from_array(after, chunks=(3, 200, 200)),
+                                    transform=transform, res_m=RES_M, params=params)
+    assert len(whole[0]) >= 2 and lazy[0] == whole[0]
+    assert lazy[1].shape == whole[1].shape and lazy[2] == whole[2]
+    assert list(compounds.crop_batches([5, 1, 1, 9, 2], 7)) == [range(0, 3), range(3, 4),
+                                                                range(4, 5)]

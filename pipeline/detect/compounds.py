@@ -8,6 +8,7 @@ the maximum-evidence rectangle in the site's dominant orientation (``rectfit``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,12 @@ from pipeline.detect.texture import (
 )
 from pipeline.model import ObjectParams
 
-__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window"]
+__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window",
+           "crop_batches", "CROP_BATCH_PX"]
+
+# Crops of candidate regions and outlines are computed and held a batch at a time, of about
+# this many values (128 MB of float32): their number grows with the area.
+CROP_BATCH_PX = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -107,25 +113,39 @@ def find_compounds(
     search_px = 2 * params.site_sigma_m / res_m
     regions = [r for r in measure.regionprops(labels) if r.area >= min_cells]
     boxes = [_cell_box(r.bbox, margin, gain.shape) for r in regions]
-    fines = compute_crops([grey_after[r0 * factor:r1 * factor, c0 * factor:c1 * factor]
-                           for r0, c0, r1, c1 in boxes])
-    fits = []
-    for region, box, fine in zip(regions, boxes, fines, strict=True):
-        fit = _fit_region(gain, labels, region, box, fine, threshold=threshold, factor=factor)
-        if fit is not None:
-            fits.append(fit)
-    shape = edges.after.shape
-    windows = [snap_window(px, shape, search_px=search_px) for _, px in fits]
-    crops = compute_crops([new_edges(edges, rows, cols) for rows, cols in windows])
     found = []
-    for (angle, px), (rows, cols), crop in zip(fits, windows, crops, strict=True):
-        px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
-        cand = _candidate(px, angle, gain, threshold=threshold, transform=transform,
-                          factor=factor, cell_m=cell_m)
-        if cand.polygon.area >= params.compound_min_area_m2:
-            found.append(cand)
+    # a batch of regions at a time: only one batch of crops is held (their number grows
+    # with the area)
+    for part in crop_batches([(r1 - r0) * (c1 - c0) * factor**2 for r0, c0, r1, c1 in boxes],
+                             CROP_BATCH_PX):
+        fines = compute_crops([grey_after[r0 * factor:r1 * factor, c0 * factor:c1 * factor]
+                               for r0, c0, r1, c1 in (boxes[k] for k in part)])
+        fits = [_fit_region(gain, labels, regions[k], boxes[k], fine, threshold=threshold,
+                            factor=factor) for k, fine in zip(part, fines, strict=True)]
+        fitted = [f for f in fits if f is not None]
+        windows = [snap_window(px, edges.after.shape, search_px=search_px) for _, px in fitted]
+        crops = compute_crops([new_edges(edges, rows, cols) for rows, cols in windows])
+        for (angle, px), (rows, cols), crop in zip(fitted, windows, crops, strict=True):
+            px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
+            cand = _candidate(px, angle, gain, threshold=threshold, transform=transform,
+                              factor=factor, cell_m=cell_m)
+            if cand.polygon.area >= params.compound_min_area_m2:
+                found.append(cand)
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
+
+
+def crop_batches(sizes: Sequence[int], limit: int) -> Iterator[range]:
+    """Consecutive index ranges of ``sizes`` (crop values), each adding up to at most
+    ``limit`` (a single larger crop makes a batch alone): work on crops a batch at a time."""
+    start = 0
+    while start < len(sizes):
+        stop, total = start + 1, sizes[start]
+        while stop < len(sizes) and total + sizes[stop] <= limit:
+            total += sizes[stop]
+            stop += 1
+        yield range(start, stop)
+        start = stop
 
 
 def outline_window(polygon: shapely.Geometry, transform: Affine, shape: tuple[int, ...], *,

@@ -19,7 +19,7 @@ import dask.array as da
 import shapely
 from affine import Affine
 
-from pipeline.detect.compounds import outline_window
+from pipeline.detect.compounds import CROP_BATCH_PX, crop_batches, outline_window
 from pipeline.detect.grade import SiteAssessment, assess_site, grade_site
 from pipeline.detect.outlines import propose_outlines
 from pipeline.detect.texture import block_mean, compute_crops, grey
@@ -34,8 +34,8 @@ __all__ = ["SceneWalls", "scene_walls", "wall_outlines", "assess_outlines", "coa
 # still found (texture seeds come from ~10 m cells), and towers just outside it.
 GRADE_MARGIN_M = 60.0
 # Outlines are graded a batch at a time, of about this many crop values (both dates, all
-# bands; 128 MB of float32): the crops of a large scene's outlines would not fit together.
-GRADE_BATCH_PX = 32 << 20
+# bands): the crops of a large scene's outlines would not fit together.
+GRADE_BATCH_PX = CROP_BATCH_PX
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,11 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
     sizes = [2 * math.prod(before.shape[:-2]) * (r.stop - r.start) * (c.stop - c.start)
              for r, c, _ in windows]
     out: list[SiteAssessment] = []
-    while len(out) < len(outlines):
-        start, total = len(out), 0
-        stop = start
-        while stop < len(outlines) and (stop == start or total + sizes[stop] <= GRADE_BATCH_PX):
-            total += sizes[stop]
-            stop += 1
-        crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[start:stop]
+    for part in crop_batches(sizes, GRADE_BATCH_PX):
+        crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[part.start:part.stop]
                                for x in (before, after)])
-        for k in range(start, stop):
-            out.append(assess_site(crops[2 * (k - start)], crops[2 * (k - start) + 1],
+        for k in part:
+            out.append(assess_site(crops[2 * (k - part.start)], crops[2 * (k - part.start) + 1],
                                    outlines[k], transform=windows[k][2], res_m=res_m,
                                    walls=params.walls, towers=params.towers,
                                    grades=params.grade, line_map=scene.line_map,
