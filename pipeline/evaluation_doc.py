@@ -67,6 +67,20 @@ were made knowing these numbers: read the shipped figures with that in mind.
    the same crops-only split, drawing half of each copy's unchanged pixels in proportion to the
    squared rank of their colour change (hard negatives) gave 0.591 instead of 0.579 (better at
    every threshold 0.4-0.8); not yet trained into the folds or scored held-out.
+7. *Hard negatives trained into both folds* (session 4): half of each copy's sampled unchanged
+   pixels drawn without replacement with probability in proportion to the squared rank of
+   their matched-RGB colour change (`cva_s2`), the other half uniformly, everything else as
+   shipped (re-implemented from the description in step 6; the session-3 code was not kept).
+   Fold models trained by `scripts/train.py --hard-share 0.5` and scored on their held-out
+   images with the folds' rule by a script, not by `make eval`: crops 0.398 (P 0.417, R
+   0.379), tiles 0.358 (P 0.289, R 0.469), both directions pooled 0.381, against 0.397 /
+   0.408 / 0.402 shipped. Not kept: the tiles fell by 0.05, beyond the 0.03 of augmentation
+   draws, with more false alarms, not fewer (P 0.334 -> 0.289), and the crops did not move;
+   the crops-only inner gain did not carry over. `--hard-share` stays, off by default; the
+   shipped models were not retrained. Out-of-fold maps of each fold's own training images, for
+   deciding shape post-filters or a region model on inner splits, were started with the same
+   sampling and stopped unfinished when it was not kept (the machine's load left about a fifth
+   of a core): no figure.
 
 Where it fails (looked at on held-out crops): the roads, driveways and cleared lots of a new
 subdivision light up (LEVIR-CD labels buildings only), and grey roofs on grey bare soil are

@@ -14,7 +14,9 @@ LEVIR-CD images in ``../shared/data`` (the nine ``levir_cd`` crops and the five
 Every image is used as is and in augmented copies (the image's own new buildings
 copy-pasted elsewhere, a 90-degree rotation and flip, rescaling, per-date
 hue, saturation, gamma, gain, offset, blur and noise jitter). Per copy at most N_POSITIVE
-change and N_NEGATIVE unchanged pixels are sampled, and the classes are weighted to equal
+change and N_NEGATIVE unchanged pixels are sampled, uniformly (``--hard-share`` draws a share of
+the unchanged ones in proportion to the squared rank of their colour change instead: hard
+negatives, tried and not kept), and the classes are weighted to equal
 total weight, so the model's probability is calibrated to a 50 % prior and does not carry the
 training images' share of change (tiles 0.2-1.3 %, crops 12-25 %). The decision rule is fixed
 in advance, not fitted: probability > 0.5 after Gaussian smoothing of SMOOTH_SIGMA_PX, regions
@@ -63,6 +65,11 @@ SEED = 20240601
 N_COPIES = 3  # the image as is plus two augmented copies
 N_POSITIVE = 12_000  # change pixels sampled per copy (at most)
 N_NEGATIVE = 12_000  # unchanged pixels sampled per copy (at most)
+# Share of them drawn as hard negatives (by the rank of their colour change). 0: uniform, as
+# the shipped models; 0.5 was trained into both folds and scored lower held-out (tiles 0.358
+# vs 0.408, crops 0.398 vs 0.397; docs/evaluation.md, development history step 7).
+HARD_SHARE = 0.0
+HARD_FEATURE = "cva_s2"  # the colour change that ranks them: matched-RGB change, sigma 2 px
 N_PASTE = 10  # buildings pasted per augmented copy: as new (after only) and as unchanged (both)
 SCALE_RANGE = (0.7, 1.4)
 LGB_PARAMS = {
@@ -164,31 +171,58 @@ def augment(pair: LabelledPair, copy: int, seed: int) -> tuple[np.ndarray, np.nd
     return _jitter_date(before, rng), _jitter_date(after, rng), label
 
 
-def _sample(feats: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-    """Up to N_POSITIVE change and N_NEGATIVE unchanged pixels of one copy, as rows."""
+def _hard_negatives(change: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` positions of ``change`` drawn without replacement, with probability in proportion
+    to the squared rank of their value (Efraimidis-Spirakis keys ``log(u) / w``)."""
+    if n <= 0:
+        return np.arange(0)
+    if n >= change.size:
+        return np.arange(change.size)
+    rank = np.empty(change.size, np.float64)
+    rank[np.argsort(change, kind="stable")] = np.arange(1, change.size + 1) / change.size
+    keys = np.log(rng.random(change.size)) / rank**2
+    return np.sort(np.argpartition(keys, change.size - n)[change.size - n:])
+
+
+def _sample(feats: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+            hard_share: float = HARD_SHARE):
+    """Up to N_POSITIVE change and N_NEGATIVE unchanged pixels of one copy, as rows.
+
+    A share ``hard_share`` of the unchanged pixels is drawn in proportion to the squared rank of
+    their colour change (HARD_FEATURE: roads, cleared lots and recoloured roofs, which the
+    model must learn are not new buildings); the rest uniformly from the other unchanged pixels.
+    """
     flat = label.ravel()
+    table = feats.reshape(feats.shape[0], -1)
     pos, neg = np.flatnonzero(flat == 1), np.flatnonzero(flat == 0)
     pos = rng.choice(pos, min(pos.size, N_POSITIVE), replace=False)
-    neg = rng.choice(neg, min(neg.size, N_NEGATIVE), replace=False)
+    n_neg = min(neg.size, N_NEGATIVE)
+    n_hard = int(round(n_neg * hard_share))
+    hard = neg[_hard_negatives(table[FEATURE_NAMES.index(HARD_FEATURE), neg], n_hard, rng)]
+    rest = np.setdiff1d(neg, hard, assume_unique=True)
+    neg = np.concatenate([hard, rng.choice(rest, n_neg - hard.size, replace=False)])
     idx = np.sort(np.concatenate([pos, neg]))
-    x = feats.reshape(feats.shape[0], -1)[:, idx].T
+    x = table[:, idx].T
     return np.ascontiguousarray(x), flat[idx].astype(np.float32)
 
 
-def _rows_of_copy(pair: LabelledPair, copy: int, seed: int):
+def _rows_of_copy(pair: LabelledPair, copy: int, seed: int, hard_share: float):
     """Sampled feature rows of one (augmented) copy of a pair."""
     before, after, label = augment(pair, copy, seed)
     x, y = _sample(pixel_features(before, after), label,
-                   np.random.default_rng([seed, copy, zlib.crc32(pair.name.encode()), 7]))
+                   np.random.default_rng([seed, copy, zlib.crc32(pair.name.encode()), 7]),
+                   hard_share)
     return pair.name, x, y
 
 
 def build_samples(pairs: list[LabelledPair], seed: int, n_copies: int = N_COPIES,
-                  workers: int = 2) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+                  workers: int = 2, hard_share: float = HARD_SHARE
+                  ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Sampled training rows ``(x, y)`` per pair name, one entry per copy, in copy order."""
     rows: dict[str, list] = {p.name: [] for p in pairs}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_rows_of_copy, p, c, seed) for p in pairs for c in range(n_copies)]
+        futures = [pool.submit(_rows_of_copy, p, c, seed, hard_share)
+                   for p in pairs for c in range(n_copies)]
         for i, fut in enumerate(futures, 1):
             name, x, y = fut.result()
             rows[name].append((x, y))
@@ -211,7 +245,7 @@ def fit(rows: dict[str, list], names: list[str], seed: int, n_trees: int = N_TRE
 
 
 def _card(names: list[str], rows: dict[str, list], datasets: dict[str, str], seed: int,
-          **extra) -> dict:
+          hard_share: float, **extra) -> dict:
     """The model card of a model trained on ``names``."""
     share = float(np.concatenate([y for n in names for _, y in rows[n]]).mean())
     return {
@@ -231,7 +265,12 @@ def _card(names: list[str], rows: dict[str, list], datasets: dict[str, str], see
                          "per_date_jitter": "hue +-0.6 rad, saturation 0.4-1.3, gamma 0.75-1.33,"
                                             " gain 0.75-1.25 x band 0.9-1.1, offset +-0.08, "
                                             "blur p=0.3, noise <= 0.015"},
-        "sampling": {"max_positives_per_copy": N_POSITIVE, "max_negatives_per_copy": N_NEGATIVE},
+        "sampling": {"max_positives_per_copy": N_POSITIVE, "max_negatives_per_copy": N_NEGATIVE,
+                     "hard_negative_share": hard_share,
+                     "hard_negatives": (f"drawn with probability in proportion to the squared "
+                                        f"rank of {HARD_FEATURE} among the copy's unchanged "
+                                        "pixels, without replacement; the rest uniform")
+                                       if hard_share > 0 else "none (uniform sampling)"},
         "lightgbm": {**LGB_PARAMS, "seed": seed, "num_boost_round": N_TREES,
                      "version": lgb.__version__},
         "data_terms": "LEVIR-CD: academic use only. The data are not in this repository; "
@@ -248,25 +287,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_PATH,
                         help="shipped model card (.json); fold models and .txt go beside it")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--hard-share", type=float, default=HARD_SHARE,
+                        help="share of each copy's unchanged rows drawn as hard negatives")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     started = time.perf_counter()
     pairs = read_levir_crops(args.data_dir) + read_levir_tiles(args.data_dir)
     datasets = {p.name: p.dataset for p in pairs}
-    rows = build_samples(pairs, args.seed)
+    rows = build_samples(pairs, args.seed, hard_share=args.hard_share)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fold_cards = {}
     for fold, (train_set, held_set) in FOLDS.items():
         names = [p.name for p in pairs if p.dataset == train_set]
         held = [f"{held_set}/{p.name}" for p in pairs if p.dataset == held_set]
         path = args.out.with_name(f"{args.out.stem}_fold_{fold}.json")
-        card = _card(names, rows, datasets, args.seed, fold=fold, held_out=held)
+        card = _card(names, rows, datasets, args.seed, args.hard_share, fold=fold,
+                     held_out=held)
         save_model(fit(rows, names, args.seed), card, path)
         fold_cards[fold] = path.name
         log.info("fold %s: trained on %d %s images, wrote %s", fold, len(names), train_set, path)
     names = [p.name for p in pairs]
     seconds = time.perf_counter() - started
-    card = _card(names, rows, datasets, args.seed, fold_models=fold_cards,
+    card = _card(names, rows, datasets, args.seed, args.hard_share, fold_models=fold_cards,
                  held_out=[], not_trained_on=["dsifn", "landsat_nanjing"],
                  trained_utc=datetime.now(UTC).isoformat(timespec="seconds"),
                  machine=f"{platform.machine()} {platform.processor() or ''}".strip())

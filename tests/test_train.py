@@ -88,3 +88,58 @@ def test_sample_caps_each_class(train, monkeypatch):
     # feature 0 of pixel i is i: change rows are pixels of the first three image rows
     assert (x[y == 1, 0] < 30).all() and (x[y == 0, 0] >= 30).all()
     assert_array_equal(x[:, 1], x[:, 0] + 100)
+
+
+def test_sample_draws_hard_negatives_by_colour_change(train, monkeypatch):
+    """Half the unchanged rows come from the high colour-change end (squared rank), the other
+    half uniformly: the sampled negatives' mean colour-change rank is well above the median."""
+    monkeypatch.setattr(train, "N_POSITIVE", 10)
+    monkeypatch.setattr(train, "N_NEGATIVE", 400)
+    label = np.zeros((100, 100), np.uint8)
+    label[:2] = 1
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(N_FEATURES, 100, 100)).astype(np.float32)
+    change = feats[train.FEATURE_NAMES.index(train.HARD_FEATURE)]
+    x, y = train._sample(feats, label, np.random.default_rng(0), hard_share=0.5)
+    neg = x[y == 0]
+    assert neg.shape[0] == 400 and len({tuple(r) for r in neg}) == 400  # no repeats
+    unchanged = np.sort(change[label == 0])
+    rank = np.searchsorted(unchanged, neg[:, train.FEATURE_NAMES.index(train.HARD_FEATURE)])
+    rank = rank / unchanged.size
+    # uniform half: mean rank 1/2; squared-rank half: mean rank 3/4; together about 0.625
+    assert 0.58 < rank.mean() < 0.67
+    assert (rank > 0.5).mean() > 0.6
+
+
+def test_hard_negatives_weights_by_squared_rank(train):
+    """Drawn without replacement (all positions when n covers them), the top tenth of ranks far
+    more often than the bottom tenth (squared-rank weights 0.81 vs 0.003 on average)."""
+    rng = np.random.default_rng(1)
+    values = rng.permutation(1000).astype(np.float32)
+    assert_array_equal(train._hard_negatives(values, 1000, rng), np.arange(1000))
+    counts = np.zeros(1000)
+    for _ in range(200):
+        idx = train._hard_negatives(values, 50, rng)
+        assert np.unique(idx).size == 50
+        counts[idx] += 1
+    by_rank = counts[np.argsort(values)]
+    assert by_rank[-100:].sum() > 20 * max(by_rank[:100].sum(), 1)
+    assert by_rank[-100:].sum() > by_rank[400:500].sum() > by_rank[:100].sum()
+
+
+def test_sample_without_hard_share_is_uniform_as_shipped(train, monkeypatch):
+    """hard_share 0 (the default) draws exactly the rows of plain uniform sampling, the rule the
+    shipped models were trained with."""
+    monkeypatch.setattr(train, "N_POSITIVE", 20)
+    monkeypatch.setattr(train, "N_NEGATIVE", 50)
+    label = np.zeros((30, 30), np.uint8)
+    label[:4] = 1
+    feats = np.random.default_rng(2).normal(size=(N_FEATURES, 30, 30)).astype(np.float32)
+    x, y = train._sample(feats, label, np.random.default_rng(9))
+    rng = np.random.default_rng(9)
+    flat = label.ravel()
+    pos = rng.choice(np.flatnonzero(flat == 1), 20, replace=False)
+    neg = rng.choice(np.flatnonzero(flat == 0), 50, replace=False)
+    idx = np.sort(np.concatenate([pos, neg]))
+    assert_array_equal(x, feats.reshape(N_FEATURES, -1)[:, idx].T)
+    assert_array_equal(y, flat[idx])
