@@ -1004,8 +1004,12 @@ def _runs_lines(info: dict[str, Any], now: str, argv: list[str]) -> str:
 
 
 def from_results(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows and machine info of saved raw results (``results/bench-*.json``), in order."""
-    rows: list[dict[str, Any]] = []
+    """Rows and machine info of saved raw results (``results/bench-*.json``), by size.
+
+    A size measured by several of the runs gets the row of the last one listed (a newer
+    measurement of that size replaces the older).
+    """
+    rows: dict[int, dict[str, Any]] = {}
     runs = []
     info: dict[str, Any] = {}
     for path in paths:
@@ -1013,11 +1017,10 @@ def from_results(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, Any
         if "info" not in data:
             raise SystemExit(f"{path}: no machine info (saved by an older bench.py); rerun it")
         info = {**data["info"], **info}
-        rows += data["rows"]
+        rows.update({r["size"]: r for r in data["rows"]})
         runs.append({"date": data["info"]["date"], "argv": data["argv"],
                      "git": data["info"]["git"], "load": data["info"]["load"]})
-    return sorted(rows, key=lambda r: r["size"]), {**info, "runs": runs,
-                                                   "load": "see each run"}
+    return [rows[k] for k in sorted(rows)], {**info, "runs": runs, "load": "see each run"}
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -1155,7 +1158,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "speed-up, e.g. 4096")
     p.add_argument("--from-results", default="",
                    help="comma-separated raw results files (results/bench-*.json) to render "
-                        "together into --docs, measuring nothing")
+                        "together into --docs, measuring nothing (a size in several: the last "
+                        "file's row)")
     p.add_argument("-q", "--quiet", action="count", default=0, help="less progress on stderr")
     for name in ("--child", "--before", "--after", "--aoi", "--result", "--status"):
         p.add_argument(name, help=argparse.SUPPRESS)
