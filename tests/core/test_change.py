@@ -259,3 +259,17 @@ def test_change_mask_dask_size_filter_across_chunk_borders(chunks):
     got, _ = change_mask(mag.chunk({"y": chunks, "x": chunks}), params=params, res_m=10.0)
     assert isinstance(got.data, dask.array.Array)
     assert_array_equal(got.values, expected.values)
+
+
+def test_threshold_dask_blocks_all_nan_equals_numpy():
+    """Statistics of Dask blocks (some all NaN) give NumPy's threshold exactly."""
+    rng = np.random.default_rng(5)
+    values = rng.gamma(2.0, 3.0, (60, 80)).astype(np.float32)
+    values[:30, :40] = np.nan  # a whole chunk of nodata
+    mag = xr.DataArray(values, dims=("y", "x"))
+    lazy = mag.copy(data=dask.array.from_array(values, chunks=(30, 40)))
+    for method in ("otsu", "kittler"):
+        assert threshold_value(lazy, method=method) == threshold_value(mag, method=method)
+    empty = xr.DataArray(dask.array.full((4, 4), np.nan, np.float32, chunks=2), dims=("y", "x"))
+    with pytest.raises(NoValidDataError):
+        threshold_value(empty, method="otsu")

@@ -256,3 +256,31 @@ def test_coregister_dask_stays_lazy():
     aligned, result = coregister(before.chunk({"y": 64, "x": 64}), after.chunk({"y": 64, "x": 64}),
                                  params=CoregParams(window_px=128))
     assert result.applied and isinstance(aligned.data, dask.array.Array)
+
+
+def test_apply_shift_in_row_strips_equals_one_strip(monkeypatch):
+    """Shifting a strip of rows at a time gives exactly the one-strip result."""
+    import pipeline.core.coreg as coreg
+
+    rng = np.random.default_rng(2)
+    arr = rng.normal(100, 30, (2, 61, 45)).astype(np.float32)
+    arr[1, 5:9, 3:30] = np.nan
+    for shift in [(0.37, -0.61), (-2.5, 1.25), (0.0, 0.0), (7.0, -3.0)]:
+        whole = coreg._apply_shift_np(arr, *shift)
+        monkeypatch.setattr(coreg, "_SHIFT_STRIP_PX", 100)  # 2-row strips
+        assert_array_equal(coreg._apply_shift_np(arr, *shift), whole)
+        monkeypatch.undo()
+
+
+def test_estimate_shift_threaded_windows_equal_synchronous():
+    """Windows registered in parallel on Dask threads give the serial result exactly."""
+    import dask
+
+    before, after = make_pair(shape=(200, 300), shift=(0.8, -1.1), noise=1.0)
+    params = CoregParams(window_px=96)
+    with dask.config.set(scheduler="synchronous"):
+        expected = estimate_shift(before, after, params=params)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        got = estimate_shift(before.chunk({"x": 100}), after.chunk({"x": 100}), params=params)
+    assert int(expected.note.split()[0]) >= 2
+    assert got == expected

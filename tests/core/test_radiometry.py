@@ -112,10 +112,14 @@ def test_quantile_map_equals_np_interp_bit_for_bit():
     x[0, :5] = np.nan
     x[1, :len(xp)] = xp  # values on the knots
     x[2, :3] = [xp[0], xp[-1], np.nextafter(np.float32(xp[-1]), np.float32(0))]
+    x[3, :4] = [np.inf, -np.inf, 1e30, -1e30]  # far outside the knots: clamped
     got = _interp_np(x, _quantile_map_table(xp, fp))
     expected = np.interp(x, xp, fp).astype(np.float32)
     assert got.dtype == np.float32
     assert_array_equal(got, expected)
+    into = np.zeros((150, 400), np.float32)  # written into a given array (a strip)
+    assert _interp_np(x[:150], _quantile_map_table(xp, fp), out=into) is into
+    assert_array_equal(into, expected[:150])
     one = _interp_np(x, _quantile_map_table(xp[:1], fp[:1]))
     expected_one = np.interp(x, xp[:1], fp[:1]).astype(np.float32)
     expected_one[np.isnan(x)] = np.nan  # the map keeps NaN (np.interp does not with one knot)

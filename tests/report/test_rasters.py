@@ -208,3 +208,23 @@ def test_write_cog_dask_lossy_cast_leaves_nothing(tmp_path: Path) -> None:
         write_cog(_grid_array(values).chunk({"y": 100}), tmp_path / "x.tif", dtype="uint8",
                   nodata=255)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_cog_float_numeric_nodata_maps_nan(tmp_path: Path) -> None:
+    """NaN becomes a numeric nodata in a float file (no pass-through when there is a mapping)."""
+    values = np.arange(12, dtype="float32").reshape(3, 4)
+    values[0, 1] = np.nan
+    path = write_cog(_grid_array(values), tmp_path / "m.tif", dtype="float32", nodata=-9999.0)
+    with rasterio.open(path) as ds:
+        got = ds.read(1)
+    assert got[0, 1] == -9999.0
+    assert_array_equal(np.delete(got.ravel(), 1), np.delete(values.ravel(), 1))
+
+
+def test_cast_passes_through_what_needs_no_mapping() -> None:
+    """A block already in the output dtype with nothing to map is written as it is."""
+    floats = np.array([[1.5, np.nan]], np.float32)
+    ints = np.array([[0, 1, 255]], np.uint8)
+    assert rasters._cast(floats, "float32", np.nan) is floats
+    assert rasters._cast(ints, "uint8", 255) is ints
+    assert rasters._cast(floats, "float64", np.nan).dtype == np.float64
