@@ -126,10 +126,26 @@ def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16
     blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
     if len(blocks) == 0:
         return 0.0
-    med = np.nanmedian(blocks, axis=1, keepdims=True)
-    spread = 1.4826 * np.nanmedian(np.abs(blocks - med), axis=1)
+    med = _nanmedian_rows(blocks)[:, None]
+    spread = 1.4826 * _nanmedian_rows(np.abs(blocks - med))
     spread = spread[np.isfinite(spread)]
     return float(np.percentile(spread, 25) / math.sqrt(2.0)) if spread.size else 0.0
+
+
+def _nanmedian_rows(x: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(x, axis=1)``, the same values, faster.
+
+    NumPy takes the median of short rows with NaN through masked arrays (a full sort);
+    rows without NaN (nearly all) take ``np.median`` (a partition): both average the same
+    two middle values in the input's type.
+    """
+    out = np.empty(len(x), dtype=np.result_type(x.dtype, np.float16))
+    has_nan = np.isnan(x).any(axis=1)
+    if not has_nan.all():
+        out[~has_nan] = np.median(x[~has_nan], axis=1)
+    if has_nan.any():
+        out[has_nan] = np.nanmedian(x[has_nan], axis=1)
+    return out
 
 
 def drop_small(mask: np.ndarray, *, min_px: float) -> np.ndarray:

@@ -203,3 +203,23 @@ def test_noise_sigma_recovers_noise_whole_or_sampled(max_blocks):
     expected = 3.0 * np.sqrt(8 / 9)
     assert noise_sigma(b.astype(np.float32), a.astype(np.float32),
                        max_blocks=max_blocks) == pytest.approx(expected, rel=0.10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 255, 256])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nanmedian_rows_equals_numpy(n, dtype):
+    """Row medians equal np.nanmedian's exactly (NaN rows, even and odd lengths, ties)."""
+    import warnings
+
+    from pipeline.detect.walls import _nanmedian_rows
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(300, n)).astype(dtype)
+    x[::7, ::3] = np.nan
+    x[5] = np.round(x[5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN rows of n = 1
+        expected = np.nanmedian(x, axis=1)
+        got = _nanmedian_rows(x)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
