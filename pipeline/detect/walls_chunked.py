@@ -1,11 +1,11 @@
 """pipeline.detect.walls_chunked: a lazy scene's new walls, chunk by chunk, as the whole search.
 
 The chunked counterpart of `walls.new_line_map` followed by `walls.find_wall_segments` on a Dask
-pair: no wall-grid map is held whole for long. The grey wall-grid images are each made whole
-once, only to take the scene's scale and nodata fills (the same NumPy calls on the same values),
-then stored. The top-hat responses and their line averages are made per chunk with a halo that
-covers everything they depend on, so they equal the whole-scene maps pixel for pixel; the
-scene's thresholds come from the same samples. The hysteresis components are labelled chunk by
+pair: no wall-grid map is held whole. The grey wall-grid images are stored, and the scene's
+scale and nodata fills read from them band by band to the bit (`_grid_stats`). The top-hat
+responses and their line averages are made per chunk with a halo that covers everything they
+depend on, so they equal the whole-scene maps pixel for pixel; the scene's thresholds come from
+the same samples. The hysteresis components are labelled chunk by
 chunk and merged across borders (`pipeline.core.components.label_regions`), so a component is
 seeded, and dropped when small, as a whole; each 8-connected component is skeletonized on its
 own window (thinning looks at 3 x 3 neighbourhoods, which never hold another component's
@@ -13,9 +13,10 @@ pixels), and the skeleton pixels vote in one Hough transform over the scene, in 
 Each segment is then described on a crop of the maps around it. Outline grading reads the
 hysteresis mask through `WindowedArray`, which computes only the pixels asked for.
 
-Same segments and the same line-map values as the whole-scene functions (tests/detect/
-test_walls_chunked.py); the crops' georeferencing is the grid's shifted by whole pixels, exact
-for the usual power-of-two pixel sizes (0.5, 1, 2 m).
+Same segments and the same line-map values as the whole-scene functions (tests/test_chunked.py);
+the crops' georeferencing is the grid's shifted by whole pixels, exact for the usual
+power-of-two pixel sizes (0.5, 1, 2 m; elsewhere a crop's coordinates may differ from the
+whole grid's in the last bits).
 """
 
 from __future__ import annotations
