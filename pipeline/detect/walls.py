@@ -297,21 +297,30 @@ def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affi
     lm = line_map if line_map is not None else new_line_map(
         before, after, transform=transform, res_m=res_m, params=params)
     transform, res_m = lm.transform, lm.res_m
-    min_px = params.min_length_m / res_m
     skeleton = morphology.skeletonize(drop_small(lm.mask, min_px=max(3.0, 3.0 / res_m)))
     rows, cols = np.nonzero(skeleton)
-    runs = greedy_hough(rows.astype(np.float64), cols.astype(np.float64), skeleton.shape,
-                         min_px=min_px / 2, near_px=max(1.5, 1.5 / res_m),
-                         gap_px=max(2.0, params.gap_m / res_m))
+    merged = hough_segments(rows, cols, skeleton.shape, transform=transform, res_m=res_m,
+                            params=params)
+    out = [_describe(s, lm, transform, params.existing_tolerance_m) for s in merged]
+    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+
+
+def hough_segments(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *,
+                   transform: Affine, res_m: float, params: WallParams) -> np.ndarray:
+    """Straight runs through skeleton pixels, in map units, collinear pieces merged.
+
+    Returns an ``(n, 4)`` float64 array of ``x0, y0, x1, y1`` (``n`` may be 0).
+    """
+    runs = greedy_hough(rows.astype(np.float64), cols.astype(np.float64), shape,
+                        min_px=params.min_length_m / res_m / 2, near_px=max(1.5, 1.5 / res_m),
+                        gap_px=max(2.0, params.gap_m / res_m))
     if not runs:
-        return []
+        return np.empty((0, 4), dtype=np.float64)
     px = np.asarray(runs, dtype=np.float64) + 0.5  # (col, row) of pixel centres
     xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)  # type: ignore[operator]
     segs = np.column_stack([xs[0], ys[0], xs[1], ys[1]])
-    merged = merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
-                             offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
-    out = [_describe(s, lm, transform, params.existing_tolerance_m) for s in merged]
-    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+    return merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
+                           offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
 
 
 def _keep_walls(segments: list[WallSegment], *, threshold: float, res_m: float,

@@ -33,14 +33,15 @@ from scipy import ndimage as ndi
 from skimage import morphology
 
 from pipeline.core.components import Regions, label_regions
-from pipeline.detect.lines import along_lines, greedy_hough, merge_collinear
-from pipeline.detect.texture import _aligned, _block_mean_np, grey
+from pipeline.detect.blocks import _aligned, _block_mean_np, grey
+from pipeline.detect.lines import along_lines
 from pipeline.detect.walls import (
     LineMap,
     WallSegment,
     _describe,
     _keep_walls,
     _tophat_change,
+    hough_segments,
     noise_sigma,
 )
 from pipeline.model import WallParams
@@ -290,16 +291,10 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
     transform, res_m = lm.transform, lm.res_m
     rows, cols = _skeleton_pixels(regions, keep)
     height, width = regions.shape[0], regions.shape[1]
-    runs = greedy_hough(rows.astype(np.float64), cols.astype(np.float64), (height, width),
-                        min_px=params.min_length_m / res_m / 2, near_px=max(1.5, 1.5 / res_m),
-                        gap_px=max(2.0, params.gap_m / res_m))
-    if not runs:
+    merged = hough_segments(rows, cols, (height, width), transform=transform, res_m=res_m,
+                            params=params)
+    if not len(merged):
         return []
-    px = np.asarray(runs, dtype=np.float64) + 0.5  # (col, row) of pixel centres
-    xs, ys = transform * (px[:, [0, 2]].T, px[:, [1, 3]].T)  # type: ignore[operator]
-    segs = np.column_stack([xs[0], ys[0], xs[1], ys[1]])
-    merged = merge_collinear(segs, angle_tol_deg=params.angle_tol_deg,
-                             offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
     # a crop holds everything `_describe` reads: the segment, 8 m parallels, shifts, slack
     margin = int(math.ceil((8.0 + params.existing_tolerance_m) / res_m)) + 4
     cs, rs = ~transform * (merged[:, [0, 2]].T, merged[:, [1, 3]].T)
