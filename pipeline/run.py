@@ -7,8 +7,8 @@ recorded in the manifest.
 
 from __future__ import annotations
 
-import errno
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -40,6 +40,7 @@ from pipeline.detect.sites import detect_sites
 from pipeline.errors import FetchError, NoValidDataError, OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
+from pipeline.files import is_disk_full
 from pipeline.model import (
     EVIDENCE_ORDER,
     CoregResult,
@@ -331,11 +332,11 @@ def detect_scenes(
     # One BLAS thread: the run's own work already fills the cores (Dask threads), and OpenBLAS
     # threads spinning beside them made the co-registration's small matrix products (skimage's
     # upsampled DFT) 5x slower in wall time and 7x in CPU on the shared 2-core machine.
-    # GDAL's block cache bounded (`GDAL_CACHE_MB`): by default 5 % of RAM.
+    # GDAL's block cache bounded (`GDAL_CACHE_MB`; a GDAL_CACHEMAX the user set wins).
     with (warnings.catch_warnings(record=True) as caught,
           tempfile.TemporaryDirectory(prefix="sitewatch-scratch-") as scratch_dir,
           threadpool_limits(limits=1, user_api="blas"),
-          rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)):
+          rasterio.Env(GDAL_CACHEMAX=os.environ.get("GDAL_CACHEMAX", GDAL_CACHE_MB))):
         warnings.simplefilter("always")
         scratch = _Scratch(Path(scratch_dir))
         with steps.step("read") as info:
@@ -473,7 +474,7 @@ class _Scratch:
         try:
             computed = dask.compute(*writes, *also)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(e):
                 raise
             raise OutputError(
                 f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "
