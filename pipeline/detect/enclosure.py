@@ -23,7 +23,8 @@ from pipeline.detect.walls import LineMap, WallSegment
 from pipeline.model import WallParams
 
 __all__ = ["EnclosureMeasures", "measure_enclosure", "perimeter_samples", "segment_backing",
-           "backing_of_lines", "segment_units", "PARALLEL_DEG", "count_sides_backed"]
+           "backing_of_lines", "segment_units", "PARALLEL_DEG", "count_sides_backed",
+           "SegmentArrays"]
 
 PARALLEL_DEG = 10.0  # a wall segment backs an outline side within this angle (degrees)
 
@@ -120,13 +121,10 @@ def _profiles(mask: np.ndarray, transform: Affine, pts: np.ndarray, normal: np.n
     return out
 
 
-def segment_backing(pts: np.ndarray, tangents: np.ndarray, segments: Sequence[WallSegment],
-                    tol: float) -> np.ndarray:
+def segment_backing(pts: np.ndarray, tangents: np.ndarray,
+                    segments: Sequence[WallSegment] | SegmentArrays, tol: float) -> np.ndarray:
     """Whether each point lies within ``tol`` of a segment parallel to its tangent."""
-    if not segments:
-        return np.zeros(len(pts), bool)
-    lines = np.array([s.line for s in segments], dtype=object)
-    return backing_of_lines(pts, tangents, lines, segment_units(segments), tol)
+    return SegmentArrays.of(segments).backing(pts, tangents, tol)
 
 
 def segment_units(segments: Sequence[WallSegment]) -> np.ndarray:
@@ -169,6 +167,60 @@ def backing_of_lines(pts: np.ndarray, tangents: np.ndarray, lines: np.ndarray,
         dist[exact] = shapely.distance(shapely.points(pts[ii[exact]]), lines[jj[exact]])
     out[ii[dist <= tol]] = True
     return out
+
+
+@dataclass(frozen=True)
+class SegmentArrays:
+    """Wall segments as arrays (endpoints, weights, directions) and a spatial index, built once
+    when many outlines are matched against the same segments."""
+
+    items: tuple[WallSegment, ...]
+    p: np.ndarray  # (n, 2) start points
+    q: np.ndarray  # (n, 2) end points
+    weight: np.ndarray  # contrast x support
+    lines: np.ndarray  # the LineStrings (object array)
+    unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation (`segment_units`)
+    tree: shapely.STRtree
+    direction: np.ndarray  # (n, 2) unit vectors from p to q
+    mid: np.ndarray  # (n, 2) midpoints
+
+    @classmethod
+    def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
+        if isinstance(segments, SegmentArrays):
+            return segments
+        items = tuple(segments)
+        lines = np.array([s.line for s in items], dtype=object)
+        # first and last vertex (wall segments have two; other lines are measured by GEOS)
+        coords, index = shapely.get_coordinates(lines, return_index=True)
+        counts = np.bincount(index, minlength=len(items))
+        last = np.cumsum(counts) - 1
+        p, q = coords[last - counts + 1], coords[last]
+        direction = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
+        return cls(items, p, q, np.array([s.contrast * s.support for s in items], float),
+                   lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2)
+
+    def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
+        """`segment_backing` of these segments: only those whose bounding box comes
+        within ``tol`` of the points are measured (the others cannot be within ``tol``), and
+        each run of `_RUN_PX` consecutive points only against those near the run."""
+        if not self.items or not len(pts):
+            return np.zeros(len(pts), bool)
+        lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
+        idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
+        run = np.arange(len(pts)) // _RUN_PX
+        starts = np.arange(0, len(pts), _RUN_PX)
+        lo = np.minimum.reduceat(pts, starts, axis=0) - tol
+        hi = np.maximum.reduceat(pts, starts, axis=0) + tol
+        k, hit = self.tree.query(shapely.box(lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]))
+        near = np.zeros((len(starts), len(idx)), bool)
+        near[k, np.searchsorted(idx, hit)] = True  # a run's box lies in the points' box
+        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol,
+                                near=near[run])
+
+
+# Points measured against one set of nearby segments (perimeter samples are 1 m apart or
+# less: runs of a few tens of metres keep their boxes tight). Not a result.
+_RUN_PX = 16
 
 
 # NumPy's point-to-segment distance differs from GEOS's by rounding only (about 1e-9 m at

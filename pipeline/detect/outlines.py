@@ -12,74 +12,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import shapely
 
 from pipeline.detect.enclosure import (
     PARALLEL_DEG,
-    backing_of_lines,
+    SegmentArrays,
     count_sides_backed,
     perimeter_samples,
-    segment_units,
 )
 from pipeline.detect.walls import WallSegment
 from pipeline.model import WallParams
 
 __all__ = ["SegmentArrays", "outline_from_segments", "propose_outlines", "segment_closure"]
-
-
-@dataclass(frozen=True)
-class SegmentArrays:
-    """Wall segments as arrays (endpoints, weights, directions) and a spatial index, built once
-    when many outlines are matched against the same segments."""
-
-    items: tuple[WallSegment, ...]
-    p: np.ndarray  # (n, 2) start points
-    q: np.ndarray  # (n, 2) end points
-    weight: np.ndarray  # contrast x support
-    lines: np.ndarray  # the LineStrings (object array)
-    unit: np.ndarray  # (n, 2) unit vectors of the segments' orientation (`segment_units`)
-    tree: shapely.STRtree
-    direction: np.ndarray  # (n, 2) unit vectors from p to q
-    mid: np.ndarray  # (n, 2) midpoints
-
-    @classmethod
-    def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
-        if isinstance(segments, SegmentArrays):
-            return segments
-        items = tuple(segments)
-        lines = np.array([s.line for s in items], dtype=object)
-        ends = (shapely.get_coordinates(list(lines)).reshape(-1, 2, 2) if items
-                else np.zeros((0, 2, 2)))
-        p, q = ends[:, 0], ends[:, 1]
-        direction = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
-        return cls(items, p, q, np.array([s.contrast * s.support for s in items], float),
-                   lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2)
-
-    def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
-        """`enclosure.segment_backing` of these segments: only those whose bounding box comes
-        within ``tol`` of the points are measured (the others cannot be within ``tol``), and
-        each run of `_RUN_PX` consecutive points only against those near the run."""
-        if not self.items or not len(pts):
-            return np.zeros(len(pts), bool)
-        lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
-        idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
-        run = np.arange(len(pts)) // _RUN_PX
-        starts = np.arange(0, len(pts), _RUN_PX)
-        lo = np.minimum.reduceat(pts, starts, axis=0) - tol
-        hi = np.maximum.reduceat(pts, starts, axis=0) + tol
-        k, hit = self.tree.query(shapely.box(lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]))
-        near = np.zeros((len(starts), len(idx)), bool)
-        near[k, np.searchsorted(idx, hit)] = True  # a run's box lies in the points' box
-        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol,
-                                near=near[run])
-
-
-# Points measured against one set of nearby segments (perimeter samples are 1 m apart or
-# less: runs of a few tens of metres keep their boxes tight). Not a result.
-_RUN_PX = 16
 
 
 def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentArrays,
