@@ -234,15 +234,8 @@ def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, re
     n_px = max(3, int(round(params.line_average_m / res_m)))
     along = _banded(lambda x: (along_lines(x, length_px=n_px),), [strength],
                     halo=n_px // 2 + 1)[0]
-    # New walls are sparse: where a whole scene's texture changed (season, haze), the top
-    # ``max_line_share`` of the pixels at most may count as new lines.
-    share = params.max_line_share
-    top, low = np.quantile(along[::3, ::3], [1.0 - share, 1.0 - 2 * share])
-    noise = params.noise_factor * noise_sigma(g_b, g_a) / scale / math.sqrt(n_px)
-    threshold = max(params.min_contrast, float(top), noise)
-    # Hysteresis: faint stretches of a line (a wall along the sun, with no shadow) count when
-    # they connect to a clear stretch (never more than twice the share above).
-    floor = max(0.5 * threshold, float(low))
+    threshold, floor = line_thresholds(along[::3, ::3], noise_sigma(g_b, g_a), scale=scale,
+                                       n_px=n_px, params=params)
     weak = (strength >= floor) & (along >= floor)
     labels, n = ndi.label(weak, structure=np.ones((3, 3), bool))
     seeded = np.zeros(n + 1, bool)
@@ -263,6 +256,25 @@ def _tophat_change(b: np.ndarray, a: np.ndarray, radii: list[int]
         new = np.maximum(new, t_a - t_b)
         th_b, th_a = np.maximum(th_b, t_b), np.maximum(th_a, t_a)
     return new, th_b, th_a
+
+
+def line_thresholds(along_sample: np.ndarray, sigma: float, *, scale: float, n_px: int,
+                    params: WallParams) -> tuple[float, float]:
+    """``(threshold, floor)`` of the line evidence: a pixel whose line average reaches
+    ``threshold`` seeds a line, one above ``floor`` joins the line it touches.
+
+    New walls are sparse: where a whole scene's texture changed (season, haze), the top
+    ``max_line_share`` of the pixels (``along_sample``: every third row and column of the line
+    averages) at most may count as new lines; the threshold is also above the images' noise
+    ``sigma`` (grey levels) averaged over ``n_px`` pixels. Hysteresis: faint stretches of a
+    line (a wall along the sun, with no shadow) count when they connect to a clear stretch
+    (never more than twice the share).
+    """
+    share = params.max_line_share
+    top, low = np.quantile(along_sample, [1.0 - share, 1.0 - 2 * share])
+    noise = params.noise_factor * sigma / scale / math.sqrt(n_px)
+    threshold = max(params.min_contrast, float(top), noise)
+    return threshold, max(0.5 * threshold, float(low))
 
 
 def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affine, res_m: float,

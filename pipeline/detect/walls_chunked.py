@@ -42,6 +42,7 @@ from pipeline.detect.walls import (
     _keep_walls,
     _tophat_change,
     hough_segments,
+    line_thresholds,
     noise_sigma,
 )
 from pipeline.model import WallParams
@@ -365,12 +366,9 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
     strength, along = maps[0], maps[3]
     stored = _Stored(maps)
-    share = params.max_line_share
-    top, low = np.quantile(np.asarray(along[::3, ::3].compute()), [1.0 - share, 1.0 - 2 * share])
     sigma = noise_sigma(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)))
-    noise = params.noise_factor * sigma / scale / math.sqrt(n_px)
-    threshold = max(params.min_contrast, float(top), noise)
-    floor = max(0.5 * threshold, float(low))
+    threshold, floor = line_thresholds(np.asarray(along[::3, ::3].compute()), sigma,
+                                       scale=scale, n_px=n_px, params=params)
     weak = (strength >= floor) & (along >= floor)
     regions = label_regions(weak, connectivity=2, persist=keep_lazy)
     seeded = _seeded(regions, weak & (along >= threshold))
