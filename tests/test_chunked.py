@@ -316,6 +316,7 @@ def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     every crop at once (NumPy pair)."""
     import dask.array as da
 
+    import pipeline.detect.blocks as blocks
     import pipeline.detect.compounds as compounds
     from pipeline.model import DetectParams
 
@@ -335,5 +336,5 @@ def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
                                     transform=transform, res_m=RES_M, params=params)
     assert len(whole[0]) >= 2 and lazy[0] == whole[0]
     assert lazy[1].shape == whole[1].shape and lazy[2] == whole[2]
-    assert list(compounds.crop_batches([5, 1, 1, 9, 2], 7)) == [range(0, 3), range(3, 4),
+    assert list(blocks.crop_batches([5, 1, 1, 9, 2], 7)) == [range(0, 3), range(3, 4),
                                                                 range(4, 5)]

@@ -7,17 +7,18 @@ crops of lazy maps (`compute_crops`). NumPy in, NumPy out; Dask input gives the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["grey", "block_mean", "compute_crops"]
+__all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX"]
 
-# Pixels computed at once when cropping lazy maps (about 128 MB of float32).
-_CROP_BATCH_PX = 32 << 20
+# Crops (of lazy maps, candidate regions, outlines) are computed and held a batch at a time, of
+# about this many values (128 MB of float32): their number grows with the area.
+CROP_BATCH_PX = 32 << 20
 
 
 def _grey_np(stack: np.ndarray) -> np.ndarray:
@@ -130,12 +131,21 @@ def compute_crops(crops: Sequence[Any]) -> list[np.ndarray]:
     """
     out: list[Any] = [c if isinstance(c, da.Array) else np.asarray(c) for c in crops]
     lazy = [i for i, c in enumerate(out) if isinstance(c, da.Array)]
-    while lazy:
-        batch: list[int] = []
-        size = 0
-        while lazy and (not batch or size + out[lazy[0]].size <= _CROP_BATCH_PX):
-            batch.append(lazy.pop(0))
-            size += out[batch[-1]].size
+    for part in crop_batches([out[i].size for i in lazy], CROP_BATCH_PX):
+        batch = [lazy[k] for k in part]
         for i, value in zip(batch, dask.compute(*(out[i] for i in batch)), strict=True):
             out[i] = np.asarray(value)
     return out
+
+
+def crop_batches(sizes: Sequence[int], limit: int) -> Iterator[range]:
+    """Consecutive index ranges of ``sizes`` (crop values), each adding up to at most
+    ``limit`` (a single larger crop makes a batch alone): work on crops a batch at a time."""
+    start = 0
+    while start < len(sizes):
+        stop, total = start + 1, sizes[start]
+        while stop < len(sizes) and total + sizes[stop] <= limit:
+            total += sizes[stop]
+            stop += 1
+        yield range(start, stop)
+        start = stop

@@ -8,7 +8,6 @@ the maximum-evidence rectangle in the site's dominant orientation (``rectfit``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import shapely
 from affine import Affine
 from skimage import filters, measure
 
+from pipeline.detect.blocks import CROP_BATCH_PX, crop_batches
 from pipeline.detect.rectfit import (
     dominant_orientation_deg,
     fit_oriented_rectangle,
@@ -33,12 +33,7 @@ from pipeline.detect.texture import (
 )
 from pipeline.model import ObjectParams
 
-__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window",
-           "crop_batches", "CROP_BATCH_PX"]
-
-# Crops of candidate regions and outlines are computed and held a batch at a time, of about
-# this many values (128 MB of float32): their number grows with the area.
-CROP_BATCH_PX = 32 << 20
+__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window"]
 
 
 @dataclass(frozen=True)
@@ -133,19 +128,6 @@ def find_compounds(
                 found.append(cand)
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
-
-
-def crop_batches(sizes: Sequence[int], limit: int) -> Iterator[range]:
-    """Consecutive index ranges of ``sizes`` (crop values), each adding up to at most
-    ``limit`` (a single larger crop makes a batch alone): work on crops a batch at a time."""
-    start = 0
-    while start < len(sizes):
-        stop, total = start + 1, sizes[start]
-        while stop < len(sizes) and total + sizes[stop] <= limit:
-            total += sizes[stop]
-            stop += 1
-        yield range(start, stop)
-        start = stop
 
 
 def outline_window(polygon: shapely.Geometry, transform: Affine, shape: tuple[int, ...], *,

@@ -19,7 +19,8 @@ import dask.array as da
 import shapely
 from affine import Affine
 
-from pipeline.detect.compounds import CROP_BATCH_PX, crop_batches, outline_window
+from pipeline.detect.blocks import CROP_BATCH_PX, crop_batches
+from pipeline.detect.compounds import outline_window
 from pipeline.detect.grade import SiteAssessment, assess_site, grade_site
 from pipeline.detect.outlines import propose_outlines
 from pipeline.detect.texture import block_mean, compute_crops, grey
