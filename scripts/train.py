@@ -199,7 +199,8 @@ def _sample(feats: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     n_neg = min(neg.size, N_NEGATIVE)
     n_hard = int(round(n_neg * hard_share))
     hard = neg[_hard_negatives(table[FEATURE_NAMES.index(HARD_FEATURE), neg], n_hard, rng)]
-    rest = np.setdiff1d(neg, hard, assume_unique=True)
+    # neg is sorted and unique, as setdiff1d's answer is: no hard rows, no set difference
+    rest = np.setdiff1d(neg, hard, assume_unique=True) if hard.size else neg
     neg = np.concatenate([hard, rng.choice(rest, n_neg - hard.size, replace=False)])
     idx = np.sort(np.concatenate([pos, neg]))
     x = table[:, idx].T
