@@ -71,43 +71,107 @@ def _vote_index(rows: np.ndarray, cols: np.ndarray, offset: int) -> np.ndarray:
 
 
 def greedy_hough(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *, min_px: float,
-                  near_px: float, gap_px: float,
-                  max_lines: int = 3000) -> list[tuple[float, float, float, float]]:
+                 near_px: float, gap_px: float,
+                 max_lines: int = 3000) -> list[tuple[float, float, float, float]]:
     """Straight runs ``(c0, r0, c1, r1)`` of thin-line pixels, strongest line first.
 
     The strongest Hough line is taken, the pixels within ``near_px`` of it are read off as
     runs (gaps up to ``gap_px`` bridged) and their votes withdrawn, and so on: a line never
     borrows the pixels of a stronger one, so no slanted line is made from two parallel ones.
     At most ``max_lines`` lines are taken (a bound on the work in cluttered scenes).
+
+    The pixels near a line are looked up in a grid of cells (`_Cells`) and the votes are
+    withdrawn cell by cell of the accumulator (`_Accumulator`), so a line costs about its
+    own pixels, not the scene's: the same runs as measuring every pixel against every line.
     """
+    rows, cols = np.asarray(rows), np.asarray(cols)
     offset = int(math.ceil(math.hypot(*shape)))
     acc = _Accumulator((2 * offset + 1) * len(_THETA))
     for k in range(0, len(rows), 8192):  # chunks bound the memory of the index array
         acc.add(_vote_index(rows[k:k + 8192], cols[k:k + 8192], offset))
-    # The pixels not yet read off, in their original order (withdrawn ones are dropped).
-    rows, cols = np.asarray(rows), np.asarray(cols)
+    cells = _Cells(rows, cols, cell_px=_CELL_PX)
+    alive = np.ones(len(rows), bool)  # the pixels not yet read off
+    n_alive = len(rows)
     runs: list[tuple[float, float, float, float]] = []
     for _ in range(max_lines):
+        if not n_alive:
+            break
         best = acc.argmax()
         if acc.values[best] < max(5.0, min_px / 2):
             break
         k_rho, k_theta = divmod(best, len(_THETA))
         cos, sin = math.cos(_THETA[k_theta]), math.sin(_THETA[k_theta])
-        dist = np.abs(cols * cos + rows * sin - (k_rho - offset))
-        close = dist <= near_px
-        if not close.any():
-            close = dist <= dist.min()
-        runs += _read_runs(rows[close], cols[close], (cos, sin), gap_px=gap_px, min_px=min_px)
-        acc.add(_vote_index(rows[close], cols[close], offset), sign=-1)
-        rows, cols = rows[~close], cols[~close]
-        if not len(rows):
-            break
+        rho = k_rho - offset
+        near = cells.near(cos, sin, rho, reach_px=near_px)
+        near = near[alive[near]]
+        dist = np.abs(cols[near] * cos + rows[near] * sin - rho)
+        take = np.sort(near[dist <= near_px])  # in the pixels' own order, as _read_runs saw
+        if not len(take):  # no pixel within near_px: the nearest ones (a whole scan, rare)
+            rest = np.flatnonzero(alive)
+            dist = np.abs(cols[rest] * cos + rows[rest] * sin - rho)
+            take = rest[dist <= dist.min()]
+        runs += _read_runs(rows[take], cols[take], (cos, sin), gap_px=gap_px, min_px=min_px)
+        acc.add(_vote_index(rows[take], cols[take], offset), sign=-1)
+        alive[take] = False
+        n_alive -= len(take)
     return runs
+
+
+_CELL_PX = 32  # side of the cells that pixels are looked up in (speed only, not results)
+
+
+class _Cells:
+    """Pixels binned in square cells, to list those that may lie near a line."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, *, cell_px: float) -> None:
+        self.size = float(cell_px)
+        self.origin = (float(rows.min()), float(cols.min())) if len(rows) else (0.0, 0.0)
+        i = np.floor((rows - self.origin[0]) / self.size).astype(np.int64)
+        j = np.floor((cols - self.origin[1]) / self.size).astype(np.int64)
+        self.n = (int(i.max()) + 1, int(j.max()) + 1) if len(rows) else (0, 0)  # rows, cols
+        cell = i * self.n[1] + j
+        self.order = np.argsort(cell, kind="stable")  # by cell, the pixels' order within one
+        count = np.bincount(cell, minlength=self.n[0] * self.n[1])
+        self.start = np.concatenate([[0], np.cumsum(count)])  # cell k: order[start[k]:start[k+1]]
+
+    def near(self, cos: float, sin: float, rho: float, *, reach_px: float) -> np.ndarray:
+        """Pixels (indices, unordered) of the cells that can hold one within ``reach_px`` of
+        the line ``col * cos + row * sin = rho``: a superset of those pixels."""
+        # A cell's pixels lie within half its diagonal of its centre; 1 px more for rounding.
+        reach = reach_px + self.size * math.sqrt(0.5) + 1.0
+        if not math.isfinite(reach):
+            return self.order.copy()
+        # Walk the cells along the axis the line runs closer to (rows when |cos| > |sin|);
+        # in each, the cells across whose centre x has |x * a + centre * b - rho| <= reach.
+        along_rows = abs(sin) < abs(cos)
+        a, b = (cos, sin) if along_rows else (sin, cos)
+        o_along, o_across = self.origin if along_rows else self.origin[::-1]
+        n_along, n_across = self.n if along_rows else self.n[::-1]
+        centre = o_along + (np.arange(n_along) + 0.5) * self.size
+        lo, hi = (rho - centre * b - reach) / a, (rho - centre * b + reach) / a
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+        first = np.maximum(np.ceil((lo - o_across) / self.size - 0.5), 0).astype(np.int64)
+        last = np.minimum(np.floor((hi - o_across) / self.size - 0.5), n_across - 1)
+        stop = np.maximum(last.astype(np.int64) + 1, first)
+        across = _spans(first, stop)
+        along = np.repeat(np.arange(n_along), stop - first)
+        cell = along * self.n[1] + across if along_rows else across * self.n[1] + along
+        return self.order[_spans(self.start[cell], self.start[cell + 1])]
+
+
+def _spans(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """``start[0]..stop[0]-1, start[1]..stop[1]-1, ...`` joined (``stop >= start``)."""
+    count = stop - start
+    return np.repeat(start - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
 
 
 class _Accumulator:
     """A flat vote array with the maxima of its blocks kept, so that the first index of the
-    maximum (`numpy.argmax`'s answer) is found without scanning the whole array."""
+    maximum (`numpy.argmax`'s answer) is found without scanning the whole array.
+
+    Votes are added and withdrawn cell by cell, and a block's maximum is recomputed only
+    when a cell that held it loses a vote: the cost follows the votes, not the array.
+    """
 
     BLOCK = 4096
 
@@ -125,14 +189,21 @@ class _Accumulator:
         if not len(index):
             return
         lo, hi = int(index.min()), int(index.max()) + 1
-        counts = np.bincount(index - lo, minlength=hi - lo)
+        if hi - lo <= 4 * len(index):  # dense: count over the range, rescan its blocks
+            counts = np.bincount(index - lo, minlength=hi - lo)
+            self.values[lo:hi] += counts if sign > 0 else -counts
+            b0, b1 = lo // self.BLOCK, (hi - 1) // self.BLOCK + 1
+            self.block_max[b0:b1] = self.padded[b0 * self.BLOCK:b1 * self.BLOCK].reshape(
+                b1 - b0, self.BLOCK).max(axis=1)
+            return
+        block = index // self.BLOCK
         if sign > 0:
-            self.values[lo:hi] += counts
-        else:
-            self.values[lo:hi] -= counts
-        b0, b1 = lo // self.BLOCK, (hi - 1) // self.BLOCK + 1
-        self.block_max[b0:b1] = self.padded[b0 * self.BLOCK:b1 * self.BLOCK].reshape(
-            b1 - b0, self.BLOCK).max(axis=1)
+            np.add.at(self.values, index, 1)
+            np.maximum.at(self.block_max, block, self.values[index])
+            return
+        stale = np.unique(block[self.values[index] == self.block_max[block]])
+        np.subtract.at(self.values, index, 1)
+        self.block_max[stale] = self.padded.reshape(-1, self.BLOCK)[stale].max(axis=1)
 
     def argmax(self) -> int:
         """The first index of the largest vote."""

@@ -1,0 +1,195 @@
+"""greedy_hough (cells, alive mask, sparse vote withdrawal) against the straightforward greedy
+Hough it replaced: every pixel measured against every taken line, the remaining pixels
+compacted, one dense vote array. The runs must be identical, in the same order, to the bit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage import draw
+
+from pipeline.detect.lines import (
+    _THETA,
+    _Accumulator,
+    _Cells,
+    _read_runs,
+    _vote_index,
+    greedy_hough,
+)
+
+
+def reference_hough(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *,
+                    min_px: float, near_px: float, gap_px: float, max_lines: int = 3000
+                    ) -> tuple[list[tuple[float, float, float, float]], int]:
+    """The greedy Hough as first written; also how many lines took the nearest-pixel
+    fallback (no pixel within ``near_px``)."""
+    offset = int(math.ceil(math.hypot(*shape)))
+    votes = np.zeros((2 * offset + 1) * len(_THETA), np.int64)
+    np.add.at(votes, _vote_index(np.asarray(rows), np.asarray(cols), offset), 1)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    runs: list[tuple[float, float, float, float]] = []
+    fallbacks = 0
+    for _ in range(max_lines):
+        best = int(np.argmax(votes))
+        if votes[best] < max(5.0, min_px / 2):
+            break
+        k_rho, k_theta = divmod(best, len(_THETA))
+        cos, sin = math.cos(_THETA[k_theta]), math.sin(_THETA[k_theta])
+        dist = np.abs(cols * cos + rows * sin - (k_rho - offset))
+        close = dist <= near_px
+        if not close.any():
+            close = dist <= dist.min()
+            fallbacks += 1
+        runs += _read_runs(rows[close], cols[close], (cos, sin), gap_px=gap_px, min_px=min_px)
+        np.subtract.at(votes, _vote_index(rows[close], cols[close], offset), 1)
+        rows, cols = rows[~close], cols[~close]
+        if not len(rows):
+            break
+    return runs, fallbacks
+
+
+def _lines(rng: np.random.Generator, shape: tuple[int, int], n: int) -> np.ndarray:
+    image = np.zeros(shape, bool)
+    for _ in range(n):
+        r0, r1 = rng.integers(0, shape[0], 2)
+        c0, c1 = rng.integers(0, shape[1], 2)
+        image[draw.line(int(r0), int(c0), int(r1), int(c1))] = True
+    return image
+
+
+def _grid(shape: tuple[int, int], step: int) -> np.ndarray:
+    image = np.zeros(shape, bool)
+    image[::step, :] = True
+    image[:, ::step] = True
+    return image
+
+
+def _shapes(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    image = np.zeros(shape, bool)
+    for _ in range(6):
+        r, c = (int(rng.integers(20, s - 20)) for s in shape)
+        size = int(rng.integers(5, 18))
+        image[draw.circle_perimeter(r, c, size, shape=shape)] = True
+        rr, cc = draw.polygon_perimeter([r - size, r - size // 2, r + size, r + 3],
+                                        [c, c + size, c + size // 3, c - size], shape=shape)
+        image[rr, cc] = True
+    for r0 in (5, 8, 10):  # parallel lines closer than near_px: one steals the other's pixels
+        image[draw.line(r0, 3, r0 + 40, shape[1] - 3)] = True
+    return image
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], share: float) -> np.ndarray:
+    return rng.random(shape) < share
+
+
+def _cases() -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]:
+    """``(name, rows, cols, shape)`` pixel sets: lines, grids, shapes, noise and mixtures."""
+    rng = np.random.default_rng(7)
+    out = []
+    for shape in [(120, 170), (257, 301), (64, 400)]:
+        images = {
+            "lines": _lines(rng, shape, 12),
+            "grid": _grid(shape, 12),
+            "shapes": _shapes(rng, shape),
+            "noise": _noise(rng, shape, 0.02),
+            "mixed": _lines(rng, shape, 8) | _noise(rng, shape, 0.01) | _grid(shape, 37),
+        }
+        for name, image in images.items():
+            rows, cols = np.nonzero(image)
+            out.append((f"{name}{shape}", rows.astype(np.float64), cols.astype(np.float64),
+                        shape))
+    # Shuffled pixel order (the order reaches _read_runs' sort and fit), and pixels off the
+    # integer lattice.
+    rows, cols = np.nonzero(_lines(rng, (200, 200), 10) | _noise(rng, (200, 200), 0.01))
+    perm = rng.permutation(len(rows))
+    out.append(("shuffled", rows[perm].astype(np.float64), cols[perm].astype(np.float64),
+                (200, 200)))
+    pts = rng.random((600, 2)) * [150, 220]
+    t = rng.random(400) * 200
+    line = np.column_stack([20 + 0.5 * t + rng.normal(0, 0.4, 400), 10 + t])
+    pts = np.vstack([pts, line])
+    out.append(("floats", pts[:, 0], pts[:, 1], (150, 220)))
+    # A few pixels far apart in a large scene (many empty cells); one pixel; none.
+    out.append(("sparse", np.array([5.0, 6.0, 7.0, 8.0, 9.0, 3000.0, 3001.0, 3002.0]),
+                np.array([5.0, 5.0, 5.0, 5.0, 5.0, 4000.0, 4001.0, 4002.0]), (3500, 4500)))
+    out.append(("single", np.array([3.0]), np.array([4.0]), (10, 10)))
+    out.append(("empty", np.zeros(0), np.zeros(0), (10, 10)))
+    return out
+
+
+CASES = _cases()
+PARAMS = [(1.5, 3.0, 10.0), (0.3, 2.0, 6.0), (3.0, 1.0, 20.0), (1.0, 10.0, 4.0),
+          (40.0, 5.0, 10.0)]  # (near_px, gap_px, min_px)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_greedy_hough_equals_reference(case) -> None:
+    _, rows, cols, shape = case
+    for near_px, gap_px, min_px in PARAMS:
+        got = greedy_hough(rows, cols, shape, min_px=min_px, near_px=near_px, gap_px=gap_px)
+        want, _ = reference_hough(rows, cols, shape, min_px=min_px, near_px=near_px,
+                                  gap_px=gap_px)
+        assert got == want, (near_px, gap_px, min_px)
+
+
+def test_greedy_hough_equals_reference_when_max_lines_is_reached() -> None:
+    rng = np.random.default_rng(3)
+    rows, cols = np.nonzero(_lines(rng, (300, 300), 40))
+    rows, cols = rows.astype(np.float64), cols.astype(np.float64)
+    full, _ = reference_hough(rows, cols, (300, 300), min_px=10, near_px=1.5, gap_px=3)
+    for max_lines in (1, 5, 17):
+        got = greedy_hough(rows, cols, (300, 300), min_px=10, near_px=1.5, gap_px=3,
+                           max_lines=max_lines)
+        want, _ = reference_hough(rows, cols, (300, 300), min_px=10, near_px=1.5, gap_px=3,
+                                  max_lines=max_lines)
+        assert got == want
+        assert len(got) < len(full)  # the bound did stop the search
+
+
+def test_the_cases_take_the_nearest_pixel_fallback() -> None:
+    """The rare branch (no pixel within near_px of the best line) is among those compared."""
+    fallbacks = sum(reference_hough(rows, cols, shape, min_px=6.0, near_px=0.3, gap_px=2.0)[1]
+                    for _, rows, cols, shape in CASES)
+    assert fallbacks > 0
+
+
+def test_cells_list_every_pixel_within_reach() -> None:
+    rng = np.random.default_rng(5)
+    rows, cols = rng.random(5000) * 700, rng.random(5000) * 500
+    cells = _Cells(rows, cols, cell_px=32)
+    for _ in range(200):
+        theta = rng.uniform(-np.pi / 2, np.pi / 2)
+        rho = rng.uniform(-200, 900)
+        reach = float(rng.choice([0.5, 1.5, 7.0, 60.0]))
+        cos, sin = math.cos(theta), math.sin(theta)
+        near = cells.near(cos, sin, rho, reach_px=reach)
+        assert len(np.unique(near)) == len(near)  # no pixel listed twice
+        within = np.flatnonzero(np.abs(cols * cos + rows * sin - rho) <= reach)
+        assert np.isin(within, near).all()
+        assert len(near) < len(rows) or reach == 60.0  # the cells do narrow the search
+
+
+@pytest.mark.parametrize("spread", [50, 10 * _Accumulator.BLOCK])
+def test_accumulator_dense_and_sparse_updates_match_numpy(spread: int) -> None:
+    """Votes packed in a short range (counted over it) or spread wide (cell by cell)."""
+    rng = np.random.default_rng(spread)
+    acc = _Accumulator(12 * _Accumulator.BLOCK + 7)
+    dense = np.zeros(acc.size, np.int64)
+    for step in range(200):
+        start = int(rng.integers(0, acc.size - spread))
+        index = start + rng.integers(0, spread, int(rng.integers(1, 300)))
+        if step % 2 == 1:  # withdraw a part of the votes cast
+            cast = np.repeat(np.flatnonzero(dense), dense[dense > 0])
+            index = rng.permutation(cast)[: int(rng.integers(0, len(cast) + 1))]
+            acc.add(index, sign=-1)
+            np.subtract.at(dense, index, 1)
+        else:
+            acc.add(index)
+            np.add.at(dense, index, 1)
+        np.testing.assert_array_equal(acc.values, dense)
+        blocks = np.pad(dense, (0, len(acc.padded) - acc.size), constant_values=-1)
+        np.testing.assert_array_equal(acc.block_max,
+                                      blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1))
+        assert acc.argmax() == int(np.argmax(dense))
