@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-from pipeline.core.components import label_regions
+from pipeline.core.components import select_by_area
 from pipeline.errors import GridError, NoValidDataError
 from pipeline.model import ChangeParams, ThresholdMethod
 
@@ -325,11 +325,13 @@ def _remove_small_np(mask: np.ndarray, min_px: float) -> np.ndarray:
 
 def _remove_small_chunked(mask: da.Array, min_px: float,
                           persist: Callable[[da.Array], da.Array] | None) -> da.Array:
-    """`_remove_small_np` chunk by chunk: global labels merged across chunk borders; lazy."""
-    objects = label_regions(mask, connectivity=2, persist=persist)
-    kept = objects.relabel(np.concatenate([[False], objects.area_px >= min_px]))
-    holes = label_regions(~kept, connectivity=1, persist=persist)
-    return kept | holes.relabel(np.concatenate([[False], holes.area_px < min_px]))
+    """`_remove_small_np` chunk by chunk: components merged across chunk borders; lazy.
+
+    Only the components' pixel counts are needed (`select_by_area`), not their labels.
+    """
+    kept = select_by_area(mask, lambda area: area >= min_px, connectivity=2, persist=persist)
+    holes = select_by_area(~kept, lambda area: area < min_px, connectivity=1, persist=persist)
+    return kept | holes
 
 
 def change_mask(
@@ -358,7 +360,7 @@ def change_mask(
     persist
         For Dask input: applied to the smoothed magnitude, which the threshold and the mask
         then read three times, and to the per-chunk labels of the objects and holes that
-        the size filter labels (`pipeline.core.components.label_regions`); a function that
+        the size filter labels (`pipeline.core.components.select_by_area`); a function that
         computes an array once and returns it stored (e.g. on disk, chunk by chunk) saves
         the repeated passes. None recomputes them.
 

@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 
-__all__ = ["Regions", "label_regions"]
+__all__ = ["Regions", "label_regions", "select_by_area"]
 
 _NONE = np.iinfo(np.int64).max
 _RECENT_BLOCKS = 16  # chunks of local labels kept by Regions.window (memory-mapped when stored)
@@ -249,6 +249,48 @@ class Regions:
         return out
 
 
+def _chunk_labels(mask: Any, connectivity: int,
+                  persist: Callable[[da.Array], da.Array] | None) -> da.Array:
+    """Each chunk's own int32 labels of a 2-D mask (Dask; NumPy becomes one chunk), persisted."""
+    _structure(connectivity)  # a bad connectivity fails before any work
+    mask = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask))
+    if mask.ndim != 2:
+        raise ValueError(f"Connected components need a 2-D mask, got shape {mask.shape}")
+    local = mask.astype(bool).map_blocks(_local_labels, connectivity=connectivity,
+                                         dtype=np.int32)
+    return persist(local) if persist is not None else local
+
+
+def _merge(local: da.Array, summarise: Callable[..., Any], connectivity: int
+           ) -> tuple[list[Any], list[tuple[int, ...]], np.ndarray, int, np.ndarray]:
+    """Summarise every chunk and merge its labels across chunk borders.
+
+    ``summarise(block, row0, col0, width)`` returns an object with ``count`` and ``edges``.
+    Returns ``(summaries, chunk indexes, offsets, n, component)``: provisional label ``p``
+    (chunk ``k``'s local label ``l`` is ``offsets[k] + l``) belongs to merged component
+    ``component[p - 1]`` of ``n``.
+    """
+    bounds = [np.concatenate([[0], np.cumsum(c)]) for c in local.chunks]
+    width = int(local.shape[1])
+    index_list = list(np.ndindex(*local.numblocks))
+    delayed = local.to_delayed()
+    computed = list(dask.compute(*(dask.delayed(summarise)(
+        delayed[index], int(bounds[0][index[0]]), int(bounds[1][index[1]]), width)
+        for index in index_list)))
+    tables = np.empty(local.numblocks, dtype=object)
+    for index, table in zip(index_list, computed, strict=True):
+        tables[index] = table
+    counts = np.array([t.count for t in computed], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    pairs = np.unique(_border_pairs(tables, offsets, connectivity), axis=0) - 1
+    graph = sparse.coo_matrix((np.ones(len(pairs), np.int32), (pairs[:, 0], pairs[:, 1])),
+                              shape=(total, total))
+    n, component = (csgraph.connected_components(graph, directed=False) if total
+                    else (0, np.zeros(0, np.int64)))
+    return computed, index_list, offsets, n, component
+
+
 def label_regions(mask: Any, *, connectivity: int = 2,
                   persist: Callable[[da.Array], da.Array] | None = None) -> Regions:
     """Label the connected components of a 2-D boolean mask, chunk by chunk.
@@ -271,32 +313,8 @@ def label_regions(mask: Any, *, connectivity: int = 2,
         Per-label tables (computed) and lazy access to the global labels. The tables are
         computed here (one pass over the chunks); the labels stay lazy.
     """
-    _structure(connectivity)  # a bad connectivity fails before any work
-    mask = mask if isinstance(mask, da.Array) else da.from_array(np.asarray(mask))
-    if mask.ndim != 2:
-        raise ValueError(f"label_regions expects a 2-D mask, got shape {mask.shape}")
-    local = mask.astype(bool).map_blocks(_local_labels, connectivity=connectivity,
-                                         dtype=np.int32)
-    if persist is not None:
-        local = persist(local)
-    bounds = [np.concatenate([[0], np.cumsum(c)]) for c in local.chunks]
-    width = int(local.shape[1])
-    index_list = list(np.ndindex(*local.numblocks))
-    delayed = local.to_delayed()
-    computed = dask.compute(*(dask.delayed(_chunk_table)(
-        delayed[index], int(bounds[0][index[0]]), int(bounds[1][index[1]]), width)
-        for index in index_list))
-    tables = np.empty(local.numblocks, dtype=object)
-    for index, table in zip(index_list, computed, strict=True):
-        tables[index] = table
-    counts = np.array([t.count for t in computed], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    total = int(offsets[-1])
-    pairs = np.unique(_border_pairs(tables, offsets, connectivity), axis=0) - 1
-    graph = sparse.coo_matrix((np.ones(len(pairs), np.int32), (pairs[:, 0], pairs[:, 1])),
-                              shape=(total, total))
-    n, component = (csgraph.connected_components(graph, directed=False) if total
-                    else (0, np.zeros(0, np.int64)))
+    local = _chunk_labels(mask, connectivity, persist)
+    computed, index_list, offsets, n, component = _merge(local, _chunk_table, connectivity)
     first = np.concatenate([np.zeros(0, np.int64), *(t.first for t in computed)])
     first_of = np.full(n, _NONE)
     np.minimum.at(first_of, component, first)
@@ -309,3 +327,54 @@ def label_regions(mask: Any, *, connectivity: int = 2,
             for k, index in enumerate(index_list)}
     return Regions(area_px=area, bbox=bbox, centroid=centroid, first_px=first_of[order],
                    connectivity=connectivity, local=local, luts=luts)
+
+
+@dataclass(frozen=True)
+class _ChunkAreas:
+    """One chunk's labels summarised by their pixel counts only."""
+
+    count: int
+    area: np.ndarray  # (count,) int64 pixels of local labels 1..count
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # top, bottom, left, right
+
+
+def _chunk_areas(block: np.ndarray, row0: int, col0: int, width: int) -> _ChunkAreas:
+    """Pixel count of each local label: one bincount (the chunk's origin is not needed)."""
+    block = np.asarray(block)
+    edges = (block[0].copy(), block[-1].copy(), block[:, 0].copy(), block[:, -1].copy())
+    area = np.bincount(block.ravel())[1:].astype(np.int64)
+    return _ChunkAreas(len(area), area, edges)
+
+
+def select_by_area(mask: Any, keep: Callable[[np.ndarray], np.ndarray], *,
+                   connectivity: int = 2,
+                   persist: Callable[[da.Array], da.Array] | None = None) -> da.Array:
+    """The pixels of the connected components of ``mask`` whose pixel count ``keep`` accepts.
+
+    The same components as `label_regions` (merged across chunk borders), but only their
+    pixel counts are reduced: no bounding boxes, centroids or raster-order numbering, which
+    cost most of the labelling where the mask covers most of the grid (e.g. holes).
+
+    Parameters
+    ----------
+    mask
+        ``(y, x)`` boolean (or 0/1) array, Dask (its chunks are kept) or NumPy (one chunk).
+    keep
+        Maps an int64 array of component pixel counts to a boolean array (True: keep).
+    connectivity, persist
+        As in `label_regions` (``persist`` gets the per-chunk labels).
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy boolean ``(y, x)``, True on the pixels of the kept components, with ``mask``'s
+        chunks. The component counts are computed here (one pass over the chunks).
+    """
+    local = _chunk_labels(mask, connectivity, persist)
+    computed, index_list, offsets, n, component = _merge(local, _chunk_areas, connectivity)
+    provisional = np.concatenate([np.zeros(0, np.int64), *(t.area for t in computed)])
+    area = np.bincount(component, weights=provisional, minlength=n).astype(np.int64)
+    chosen = np.concatenate([[False], np.asarray(keep(area), bool)[component]])
+    luts = {index: np.concatenate([[False], chosen[offsets[k] + 1:offsets[k + 1] + 1]])
+            for k, index in enumerate(index_list)}
+    return da.map_blocks(_relabel_block, local, luts=luts, dtype=bool)

@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from numpy.testing import assert_allclose, assert_array_equal
 from skimage import measure
 
-from pipeline.core.components import label_regions
+from pipeline.core.components import label_regions, select_by_area
 
 
 def _assert_same_as_in_memory(mask: np.ndarray, chunks, connectivity: int) -> None:
@@ -144,3 +144,54 @@ def test_label_regions_bad_connectivity_names_the_values():
     """A connectivity other than 1 or 2 is a ValueError saying which are allowed."""
     with pytest.raises(ValueError, match="1 \\(4-connected\\) or 2"):
         label_regions(np.ones((3, 3), bool), connectivity=3)
+
+
+def _select_in_memory(mask: np.ndarray, connectivity: int, lo: int, hi: int) -> np.ndarray:
+    """Pixels of the components (skimage labels) whose area lies in ``lo <= area < hi``."""
+    labels = measure.label(mask, connectivity=connectivity)
+    area = np.bincount(labels.ravel())
+    chosen = (area >= lo) & (area < hi)
+    chosen[0] = False
+    return chosen[labels]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_masks_and_chunks(), connectivity=st.sampled_from([1, 2]),
+       lo=st.integers(0, 12), span=st.integers(1, 40))
+def test_select_by_area_random_masks_equal_in_memory(case, connectivity, lo, span):
+    """Any mask and chunking: the kept pixels are those of in-memory components in range."""
+    mask, chunks = case
+    got = select_by_area(da.from_array(mask, chunks=chunks),
+                         lambda area: (area >= lo) & (area < lo + span),
+                         connectivity=connectivity)
+    assert got.dtype == bool and got.chunks == da.from_array(mask, chunks=chunks).chunks
+    assert_array_equal(got.compute(), _select_in_memory(mask, connectivity, lo, lo + span))
+
+
+def test_select_by_area_counts_an_object_over_four_chunks_once():
+    """A 32-pixel ring over four chunks is kept by ``area >= 32`` and dropped by ``> 32``."""
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True
+    mask[4:6, 4:6] = False
+    seen = []
+    kept = select_by_area(da.from_array(mask, chunks=5),
+                          lambda area: seen.append(area.tolist()) or area >= 32)
+    assert seen == [[32]]
+    assert_array_equal(kept.compute(), mask)
+    dropped = select_by_area(da.from_array(mask, chunks=5), lambda area: area > 32)
+    assert not dropped.compute().any()
+
+
+def test_select_by_area_persist_gets_the_chunk_labels():
+    """The persist hook receives the per-chunk int32 labels once; the result is unchanged."""
+    mask = np.random.default_rng(6).random((12, 12)) < 0.5
+    seen = []
+
+    def persist(arr):
+        seen.append((arr.shape, arr.dtype))
+        return arr.persist()
+
+    got = select_by_area(da.from_array(mask, chunks=5), lambda area: area >= 3,
+                         connectivity=1, persist=persist)
+    assert seen == [((12, 12), np.dtype(np.int32))]
+    assert_array_equal(got.compute(), _select_in_memory(mask, 1, 3, 10**9))
