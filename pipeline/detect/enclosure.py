@@ -272,7 +272,7 @@ def _second_line(prof: np.ndarray, offsets: np.ndarray, tol: float, gap_min: flo
     return np.where(found, centre, np.nan)
 
 
-def _fence_lines(outline: shapely.Polygon, segments: Sequence[WallSegment], params: WallParams,
+def _fence_lines(outline: shapely.Polygon, segments: SegmentArrays, params: WallParams,
                  tol: float) -> list[shapely.LineString]:
     """Lines of new wall pieces inside the outline, parallel to a side, spanning most of it.
 
@@ -282,7 +282,10 @@ def _fence_lines(outline: shapely.Polygon, segments: Sequence[WallSegment], para
     rect = np.asarray(shapely.minimum_rotated_rectangle(outline).exterior.coords)
     sides = [(rect[i + 1] - rect[i]) for i in range(2)]
     keep = []
-    for s in segments:
+    # only segments whose box meets the outline's can cross it (in their order: the same
+    # pieces as a pass over all of the scene's segments)
+    for i in np.sort(segments.tree.query(outline)):
+        s = segments.items[i]
         part = shapely.intersection(s.line, outline)
         if part.geom_type == "LineString" and part.length > 0 and s.support >= 0.6:
             keep.append(np.asarray(part.coords).ravel()[:4])
@@ -308,7 +311,7 @@ def _fence_lines(outline: shapely.Polygon, segments: Sequence[WallSegment], para
     return lines
 
 
-def _internal_fences(outline: shapely.Polygon, segments: Sequence[WallSegment],
+def _internal_fences(outline: shapely.Polygon, segments: SegmentArrays,
                      params: WallParams, tol: float) -> tuple[shapely.LineString, ...]:
     """Fence lines that split the outline into yards: each end reaches the wall or a fence.
 
@@ -326,9 +329,9 @@ def _internal_fences(outline: shapely.Polygon, segments: Sequence[WallSegment],
     return tuple(fences)
 
 
-def measure_enclosure(outline: shapely.Polygon, segments: Sequence[WallSegment],
-                      line_map: LineMap, *, params: WallParams = WallParams()
-                      ) -> EnclosureMeasures:
+def measure_enclosure(outline: shapely.Polygon,
+                      segments: Sequence[WallSegment] | SegmentArrays, line_map: LineMap, *,
+                      params: WallParams = WallParams()) -> EnclosureMeasures:
     """Measure how far new walls close ``outline``, and the fences along and inside it.
 
     Parameters
@@ -336,7 +339,9 @@ def measure_enclosure(outline: shapely.Polygon, segments: Sequence[WallSegment],
     outline
         The compound outline in the grid CRS.
     segments
-        New wall segments (`pipeline.detect.walls.find_wall_segments`).
+        New wall segments (`pipeline.detect.walls.find_wall_segments`); as `SegmentArrays`
+        when many outlines are measured against the same segments (only those near the
+        outline are then visited).
     line_map
         The new thin-line evidence (`pipeline.detect.walls.new_line_map`); its mask is read
         on its own grid, and its pixel size sets the backing tolerance,
@@ -349,6 +354,7 @@ def measure_enclosure(outline: shapely.Polygon, segments: Sequence[WallSegment],
     `EnclosureMeasures`; where walls are below a pixel (no segment) every wall measure is 0.
     """
     res_m, transform, line_mask = line_map.res_m, line_map.transform, line_map.mask
+    segments = SegmentArrays.of(segments)
     tol = max(2 * res_m, params.tolerance_m)
     rect = shapely.minimum_rotated_rectangle(outline)
     step = min(res_m, 1.0)

@@ -25,7 +25,7 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from pipeline.detect.enclosure import EnclosureMeasures, measure_enclosure
+from pipeline.detect.enclosure import EnclosureMeasures, SegmentArrays, measure_enclosure
 from pipeline.detect.outlines import outline_from_segments
 from pipeline.detect.towers import Tower, find_watchtowers
 from pipeline.detect.walls import LineMap, WallSegment, find_wall_segments, new_line_map
@@ -168,7 +168,8 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
                 transform: Affine, res_m: float, walls: WallParams = WallParams(),
                 towers: TowerParams = TowerParams(), grades: GradeParams = GradeParams(),
                 line_map: LineMap | None = None,
-                segments: Sequence[WallSegment] | None = None) -> SiteAssessment:
+                segments: Sequence[WallSegment] | SegmentArrays | None = None
+                ) -> SiteAssessment:
     """Measure walls, fences and towers around ``seed`` (a compound outline) and grade it.
 
     The seed's sides are moved onto the new walls near them (`outline_from_segments`), the
@@ -187,7 +188,8 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
         Parameters of each step.
     line_map, segments
         `new_line_map` and `find_wall_segments` results for the whole pair, when several
-        outlines share them (computed here otherwise).
+        outlines share them (computed here otherwise); the segments best as one
+        `SegmentArrays` for all the outlines.
 
     Returns
     -------
@@ -196,8 +198,10 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
     """
     lm = line_map if line_map is not None else new_line_map(
         before, after, transform=transform, res_m=res_m, params=walls)
-    segs = list(segments) if segments is not None else find_wall_segments(
-        before, after, transform=transform, res_m=res_m, params=walls, line_map=lm)
+    # arrays and a spatial index of the segments: made once when the caller passes them so,
+    # each outline then visits only the segments near it
+    segs = SegmentArrays.of(segments if segments is not None else find_wall_segments(
+        before, after, transform=transform, res_m=res_m, params=walls, line_map=lm))
     outline, snapped = outline_from_segments(segs, seed=seed, res_m=lm.res_m, params=walls)
     enc = measure_enclosure(outline, segs, lm, params=walls)
     found, note = find_watchtowers(before, after, outline, transform=transform, res_m=res_m,
@@ -208,10 +212,13 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
     m.update(grade=grade, grade_reasons=list(reasons), grade_caveats=list(caveats),
              watchtower_note=note)
     near = outline.buffer(enc.tolerance_m, join_style="mitre")
+    # segments whose box meets the buffer's, in their order, then the same test as one by one
+    idx = np.sort(segs.tree.query(near))
+    idx = idx[shapely.intersects(segs.lines[idx], near)]
     return SiteAssessment(outline=outline, sides_on_walls=snapped, enclosure=enc,
                           towers=tuple(found), tower_note=note, grade=grade,
                           reasons=tuple(reasons), caveats=tuple(caveats), measurements=m,
-                          segments=tuple(g for g in segs if g.line.intersects(near)))
+                          segments=tuple(segs.items[i] for i in idx))
 
 
 def _segment_role(seg: WallSegment, site: SiteAssessment, walls: WallParams) -> str:

@@ -21,6 +21,7 @@ from affine import Affine
 
 from pipeline.detect.blocks import CROP_BATCH_PX, crop_batches
 from pipeline.detect.compounds import outline_window
+from pipeline.detect.enclosure import SegmentArrays
 from pipeline.detect.grade import SiteAssessment, assess_site, grade_site
 from pipeline.detect.outlines import propose_outlines
 from pipeline.detect.texture import block_mean, compute_crops, grey
@@ -123,6 +124,7 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
     windows = [outline_window(o, transform, before.shape, margin_px=margin_px) for o in outlines]
     sizes = [2 * math.prod(before.shape[:-2]) * (r.stop - r.start) * (c.stop - c.start)
              for r, c, _ in windows]
+    segments = SegmentArrays.of(scene.segments)  # built once: each outline visits its own
     out: list[SiteAssessment] = []
     for part in crop_batches(sizes, GRADE_BATCH_PX):
         crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[part.start:part.stop]
@@ -132,7 +134,7 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
                                    outlines[k], transform=windows[k][2], res_m=res_m,
                                    walls=params.walls, towers=params.towers,
                                    grades=params.grade, line_map=scene.line_map,
-                                   segments=scene.segments))
+                                   segments=segments))
         del crops
     return out
 

@@ -198,3 +198,36 @@ def test_real_date_pair_look_alikes_are_grade_0(case):
                        res_m=1.0)
     assert site.grade == 0
 
+
+
+def test_assess_site_segment_arrays_and_far_segments_give_the_same_assessment():
+    """Segments passed once as SegmentArrays, with far-away segments added among them, give
+    the same assessment as the site's own segment list (each outline visits only the
+    segments near it; a scene's other walls change nothing)."""
+    import dataclasses
+
+    import shapely
+
+    from pipeline.detect.enclosure import SegmentArrays
+    from pipeline.detect.walls import find_wall_segments, new_line_map
+
+    res_m = 1.0
+    before, after, truth = make_walled_compound(background("real", res_m), res_m=res_m,
+                                                double_fence_gap_m=6.0, internal_fences=2,
+                                                towers="corners_and_sides")
+    seed = truth.wall_polygon.buffer(5.0, join_style="mitre")
+    lm = new_line_map(before, after, transform=truth.transform, res_m=res_m)
+    segs = find_wall_segments(before, after, transform=truth.transform, res_m=res_m,
+                              line_map=lm)
+    assert len(segs) > 4
+    far = [dataclasses.replace(s, line=shapely.affinity.translate(s.line, 5000.0, -3000.0))
+           for s in segs]
+    mixed = [x for pair in zip(far, segs, strict=True) for x in pair]
+    kwargs = dict(transform=truth.transform, res_m=res_m, line_map=lm)
+    alone = assess_site(before, after, seed, segments=segs, **kwargs)
+    shared = assess_site(before, after, seed, segments=SegmentArrays.of(mixed), **kwargs)
+    assert shared.measurements == alone.measurements
+    assert shared.outline.equals_exact(alone.outline, 0.0)
+    assert shared.segments == alone.segments and len(alone.segments) > 0
+    assert shared.enclosure.internal_fences == alone.enclosure.internal_fences
+    assert shared.towers == alone.towers
