@@ -381,3 +381,62 @@ def test_detect_sites_walled_compound_amid_real_construction(res_m):
     assert len(compounds) == 1
     assert _iou(compounds[0].geometry, truth.wall_polygon) >= 0.9
     assert compounds[0].measurements["grade"] >= 1
+
+
+def _candidate_on_whole_grid(px, angle, gain, *, threshold, transform, factor, cell_m):
+    """The compound measures as first written: both masks and the means on the whole grid."""
+    import shapely
+    from rasterio import features
+
+    from pipeline.detect.compounds import CompoundCandidate
+
+    xs = transform.a * px[:, 1] + transform.b * px[:, 0] + transform.c
+    ys = transform.d * px[:, 1] + transform.e * px[:, 0] + transform.f
+    polygon = shapely.Polygon(np.column_stack([xs, ys]))
+    cells = transform @ Affine.scale(factor)
+    inside = features.rasterize([polygon], out_shape=gain.shape, transform=cells) > 0
+    grown = polygon.buffer(2.5 * cell_m, join_style="mitre")
+    ring = (features.rasterize([grown], out_shape=gain.shape, transform=cells) > 0) & ~inside
+    g = np.where(np.isfinite(gain), gain, np.nan)
+    sides = sorted(float(np.hypot(xs[i + 1] - xs[i], ys[i + 1] - ys[i])) for i in range(2))
+    return CompoundCandidate(
+        polygon=polygon, orientation_deg=angle, length_m=sides[1], width_m=sides[0],
+        evidence_fill=float(np.mean(g[inside] > threshold)) if inside.any() else 0.0,
+        gain_inside=float(np.nanmean(g[inside])) if inside.any() else 0.0,
+        gain_outside=float(np.nanmean(g[ring])) if ring.any() else 0.0,
+        gain_threshold=threshold, cell_m=cell_m)
+
+
+@pytest.mark.parametrize("res_m, factor", [(0.5, 20), (0.3, 33), (10.0, 1)])
+def test_candidate_measures_equal_the_whole_grid_ones(res_m, factor):
+    """A candidate's fill and texture gains, taken on the cells around its outline, equal
+    those taken on the whole cell grid: rotated and axis-aligned outlines, sides on cell
+    centres, outlines across the grid's edge, NaN cells."""
+    from pipeline.detect.compounds import _candidate
+
+    rng = np.random.default_rng(7)
+    gain = rng.normal(0.2, 0.3, (120, 150)).astype(np.float32)
+    gain[rng.random(gain.shape) < 0.05] = np.nan
+    transform = Affine(res_m, 0, 602385.5, 0, -res_m, 4805934.5)
+    cell_m = factor * res_m
+    n_px = np.array(gain.shape) * factor
+    filled = 0
+    for k in range(40):
+        centre = rng.uniform(-0.1, 1.1, 2) * n_px
+        half = rng.uniform(2, 25, 2) * factor
+        angle = 0.0 if k % 3 == 0 else rng.uniform(0, 180)
+        corners = np.array([[-1, -1], [-1, 1], [1, 1], [1, -1]]) * half
+        if k % 3 == 0:  # sides through cell centres
+            centre = (np.round(centre / factor) + 0.5) * factor
+            corners = np.round(corners / factor) * factor
+        a = np.radians(angle)
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        px = centre + corners @ rot.T
+        kwargs = dict(threshold=0.25, transform=transform, factor=factor, cell_m=cell_m)
+        got = _candidate(px, angle, gain, **kwargs)
+        want = _candidate_on_whole_grid(px, angle, gain, **kwargs)
+        assert got.polygon.equals_exact(want.polygon, 0.0)
+        measures = [(c.evidence_fill, c.gain_inside, c.gain_outside) for c in (got, want)]
+        assert_array_equal(*measures)  # to the bit (NaN where a ring has no valid cell)
+        filled += want.evidence_fill > 0
+    assert filled >= 10
