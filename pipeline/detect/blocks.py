@@ -8,13 +8,15 @@ crops of lazy maps (`compute_crops`). NumPy in, NumPy out; Dask input gives the 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX"]
+__all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX",
+           "BlockWindows"]
 
 # Crops (of lazy maps, candidate regions, outlines) are computed and held a batch at a time, of
 # about this many values (128 MB of float32): their number grows with the area.
@@ -149,3 +151,49 @@ def crop_batches(sizes: Sequence[int], limit: int) -> Iterator[range]:
             stop += 1
         yield range(start, stop)
         start = stop
+
+
+@dataclass(frozen=True)
+class BlockWindows:
+    """Windows of a lazy 2-D array, as delayed NumPy arrays assembled from its chunks.
+
+    Each window depends on the array's own chunk tasks, so a graph of many windows computes
+    every chunk once. (A Dask array sliced straight into a ``dask.delayed`` call is finalised
+    on its own: each window recomputed every chunk it touches, the grey images' band means
+    about four times over in the texture step.) The values are the array's.
+    """
+
+    arr: da.Array
+    blocks: np.ndarray = field(init=False, repr=False, compare=False)
+    bounds: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:  # noqa: D105
+        object.__setattr__(self, "blocks", self.arr.to_delayed())
+        object.__setattr__(self, "bounds", tuple(np.concatenate([[0], np.cumsum(c)])
+                                                 for c in self.arr.chunks))
+
+    def window(self, rows: slice, cols: slice) -> Any:
+        """Delayed ``arr[rows, cols]`` (``start:stop`` slices inside the array)."""
+        (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
+        pieces, places = [], []
+        for i in range(len(self.bounds[0]) - 1):
+            lo, hi = max(r0, self.bounds[0][i]), min(r1, self.bounds[0][i + 1])
+            for j in range(len(self.bounds[1]) - 1):
+                left, right = max(c0, self.bounds[1][j]), min(c1, self.bounds[1][j + 1])
+                if lo >= hi or left >= right:
+                    continue
+                pieces.append(self.blocks[i, j])
+                places.append(((slice(lo - self.bounds[0][i], hi - self.bounds[0][i]),
+                                slice(left - self.bounds[1][j], right - self.bounds[1][j])),
+                               (slice(lo - r0, hi - r0), slice(left - c0, right - c0))))
+        shape = (max(0, r1 - r0), max(0, c1 - c0))
+        return dask.delayed(_assemble, pure=True)(pieces, places, shape, self.arr.dtype)
+
+
+def _assemble(pieces: list[np.ndarray], places: list[tuple], shape: tuple[int, int],
+              dtype: Any) -> np.ndarray:
+    """A window filled from the chunk pieces that cover it."""
+    out = np.empty(shape, dtype)
+    for piece, (src, dst) in zip(pieces, places, strict=True):
+        out[dst] = np.asarray(piece)[src]
+    return out

@@ -15,7 +15,7 @@ not grow with the AOI. Both give the same values. Grey images, block means and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -23,14 +23,15 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline.detect.blocks import _aligned as _aligned  # walls_chunked imports it from here
 from pipeline.detect.blocks import (
+    BlockWindows,
     _block_mean_np,
     _block_means_lazy,
     block_mean,
     compute_crops,
     grey,
 )
+from pipeline.detect.blocks import _aligned as _aligned  # walls_chunked imports it from here
 
 __all__ = ["EdgeMaps", "grey", "edge_strength", "block_mean", "edge_maps", "image_scale",
            "texture_gain", "texture_gain_from_edges", "new_edges", "compute_crops"]
@@ -58,6 +59,9 @@ class EdgeMaps:
     sigma_px: float = 1.0
     grey_before: Any = None
     grey_after: Any = None
+    # windows of lazy grey images, made from their chunks (`blocks.BlockWindows`)
+    windows: tuple[BlockWindows, BlockWindows] | None = field(default=None, repr=False,
+                                                                compare=False)
 
 
 def _sobel_magnitude_np(img: np.ndarray) -> np.ndarray:
@@ -188,12 +192,21 @@ def edge_maps(grey_before: Any, grey_after: Any, *, sigma_px: float = 1.0) -> Ed
     beyond the scale's subsample).
     """
     scale, fill = image_scale(grey_before)
+    lazy = isinstance(grey_before, da.Array) and isinstance(grey_after, da.Array)
     return EdgeMaps(
         before=edge_strength(grey_before / scale, sigma_px=sigma_px, fill=fill),
         after=edge_strength(grey_after / scale, sigma_px=sigma_px, fill=fill),
         scale=scale, fill=fill, sigma_px=sigma_px, grey_before=grey_before,
         grey_after=grey_after,
+        windows=(BlockWindows(grey_before), BlockWindows(grey_after)) if lazy else None,
     )
+
+
+def _grey_windows(edges: EdgeMaps) -> tuple[BlockWindows, BlockWindows]:
+    """The `BlockWindows` of the lazy grey images (made now when ``edges`` has none)."""
+    if edges.windows is not None:
+        return edges.windows
+    return BlockWindows(da.asarray(edges.grey_before)), BlockWindows(da.asarray(edges.grey_after))
 
 
 def _cell_edges_np(g_before: np.ndarray, g_after: np.ndarray, trim: tuple[slice, slice], *,
@@ -215,7 +228,8 @@ def _cell_edges_lazy(edges: EdgeMaps, factor: int) -> tuple[np.ndarray, ...]:
     pixels they cover and a halo, and computes the edges and their cell means there, so no
     fine-grid edge map is rechunked or stored, and each cell is summed as in NumPy.
     """
-    g_before, g_after = da.asarray(edges.grey_before), da.asarray(edges.grey_after)
+    g_after = da.asarray(edges.grey_after)
+    w_before, w_after = _grey_windows(edges)
     ny, nx = g_after.shape
     depth = edge_depth_px(edges.sigma_px)
     row_cuts = [-(-start // factor) for start in np.cumsum((0, *g_after.chunks[0]))]
@@ -232,7 +246,8 @@ def _cell_edges_lazy(edges: EdgeMaps, factor: int) -> tuple[np.ndarray, ...]:
             hr0, hr1 = max(0, r0 - depth), min(ny, r1 + depth)
             hc0, hc1 = max(0, c0 - depth), min(nx, c1 + depth)
             trim = (slice(r0 - hr0, r1 - hr0), slice(c0 - hc0, c1 - hc0))
-            task = cell(g_before[hr0:hr1, hc0:hc1], g_after[hr0:hr1, hc0:hc1], trim,
+            halo = (slice(hr0, hr1), slice(hc0, hc1))
+            task = cell(w_before.window(*halo), w_after.window(*halo), trim,
                         factor=factor, scale=edges.scale, fill=edges.fill,
                         sigma_px=edges.sigma_px)
             blocks.append(da.from_delayed(task, (3, a1 - a0, b1 - b0), dtype=np.float32))
@@ -337,8 +352,10 @@ def new_edges(edges: EdgeMaps, rows: slice, cols: slice) -> Any:
     hr0, hr1 = max(0, r0 - depth), min(ny, r1 + depth)
     hc0, hc1 = max(0, c0 - depth), min(nx, c1 + depth)
     trim = (slice(r0 - hr0, r1 - hr0), slice(c0 - hc0, c1 - hc0))
+    w_before, w_after = _grey_windows(edges)
+    halo = (slice(hr0, hr1), slice(hc0, hc1))
     crop = dask.delayed(_new_edges_crop_np, pure=True)(
-        edges.grey_before[hr0:hr1, hc0:hc1], edges.grey_after[hr0:hr1, hc0:hc1], trim,
+        w_before.window(*halo), w_after.window(*halo), trim,
         scale=edges.scale, fill=edges.fill, sigma_px=edges.sigma_px)
     return da.from_delayed(crop, (r1 - r0, c1 - c0), dtype=np.float32)
 

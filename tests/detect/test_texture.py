@@ -84,3 +84,34 @@ def test_gaussian_bands_equal_scipy(monkeypatch, shape):
         got = texture._gaussian_np(img, 1.0)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, expected)
+
+
+def test_block_windows_equal_slices_and_compute_each_chunk_once() -> None:
+    """Windows from BlockWindows equal the array's slices (across chunk borders, at the
+    edges, empty), and a graph of many windows computes each chunk once."""
+    import threading
+
+    import dask
+    import dask.array as da
+
+    from pipeline.detect.blocks import BlockWindows
+
+    calls = []
+    lock = threading.Lock()
+
+    def counted(block: np.ndarray) -> np.ndarray:
+        with lock:
+            calls.append(block.shape)
+        return block * np.float32(2)
+
+    values = np.random.default_rng(3).random((70, 90)).astype(np.float32)
+    arr = da.from_array(values, chunks=(20, 25)).map_blocks(counted, dtype=np.float32)
+    windows = BlockWindows(arr)
+    boxes = [(0, 70, 0, 90), (15, 45, 20, 60), (0, 1, 89, 90), (19, 21, 24, 26), (30, 30, 5, 9)]
+    boxes += [(r, r + 33, c, c + 41) for r in range(0, 37, 6) for c in range(0, 49, 8)]
+    got = dask.compute(*(windows.window(slice(r0, r1), slice(c0, c1))
+                         for r0, r1, c0, c1 in boxes))
+    for (r0, r1, c0, c1), window in zip(boxes, got, strict=True):
+        np.testing.assert_array_equal(window, values[r0:r1, c0:c1] * np.float32(2))
+        assert window.dtype == np.float32
+    assert len([c for c in calls if min(c) > 0]) == arr.npartitions  # (Dask's meta probe: 0 x 0)
