@@ -133,7 +133,7 @@ def _nan_outside_np(block: np.ndarray, geometry: Any, transform: Affine,
     if outside.any():
         if block_info is not None:  # never write into a Dask input block
             block = block.copy()
-        block[..., outside] = np.nan
+        np.copyto(block, block.dtype.type(np.nan), where=outside)
     return block
 
 
@@ -161,23 +161,43 @@ def _mask_outside(da: xr.DataArray, aoi: Aoi, plan: GridPlan) -> xr.DataArray:
 def _validity(before: xr.DataArray, after: xr.DataArray) -> tuple[Any, Any, Any]:
     """Whether some pixel is valid in every band of before, of after, and of both.
 
-    Lazy (Dask) reductions for Dask input, so they can share a pass with other work; plain
-    booleans for NumPy, made one band at a time (no stack-sized temporary).
+    Lazy (Dask) results for Dask input, one small task per pair of blocks, so they share a
+    pass with other work; plain booleans for NumPy.
     """
     b = before.transpose(..., "y", "x").data
     a = after.transpose(..., "y", "x").data
-    if isinstance(b, dask.array.Array) or isinstance(a, dask.array.Array):
-        b, a = dask.array.asarray(b), dask.array.asarray(a)
-        ok_b = dask.array.isfinite(b).all(axis=tuple(range(b.ndim - 2)))
-        ok_a = dask.array.isfinite(a).all(axis=tuple(range(a.ndim - 2)))
-        return ok_b.any(), ok_a.any(), (ok_b & ok_a).any()
+    if not (isinstance(b, dask.array.Array) or isinstance(a, dask.array.Array)):
+        return _valid_np(b, a)
+    b, a = dask.array.asarray(b), dask.array.asarray(a)
+    if b.ndim != 3 or a.ndim != 3 or b.numblocks[0] != 1 or a.numblocks[0] != 1:
+        b, a = (x.reshape((-1, *x.shape[-2:])).rechunk({0: -1}) for x in (b, a))
+    if b.chunks[1:] != a.chunks[1:]:
+        a = a.rechunk({1: b.chunks[1], 2: b.chunks[2]})
+    # per pair of blocks, the three flags along a first axis of 3 (an array, not Delayed:
+    # optimized with the other arrays of the pass, so the blocks are read once)
+    flags = dask.array.map_blocks(
+        _valid_block, b, a, dtype=bool,
+        chunks=((3,), (1,) * b.numblocks[1], (1,) * b.numblocks[2]))
+    found = flags.any(axis=(1, 2))
+    return found[0], found[1], found[2]
+
+
+def _valid_block(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """`_valid_np` of one pair of blocks as a ``(3, 1, 1)`` boolean array."""
+    return np.array(_valid_np(b, a), bool).reshape(3, 1, 1)
+
+
+def _valid_np(b: np.ndarray, a: np.ndarray) -> tuple[bool, bool, bool]:
+    """`_validity` of NumPy arrays ``(..., y, x)``, made one band at a time."""
     valid = []
     for data in (b, a):
         ok = np.ones(data.shape[-2:], bool)
         for index in np.ndindex(data.shape[:-2]):
             ok &= np.isfinite(data[index])
         valid.append(ok)
-    return valid[0].any(), valid[1].any(), (valid[0] & valid[1]).any()
+    if (valid[0] & valid[1]).any():
+        return True, True, True
+    return bool(valid[0].any()), bool(valid[1].any()), False
 
 
 def _check_validity(valid: tuple[Any, Any, Any], before_ref: SourceRef,

@@ -338,3 +338,33 @@ def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     assert lazy[1].shape == whole[1].shape and lazy[2] == whole[2]
     assert list(blocks.crop_batches([5, 1, 1, 9, 2], 7)) == [range(0, 3), range(3, 4),
                                                                 range(4, 5)]
+
+
+@pytest.mark.parametrize("case", ["overlap", "disjoint", "before_empty", "after_empty"])
+def test_validity_dask_blocks_equal_numpy(case):
+    """The chunked validity flags (valid in before, in after, in both) equal the NumPy ones."""
+    import dask.array as da
+    import xarray as xr
+
+    from pipeline.run import _validity
+
+    rng = np.random.default_rng(7)
+    before = rng.random((3, 30, 26)).astype(np.float32)
+    after = rng.random((3, 30, 26)).astype(np.float32)
+    before[1, rng.random((30, 26)) < 0.3] = np.nan  # a NaN in one band is enough
+    after[2, rng.random((30, 26)) < 0.3] = np.inf
+    if case == "disjoint":
+        before[:, :, 13:] = np.nan
+        after[:, :, :13] = np.nan
+    elif case == "before_empty":
+        before[0] = np.nan
+    elif case == "after_empty":
+        after[:] = -np.inf
+    expected = tuple(bool(v) for v in _validity(xr.DataArray(before, dims=("band", "y", "x")),
+                                                 xr.DataArray(after, dims=("band", "y", "x"))))
+    lazy = _validity(xr.DataArray(da.from_array(before, chunks=(3, 7, 9)), dims=("band", "y", "x")),
+                     xr.DataArray(da.from_array(after, chunks=(1, 11, 5)), dims=("band", "y", "x")))
+    assert tuple(bool(v) for v in da.compute(*lazy)) == expected
+    assert expected == {"overlap": (True, True, True), "disjoint": (True, True, False),
+                        "before_empty": (False, True, False),
+                        "after_empty": (True, False, False)}[case]

@@ -398,9 +398,12 @@ def _read_window(
     col0, row0, width, height = window
     try:
         with rasterio.open(path) as src:
+            # integer pixels cannot be infinite: the Inf pass is for float sources only
+            floats = any(np.issubdtype(np.dtype(d), np.floating) for d in src.dtypes)
             offset = _grid_offset(src, plan)
             if offset is not None:
-                return _inf_to_nan(_read_direct(src, bands, offset, window))
+                data = _read_direct(src, bands, offset, window)
+                return _inf_to_nan(data) if floats else data
             out = np.empty((len(bands), height, width), np.float32)
             for row in range(row0, row0 + height, WARP_TILE_PX):
                 for col in range(col0, col0 + width, WARP_TILE_PX):
@@ -410,7 +413,7 @@ def _read_window(
                     out[:, row - row0:row - row0 + h, col - col0:col - col0 + w] = tile
     except _READ_ERRORS as e:
         raise FetchError(_corrupt_message(path, e)) from e
-    return _inf_to_nan(out)
+    return _inf_to_nan(out) if floats else out
 
 
 def _inf_to_nan(out: np.ndarray) -> np.ndarray:
@@ -473,7 +476,11 @@ def _read_direct(
     part[...] = data
     if src.nodata is not None:
         # only data bands are read, and there is no alpha band here: they are all the bands
-        part[:, (data == src.nodata).all(axis=0)] = np.nan
+        nodata = data[0] == src.nodata
+        for band in data[1:]:
+            nodata &= band == src.nodata
+        if nodata.any():
+            np.copyto(part, np.float32(np.nan), where=nodata)
     return out
 
 

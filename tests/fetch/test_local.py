@@ -417,3 +417,25 @@ def test_read_to_grid_direct_only_when_on_grid(tmp_path: Path):
     with rasterio.open(rgba) as src:
         assert local._grid_offset(src, GridPlan(UTM, (600000.0, 4799900.0, 600100.0,
                                                       4800000.0), 2.0)) is None
+
+
+@pytest.mark.parametrize("chunks", [None, 512])
+def test_read_to_grid_infinite_float_pixels_are_nan_integer_sources_skip_the_pass(
+        tmp_path: Path, monkeypatch, chunks):
+    """+-Inf in a float source reads as NaN; an integer source (never Inf) skips that pass."""
+    import pipeline.fetch.local as local
+
+    data = np.full((2, 64, 64), 7.5, np.float32)
+    data[0, 3, 4], data[1, 5, 6] = np.inf, -np.inf
+    path = _write(tmp_path / "f_2017-03-02.tif", data, from_origin(*ORIGIN, 2, 2), nodata=None)
+    plan = GridPlan(UTM, (600000.0, 4799872.0, 600128.0, 4800000.0), 2.0)
+    calls = []
+    original = local._inf_to_nan
+    monkeypatch.setattr(local, "_inf_to_nan", lambda out: calls.append(1) or original(out))
+    values = read_to_grid(path, plan, role="before", chunks=chunks)[0].values
+    assert np.isnan(values[0, 3, 4]) and np.isnan(values[1, 5, 6])
+    assert np.isfinite(values).sum() == values.size - 2 and calls
+    calls.clear()
+    ints = _on_grid_scene(tmp_path / "s_2017-03-02.tif")
+    read_to_grid(ints, plan, role="before", chunks=chunks)[0].compute()
+    assert not calls
