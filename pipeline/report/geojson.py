@@ -9,7 +9,6 @@ again for validity after rounding. The output has no ``crs`` member (RFC 7946 re
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Callable, Sequence
 from datetime import date
@@ -25,6 +24,7 @@ from shapely.geometry.polygon import orient
 from pipeline.errors import OutputError
 from pipeline.files import atomic_write_text
 from pipeline.model import Evidence, SourceRef, params_hash
+from pipeline.report.jsontext import dumps_indented
 from pipeline.report.validate import validate_geojson
 
 __all__ = ["CORE_PROPERTIES", "MAX_PRECISION", "evidence_to_features", "write_geojson"]
@@ -84,7 +84,16 @@ def evidence_to_features(
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"Evidence ids must be unique; repeated: {duplicates}")
-    features = [_feature(e, method=method, precision=precision) for e in evidence]
+    # one properties["params"] dict and hash per distinct parameter set (usually one per
+    # run), shared read-only by the features that ran with it: ``asdict`` and the hash cost
+    # more than the rest of a feature's properties together
+    params: dict[int, tuple[Any, str, dict[str, Any]]] = {}
+    for e in evidence:
+        if id(e.params) not in params:
+            params[id(e.params)] = (e.params, params_hash(e.params),
+                                    _to_lists(e.params.to_dict()))
+    features = [_feature(e, method=method, precision=precision, params=params[id(e.params)][1:])
+                for e in evidence]
     features.sort(key=_sort_key)
     fc: dict[str, Any] = {"type": "FeatureCollection"}
     if features:
@@ -129,7 +138,7 @@ def write_geojson(
             raise ValueError(
                 f"Refusing to write invalid GeoJSON to {path}: {'; '.join(errors[:5])}"
             )
-    text = json.dumps(fc, ensure_ascii=False, allow_nan=False, indent=2) + "\n"
+    text = dumps_indented(fc) + "\n"  # json.dumps(..., indent=2)'s text, faster
     try:
         return atomic_write_text(path, text, overwrite=overwrite)
     except FileExistsError as e:
@@ -138,18 +147,19 @@ def write_geojson(
         raise OutputError(f"Cannot write {path}: {e}. Choose another --out.") from e
 
 
-def _feature(e: Evidence, *, method: str, precision: int) -> dict[str, Any]:
-    """One Feature dict for one evidence."""
+def _feature(e: Evidence, *, method: str, precision: int,
+             params: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """One Feature dict for one evidence; ``params`` is its parameters' (hash, dict)."""
     geometry = _lonlat_geometry(e.geometry, e.crs, precision, e.id)
     return {
         "type": "Feature",
         "id": str(e.id),
         "geometry": _to_lists(mapping(geometry)),
-        "properties": _properties(e, method),
+        "properties": _properties(e, method, params),
     }
 
 
-def _properties(e: Evidence, method: str) -> dict[str, Any]:
+def _properties(e: Evidence, method: str, params: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     """Core properties followed by the measurements, sorted by name."""
     props: dict[str, Any] = {
         "id": str(e.id),
@@ -166,8 +176,8 @@ def _properties(e: Evidence, method: str) -> dict[str, Any]:
         "before_sha256": e.before.sha256,
         "after_sha256": e.after.sha256,
         "method": method,
-        "params_hash": params_hash(e.params),
-        "params": _to_lists(e.params.to_dict()),
+        "params_hash": params[0],
+        "params": params[1],
     }
     for key in sorted(e.measurements):
         if key in props:

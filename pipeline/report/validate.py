@@ -310,5 +310,9 @@ def _decimals(value: float) -> int:
     """Decimals in the shortest repr of a number (what ``json.dumps`` writes)."""
     if isinstance(value, int):
         return 0
-    exponent = Decimal(repr(float(value))).as_tuple().exponent
+    text = repr(float(value))
+    point = text.find(".")
+    if point >= 0 and "e" not in text:  # plain "123.4567": the digits after the point
+        return len(text) - point - 1
+    exponent = Decimal(text).as_tuple().exponent  # "1e-07", "1.5e+16"
     return max(0, -int(exponent))
