@@ -166,11 +166,13 @@ def _spans(start: np.ndarray, stop: np.ndarray) -> np.ndarray:
 
 
 class _Accumulator:
-    """A flat vote array with the maxima of its blocks kept, so that the first index of the
-    maximum (`numpy.argmax`'s answer) is found without scanning the whole array.
+    """A flat vote array with an upper bound on each block's votes, so that the first index
+    of the maximum (`numpy.argmax`'s answer) is found without scanning the whole array.
 
-    Votes are added and withdrawn cell by cell, and a block's maximum is recomputed only
-    when a cell that held it loses a vote: the cost follows the votes, not the array.
+    Votes are added and withdrawn cell by cell; an added vote raises its block's bound, a
+    withdrawn one leaves it (still a bound). `argmax` rescans only the block of the highest
+    bound, until that bound is the block's true maximum: the cost follows the votes cast and
+    the blocks near the top, not the size of the array.
     """
 
     BLOCK = 4096
@@ -180,35 +182,36 @@ class _Accumulator:
         self.size = size
         # votes, padded with -1 to whole blocks (votes are never negative)
         self.padded = np.full(n_blocks * self.BLOCK, -1, np.int64)
+        self.blocks = self.padded.reshape(n_blocks, self.BLOCK)
         self.values = self.padded[:size]
         self.values[:] = 0
-        self.block_max = np.zeros(n_blocks, np.int64)
+        self.bound = np.zeros(n_blocks, np.int64)  # >= every vote in the block
 
     def add(self, index: np.ndarray, sign: int = 1) -> None:
         """Add (``sign`` 1) or withdraw (-1) one vote at each of ``index``."""
         if not len(index):
             return
         lo, hi = int(index.min()), int(index.max()) + 1
-        if hi - lo <= 4 * len(index):  # dense: count over the range, rescan its blocks
+        if hi - lo <= 4 * len(index):  # dense: counted over the range, its blocks rescanned
             counts = np.bincount(index - lo, minlength=hi - lo)
             self.values[lo:hi] += counts if sign > 0 else -counts
             b0, b1 = lo // self.BLOCK, (hi - 1) // self.BLOCK + 1
-            self.block_max[b0:b1] = self.padded[b0 * self.BLOCK:b1 * self.BLOCK].reshape(
-                b1 - b0, self.BLOCK).max(axis=1)
-            return
-        block = index // self.BLOCK
-        if sign > 0:
+            self.bound[b0:b1] = self.blocks[b0:b1].max(axis=1)
+        elif sign > 0:
             np.add.at(self.values, index, 1)
-            np.maximum.at(self.block_max, block, self.values[index])
-            return
-        stale = np.unique(block[self.values[index] == self.block_max[block]])
-        np.subtract.at(self.values, index, 1)
-        self.block_max[stale] = self.padded.reshape(-1, self.BLOCK)[stale].max(axis=1)
+            np.maximum.at(self.bound, index // self.BLOCK, self.values[index])
+        else:
+            np.subtract.at(self.values, index, 1)
 
     def argmax(self) -> int:
         """The first index of the largest vote."""
-        b = int(np.argmax(self.block_max))
-        return b * self.BLOCK + int(np.argmax(self.padded[b * self.BLOCK:(b + 1) * self.BLOCK]))
+        while True:
+            # No block before b has a bound as high; blocks after it may tie, but later.
+            b = int(np.argmax(self.bound))
+            top = int(self.blocks[b].max())
+            if top == self.bound[b]:
+                return b * self.BLOCK + int(np.argmax(self.blocks[b]))
+            self.bound[b] = top
 
 
 def _read_runs(rows: np.ndarray, cols: np.ndarray, normal: tuple[float, float], *,

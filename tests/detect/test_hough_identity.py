@@ -173,13 +173,16 @@ def test_cells_list_every_pixel_within_reach() -> None:
 
 @pytest.mark.parametrize("spread", [50, 10 * _Accumulator.BLOCK])
 def test_accumulator_dense_and_sparse_updates_match_numpy(spread: int) -> None:
-    """Votes packed in a short range (counted over it) or spread wide (cell by cell)."""
+    """Votes packed in a short range (counted over it) or spread wide (cell by cell); the
+    block bounds stay above the votes, and ties go to the first index, as numpy's."""
     rng = np.random.default_rng(spread)
     acc = _Accumulator(12 * _Accumulator.BLOCK + 7)
     dense = np.zeros(acc.size, np.int64)
     for step in range(200):
         start = int(rng.integers(0, acc.size - spread))
         index = start + rng.integers(0, spread, int(rng.integers(1, 300)))
+        if step % 7 == 0:  # ties across blocks: the same count in a later and an earlier one
+            index = np.concatenate([index, [acc.size - 1] * 3, [start] * 3])
         if step % 2 == 1:  # withdraw a part of the votes cast
             cast = np.repeat(np.flatnonzero(dense), dense[dense > 0])
             index = rng.permutation(cast)[: int(rng.integers(0, len(cast) + 1))]
@@ -190,6 +193,5 @@ def test_accumulator_dense_and_sparse_updates_match_numpy(spread: int) -> None:
             np.add.at(dense, index, 1)
         np.testing.assert_array_equal(acc.values, dense)
         blocks = np.pad(dense, (0, len(acc.padded) - acc.size), constant_values=-1)
-        np.testing.assert_array_equal(acc.block_max,
-                                      blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1))
+        assert (acc.bound >= blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1)).all()
         assert acc.argmax() == int(np.argmax(dense))
