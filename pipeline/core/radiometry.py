@@ -64,9 +64,11 @@ class _QuantileMap:
     """A piecewise-linear map ``(xp, fp)`` (``xp`` strictly increasing) and its bin index.
 
     Per uniform bin over ``xp`` (``n_bins`` of them, then one for values above ``xp[-1]`` and,
-    at index -1, one for values below ``xp[0]`` and NaN): the slope, knot and knot value of
-    the interval it falls in, and whether a knot lies within rounding reach of it
-    (``near_knot``: such values find their interval by binary search instead).
+    at index -1, one for values below ``xp[0]`` and NaN): the knot interval ``bin_j`` of its
+    values, and the one knot within rounding reach of it (``bin_split``, NaN if none) from
+    which on they lie in the next interval. Bins with several knots in reach, the first and
+    last knot's bins (clamped there) and the outer bins are ``exact``: their values find
+    their interval by binary search instead.
     """
 
     xp: np.ndarray
@@ -74,10 +76,9 @@ class _QuantileMap:
     slopes: np.ndarray
     inv_width: float
     n_bins: int
-    bin_slope: np.ndarray
-    bin_xp: np.ndarray
-    bin_fp: np.ndarray
-    near_knot: np.ndarray
+    bin_j: np.ndarray
+    bin_split: np.ndarray
+    exact: np.ndarray
 
 
 def _quantile_map_table(xp: np.ndarray, fp: np.ndarray) -> _QuantileMap:
@@ -86,21 +87,26 @@ def _quantile_map_table(xp: np.ndarray, fp: np.ndarray) -> _QuantileMap:
     n = len(xp)
     if n < 2:
         empty = np.zeros(0)
-        return _QuantileMap(xp, fp, empty, 0.0, 0, empty, empty, empty, np.ones(1, bool))
+        return _QuantileMap(xp, fp, empty, 0.0, 0, np.zeros(1, np.intp), np.full(1, np.nan),
+                            np.ones(1, bool))
     n_bins = _BINS_PER_KNOT * n
     width = (xp[-1] - xp[0]) / n_bins
     edges = xp[0] + np.arange(n_bins + 1) * width
-    first = np.clip(np.searchsorted(xp, edges[:-1], side="right") - 1, 0, n - 2)
-    # a bin is unsafe when a knot lies in it or within rounding reach of its edges
+    # the knots within rounding reach of a bin's edges: first (lo) and past the last (hi)
     margin = 1e-3 * width + 1e-9 * max(abs(xp[0]), abs(xp[-1]))
-    near = (np.searchsorted(xp, edges[1:] + margin, side="right")
-            > np.searchsorted(xp, edges[:-1] - margin, side="left"))
+    lo = np.searchsorted(xp, edges[:-1] - margin, side="left")
+    count = np.searchsorted(xp, edges[1:] + margin, side="right") - lo
     slopes = (fp[1:] - fp[:-1]) / (xp[1:] - xp[:-1])
+    # below the first knot in reach (or with none, everywhere): the interval before it
+    bin_j = np.clip(lo - 1, 0, n - 2)
+    exact = (count >= 2) | ((count == 1) & ((lo == 0) | (lo == n - 1)))
+    # NaN where no knot splits the bin: no value (not even +inf) compares >= NaN
+    split = np.where((count == 1) & ~exact, xp[np.minimum(lo, n - 1)], np.nan)
     # two outer bins (above, and at -1 below or NaN), always resolved by the exact path
-    first = np.concatenate([first, [n - 2, 0]])
-    near = np.concatenate([near, [True, True]])
-    return _QuantileMap(xp, fp, slopes, 1.0 / width, n_bins, slopes[first], xp[first],
-                        fp[first], near)
+    return _QuantileMap(xp, fp, slopes, 1.0 / width, n_bins,
+                        np.concatenate([bin_j, [n - 2, 0]]).astype(np.intp),
+                        np.concatenate([split, [np.nan, np.nan]]),
+                        np.concatenate([exact, [True, True]]))
 
 
 def _interp_exact_np(x64: np.ndarray, table: _QuantileMap) -> np.ndarray:
@@ -136,15 +142,18 @@ def _interp_np(x: np.ndarray, table: _QuantileMap, out: np.ndarray | None = None
     np.fmax(k, -1, out=k)  # below the first knot and NaN: -1, the last (outer) bin
     np.fmin(k, table.n_bins, out=k)  # above the last knot: bin n_bins
     k = k.astype(np.intp)
-    unsure = np.flatnonzero(table.near_knot[k])
-    # the interval's slope, knot and value come straight from the bin: one gather each
-    values = table.bin_slope[k]
+    unsure = np.flatnonzero(table.exact[k])
+    # the interval: the bin's, or the next one from the bin's single knot on
+    j = table.bin_j[k]
+    j += x64 >= table.bin_split[k]
+    del k
+    values = table.slopes[j]
     with np.errstate(invalid="ignore"):  # outer bins (inf, NaN) are redone exactly below
-        shifted = table.bin_xp[k]
+        shifted = xp[j]
         np.subtract(x64, shifted, out=shifted)
         values *= shifted
         del shifted
-        values += table.bin_fp[k]
+        values += fp[j]
     if unsure.size:
         values.ravel()[unsure] = _interp_exact_np(x64.ravel()[unsure], table)
     out[...] = values

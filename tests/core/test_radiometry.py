@@ -136,3 +136,28 @@ def test_normalize_histogram_dask_stays_lazy():
                      method="histogram")
     assert isinstance(lazy.data, dask.array.Array)
     assert_array_equal(lazy.values, expected.values)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quantile_map_around_every_knot_equals_np_interp(seed):
+    """Values at, just below and just above every knot (float32 neighbours), with knots in
+    tight clusters (several in one bin) and at float32 values: np.interp's values, bit for bit."""
+    from pipeline.core.radiometry import _interp_np, _quantile_map_table
+
+    rng = np.random.default_rng(seed)
+    spread = rng.gamma(2.0, 30.0, 300)
+    clusters = rng.choice(spread, 20)[:, None] + rng.random((20, 6)) * 1e-3  # dense knots
+    knots = np.concatenate([spread, clusters.ravel()])
+    if seed % 2:  # knots that are float32 values, as quantiles of float32 pixels can be
+        knots = knots.astype(np.float32).astype(np.float64)
+    xp = np.unique(knots)
+    fp = np.sort(rng.gamma(2.0, 30.0, len(xp)))
+    x32 = xp.astype(np.float32)
+    near = np.concatenate([x32, np.nextafter(x32, np.float32(np.inf)),
+                           np.nextafter(x32, np.float32(-np.inf)),
+                           (rng.random(5000) * (xp[-1] - xp[0]) * 1.2 + xp[0] - 5)
+                           .astype(np.float32), [np.nan, np.inf, -np.inf]])
+    got = _interp_np(near, _quantile_map_table(xp, fp))
+    expected = np.interp(near.astype(np.float64), xp, fp).astype(np.float32)
+    expected[np.isnan(near)] = np.nan
+    assert_array_equal(got, expected)
