@@ -24,6 +24,7 @@ __all__ = ["change_magnitude", "threshold_value", "change_mask", "MASK_NODATA"]
 MASK_NODATA = 255
 _N_BINS = 512
 _STRIP_PX = 1 << 18  # pixels per strip in kernels: small temporaries, few page faults
+_SMOOTH_TILE_PX = 256  # tiles of `_smoothed_valid_np`: only those near nodata are filtered
 
 
 def _require_same_grid(before: xr.DataArray, after: xr.DataArray) -> None:
@@ -239,6 +240,34 @@ def _smoothed_ones_np(shape: tuple[int, int], sigma: float) -> np.ndarray:
     return out
 
 
+def _smoothed_valid_np(valid: np.ndarray, sigma: float) -> np.ndarray:
+    """``gaussian_filter(valid.astype(float64), sigma, mode="constant")`` where it matters.
+
+    Bit for bit at every valid pixel (elsewhere the smoothing is NaN anyway). The separable
+    filter gives a pixel from the inputs within the kernel radius ``r`` on each axis, so in a
+    tile whose neighbourhood (``r`` pixels around) holds no invalid pixel the weights equal
+    those of an all-valid grid (`_smoothed_ones_np`); only tiles with both valid pixels and
+    invalid ones in reach are filtered, each from its own window (the tile and ``r`` around).
+    """
+    radius = int(4.0 * float(sigma) + 0.5)  # scipy's truncate=4.0
+    den = _smoothed_ones_np(valid.shape, sigma)
+    if valid.all():
+        return den
+    ny, nx = valid.shape
+    for r0 in range(0, ny, _SMOOTH_TILE_PX):
+        r1 = min(r0 + _SMOOTH_TILE_PX, ny)
+        for c0 in range(0, nx, _SMOOTH_TILE_PX):
+            c1 = min(c0 + _SMOOTH_TILE_PX, nx)
+            wr0, wr1 = max(0, r0 - radius), min(ny, r1 + radius)
+            wc0, wc1 = max(0, c0 - radius), min(nx, c1 + radius)
+            window = valid[wr0:wr1, wc0:wc1]
+            if window.all() or not valid[r0:r1, c0:c1].any():
+                continue
+            filtered = ndi.gaussian_filter(window.astype(np.float64), sigma, mode="constant")
+            den[r0:r1, c0:c1] = filtered[r0 - wr0:r1 - wr0, c0 - wc0:c1 - wc0]
+    return den
+
+
 def _smooth_np(mag: np.ndarray, sigma: float) -> np.ndarray:
     """NaN-aware Gaussian smoothing (normalized convolution); NaN stays NaN.
 
@@ -249,8 +278,8 @@ def _smooth_np(mag: np.ndarray, sigma: float) -> np.ndarray:
     fill = np.where(valid, mag, mag.dtype.type(0))
     num = ndi.gaussian_filter(fill, sigma, mode="constant", output=np.float64)
     del fill
-    if valid.all() and mag.ndim == 2:  # most chunks: the weights need not be filtered in full
-        den = _smoothed_ones_np(mag.shape, sigma)
+    if mag.ndim == 2:  # the weights need be filtered only near invalid pixels
+        den = _smoothed_valid_np(valid, sigma)
     else:
         den = ndi.gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
     with np.errstate(invalid="ignore", divide="ignore"):

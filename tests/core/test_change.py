@@ -231,6 +231,33 @@ def test_smooth_all_valid_equals_normalized_convolution():
     assert_array_equal(_smooth_np(mag, 1.0), (num / den).astype(np.float32))
 
 
+@pytest.mark.parametrize("shape", [(600, 530), (300, 7), (1, 400), (257, 256)])
+@pytest.mark.parametrize("nodata", ["edge", "speckle", "corner", "none", "all"])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.3])
+def test_smooth_with_nodata_equals_normalized_convolution(shape, nodata, sigma, monkeypatch):
+    """NaN edges, speckle or corners: the tiled weights give scipy's two-filter result
+    at every valid pixel (NaN elsewhere), with tiles smaller than the kernel too."""
+    from scipy import ndimage as ndi
+
+    import pipeline.core.change as change
+
+    rng = np.random.default_rng(sum(shape))
+    mag = (rng.random(shape) * 40).astype(np.float32)
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    invalid = {"edge": rows * 0.7 + cols < shape[1] * 0.4, "speckle": rng.random(shape) < 0.002,
+               "corner": (rows > shape[0] * 0.8) & (cols < 3), "none": np.zeros(shape, bool),
+               "all": np.ones(shape, bool)}[nodata]
+    mag[invalid] = np.nan
+    valid = ~invalid
+    num = ndi.gaussian_filter(np.where(valid, mag, 0).astype(np.float64), sigma, mode="constant")
+    den = ndi.gaussian_filter(valid.astype(np.float64), sigma, mode="constant")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = np.where(valid, (num / den).astype(np.float32), np.float32(np.nan))
+    for tile in (256, 5):
+        monkeypatch.setattr(change, "_SMOOTH_TILE_PX", tile)
+        assert_array_equal(change._smooth_np(mag, sigma), expected)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (1, 9), (9, 1), (2, 2), (3, 5), (1, 1)])
 @pytest.mark.parametrize("share", [0.3, 0.7, 0.95])
 def test_open_radius_1_equals_ndimage(shape, share):
