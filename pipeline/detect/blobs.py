@@ -12,11 +12,13 @@ Pure NumPy and SciPy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.util import img_as_float
 
-__all__ = ["log_blobs", "local_peaks"]
+__all__ = ["log_blobs", "local_peaks", "log_sigmas"]
 
 # the 26 neighbours and the voxel itself, as (scale, row, col) offsets
 _OFFSETS = np.array([(ds, dr, dc) for ds in (-1, 0, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
@@ -46,8 +48,15 @@ def local_peaks(cube: np.ndarray, threshold: float) -> np.ndarray:
     return np.column_stack([r[order], c[order], s[order]]).astype(np.int64)
 
 
+def log_sigmas(min_sigma: float, max_sigma: float, num_sigma: int, dtype: Any) -> np.ndarray:
+    """The scales `log_blobs` searches (``blob_log``'s linear steps, in the image's float
+    type): ``(num_sigma,)``."""
+    lo = np.full(2, min_sigma, dtype=dtype)
+    return np.linspace(lo, np.full(2, max_sigma, dtype=dtype), num_sigma)[:, 0]
+
+
 def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigma: int,
-              threshold: float) -> np.ndarray:
+              threshold: float, wanted: np.ndarray | None = None) -> np.ndarray:
     """Blobs ``(row, col, sigma)`` of ``skimage.feature.blob_log``, unpruned.
 
     The same rows, in the same order, as ``blob_log(image, min_sigma=..., max_sigma=...,
@@ -63,6 +72,11 @@ def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigm
         Linear scale steps, as in ``blob_log``.
     threshold
         Absolute threshold of the scale-normalised response.
+    wanted
+        ``(num_sigma,)`` booleans: only the blobs at these scales are returned (the rows
+        of those scales, in the same order). A blob is a maximum over its scale and the two
+        next to it, so only the scales within one step of a wanted one are filtered (the
+        largest scale is the costliest).
 
     Returns
     -------
@@ -73,14 +87,33 @@ def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigm
         raise ValueError(f"log_blobs takes a 2-D image, got shape {image.shape}")
     if not np.isfinite(image).all():
         raise ValueError("log_blobs takes a finite image (no NaN or infinity)")
-    lo = np.full(2, min_sigma, dtype=image.dtype)
-    sigmas = np.linspace(lo, np.full(2, max_sigma, dtype=image.dtype), num_sigma)
+    sigmas = log_sigmas(min_sigma, max_sigma, num_sigma, image.dtype)
+    keep = np.ones(len(sigmas), bool) if wanted is None else np.asarray(wanted, bool)
+    if not keep.any():
+        return np.empty((0, 3), dtype=image.dtype)
+    k = np.flatnonzero(keep)
+    first, last = max(0, k[0] - 1), min(len(sigmas) - 1, k[-1] + 1)
+    peaks = _cube_peaks(image, sigmas[first:last + 1], threshold)
+    if peaks is None:  # a constant part: whether the whole cube is constant decides
+        first, last = 0, len(sigmas) - 1
+        peaks = _cube_peaks(image, sigmas, threshold, constant_ok=True)
+    peaks[:, 2] += first
+    peaks = peaks[keep[peaks[:, 2]]]
+    if len(peaks) == 0:
+        return np.empty((0, 3), dtype=image.dtype)
+    return np.hstack([peaks[:, :2].astype(image.dtype), sigmas[peaks[:, 2]][:, None]])
+
+
+def _cube_peaks(image: np.ndarray, sigmas: np.ndarray, threshold: float, *,
+                constant_ok: bool = False) -> np.ndarray | None:
+    """`local_peaks` of the scale-normalised LoG cube at ``sigmas`` (scale index within
+    them); None for a constant cube unless ``constant_ok`` (then no peaks, as blob_log)."""
     cube = np.empty((len(sigmas), *image.shape), dtype=image.dtype)
-    for i, s in enumerate(sigmas):
+    for i, sigma in enumerate(sigmas):
+        s = np.array([sigma, sigma])  # blob_log's row of per-axis sigmas (both equal)
         # blob_log's -LoG * mean(s) ** 2 (a negated product is the same number)
         ndi.gaussian_laplace(image, s, output=cube[i])
         np.multiply(cube[i], -(np.mean(s) ** 2), out=cube[i])
-    peaks = local_peaks(cube, threshold)
-    if len(peaks) == 0:
-        return np.empty((0, 3), dtype=image.dtype)
-    return np.hstack([peaks[:, :2].astype(image.dtype), sigmas[peaks[:, 2]][:, 0:1]])
+    if not constant_ok and cube.size and float(cube.min()) == float(cube.max()):
+        return None
+    return local_peaks(cube, threshold)

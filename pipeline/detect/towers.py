@@ -26,7 +26,7 @@ from affine import Affine
 from scipy import ndimage as ndi
 from skimage import morphology
 
-from pipeline.detect.blobs import log_blobs
+from pipeline.detect.blobs import log_blobs, log_sigmas
 from pipeline.detect.lines import line_footprint
 from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
 from pipeline.model import TowerParams, WallParams
@@ -178,6 +178,9 @@ def find_watchtowers(before: np.ndarray, after: np.ndarray, outline: shapely.Pol
     return towers, note
 
 
+_NUM_SIGMA = 8  # scales of the blob search, linear from below the smallest to above the largest
+
+
 def _candidates(new: np.ndarray, threshold: float, *, res_m: float,
                 params: TowerParams) -> np.ndarray:
     """Tower-sized blobs of one polarity: rows of ``(row, col, size_px, contrast)``.
@@ -190,8 +193,14 @@ def _candidates(new: np.ndarray, threshold: float, *, res_m: float,
     # Scales reach beyond the accepted sizes, so that smaller or larger clutter peaks at its
     # own scale (and is dropped) instead of at the nearest accepted one.
     lo, hi = 0.6 * params.min_size_m / 2.5 / res_m, 1.2 * params.max_size_m / 2.5 / res_m
+    # Only blobs of accepted sizes are asked for (the scales searched are the same; the
+    # largest, a neighbour of no accepted one, is then not filtered): the same blobs.
+    sigmas = log_sigmas(lo, hi, _NUM_SIGMA, r.dtype if r.dtype.kind == "f" else np.float64)
+    size_m = 2.5 * sigmas * res_m  # as the blobs' sizes are computed below
+    wanted = (size_m >= params.min_size_m) & (size_m <= params.max_size_m)
     # No pruning of overlapping blobs here: a large band would hide the tower beside it.
-    blobs = log_blobs(r, min_sigma=lo, max_sigma=hi, num_sigma=8, threshold=0.72 * threshold)
+    blobs = log_blobs(r, min_sigma=lo, max_sigma=hi, num_sigma=_NUM_SIGMA,
+                      threshold=0.72 * threshold, wanted=wanted)
     sizes = 2.5 * blobs[:, 2] * res_m if len(blobs) else np.zeros(0)
     blobs = blobs[(sizes >= params.min_size_m) & (sizes <= params.max_size_m)]
     if len(blobs) == 0:

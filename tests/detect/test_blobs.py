@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage import feature
 
-from pipeline.detect.blobs import local_peaks, log_blobs
+from pipeline.detect.blobs import local_peaks, log_blobs, log_sigmas
 
 SCALES = {"min_sigma": 1.44, "max_sigma": 8.64, "num_sigma": 8}
 
@@ -72,3 +72,36 @@ def test_log_blobs_rejects_bad_input():
         log_blobs(image, threshold=0.01, **SCALES)
     with pytest.raises(ValueError, match="2-D"):
         log_blobs(np.zeros((2, 4, 4), np.float32), threshold=0.01, **SCALES)
+
+
+@pytest.mark.parametrize("wanted", [[0, 1, 1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
+                                    [0, 0, 0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 1, 0, 0, 0],
+                                    [0] * 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_blobs_wanted_scales_are_the_full_search_filtered(wanted, dtype):
+    """Asking for some scales gives the rows of the full search at those scales, in the same
+    order, to the bit (the scales beyond their neighbours are not filtered)."""
+    wanted = np.array(wanted, bool)
+    found = 0
+    for seed, density, threshold in [(1, 5.0, 0.05), (2, 0.5, 0.02), (3, 5.0, 0.2)]:
+        img = _image((160, 210), seed=seed, density=density, dtype=dtype)
+        full = log_blobs(img, threshold=threshold, **SCALES)
+        sigmas = log_sigmas(SCALES["min_sigma"], SCALES["max_sigma"], 8, dtype)
+        assert set(full[:, 2]) <= set(sigmas)
+        keep = np.isin(full[:, 2], sigmas[wanted])
+        got = log_blobs(img, threshold=threshold, wanted=wanted, **SCALES)
+        np.testing.assert_array_equal(got, full[keep])
+        assert got.dtype == full.dtype
+        found += len(got)
+        assert len(full) > 0
+    assert found > 0 or not wanted[:7].any()  # (the largest scale may hold no blob)
+
+
+def test_log_blobs_wanted_scales_of_a_constant_part():
+    """A constant image (constant filtered scales) gives what the full search gives."""
+    for value in (0.0, 0.3):
+        img = np.full((40, 50), value, np.float32)
+        wanted = np.array([0, 1, 1, 0, 0, 0, 0, 0], bool)
+        full = log_blobs(img, threshold=-1.0, **SCALES)
+        got = log_blobs(img, threshold=-1.0, wanted=wanted, **SCALES)
+        np.testing.assert_array_equal(got, full[np.isin(full[:, 2], full[:0, 2])])
