@@ -86,9 +86,7 @@ def greedy_hough(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *, 
     """
     rows, cols = np.asarray(rows), np.asarray(cols)
     offset = int(math.ceil(math.hypot(*shape)))
-    acc = _Accumulator((2 * offset + 1) * len(_THETA))
-    for k in range(0, len(rows), 8192):  # chunks bound the memory of the index array
-        acc.add(_vote_index(rows[k:k + 8192], cols[k:k + 8192], offset))
+    acc = _Accumulator.of_pixels(rows, cols, offset)
     cells = _Cells(rows, cols, cell_px=_CELL_PX)
     alive = np.ones(len(rows), bool)  # the pixels not yet read off
     n_alive = len(rows)
@@ -186,6 +184,21 @@ class _Accumulator:
         self.values = self.padded[:size]
         self.values[:] = 0
         self.bound = np.zeros(n_blocks, np.int64)  # >= every vote in the block
+
+    @classmethod
+    def of_pixels(cls, rows: np.ndarray, cols: np.ndarray, offset: int) -> _Accumulator:
+        """The votes of pixels ``(rows, cols)`` in the cells `_vote_index` gives them, counted
+        one angle at a time (arrays of the pixels' size, no index array of 360 per pixel)."""
+        n_rho, n_theta = 2 * offset + 1, len(_THETA)
+        acc = cls(n_rho * n_theta)
+        by_angle = np.empty((n_theta, n_rho), np.int32)
+        cos, sin = np.cos(_THETA), np.sin(_THETA)
+        for k in range(n_theta):
+            rho = np.rint(cols * cos[k] + rows * sin[k]).astype(np.int64)
+            by_angle[k] = np.bincount(rho + offset, minlength=n_rho)
+        acc.values.reshape(n_rho, n_theta)[:] = by_angle.T
+        acc.bound[:] = acc.blocks.max(axis=1)
+        return acc
 
     def add(self, index: np.ndarray, sign: int = 1) -> None:
         """Add (``sign`` 1) or withdraw (-1) one vote at each of ``index``."""

@@ -195,3 +195,18 @@ def test_accumulator_dense_and_sparse_updates_match_numpy(spread: int) -> None:
         blocks = np.pad(dense, (0, len(acc.padded) - acc.size), constant_values=-1)
         assert (acc.bound >= blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1)).all()
         assert acc.argmax() == int(np.argmax(dense))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64])
+def test_accumulator_of_pixels_counts_the_vote_index_cells(dtype) -> None:
+    rng = np.random.default_rng(9)
+    rows = (rng.random(3000) * 90).astype(dtype)
+    cols = (rng.random(3000) * 130).astype(dtype)
+    offset = int(math.ceil(math.hypot(90, 130)))
+    acc = _Accumulator.of_pixels(rows, cols, offset)
+    dense = np.zeros(acc.size, np.int64)
+    np.add.at(dense, _vote_index(rows, cols, offset), 1)
+    np.testing.assert_array_equal(acc.values, dense)
+    blocks = np.pad(dense, (0, len(acc.padded) - acc.size), constant_values=-1)
+    assert (acc.bound >= blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1)).all()
+    assert acc.argmax() == int(np.argmax(dense))
