@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import shapely
 from affine import Affine
@@ -118,6 +119,19 @@ class _Site:
     source: str  # "texture" or "walls": what proposed the outline
     grade: dict[str, Any] = field(default_factory=dict)
     assessment: SiteAssessment | None = None
+
+
+def _greys(before: Any, after: Any, persist: Persist | None) -> tuple[Any, Any]:
+    """The grey images of both dates, shared by the objects and the texture search.
+
+    Lazy (Dask) ones are stored once with ``persist`` when given: each would otherwise be
+    computed from the band stacks by every reader (the objects' brightness change, the
+    texture's scale, edges and crops). Same values either way.
+    """
+    g_before, g_after = grey(before), grey(after)
+    if persist is not None and isinstance(g_before, da.Array):
+        g_before, g_after = persist(g_before), persist(g_after)
+    return g_before, g_after
 
 
 @contextmanager
@@ -280,11 +294,12 @@ def detect_sites(
     before_ref, after_ref
         Provenance attached to every feature.
     timings
-        When given, seconds per sub-step are added to it: ``objects``, ``compounds``,
-        ``walls`` (fine imagery only) and ``grade``.
+        When given, seconds per sub-step are added to it: ``objects`` (with the grey
+        images), ``compounds``, ``walls`` (fine imagery only) and ``grade``.
     persist
-        For Dask input: computes a lazy wall-grid map once and returns it stored (a chunked
-        run's scratch files); None keeps such maps in memory. See `walled.scene_walls`.
+        For Dask input: computes a lazy map once and returns it stored (a chunked run's
+        scratch files): the two grey images, and wall-grid maps (`walled.scene_walls`); None
+        keeps wall-grid maps in memory and the grey images lazy.
 
     Returns
     -------
@@ -294,7 +309,8 @@ def detect_sites(
     op: ObjectParams = params.objects
     res_m = abs(transform.a)
     with _timed(timings, "objects"):
-        delta = grey(after) - grey(before)
+        grey_before, grey_after = _greys(before, after, persist)
+        delta = grey_after - grey_before
         min_area_m2 = min(op.building_min_area_m2, op.change_min_area_m2)
         if isinstance(mask, Regions):  # a chunked run: objects read window by window
             objects = objects_from_regions(mask, magnitude, delta, transform=transform,
@@ -309,8 +325,9 @@ def detect_sites(
             max_elongation=op.building_max_elongation)]
         buildings.sort(key=lambda o: (-building_score(o), o.label))
     with _timed(timings, "compounds"):
-        candidates, gain, gain_threshold = find_compounds(before, after, transform=transform,
-                                                          res_m=res_m, params=op)
+        candidates, gain, gain_threshold = find_compounds(
+            before, after, transform=transform, res_m=res_m, params=op,
+            grey_before=grey_before, grey_after=grey_after)
         sites = _propose(candidates, buildings, op)
     if is_fine(res_m, params):
         with _timed(timings, "walls"):
