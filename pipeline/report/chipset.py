@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pipeline.errors import FetchError
 from pipeline.fetch.local import WARP_TILE_PX, read_to_grid
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
+from pipeline.report.png import encode_png
 
 __all__ = ["CHIP_KEYS", "CHIPS_DIR", "ChipTarget", "chip_targets", "site_of", "write_chips"]
 
@@ -196,10 +196,9 @@ def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
             image = compose_chip(rgb, caption=caption, metres_per_px=metres_per_px,
                                  north_deg=north_deg, outlines=drawn)
             # the run folder is staged and published whole, so no per-file rename and fsync;
-            # zlib's run-length strategy: on imagery a third faster than level 3's default
-            # strategy and about 10 % smaller (measured on the bench chips); still lossless
-            image.save(stage / rel, format="PNG", compress_level=3, compress_type=zlib.Z_RLE,
-                       pnginfo=_png_text(image))
+            # report.png's encoder: the pixels and text chunks Pillow would write, in half
+            # the time (fixed "Sub" row filter, zlib's run-length strategy), 6 % more bytes
+            (stage / rel).write_bytes(encode_png(np.asarray(image), text=_png_text(image)))
             paths[key] = rel
     return paths
 
