@@ -256,7 +256,8 @@ def collinear_groups(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
     Two segments are linked when their directions differ by at most ``angle_tol_deg``, each
     one's midpoint lies within ``offset_m`` of the other's line, and the gap between them
     along the line is at most ``gap_m``; groups are the connected sets of links. Only pairs
-    of similar direction are compared (sorted sweep), so memory stays linear.
+    of similar direction are compared (sorted sweep), in batches of about `_PAIR_BATCH`
+    pairs, so memory stays bounded.
     """
     segs = np.asarray(segs, dtype=np.float64).reshape(-1, 4)
     n = len(segs)
@@ -269,25 +270,50 @@ def collinear_groups(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
     # Wrap around 180 degrees: append the first few with angle + 180.
     ext = np.concatenate([order, order[angle[order] < angle_tol_deg]])
     ext_angle = np.concatenate([angle[order], angle[order][angle[order] < angle_tol_deg] + 180])
+    # Sorted position k is compared with positions k+1 .. hi[k]-1 (similar directions).
+    hi = np.maximum(np.searchsorted(ext_angle, angle[order] + angle_tol_deg, side="right"),
+                    np.arange(1, n + 1))
+    if not (hi > np.arange(1, n + 1)).any():
+        return np.arange(n)
+    ends = np.cumsum(hi - np.arange(1, n + 1))
     pairs_i, pairs_j = [], []
-    for k, i in enumerate(order):
-        hi = np.searchsorted(ext_angle, angle[i] + angle_tol_deg, side="right")
-        j = ext[k + 1:hi]
-        if len(j) == 0:
-            continue
+    for k0, k1 in _batches(ends, _PAIR_BATCH):
+        k = np.repeat(np.arange(k0, k1), hi[k0:k1] - np.arange(k0 + 1, k1 + 1))
+        i, j = order[k], ext[_spans(np.arange(k0 + 1, k1 + 1), hi[k0:k1])]
         rel = mid[j] - mid[i]
         perp_i = np.abs(rel[:, 0] * u[i, 1] - rel[:, 1] * u[i, 0])
         perp_j = np.abs(rel[:, 0] * u[j, 1] - rel[:, 1] * u[j, 0])
-        along = np.abs(rel @ u[i])
-        gap = along - (length[i] + length[j]) / 2
-        ok = (np.maximum(perp_i, perp_j) <= offset_m) & (gap <= gap_m)
-        pairs_i.append(np.full(int(ok.sum()), i))
+        along = np.abs(rel[:, 0] * u[i, 0] + rel[:, 1] * u[i, 1])
+        half = (length[i] + length[j]) / 2
+        close = np.maximum(perp_i, perp_j) <= offset_m
+        # `rel @ u[i]` (as the sweep computed it, one segment's pairs at a time) may round
+        # differently: where that could decide the gap test, take its own value.
+        doubt = close & (np.abs(along - half - gap_m) <= _GAP_DOUBT_M)
+        for kp in np.unique(k[doubt]):
+            own = slice(int(np.searchsorted(k, kp)), int(np.searchsorted(k, kp, "right")))
+            along[own] = np.abs((mid[j[own]] - mid[i[own]]) @ u[order[kp]])
+        ok = close & (along - half <= gap_m)
+        pairs_i.append(i[ok])
         pairs_j.append(j[ok])
-    if not pairs_i:
-        return np.arange(n)
     ii, jj = np.concatenate(pairs_i), np.concatenate(pairs_j)
     link = sparse.coo_matrix((np.ones(len(ii)), (ii, jj)), shape=(n, n))
     return csgraph.connected_components(link, directed=False)[1]
+
+
+_PAIR_BATCH = 1 << 18  # pairs measured at once in collinear_groups (memory, not results)
+_GAP_DOUBT_M = 1e-6  # far above the rounding of a 2-term dot product at UTM coordinates
+
+
+def _batches(ends: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """``(k0, k1)`` ranges of positions whose pairs (cumulative counts ``ends``) number about
+    ``size`` (one position's pairs are never split)."""
+    out, k0 = [], 0
+    while k0 < len(ends):
+        base = int(ends[k0 - 1]) if k0 else 0
+        k1 = max(int(np.searchsorted(ends, base + size, side="right")), k0 + 1)
+        out.append((k0, k1))
+        k0 = k1
+    return out
 
 
 def merge_collinear(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
@@ -306,7 +332,10 @@ def merge_collinear(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
         n_groups = int(labels.max()) + 1
         if n_groups == len(segs):
             return segs
-        segs = np.array([_fuse(segs[labels == k]) for k in range(n_groups)])
+        by_group = np.argsort(labels, kind="stable")  # each group's rows in their order
+        starts = np.searchsorted(labels[by_group], np.arange(n_groups + 1))
+        segs = np.array([_fuse(segs[by_group[starts[k]:starts[k + 1]]])
+                         for k in range(n_groups)])
     return segs
 
 

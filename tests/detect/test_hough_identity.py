@@ -1,6 +1,8 @@
 """greedy_hough (cells, alive mask, sparse vote withdrawal) against the straightforward greedy
 Hough it replaced: every pixel measured against every taken line, the remaining pixels
-compacted, one dense vote array. The runs must be identical, in the same order, to the bit."""
+compacted, one dense vote array. The runs must be identical, in the same order, to the bit.
+Likewise collinear_groups (pairs measured in batches) and merge_collinear against the
+segment-by-segment sweep."""
 
 from __future__ import annotations
 
@@ -8,15 +10,20 @@ import math
 
 import numpy as np
 import pytest
+from scipy import sparse
+from scipy.sparse import csgraph
 from skimage import draw
 
 from pipeline.detect.lines import (
     _THETA,
     _Accumulator,
     _Cells,
+    _fuse,
     _read_runs,
     _vote_index,
+    collinear_groups,
     greedy_hough,
+    merge_collinear,
 )
 
 
@@ -210,3 +217,89 @@ def test_accumulator_of_pixels_counts_the_vote_index_cells(dtype) -> None:
     blocks = np.pad(dense, (0, len(acc.padded) - acc.size), constant_values=-1)
     assert (acc.bound >= blocks.reshape(-1, _Accumulator.BLOCK).max(axis=1)).all()
     assert acc.argmax() == int(np.argmax(dense))
+
+
+def reference_groups(segs: np.ndarray, *, angle_tol_deg: float, offset_m: float,
+                     gap_m: float) -> np.ndarray:
+    """collinear_groups as first written: one segment's similar-direction pairs at a time."""
+    segs = np.asarray(segs, dtype=np.float64).reshape(-1, 4)
+    n = len(segs)
+    d = segs[:, 2:] - segs[:, :2]
+    length = np.hypot(d[:, 0], d[:, 1])
+    u = d / np.maximum(length, 1e-9)[:, None]
+    mid = (segs[:, :2] + segs[:, 2:]) / 2
+    angle = np.degrees(np.arctan2(u[:, 1], u[:, 0])) % 180.0
+    order = np.argsort(angle)
+    ext = np.concatenate([order, order[angle[order] < angle_tol_deg]])
+    ext_angle = np.concatenate([angle[order], angle[order][angle[order] < angle_tol_deg] + 180])
+    pairs_i, pairs_j = [], []
+    for k, i in enumerate(order):
+        hi = np.searchsorted(ext_angle, angle[i] + angle_tol_deg, side="right")
+        j = ext[k + 1:hi]
+        if len(j) == 0:
+            continue
+        rel = mid[j] - mid[i]
+        perp_i = np.abs(rel[:, 0] * u[i, 1] - rel[:, 1] * u[i, 0])
+        perp_j = np.abs(rel[:, 0] * u[j, 1] - rel[:, 1] * u[j, 0])
+        along = np.abs(rel @ u[i])
+        gap = along - (length[i] + length[j]) / 2
+        ok = (np.maximum(perp_i, perp_j) <= offset_m) & (gap <= gap_m)
+        pairs_i.append(np.full(int(ok.sum()), i))
+        pairs_j.append(j[ok])
+    if not pairs_i:
+        return np.arange(n)
+    ii, jj = np.concatenate(pairs_i), np.concatenate(pairs_j)
+    link = sparse.coo_matrix((np.ones(len(ii)), (ii, jj)), shape=(n, n))
+    return csgraph.connected_components(link, directed=False)[1]
+
+
+def reference_merge(segs: np.ndarray, **kw: float) -> np.ndarray:
+    """merge_collinear as first written (groups picked out with a mask each)."""
+    segs = np.asarray(segs, dtype=np.float64).reshape(-1, 4)
+    for _ in range(5):
+        if len(segs) < 2:
+            return segs
+        labels = reference_groups(segs, **kw)
+        n_groups = int(labels.max()) + 1
+        if n_groups == len(segs):
+            return segs
+        segs = np.array([_fuse(segs[labels == k]) for k in range(n_groups)])
+    return segs
+
+
+def _segment_sets() -> list[np.ndarray]:
+    """Random segments, collinear pieces, a lattice of pieces whose gaps equal gap_m exactly
+    (ties decided by the last bits), UTM-sized coordinates, and none."""
+    rng = np.random.default_rng(21)
+    out = [np.zeros((0, 4))]
+    for scale in (10.0, 300.0, 5000.0):
+        out.append(rng.random((120, 4)) * scale)
+    for angle in (0.0, 0.02, 1.5707, 3.1):
+        t = np.sort(rng.random((90, 2)) * 400, axis=1)
+        side = rng.normal(0, 1.0, (90, 1)) * [-math.sin(angle), math.cos(angle)]
+        u = np.array([math.cos(angle), math.sin(angle)])
+        out.append(np.hstack([t[:, :1] * u + side, t[:, 1:] * u + side]))
+    lattice = [(x, y, x + 10.0, y) for x in range(0, 200, 20) for y in range(0, 30, 3)]
+    lattice += [(x, y, x, y + 10.0) for x in range(0, 30, 2) for y in range(0, 200, 20)]
+    out.append(np.array(lattice, float))
+    out.append(np.array(lattice, float) * 0.5 + [500000.5, 4800000.5, 500000.5, 4800000.5])
+    return out
+
+
+SEGMENT_SETS = _segment_sets()
+
+
+@pytest.mark.parametrize("k", range(len(SEGMENT_SETS)))
+def test_collinear_groups_and_merge_equal_reference(k: int, monkeypatch) -> None:
+    segs = SEGMENT_SETS[k]
+    for tol, offset, gap in [(3.0, 2.0, 10.0), (10.0, 5.0, 1e9), (1.0, 0.5, 0.0), (3.0, 1.5, 5.0)]:
+        kw = {"angle_tol_deg": tol, "offset_m": offset, "gap_m": gap}
+        want = reference_groups(segs, **kw)
+        for batch in (1 << 18, 7):  # one batch, and many (a position's pairs never split)
+            monkeypatch.setattr("pipeline.detect.lines._PAIR_BATCH", batch)
+            got = collinear_groups(segs, **kw)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+        merged, expected = merge_collinear(segs, **kw), reference_merge(segs, **kw)
+        assert merged.shape == expected.shape
+        assert merged.tobytes() == expected.tobytes()
