@@ -66,22 +66,91 @@ def stretch_pair(
     for image in (before, after):
         out.append(np.zeros((*image.shape[1:], 3), np.uint8))
     for channel, band in enumerate(bands):
-        both = np.concatenate([before[band].ravel(), after[band].ravel()])
-        both = both[np.isfinite(both)]
-        low, high = np.percentile(both, percentiles) if both.size else (0.0, 1.0)
+        pair = (before[band], after[band])
+        codes = _integer_codes(*pair)
+        if codes is not None:  # integer values (an integer source read on its grid): counts
+            low, high = _counted_percentiles(codes, percentiles, before.dtype)
+        else:
+            both = np.concatenate([pair[0].ravel(), pair[1].ravel()])
+            both = both[np.isfinite(both)]
+            low, high = np.percentile(both, percentiles) if both.size else (0.0, 1.0)
         span = high - low if high > low else 1.0
-        for image, rgb in zip((before, after), out, strict=True):
-            # in place, in float64 as ``(image - low)`` with NumPy's float64 ``low`` gives
-            scaled = np.subtract(image[band], low, dtype=np.float64)
-            scaled /= span
-            np.clip(scaled, 0.0, 1.0, out=scaled)
-            scaled *= 255.0
-            np.round(scaled, out=scaled)
-            scaled[np.isnan(scaled)] = 0.0  # clipped: no infinity is left, only NaN
-            rgb[..., channel] = scaled
+        if codes is not None:  # each of the 65536 values scaled once: a lookup table
+            table = _scaled(np.arange(1 << 16, dtype=before.dtype), low, span).astype(np.uint8)
+            for (code, _), rgb in zip(codes, out, strict=True):
+                rgb[..., channel] = table[code]
+        else:
+            for image, rgb in zip(pair, out, strict=True):
+                rgb[..., channel] = _scaled(image, low, span)
     for image, rgb in zip((before, after), out, strict=True):
         rgb[~np.isfinite(image[bands]).all(axis=0)] = NODATA_RGB
     return out[0], out[1]
+
+
+def _scaled(values: np.ndarray, low: Any, span: Any) -> np.ndarray:
+    """``round(clip((values - low) / span, 0, 1) * 255)`` in float64; NaN becomes 0."""
+    # in place, in float64 as ``(values - low)`` with NumPy's float64 ``low`` gives
+    scaled = np.subtract(values, low, dtype=np.float64)
+    scaled /= span
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    scaled *= 255.0
+    np.round(scaled, out=scaled)
+    scaled[np.isnan(scaled)] = 0.0  # clipped: no infinity is left, only NaN
+    return scaled
+
+
+_Codes = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _integer_codes(before: np.ndarray, after: np.ndarray) -> _Codes | None:
+    """``((codes, finite), (codes, finite))`` when every finite value of both windows is an
+    integer in 0..65535 (``codes`` uint16; anything at non-finite pixels), else None.
+
+    Such windows (uint8 or uint16 imagery read on its own grid) are stretched from value
+    counts and a lookup table: the same numbers as the float path, in a third of the time.
+    """
+    found = []
+    for values in (before, after):
+        if values.dtype.kind != "f":
+            return None
+        with np.errstate(invalid="ignore"):
+            codes = values.astype(np.uint16)
+        finite = np.isfinite(values)
+        if not np.logical_or(codes == values, ~finite).all():
+            return None
+        found.append((codes, finite))
+    return found[0], found[1]
+
+
+def _counted_percentiles(codes: _Codes, percentiles: tuple[float, float], dtype: Any
+                         ) -> tuple[Any, Any]:
+    """``np.percentile`` of the finite values of both windows (its 'linear' method), from the
+    counts of their integer values: the same numbers (a test compares them).
+
+    The order statistics come from the counts; the interpolation is NumPy's, step by step
+    (``_get_indexes``, ``_get_gamma``, ``_lerp`` of numpy.lib._function_base_impl).
+    """
+    counts = sum(np.bincount(c.ravel() if finite.all() else c[finite], minlength=1 << 16)
+                 for c, finite in codes)
+    ends = np.cumsum(counts)
+    n = int(ends[-1])
+    if n == 0:
+        return 0.0, 1.0
+    if not 0 <= min(percentiles) <= max(percentiles) <= 100:
+        np.percentile(np.zeros(1, dtype), percentiles)  # NumPy's own error
+    virtual = (n - 1) * np.true_divide(np.asarray(percentiles, np.float64), 100)
+    previous = np.floor(virtual)
+    above = virtual >= n - 1  # NumPy takes the last value (index -1) there
+    prev_i = np.where(above, -1, previous).astype(np.intp)
+    next_i = np.where(above, -1, previous + 1).astype(np.intp)
+    a = np.searchsorted(ends, prev_i % n, side="right").astype(dtype)
+    b = np.searchsorted(ends, next_i % n, side="right").astype(dtype)
+    gamma = np.asanyarray(virtual - prev_i)
+    diff_b_a = b - a
+    result = np.add(a, diff_b_a * gamma)
+    np.subtract(b, diff_b_a * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe",
+                dtype=result.dtype)
+    return result[0], result[1]
 
 
 def nice_length_m(max_m: float) -> float:
