@@ -26,6 +26,7 @@ import rasterio
 import xarray as xr
 from affine import Affine
 from rasterio import features
+from shapely.geometry import box
 from threadpoolctl import threadpool_limits
 
 import pipeline
@@ -129,6 +130,9 @@ def _nan_outside_np(block: np.ndarray, geometry: Any, transform: Affine,
     if block_info is not None:  # a Dask block: its own window of the grid
         (row0, _), (col0, _) = block_info[0]["array-location"][-2:]
         transform = transform * Affine.translation(col0, row0)
+    (x0, x1), (y0, y1) = zip(transform * (0, 0), transform * (nx, ny), strict=True)
+    if geometry.contains(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))):
+        return block  # every pixel (its centre half a pixel inside the block) is inside
     outside = features.geometry_mask([geometry], out_shape=(ny, nx), transform=transform)
     if outside.any():
         if block_info is not None:  # never write into a Dask input block

@@ -368,3 +368,31 @@ def test_validity_dask_blocks_equal_numpy(case):
     assert expected == {"overlap": (True, True, True), "disjoint": (True, True, False),
                         "before_empty": (False, True, False),
                         "after_empty": (True, False, False)}[case]
+
+
+def test_nan_outside_blocks_inside_the_polygon_are_not_rasterized(monkeypatch):
+    """Dask blocks wholly inside the AOI are passed through unrasterized; every block's NaN
+    pixels equal the whole-grid rasterization's."""
+    import dask.array as da
+    from affine import Affine
+    from rasterio import features
+    from shapely.geometry import Polygon
+
+    import pipeline.run as run
+
+    transform = Affine(0.5, 0, 1000.0, 0, -0.5, 5000.0)
+    polygon = Polygon([(1010, 4990), (1300, 4985), (1290, 4800), (1005, 4810)])
+    image = np.random.default_rng(8).random((2, 500, 700)).astype(np.float32)
+    expected = image.copy()
+    expected[:, features.geometry_mask([polygon], out_shape=(500, 700),
+                                       transform=transform)] = np.nan
+    calls = []
+    original = features.geometry_mask
+    monkeypatch.setattr(run.features, "geometry_mask",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    lazy = da.from_array(image, chunks=(2, 37, 53))
+    got = lazy.map_blocks(run._nan_outside_np, geometry=polygon, transform=transform,
+                          dtype=np.float32).compute(scheduler="synchronous")
+    assert_array_equal(got, expected)
+    assert 0 < len(calls) < lazy.npartitions
+    assert_array_equal(image, np.random.default_rng(8).random((2, 500, 700)).astype(np.float32))
