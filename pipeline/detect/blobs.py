@@ -93,10 +93,12 @@ def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigm
         return np.empty((0, 3), dtype=image.dtype)
     k = np.flatnonzero(keep)
     first, last = max(0, k[0] - 1), min(len(sigmas) - 1, k[-1] + 1)
-    peaks = _cube_peaks(image, sigmas[first:last + 1], threshold)
-    if peaks is None:  # a constant part: whether the whole cube is constant decides
-        first, last = 0, len(sigmas) - 1
-        peaks = _cube_peaks(image, sigmas, threshold, constant_ok=True)
+    cube = _log_cube(image, sigmas[first:last + 1])
+    if (first, last) != (0, len(sigmas) - 1) and cube.size and \
+            float(cube.min()) == float(cube.max()):
+        # a constant part: whether the whole cube is constant decides (`local_peaks`)
+        first, cube = 0, _log_cube(image, sigmas)
+    peaks = local_peaks(cube, threshold)
     peaks[:, 2] += first
     peaks = peaks[keep[peaks[:, 2]]]
     if len(peaks) == 0:
@@ -104,16 +106,12 @@ def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigm
     return np.hstack([peaks[:, :2].astype(image.dtype), sigmas[peaks[:, 2]][:, None]])
 
 
-def _cube_peaks(image: np.ndarray, sigmas: np.ndarray, threshold: float, *,
-                constant_ok: bool = False) -> np.ndarray | None:
-    """`local_peaks` of the scale-normalised LoG cube at ``sigmas`` (scale index within
-    them); None for a constant cube unless ``constant_ok`` (then no peaks, as blob_log)."""
+def _log_cube(image: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The scale-normalised ``(scale, y, x)`` LoG cube of ``image`` at ``sigmas``."""
     cube = np.empty((len(sigmas), *image.shape), dtype=image.dtype)
     for i, sigma in enumerate(sigmas):
         s = np.array([sigma, sigma])  # blob_log's row of per-axis sigmas (both equal)
         # blob_log's -LoG * mean(s) ** 2 (a negated product is the same number)
         ndi.gaussian_laplace(image, s, output=cube[i])
         np.multiply(cube[i], -(np.mean(s) ** 2), out=cube[i])
-    if not constant_ok and cube.size and float(cube.min()) == float(cube.max()):
-        return None
-    return local_peaks(cube, threshold)
+    return cube
