@@ -9,7 +9,8 @@ raster order of their first pixel, which is how an in-memory ``ndimage.label`` o
 tables (pixel count, bounding box, coordinate sums, first pixel) are reduced per global label,
 so an object spanning a border is one row. Only chunks, their edges and per-label tables are
 ever held; the global labels stay a lazy Dask array that maps each chunk's own labels through
-a small lookup table, and `Regions.window` reads any window of them.
+a small lookup table, and `Regions.window` reads any window of them. `select_by_area` merges
+the same components but reduces only their pixel counts, for filters that need no more.
 """
 
 from __future__ import annotations
