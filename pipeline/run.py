@@ -24,24 +24,22 @@ import dask.array
 import numpy as np
 import rasterio
 import xarray as xr
-from affine import Affine
-from rasterio import features
-from shapely.geometry import box
 from threadpoolctl import threadpool_limits
 
 import pipeline
 from pipeline.acquire import warn_if_identical
-from pipeline.aoi import Aoi, aoi_polygon_in, plan_grid
+from pipeline.aoi import Aoi, plan_grid
 from pipeline.config import RunConfig
 from pipeline.core.change import change_magnitude, change_mask
 from pipeline.core.components import Regions, label_regions
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
 from pipeline.detect.sites import detect_sites
-from pipeline.errors import FetchError, NoValidDataError, OutputError, PipelineWarning
+from pipeline.errors import OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.files import is_disk_full
+from pipeline.inputs import check_dates, check_validity, mask_outside, validity
 from pipeline.model import (
     EVIDENCE_ORDER,
     CoregResult,
@@ -121,114 +119,6 @@ def _method_label(cfg: RunConfig) -> str:
         f"{p.change.normalize} normalization, change vector analysis, "
         f"{p.change.threshold_method} threshold, texture-gain compounds"
     )
-
-
-def _nan_outside_np(block: np.ndarray, geometry: Any, transform: Affine,
-                    block_info: dict | None = None) -> np.ndarray:
-    """A ``(..., y, x)`` block with NaN outside ``geometry`` (new array for Dask blocks)."""
-    ny, nx = block.shape[-2:]
-    if block_info is not None:  # a Dask block: its own window of the grid
-        (row0, _), (col0, _) = block_info[0]["array-location"][-2:]
-        transform = transform * Affine.translation(col0, row0)
-    (x0, x1), (y0, y1) = zip(transform * (0, 0), transform * (nx, ny), strict=True)
-    if geometry.contains(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))):
-        return block  # every pixel (its centre half a pixel inside the block) is inside
-    outside = features.geometry_mask([geometry], out_shape=(ny, nx), transform=transform)
-    if outside.any():
-        if block_info is not None:  # never write into a Dask input block
-            block = block.copy()
-        np.copyto(block, block.dtype.type(np.nan), where=outside)
-    return block
-
-
-def _mask_outside(da: xr.DataArray, aoi: Aoi, plan: GridPlan) -> xr.DataArray:
-    """NaN outside the AOI polygon, so nothing beyond it is analysed or reported.
-
-    NumPy data are masked in place (the run owns the scenes ``load`` returns), so no second
-    copy of the image exists; Dask data lazily, each block rasterising its own window.
-    """
-    geometry = aoi_polygon_in(aoi, plan.crs)
-    data = da.data
-    if da.dims[-2:] != ("y", "x") or not np.issubdtype(data.dtype, np.floating):
-        outside = features.geometry_mask([geometry], out_shape=plan.shape,
-                                         transform=plan.transform)
-        return da.where(~xr.DataArray(outside, dims=("y", "x")))
-    if isinstance(data, dask.array.Array):
-        masked = dask.array.map_blocks(_nan_outside_np, data, geometry=geometry,
-                                       transform=plan.transform, dtype=data.dtype)
-        return da.copy(data=masked)
-    if not data.flags.writeable:
-        data = data.copy()
-    return da.copy(data=_nan_outside_np(data, geometry, plan.transform), deep=False)
-
-
-def _validity(before: xr.DataArray, after: xr.DataArray) -> tuple[Any, Any, Any]:
-    """Whether some pixel is valid in every band of before, of after, and of both.
-
-    Lazy (Dask) results for Dask input, one small task per pair of blocks, so they share a
-    pass with other work; plain booleans for NumPy.
-    """
-    b = before.transpose(..., "y", "x").data
-    a = after.transpose(..., "y", "x").data
-    if not (isinstance(b, dask.array.Array) or isinstance(a, dask.array.Array)):
-        return _valid_np(b, a)
-    b, a = dask.array.asarray(b), dask.array.asarray(a)
-    if b.ndim != 3 or a.ndim != 3 or b.numblocks[0] != 1 or a.numblocks[0] != 1:
-        b, a = (x.reshape((-1, *x.shape[-2:])).rechunk({0: -1}) for x in (b, a))
-    if b.chunks[1:] != a.chunks[1:]:
-        a = a.rechunk({1: b.chunks[1], 2: b.chunks[2]})
-    # per pair of blocks, the three flags along a first axis of 3 (an array, not Delayed:
-    # optimized with the other arrays of the pass, so the blocks are read once)
-    flags = dask.array.map_blocks(
-        _valid_block, b, a, dtype=bool,
-        chunks=((3,), (1,) * b.numblocks[1], (1,) * b.numblocks[2]))
-    found = flags.any(axis=(1, 2))
-    return found[0], found[1], found[2]
-
-
-def _valid_block(b: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """`_valid_np` of one pair of blocks as a ``(3, 1, 1)`` boolean array."""
-    return np.array(_valid_np(b, a), bool).reshape(3, 1, 1)
-
-
-def _valid_np(b: np.ndarray, a: np.ndarray) -> tuple[bool, bool, bool]:
-    """`_validity` of NumPy arrays ``(..., y, x)``, made one band at a time."""
-    valid = []
-    for data in (b, a):
-        ok = np.ones(data.shape[-2:], bool)
-        for index in np.ndindex(data.shape[:-2]):
-            ok &= np.isfinite(data[index])
-        valid.append(ok)
-    if (valid[0] & valid[1]).any():
-        return True, True, True
-    return bool(valid[0].any()), bool(valid[1].any()), False
-
-
-def _check_validity(valid: tuple[Any, Any, Any], before_ref: SourceRef,
-                    after_ref: SourceRef) -> None:
-    """NoValidDataError when a date has no valid pixel in the AOI, or the two do not overlap."""
-    for ok, role, ref in zip(valid[:2], ("before", "after"), (before_ref, after_ref), strict=True):
-        if not ok:
-            raise NoValidDataError(
-                f"The {role} image {ref.path or ref.item_id} has no valid pixel inside the AOI: "
-                "every pixel there is nodata (nodata value, masks or alpha). Choose an AOI over "
-                "the image's valid area or another image."
-            )
-    if not valid[2]:
-        raise NoValidDataError(
-            f"The before image {before_ref.path or before_ref.item_id} and the after image "
-            f"{after_ref.path or after_ref.item_id} have no valid pixel in "
-            f"common inside the AOI: they do not overlap there. Choose images that both cover "
-            f"the AOI, or an AOI where they overlap."
-        )
-
-
-def _check_dates(before: date | None, after: date | None) -> None:
-    if before and after and before > after:
-        raise FetchError(
-            f"The before image is dated {before} and the after image {after}: before is later. "
-            f"Swap --before and --after (or fix --before-date/--after-date)."
-        )
 
 
 def _summary_ref(scene: Scene, role: str) -> SourceRef:
@@ -558,7 +448,7 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
     """
     plan, before_scene, after_scene = load()
     refs = (_summary_ref(before_scene, "before"), _summary_ref(after_scene, "after"))
-    _check_dates(refs[0].acquired, refs[1].acquired)
+    check_dates(refs[0].acquired, refs[1].acquired)
     inputs = {f"{role}:{i}": ref for role, scene in (("before", before_scene),
                                                        ("after", after_scene))
               for i, ref in enumerate(scene.refs)}
@@ -566,12 +456,12 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
     info.update(grid_crs=plan.crs, res_m=plan.res_m, shape=list(plan.shape),
                 before=before_scene.info, after=after_scene.info,
                 chunks=list(before_scene.data.data.chunksize[-2:]) if chunked else None)
-    before = _mask_outside(before_scene.data, aoi, plan)
-    after = _mask_outside(after_scene.data, aoi, plan)
+    before = mask_outside(before_scene.data, aoi, plan)
+    after = mask_outside(after_scene.data, aoi, plan)
     del before_scene, after_scene
     # chunked: the masked inputs are stored and checked in one pass over the files
-    (before, after), valid = scratch.keep(before, after, also=_validity(before, after))
-    _check_validity(valid, *refs)
+    (before, after), valid = scratch.keep(before, after, also=validity(before, after))
+    check_validity(valid, *refs)
     return before, after, plan, refs, inputs
 
 

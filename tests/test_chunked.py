@@ -346,7 +346,7 @@ def test_validity_dask_blocks_equal_numpy(case):
     import dask.array as da
     import xarray as xr
 
-    from pipeline.run import _validity
+    from pipeline.inputs import validity
 
     rng = np.random.default_rng(7)
     before = rng.random((3, 30, 26)).astype(np.float32)
@@ -360,9 +360,9 @@ def test_validity_dask_blocks_equal_numpy(case):
         before[0] = np.nan
     elif case == "after_empty":
         after[:] = -np.inf
-    expected = tuple(bool(v) for v in _validity(xr.DataArray(before, dims=("band", "y", "x")),
+    expected = tuple(bool(v) for v in validity(xr.DataArray(before, dims=("band", "y", "x")),
                                                  xr.DataArray(after, dims=("band", "y", "x"))))
-    lazy = _validity(xr.DataArray(da.from_array(before, chunks=(3, 7, 9)), dims=("band", "y", "x")),
+    lazy = validity(xr.DataArray(da.from_array(before, chunks=(3, 7, 9)), dims=("band", "y", "x")),
                      xr.DataArray(da.from_array(after, chunks=(1, 11, 5)), dims=("band", "y", "x")))
     assert tuple(bool(v) for v in da.compute(*lazy)) == expected
     assert expected == {"overlap": (True, True, True), "disjoint": (True, True, False),
@@ -378,7 +378,7 @@ def test_nan_outside_blocks_inside_the_polygon_are_not_rasterized(monkeypatch):
     from rasterio import features
     from shapely.geometry import Polygon
 
-    import pipeline.run as run
+    import pipeline.inputs as inputs
 
     transform = Affine(0.5, 0, 1000.0, 0, -0.5, 5000.0)
     polygon = Polygon([(1010, 4990), (1300, 4985), (1290, 4800), (1005, 4810)])
@@ -388,10 +388,10 @@ def test_nan_outside_blocks_inside_the_polygon_are_not_rasterized(monkeypatch):
                                        transform=transform)] = np.nan
     calls = []
     original = features.geometry_mask
-    monkeypatch.setattr(run.features, "geometry_mask",
+    monkeypatch.setattr(inputs.features, "geometry_mask",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     lazy = da.from_array(image, chunks=(2, 37, 53))
-    got = lazy.map_blocks(run._nan_outside_np, geometry=polygon, transform=transform,
+    got = lazy.map_blocks(inputs._nan_outside_np, geometry=polygon, transform=transform,
                           dtype=np.float32).compute(scheduler="synchronous")
     assert_array_equal(got, expected)
     assert 0 < len(calls) < lazy.npartitions
