@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from pipeline.errors import FetchError
 from pipeline.fetch.local import WARP_TILE_PX, read_to_grid
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
-from pipeline.report.png import encode_png
 
 __all__ = ["CHIP_KEYS", "CHIPS_DIR", "ChipTarget", "chip_targets", "site_of", "write_chips"]
 
@@ -196,9 +196,13 @@ def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
             image = compose_chip(rgb, caption=caption, metres_per_px=metres_per_px,
                                  north_deg=north_deg, outlines=drawn)
             # the run folder is staged and published whole, so no per-file rename and fsync;
-            # report.png's encoder: the pixels and text chunks Pillow would write, in half
-            # the time (fixed "Sub" row filter, zlib's run-length strategy), 6 % more bytes
-            (stage / rel).write_bytes(encode_png(np.asarray(image), text=_png_text(image)))
+            # zlib's run-length strategy: on imagery a third faster than level 3's default
+            # strategy and about 10 % smaller (measured on the bench chips); still lossless.
+            # Pillow keeps its per-row filter choice: a fixed "Sub" filter was tried (half the
+            # encoding time on the bench chips) and dropped, as its chips of the Dabancheng
+            # default were 62 % larger (rows repeated by upsampling need the "Up" filter)
+            image.save(stage / rel, format="PNG", compress_level=3, compress_type=zlib.Z_RLE,
+                       pnginfo=_png_text(image))
             paths[key] = rel
     return paths
 
