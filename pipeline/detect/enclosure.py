@@ -152,15 +152,23 @@ def backing_of_lines(pts: np.ndarray, tangents: np.ndarray, lines: np.ndarray,
     if near is not None:
         parallel &= near
     ii, jj = np.nonzero(parallel)
-    if not len(ii):
-        return out
     coords, index = shapely.get_coordinates(lines, return_index=True)
     counts = np.bincount(index, minlength=len(lines))
-    simple = counts == 2
     start = np.zeros(len(lines), int)
     start[1:] = np.cumsum(counts)[:-1]
-    a = coords[np.where(simple, start, 0)]
-    b = coords[np.where(simple, start + 1, 0)]
+    simple = counts == 2
+    a, b = coords[np.where(simple, start, 0)], coords[np.where(simple, start + 1, 0)]
+    return _backed_pairs(pts, ii, jj, lines, a, b, simple, tol)
+
+
+def _backed_pairs(pts: np.ndarray, ii: np.ndarray, jj: np.ndarray, lines: np.ndarray,
+                  a: np.ndarray, b: np.ndarray, simple: np.ndarray, tol: float) -> np.ndarray:
+    """Whether each point is within ``tol`` of a line it is paired with (point ``ii[k]``,
+    line ``jj[k]``); lines with ``simple`` True are the segments ``a-b`` (NumPy distance,
+    GEOS within `_EXACT_BAND_M` of ``tol``), the others are measured by GEOS."""
+    out = np.zeros(len(pts), bool)
+    if not len(ii):
+        return out
     dist = _point_segment_distance(pts[ii], a[jj], b[jj])
     exact = ~simple[jj] | (np.abs(dist - tol) <= _EXACT_BAND_M)
     if exact.any():
@@ -183,6 +191,7 @@ class SegmentArrays:
     tree: shapely.STRtree
     direction: np.ndarray  # (n, 2) unit vectors from p to q
     mid: np.ndarray  # (n, 2) midpoints
+    simple: np.ndarray  # (n,) lines of two points (p-q); the others are measured by GEOS
 
     @classmethod
     def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
@@ -197,25 +206,36 @@ class SegmentArrays:
         p, q = coords[last - counts + 1], coords[last]
         direction = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
         return cls(items, p, q, np.array([s.contrast * s.support for s in items], float),
-                   lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2)
+                   lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2,
+                   counts == 2)
 
     def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
-        """`segment_backing` of these segments: only those whose bounding box comes
-        within ``tol`` of the points are measured (the others cannot be within ``tol``), and
-        each run of `_RUN_PX` consecutive points only against those near the run."""
+        """`segment_backing` of these segments: each run of `_RUN_PX` consecutive points is
+        measured only against the parallel segments whose bounding box comes within ``tol`` of
+        the run (the others cannot be within ``tol``); the pairs are listed, never a dense
+        points x segments matrix, so a long outline in a large scene costs what its
+        neighbourhood holds."""
         if not self.items or not len(pts):
             return np.zeros(len(pts), bool)
-        lo, hi = pts.min(axis=0) - tol, pts.max(axis=0) + tol
-        idx = np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
-        run = np.arange(len(pts)) // _RUN_PX
         starts = np.arange(0, len(pts), _RUN_PX)
         lo = np.minimum.reduceat(pts, starts, axis=0) - tol
         hi = np.maximum.reduceat(pts, starts, axis=0) + tol
         k, hit = self.tree.query(shapely.box(lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]))
-        near = np.zeros((len(starts), len(idx)), bool)
-        near[k, np.searchsorted(idx, hit)] = True  # a run's box lies in the points' box
-        return backing_of_lines(pts, tangents, self.lines[idx], self.unit[idx], tol,
-                                near=near[run])
+        if not len(k):
+            return np.zeros(len(pts), bool)
+        # every point of run k paired with each segment hit by its box
+        size = np.minimum(_RUN_PX, len(pts) - starts[k])
+        first = np.cumsum(size) - size
+        ii = np.repeat(starts[k] - first, size) + np.arange(int(size.sum()))
+        jj = np.repeat(hit, size)
+        # parallel: a perimeter's tangents come in runs (one per side), tested once a run
+        change = np.any(tangents[1:] != tangents[:-1], axis=1)
+        group = np.concatenate([[0], np.cumsum(change)])
+        heads = tangents[np.concatenate([[True], change])]
+        parallel = np.abs(heads @ self.unit.T) >= math.cos(math.radians(PARALLEL_DEG))
+        keep = parallel[group[ii], jj]
+        return _backed_pairs(pts, ii[keep], jj[keep], self.lines, self.p, self.q,
+                             self.simple, tol)
 
 
 # Points measured against one set of nearby segments (perimeter samples are 1 m apart or

@@ -51,10 +51,19 @@ def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentA
     outer = offset[ok][strong].max()
     chosen = strong & (offset[ok] >= outer - tol)
     w = weight[chosen]
-    anchor = np.average(mid[ok][chosen], axis=0, weights=w)
+    anchor = _weighted_mean(mid[ok][chosen], w)
     dirs = v[ok][chosen] * np.where(along[ok][chosen] > 0, 1.0, -1.0)[:, None]
-    direction = np.average(dirs, axis=0, weights=w)
+    direction = _weighted_mean(dirs, w)
     return anchor, direction / np.hypot(*direction), float(w.sum())
+
+
+def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``np.average(x, axis=0, weights=w)`` by the same operations, without its checks."""
+    wgt = w[:, None]
+    total = wgt.sum(axis=0)
+    if np.any(total == 0.0):
+        raise ZeroDivisionError("Weights sum to zero, can't be normalized")
+    return np.multiply(x, wgt).sum(0) / total
 
 
 def _common_angle(found: list, fallback: float) -> float:
@@ -225,7 +234,13 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
                 found.append((outline, closure))
     found.sort(key=lambda f: -f[1] * f[0].length)
     kept: list[tuple[shapely.Polygon, float]] = []
+    boxes = np.empty((0, 4))  # of the kept outlines: one whose box misses shares no area
     for outline, closure in found:
-        if all(shapely.intersection(outline, k).area < 0.5 * outline.area for k, _ in kept):
+        b = np.asarray(outline.bounds)
+        meet = ((boxes[:, 0] <= b[2]) & (boxes[:, 2] >= b[0]) & (boxes[:, 1] <= b[3])
+                & (boxes[:, 3] >= b[1])) | (outline.area <= 0)  # (0 < 0 fails: test all)
+        if all(shapely.intersection(outline, kept[i][0]).area < 0.5 * outline.area
+               for i in np.flatnonzero(meet)):
             kept.append((outline, closure))
+            boxes = np.vstack([boxes, b])
     return kept
