@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -347,10 +348,41 @@ def _change_pixels(mask: xr.DataArray, scratch: _Scratch,
     return regions
 
 
+class _Writes:
+    """Chunk writes in flight. When one write of a store fails, Dask raises at once while the
+    other threads' writes go on; the store waits for them, so that none creates a file in the
+    scratch folder after its removal began (which left a chunk file behind)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        with self._idle:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._count -= 1
+                self._idle.notify_all()
+
+    def wait(self, timeout_s: float) -> None:
+        """Return when no write is in flight, or after ``timeout_s``."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0, timeout_s)
+
+
+_IN_FLIGHT = _Writes()
+_WRITE_WAIT_S = 120.0  # a chunk write is at most a few hundred MB
+
+
 def _save_block(block: np.ndarray, prefix: str, block_info: dict | None = None) -> np.ndarray:
     """Write one chunk to ``<prefix>-<i>-<j>....npy``; a one-element marker stands for it."""
     index = block_info[0]["chunk-location"] if block_info else (0,) * block.ndim
-    np.save(f"{prefix}-{'-'.join(map(str, index))}.npy", block, allow_pickle=False)
+    with _IN_FLIGHT.one():
+        np.save(f"{prefix}-{'-'.join(map(str, index))}.npy", block, allow_pickle=False)
     return np.zeros((1,) * block.ndim, np.uint8)
 
 
@@ -382,13 +414,17 @@ class _Scratch:
         for _ in lazy:
             self.count += 1
             prefixes.append(str(self.folder / f"array{self.count}"))
+        # meta given: otherwise Dask calls _save_block on an empty array to learn the
+        # output type, which wrote an empty chunk file under the first chunk's name
         writes = [dask.array.map_blocks(_save_block, arr, prefix=prefix, dtype=np.uint8,
-                                        chunks=tuple((1,) * len(c) for c in arr.chunks))
+                                        chunks=tuple((1,) * len(c) for c in arr.chunks),
+                                        meta=np.empty((0,) * arr.ndim, np.uint8))
                   for arr, prefix in zip(lazy, prefixes, strict=True)]
         try:
             computed = dask.compute(*writes, *also)
-        except OSError as e:
-            if not is_disk_full(e):
+        except BaseException as e:
+            _IN_FLIGHT.wait(_WRITE_WAIT_S)
+            if not (isinstance(e, OSError) and is_disk_full(e)):
                 raise
             raise OutputError(
                 f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "

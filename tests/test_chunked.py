@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,43 @@ def test_run_detect_scratch_disk_full_is_a_clear_error(pair, tmp_path, monkeypat
     with pytest.raises(OutputError, match="scratch folder .* is full.*TMPDIR"):
         _run(pair, tmp_path / "out", 512)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+def test_run_detect_scratch_disk_full_waits_for_writes_in_flight(pair, tmp_path, monkeypatch):
+    """When one chunk write fails, the error is raised only after the other threads' writes
+    have ended, so none writes into the scratch folder once its removal began; none is left."""
+    import errno
+    import threading
+    import time
+
+    from pipeline.errors import OutputError
+
+    real_save, calls, ended = np.save, [], []
+    second_started = threading.Event()
+
+    def save(path, *args, **kwargs):
+        if "sitewatch-scratch-" not in str(path):
+            return real_save(path, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the first write fails once a second one is under way
+            second_started.wait(10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        second_started.set()
+        time.sleep(0.5)
+        real_save(path, *args, **kwargs)
+        ended.append(time.monotonic())
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(OutputError, match="scratch folder .* is full"):
+        _run(pair, tmp_path / "out", 512)
+    raised = time.monotonic()
+    monkeypatch.undo()
+    assert len(calls) >= 2, "no second write was in flight when the first failed"
+    # the second write finished, in its folder (not removed under it), before the error
+    assert ended and max(ended) <= raised
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("chunks", [None, 512])
