@@ -236,9 +236,10 @@ def detect_scenes(
     mask's connected components are merged across chunk borders, `label_regions`, so neither
     the mask nor its labels are held whole; small cell grids are): intermediate rasters read
     more than once (the masked inputs, the normalized after image, the magnitude, the mask,
-    chunk labels) are kept as one file per chunk in a temporary folder (``TMPDIR``; up to
-    about 41 bytes a pixel), removed at the end. NumPy scenes are processed in memory (their
-    arrays are masked in place). Both give the same evidence.
+    chunk labels, the grey images, the wall maps) are kept as one file per chunk in a
+    temporary folder (``TMPDIR``; up to about 70 bytes a pixel at its peak, measured), removed
+    at the end; the peak goes in the detect step's ``scratch_peak_mb``. NumPy scenes are
+    processed in memory (their arrays are masked in place). Both give the same evidence.
     """
     started = datetime.now(UTC)
     out = check_out_root(out_root)
@@ -263,11 +264,14 @@ def detect_scenes(
                        if not (before_ref.path and after_ref.path)
                        and not isinstance(before.data, dask.array.Array) else None)
         with steps.step("coregister") as info:
+            read_after = after
             after, coreg = coregister(before, after, params=params.coreg)
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
-            after = _normalized(before, after, method=params.change.normalize, scratch=scratch)
+            after = _normalized(before, after, read_after, method=params.change.normalize,
+                                scratch=scratch)
+            del read_after
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
             magnitude, mask, threshold, changed_share = _change(
@@ -284,6 +288,7 @@ def detect_scenes(
             )
             info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
             info["seconds_by_part"] = timings
+            info["scratch_peak_mb"] = round(scratch.peak_bytes / 2**20, 1)
         del before, after, changes  # only the magnitude and the mask are written from here
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
@@ -302,13 +307,16 @@ def detect_scenes(
     )
 
 
-def _normalized(before: xr.DataArray, after: xr.DataArray, *, method: Any,
-                scratch: _Scratch) -> xr.DataArray:
-    """The normalize stage: after matched to before (stored when chunked)."""
-    read = after
+def _normalized(before: xr.DataArray, after: xr.DataArray, read: xr.DataArray, *,
+                method: Any, scratch: _Scratch) -> xr.DataArray:
+    """The normalize stage: after (co-registered) matched to before (stored when chunked).
+
+    The after image as read (``read``, stored by the read stage) is then deleted: from here
+    it is read only through the stored result (12 bytes a pixel of scratch for 3 bands).
+    """
     after = scratch.keep(normalize(before, after, method=method))
     if after.data is not read.data:
-        scratch.drop(read)  # the co-registered inputs are read again only through ``after``
+        scratch.drop(read)
     return after
 
 
@@ -399,6 +407,8 @@ class _Scratch:
         self.folder = folder
         self.count = 0
         self.prefixes: dict[str, str] = {}  # Dask name of a stored array -> its files' prefix
+        self.held: dict[str, int] = {}  # Dask name of a stored array -> its bytes
+        self.peak_bytes = 0  # the most bytes stored at once (chunk files' data, no headers)
 
     def keep(self, *items: Any, also: tuple = ()) -> Any:
         """Store the Dask-backed ``items`` (arrays or DataArrays) in one pass over their inputs.
@@ -428,12 +438,14 @@ class _Scratch:
                 raise
             raise OutputError(
                 f"The scratch folder {self.folder.parent} is full ({e.strerror}): a chunked "
-                "run keeps its intermediate rasters there, up to about 41 bytes a pixel. Free "
+                "run keeps its intermediate rasters there, up to about 70 bytes a pixel. Free "
                 "space there, or point TMPDIR at a disk with room, and run again.") from e
         stored = {}
         for arr, prefix in zip(lazy, prefixes, strict=True):
             stored[id(arr)] = _load_blocks(prefix, arr.chunks, arr.dtype)
             self.prefixes[stored[id(arr)].name] = prefix
+            self.held[stored[id(arr)].name] = arr.nbytes
+        self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
         out = []
         for item, arr in zip(items, arrays, strict=True):
             data = stored.get(id(arr), arr)
@@ -448,7 +460,9 @@ class _Scratch:
         """Delete the files of stored items no longer needed (others are ignored)."""
         for item in items:
             data = item.data if isinstance(item, xr.DataArray) else item
-            prefix = self.prefixes.pop(str(getattr(data, "name", "")), None)
+            name = str(getattr(data, "name", ""))
+            prefix = self.prefixes.pop(name, None)
+            self.held.pop(name, None)
             if prefix is not None:
                 for path in self.folder.glob(f"{Path(prefix).name}-*.npy"):
                     path.unlink()

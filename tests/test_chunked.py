@@ -172,6 +172,15 @@ def test_run_detect_scratch_disk_full_waits_for_writes_in_flight(pair, tmp_path,
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_run_detect_scratch_peak_is_reported_and_within_the_documented_bound(pair, tmp_path):
+    """The detect step reports the scratch folder's peak; at most the README's 70 bytes a
+    pixel (the after image as read is deleted once the normalized one is stored)."""
+    result, *_ = _run(pair, tmp_path / "out", 512)
+    details = next(s["details"] for s in result.steps if s["name"] == "detect")
+    per_px = details["scratch_peak_mb"] * 2**20 / (result.grid.shape[0] * result.grid.shape[1])
+    assert 24 <= per_px <= 70  # at least both masked inputs (3 float32 bands each)
+
+
 @pytest.mark.parametrize("chunks", [None, 512])
 def test_run_detect_all_nodata_date_names_it(pair, tmp_path, chunks):
     """An after image with no valid pixel in the AOI is refused, chunked or not, by name."""
