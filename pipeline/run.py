@@ -444,7 +444,7 @@ class _Scratch:
         for arr, prefix in zip(lazy, prefixes, strict=True):
             stored[id(arr)] = _load_blocks(prefix, arr.chunks, arr.dtype)
             self.prefixes[stored[id(arr)].name] = prefix
-            self.held[stored[id(arr)].name] = arr.nbytes
+            self.held[stored[id(arr)].name] = int(arr.nbytes)
         self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
         out = []
         for item, arr in zip(items, arrays, strict=True):
