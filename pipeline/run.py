@@ -406,8 +406,8 @@ class _Scratch:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.count = 0
-        self.prefixes: dict[str, str] = {}  # Dask name of a stored array -> its files' prefix
-        self.held: dict[str, int] = {}  # Dask name of a stored array -> its bytes
+        # Dask name of a stored array -> its files' prefix and its bytes
+        self.files: dict[str, tuple[str, int]] = {}
         self.peak_bytes = 0  # the most bytes stored at once (chunk files' data, no headers)
 
     def keep(self, *items: Any, also: tuple = ()) -> Any:
@@ -419,7 +419,7 @@ class _Scratch:
         """
         arrays = [i.data if isinstance(i, xr.DataArray) else i for i in items]
         lazy = [a for a in arrays
-                if isinstance(a, dask.array.Array) and a.name not in self.prefixes]
+                if isinstance(a, dask.array.Array) and a.name not in self.files]
         prefixes = []
         for _ in lazy:
             self.count += 1
@@ -443,9 +443,8 @@ class _Scratch:
         stored = {}
         for arr, prefix in zip(lazy, prefixes, strict=True):
             stored[id(arr)] = _load_blocks(prefix, arr.chunks, arr.dtype)
-            self.prefixes[stored[id(arr)].name] = prefix
-            self.held[stored[id(arr)].name] = int(arr.nbytes)
-        self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
+            self.files[stored[id(arr)].name] = (prefix, int(arr.nbytes))
+        self.peak_bytes = max(self.peak_bytes, sum(n for _, n in self.files.values()))
         out = []
         for item, arr in zip(items, arrays, strict=True):
             data = stored.get(id(arr), arr)
@@ -460,9 +459,7 @@ class _Scratch:
         """Delete the files of stored items no longer needed (others are ignored)."""
         for item in items:
             data = item.data if isinstance(item, xr.DataArray) else item
-            name = str(getattr(data, "name", ""))
-            prefix = self.prefixes.pop(name, None)
-            self.held.pop(name, None)
+            prefix, _ = self.files.pop(str(getattr(data, "name", "")), (None, 0))
             if prefix is not None:
                 for path in self.folder.glob(f"{Path(prefix).name}-*.npy"):
                     path.unlink()
