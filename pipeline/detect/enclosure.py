@@ -23,7 +23,7 @@ from pipeline.detect.walls import LineMap, WallSegment
 from pipeline.model import WallParams
 
 __all__ = ["EnclosureMeasures", "measure_enclosure", "perimeter_samples", "segment_backing",
-           "backing_of_lines", "segment_units", "PARALLEL_DEG", "count_sides_backed",
+           "segment_units", "PARALLEL_DEG", "count_sides_backed",
            "SegmentArrays"]
 
 PARALLEL_DEG = 10.0  # a wall segment backs an outline side within this angle (degrees)
@@ -132,33 +132,6 @@ def segment_units(segments: Sequence[WallSegment]) -> np.ndarray:
     return np.array([[math.cos(math.radians(s.orientation_deg)),
                       math.sin(math.radians(s.orientation_deg))] for s in segments],
                     dtype=float).reshape(-1, 2)
-
-
-def backing_of_lines(pts: np.ndarray, tangents: np.ndarray, lines: np.ndarray,
-                     units: np.ndarray, tol: float, near: np.ndarray | None = None
-                     ) -> np.ndarray:
-    """`segment_backing` of ``lines`` (LineStrings) with their unit directions ``units``.
-
-    Distances are measured only between a point and the segments parallel to its tangent
-    (and, with ``near``, a ``(points, lines)`` boolean mask, only for its True pairs: the
-    caller vouches that the others are farther apart than ``tol``). Two-point lines are
-    measured with NumPy; where that distance is within ``_EXACT_BAND_M`` of ``tol`` (or a
-    line has more points), GEOS measures it, so the answer is GEOS's own.
-    """
-    out = np.zeros(len(pts), bool)
-    if not len(lines) or not len(pts):
-        return out
-    parallel = np.abs(tangents @ units.T) >= math.cos(math.radians(PARALLEL_DEG))
-    if near is not None:
-        parallel &= near
-    ii, jj = np.nonzero(parallel)
-    coords, index = shapely.get_coordinates(lines, return_index=True)
-    counts = np.bincount(index, minlength=len(lines))
-    start = np.zeros(len(lines), int)
-    start[1:] = np.cumsum(counts)[:-1]
-    simple = counts == 2
-    a, b = coords[np.where(simple, start, 0)], coords[np.where(simple, start + 1, 0)]
-    return _backed_pairs(pts, ii, jj, lines, a, b, simple, tol)
 
 
 def _backed_pairs(pts: np.ndarray, ii: np.ndarray, jj: np.ndarray, lines: np.ndarray,

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import shapely
+from _backing import backing_of_lines
 
-from pipeline.detect.enclosure import PARALLEL_DEG, backing_of_lines, segment_backing, segment_units
+from pipeline.detect.enclosure import PARALLEL_DEG, segment_backing, segment_units
 from pipeline.detect.walls import WallSegment
 
 

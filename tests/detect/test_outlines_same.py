@@ -15,13 +15,13 @@ import math
 import numpy as np
 import pytest
 import shapely
+from _backing import backing_of_lines
 
 from pipeline.detect import outlines
 from pipeline.detect.enclosure import (
     _RUN_PX,
     PARALLEL_DEG,
     SegmentArrays,
-    backing_of_lines,
     perimeter_samples,
 )
 from pipeline.detect.walls import WallSegment
