@@ -27,7 +27,7 @@ BENCH_WATCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 export SITES SCHEDULER FORCE JSON
 
-.PHONY: setup detect test check lint typecheck bench bench-coreg eval train clean watch bench-watch
+.PHONY: setup detect test check lint typecheck bench bench-coreg eval train train-cnn clean watch bench-watch
 
 setup: $(STAMP)
 
@@ -88,6 +88,12 @@ eval: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/python scripts/train.py
+
+# The network needs PyTorch to train (not to run): the ".[train]" extra pins the CPU release
+# this project was trained with.
+train-cnn: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[train]"
+	$(BIN)/python scripts/train_cnn.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["IGNORE", "LabelledPair", "DEFAULT_DATA_DIR", "read_png_pairs", "read_levir_crops",
-           "read_levir_tiles", "read_dsifn", "read_nanjing", "levir_crop_origin"]
+           "read_levir_tiles", "read_dsifn", "read_nanjing", "levir_crop_origin",
+           "levir_tile"]
 
 IGNORE = 255
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -58,10 +59,10 @@ def read_png_pairs(folder: Path, dataset: str, res_m: float) -> Iterator[Labelle
         label = (_read_png(folder / "label" / f"{name}.png") > 127).astype(np.uint8)
         yield LabelledPair(dataset, name, _read_png(folder / "A" / f"{name}.png"),
                            _read_png(folder / "B" / f"{name}.png"), label, res_m,
-                           group=_levir_tile(name) if dataset.startswith("levir") else name)
+                           group=levir_tile(name) if dataset.startswith("levir") else name)
 
 
-def _levir_tile(name: str) -> str:
+def levir_tile(name: str) -> str:
     """LEVIR-CD tile of a crop or tile file name: 'test_2_0000_0512' -> 'test_2'."""
     name = name.removeprefix("levircd_").removesuffix("_r0256")
     parts = name.split("_")

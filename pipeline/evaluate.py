@@ -1,7 +1,8 @@
 """pipeline.evaluate: score the change detectors on the labelled pairs in ../shared/data.
 
-``python -m pipeline.evaluate`` (``make eval``) runs, on every labelled pair, the learned
-new-building classifier (`pipeline.detect.learned`), the pipeline's own change stage
+``python -m pipeline.evaluate`` (``make eval``) runs, on every labelled pair, the two learned
+new-building detectors (the siamese U-Net of `pipeline.detect.convnet` and the LightGBM pixel
+classifier of `pipeline.detect.learned`), the pipeline's own change stage
 (histogram normalisation, change vector analysis, Otsu, clean-up) and two plain baselines
 (`pipeline.scoring.cva_otsu`, `pipeline.scoring.pca_kmeans`). It prints one table to stdout
 (pixel precision, recall, F1 and IoU of the change class, pooled over a set's images; object
@@ -10,10 +11,11 @@ precision and recall at IoU >= 0.5 between 8-connected components), the compound
 (`pipeline.evaluation_doc`). Progress goes to stderr.
 
 Held out: every LEVIR-CD image is scored by a *fold model* that never saw it (``make train``
-trains one on the five ``levir_cd_tiles`` and scores it on the nine ``levir_cd`` crops, and
-one the other way round); the names and pixel rows of each fold's training and held-out images
-are checked at every run. The shipped model (trained on all fourteen) scores only DSIFN and
-Nanjing, which no model saw.
+trains one LightGBM model on the five ``levir_cd_tiles`` and scores it on the nine ``levir_cd``
+crops, and one the other way round; ``make train-cnn`` trains four networks, each holding out
+the images of one or two LEVIR-CD tiles); the names and pixel rows of each fold's training and
+held-out images are checked at every run. The shipped models (trained on all fourteen) score
+only DSIFN and Nanjing, which no model saw.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = ["pixel_counts", "pixel_scores", "object_counts", "object_scores", "cv
 log = logging.getLogger(__name__)
 
 LEARNED = "learned (LightGBM)"
+CNN = "learned (CNN)"
 CVA = "baseline CVA + Otsu"
 TARGET_F1 = 0.55
 TARGET_MARGIN = 0.15
@@ -157,15 +160,28 @@ def fold_for(pair: LabelledPair, model, folds: dict):
     return model
 
 
-def _learned(model, folds: dict, clock: dict) -> Callable[[LabelledPair], np.ndarray]:
-    """The learned detector (the right fold's model), timing its megapixels in ``clock``."""
-    from pipeline.detect.learned import change_probability_mask, predict_change
+def _predict_lightgbm(before: np.ndarray, after: np.ndarray, model) -> np.ndarray:
+    from pipeline.detect.learned import predict_change
+
+    return predict_change(before, after, model=model)
+
+
+def _predict_cnn(before: np.ndarray, after: np.ndarray, model) -> np.ndarray:
+    from pipeline.detect.convnet import predict_change_cnn
+
+    return predict_change_cnn(before, after, weights=model.weights)
+
+
+def _learned(model, folds: dict, clock: dict, predict: Callable
+             ) -> Callable[[LabelledPair], np.ndarray]:
+    """A learned detector (the right fold's model), timing its megapixels in ``clock``."""
+    from pipeline.detect.learned import change_probability_mask
 
     def run(pair: LabelledPair) -> np.ndarray:
         use = fold_for(pair, model, folds)
         rgb = list(pair.rgb)
         t0, c0 = time.perf_counter(), time.process_time()
-        prob = predict_change(pair.before[rgb], pair.after[rgb], model=use)
+        prob = predict(pair.before[rgb], pair.after[rgb], use)
         mask = change_probability_mask(prob, threshold=use.threshold,
                                        min_area_px=use.min_area_at(pair.res_m),
                                        smooth_sigma_px=use.smooth_sigma_px)
@@ -192,11 +208,16 @@ def _sitewatch_change(pair: LabelledPair) -> np.ndarray:
     return np.asarray(mask.values) == 1
 
 
-def methods(model, folds: dict | None = None, clock: dict | None = None
-            ) -> dict[str, Callable[[LabelledPair], np.ndarray]]:
-    """Every method scored, by table name."""
-    learned = ({LEARNED: _learned(model, folds or {}, clock if clock is not None else {})}
-               if model is not None else {})
+def methods(model, folds: dict | None = None, clocks: dict | None = None, *, cnn=None,
+            cnn_folds: dict | None = None) -> dict[str, Callable[[LabelledPair], np.ndarray]]:
+    """Every method scored, by table name (a learned one only if its model is given)."""
+    clocks = clocks if clocks is not None else {}
+    learned = {}
+    if cnn is not None:
+        learned[CNN] = _learned(cnn, cnn_folds or {}, clocks.setdefault(CNN, {}), _predict_cnn)
+    if model is not None:
+        learned[LEARNED] = _learned(model, folds or {}, clocks.setdefault(LEARNED, {}),
+                                    _predict_lightgbm)
     return {
         **learned,
         "sitewatch change stage": _sitewatch_change,
@@ -208,8 +229,10 @@ def methods(model, folds: dict | None = None, clock: dict | None = None
 def _datasets(data_dir: Path) -> list[tuple[str, list[LabelledPair], bool]]:
     """``(table name, pairs, object metrics?)`` for every labelled set."""
     return [
-        ("levir_cd (9 crops; learned: fold 'tiles')", read_levir_crops(data_dir), True),
-        ("levir_cd_tiles (5 tiles; learned: fold 'crops')", read_levir_tiles(data_dir), True),
+        ("levir_cd (9 crops; LightGBM: fold 'tiles'; CNN: folds a-d)",
+         read_levir_crops(data_dir), True),
+        ("levir_cd_tiles (5 tiles; LightGBM: fold 'crops'; CNN: folds a-d)",
+         read_levir_tiles(data_dir), True),
         ("dsifn (10 crops, out of domain)", read_dsifn(data_dir), True),
         ("landsat_nanjing (30 m, sparse reference)", read_nanjing(data_dir), False),
     ]
@@ -258,21 +281,28 @@ def _adjacent_groups(folds: dict, pairs: list[LabelledPair]) -> set[str]:
 
 
 def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None = None, *,
-             dabancheng: bool = True, progress: Callable[[str], None] | None = None
-             ) -> tuple[list[Row], dict]:
-    """Score every method on every labelled set; returns the table rows and run facts."""
-    folds = folds or {}
+             cnn=None, cnn_folds: dict | None = None, dabancheng: bool = True,
+             progress: Callable[[str], None] | None = None) -> tuple[list[Row], dict]:
+    """Score every method on every labelled set; returns the table rows and run facts.
+
+    ``model``/``folds`` are the LightGBM model and its fold models, ``cnn``/``cnn_folds`` the
+    network and its folds (`pipeline.models`); a method whose model is None is left out.
+    """
+    folds, cnn_folds = folds or {}, cnn_folds or {}
     sets = _datasets(data_dir)
     levir = [p for _, pairs, _ in sets for p in pairs if p.dataset.startswith("levir")]
     notes = check_folds(folds, levir) if model is not None else []
-    adjacent = _adjacent_groups(folds, levir)
+    if cnn is not None:
+        notes += [f"CNN {n}" for n in check_folds(cnn_folds, levir)]
+    adjacent = _adjacent_groups(folds or cnn_folds, levir)
     rows: list[Row] = []
     pooled: dict[str, Row] = {}
     strict: dict[str, Row] = {}
     timings: dict[str, float] = {}
-    clock: dict[str, float] = {}
+    clocks: dict[str, dict[str, float]] = {}
+    scored = methods(model, folds, clocks, cnn=cnn, cnn_folds=cnn_folds)
     for ds_name, pairs, with_objects in sets:
-        for m_name, run in methods(model, folds, clock).items():
+        for m_name, run in scored.items():
             row = Row(ds_name, m_name)
             t0 = time.perf_counter()
             for pair in pairs:
@@ -293,9 +323,11 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                              "adjacent_images": sorted(adjacent),
                              "adjacent_tiles": sorted({p.group for p in levir
                                                        if f"{p.dataset}/{p.name}" in adjacent})}
-    facts.update({f"learned_{k}_per_megapixel": (clock[k] / clock["megapixels"]
-                                                 if clock.get("megapixels") else None)
-                  for k in ("seconds", "cpu_seconds")})
+    for prefix, name in (("learned", LEARNED), ("cnn", CNN)):
+        clock = clocks.get(name, {})
+        facts.update({f"{prefix}_{k}_per_megapixel": (clock[k] / clock["megapixels"]
+                                                      if clock.get("megapixels") else None)
+                      for k in ("seconds", "cpu_seconds")})
     if dabancheng and (data_dir / "dabancheng" / "compound_label.geojson").exists():
         if progress:
             progress("dabancheng: run_detect")
@@ -310,16 +342,18 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
 
 
 def target_status(rows: list[Row]) -> list[str]:
-    """Whether the learned method meets the issue's bar, pooled and per fold direction."""
+    """Whether each learned method meets the issue's bar, pooled and per fold direction."""
     f1 = {(r.dataset, r.method): r.figures()["f1"] for r in rows}
+    sets = dict.fromkeys((POOLED, *(r.dataset for r in rows if r.dataset.startswith("levir_cd"))))
     out: list[str] = []
-    for ds in (POOLED, *(r.dataset for r in rows if r.dataset.startswith("levir_cd"))):
-        learned, cva = f1.get((ds, LEARNED)), f1.get((ds, CVA))
-        if learned is None or cva is None or any(s.startswith(ds) for s in out):
-            continue
-        ok = learned >= TARGET_F1 and learned >= cva + TARGET_MARGIN
-        out.append(f"{ds}: target {'MET' if ok else 'NOT MET'}: learned F1 {learned:.3f} vs "
-                   f"required >= {TARGET_F1} and >= CVA {cva:.3f} + {TARGET_MARGIN}")
+    for method in (CNN, LEARNED):
+        for ds in sets:
+            learned, cva = f1.get((ds, method)), f1.get((ds, CVA))
+            if learned is None or cva is None:
+                continue
+            ok = learned >= TARGET_F1 and learned >= cva + TARGET_MARGIN
+            out.append(f"{ds}: {method}: target {'MET' if ok else 'NOT MET'}: F1 {learned:.3f} "
+                       f"vs required >= {TARGET_F1} and >= CVA {cva:.3f} + {TARGET_MARGIN}")
     return out or ["target not evaluated (no learned model or no LEVIR-CD images)"]
 
 
@@ -344,12 +378,21 @@ def format_table(rows: list[Row], facts: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.evaluate``: print the table, write docs/evaluation.md."""
     from pipeline.evaluation_doc import write_markdown
-    from pipeline.models import DEFAULT_MODEL_PATH, load_fold_models, load_model
+    from pipeline.models import (
+        DEFAULT_CNN_PATH,
+        DEFAULT_MODEL_PATH,
+        load_cnn,
+        load_cnn_folds,
+        load_fold_models,
+        load_model,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
                                      description="Score the detectors on ../shared/data.")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--cnn", type=Path, default=DEFAULT_CNN_PATH,
+                        help="the network's card (.json); left out if missing")
     parser.add_argument("--markdown", type=Path,
                         default=Path(__file__).resolve().parents[1] / "docs" / "evaluation.md")
     parser.add_argument("--no-dabancheng", action="store_true", help="skip the run_detect IoU")
@@ -361,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = load_model(args.model)
     folds = load_fold_models(model, args.model)
-    rows, facts = evaluate(args.data_dir, model, folds, dabancheng=not args.no_dabancheng,
+    cnn = load_cnn(args.cnn) if args.cnn.exists() else None
+    cnn_folds = load_cnn_folds(cnn, args.cnn) if cnn is not None else {}
+    rows, facts = evaluate(args.data_dir, model, folds, cnn=cnn, cnn_folds=cnn_folds,
+                           dabancheng=not args.no_dabancheng,
                            progress=lambda msg: log.info("%s", msg))
     facts["seconds"] = time.perf_counter() - started
     print(format_table(rows, facts))
-    write_markdown(rows, facts, model, folds, args.markdown)
+    write_markdown(rows, facts, model, folds, args.markdown, cnn=cnn, cnn_folds=cnn_folds)
     log.info("wrote %s in %.0f s", args.markdown, facts["seconds"])
     return 0
 

@@ -134,7 +134,26 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def write_markdown(rows: list, facts: dict, model, folds: dict, path: Path) -> None:
+def _cnn_lines(cnn, cnn_folds: dict, facts: dict) -> str:
+    """The network's paragraph: its files, training and speed (empty if it was not scored)."""
+    if cnn is None:
+        return ""
+    c = cnn.card
+    speed, cpu = facts.get("cnn_seconds_per_megapixel"), facts.get("cnn_cpu_seconds_per_megapixel")
+    return f"""
+Network: `models/{c.get('model_file', '-')}` (SHA-256 {c.get('model_sha256', '-')[:12]}),
+{c.get('architecture', '-')}; trained {c.get('trained_utc', '-')} by `make train-cnn` in
+{c.get('train_seconds', '-')} s wall, {c.get('train_cpu_seconds', '-')} s CPU (both folds and
+the shipped network; PyTorch {c.get('training', {}).get('torch', '-')} on the CPU). Its fold
+networks hold out the same images as the LightGBM folds:
+{_fold_lines(cnn_folds)}
+Network speed (NumPy inference, no deep-learning library), over every image scored in this
+run: {fmt_figure(speed)} s wall and {fmt_figure(cpu)} s CPU per megapixel.
+"""
+
+
+def write_markdown(rows: list, facts: dict, model, folds: dict, path: Path, *, cnn=None,
+                   cnn_folds: dict | None = None) -> None:
     """Write docs/evaluation.md: date, machine, figures, protocol, held-out checks, history."""
     import lightgbm
 
@@ -170,7 +189,7 @@ Every LEVIR-CD figure of the learned method comes from a fold model that never s
 Learned method speed (features and prediction, NumPy, 2 LightGBM threads), over every image
 scored in this run: {fmt_figure(speed)} s wall and {fmt_figure(cpu)} s CPU per megapixel (wall time
 depends on what else shares the cores).
-
+{_cnn_lines(cnn, cnn_folds or {}, facts)}
 Dabancheng (Sentinel-2, 3.5 m): IoU of the top compound of a default `run_detect` with
 `compound_label.geojson` (`main_compound`):
 {f"**{dab['compound_iou']:.3f}** ({dab['note']})" if dab else "not run"}.

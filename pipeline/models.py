@@ -18,9 +18,11 @@ import numpy as np
 
 from pipeline.files import atomic_write_bytes
 
-__all__ = ["ChangeModel", "DEFAULT_MODEL_PATH", "load_model", "load_fold_models", "save_model"]
+__all__ = ["ChangeModel", "CnnModel", "DEFAULT_MODEL_PATH", "DEFAULT_CNN_PATH", "load_model",
+           "load_fold_models", "save_model", "load_cnn", "load_cnn_folds", "save_cnn"]
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / "building_change.json"
+DEFAULT_CNN_PATH = DEFAULT_MODEL_PATH.with_name("building_change_cnn.json")
 
 
 @dataclass(frozen=True)
@@ -111,4 +113,78 @@ def load_fold_models(model: ChangeModel, path: str | Path = DEFAULT_MODEL_PATH
     """
     folder = Path(path).parent
     return {name: load_model(folder / card_name)
+            for name, card_name in model.card.get("fold_models", {}).items()}
+
+
+@dataclass(frozen=True)
+class CnnModel:
+    """The siamese U-Net's folded arrays (`pipeline.detect.convnet`) and its decision rule."""
+
+    weights: dict[str, np.ndarray]
+    threshold: float
+    smooth_sigma_px: float
+    min_area_m2: float
+    card: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def min_area_at(self, res_m: float) -> int:
+        """The minimum region size in pixels at ``res_m``."""
+        return max(1, round(self.min_area_m2 / (res_m * res_m)))
+
+
+def _npz_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in sorted(weights.items())}
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def save_cnn(weights: dict[str, np.ndarray], card: dict[str, Any], json_path: str | Path
+             ) -> Path:
+    """Write ``weights`` as ``<name>.npz`` and ``card`` plus the npz's SHA-256 as ``json_path``
+    (both atomically; a model is rebuilt by ``make train-cnn``, git keeps the history)."""
+    json_path = Path(json_path)
+    data = _npz_bytes(weights)
+    atomic_write_bytes(json_path.with_suffix(".npz"), data, overwrite=True)
+    card = {**card, "model_file": json_path.with_suffix(".npz").name,
+            "model_sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write_bytes(json_path, (json.dumps(card, indent=2) + "\n").encode(), overwrite=True)
+    return json_path
+
+
+def load_cnn(path: str | Path = DEFAULT_CNN_PATH) -> CnnModel:
+    """Load a network card and its ``.npz`` arrays (no pickle), checking the SHA-256.
+
+    Raises
+    ------
+    FileNotFoundError
+        If either file is missing.
+    ValueError
+        If the arrays do not match the card's SHA-256 (a partial or edited file).
+    """
+    path = Path(path)
+    card = json.loads(path.read_text())
+    npz_path = path.parent / card["model_file"]
+    data = npz_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["model_sha256"]:
+        raise ValueError(
+            f"{npz_path} has SHA-256 {digest[:12]}..., its card {path.name} expects "
+            f"{card['model_sha256'][:12]}...: the model file was changed. Retrain with "
+            "`make train-cnn` or restore it from git."
+        )
+    import io
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        weights = {k: npz[k].astype(np.float32) for k in npz.files}
+    return CnnModel(weights=weights, threshold=float(card["threshold"]),
+                    smooth_sigma_px=float(card["smooth_sigma_px"]),
+                    min_area_m2=float(card["min_area_m2"]), card=card)
+
+
+def load_cnn_folds(model: CnnModel, path: str | Path = DEFAULT_CNN_PATH) -> dict[str, CnnModel]:
+    """The network's fold models named in its card, by fold name (see `load_fold_models`)."""
+    folder = Path(path).parent
+    return {name: load_cnn(folder / card_name)
             for name, card_name in model.card.get("fold_models", {}).items()}

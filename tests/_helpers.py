@@ -23,3 +23,20 @@ def write_geotiff(path: Path, data: np.ndarray, *, crs: str = "EPSG:32645",
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data)
     return path
+
+
+def random_cnn_weights(c: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    """Folded weights of a network of width ``c`` (the shapes the trainer exports)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"e1": (3, c), "e2": (c, 2 * c), "e3": (2 * c, 4 * c), "e4": (4 * c, 8 * c),
+              "d3": (8 * c + 8 * c, 4 * c), "d2": (4 * c + 4 * c, 2 * c),
+              "d1": (2 * c + 2 * c, c)}
+    w = {}
+    for name, (cin, cout) in shapes.items():
+        for k, i in enumerate((cin, cout)):
+            w[f"{name}.{k}.weight"] = rng.normal(0, (2 / (9 * i)) ** 0.5,
+                                                 (cout, i, 3, 3)).astype(np.float32)
+            w[f"{name}.{k}.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
+    w["out.weight"] = rng.normal(0, 0.5, (1, c, 1, 1)).astype(np.float32)
+    w["out.bias"] = np.array([-0.3], np.float32)
+    return w

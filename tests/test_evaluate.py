@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import SHARED_DATA
+from _helpers import SHARED_DATA, random_cnn_weights
 from numpy.testing import assert_array_equal
 
 from pipeline.datasets import IGNORE, LabelledPair, read_levir_crops, read_levir_tiles
 from pipeline.evaluate import (
+    CNN,
     CVA,
     LEARNED,
     POOLED,
@@ -166,8 +167,13 @@ def test_target_status_pooled_and_per_direction():
             r.pixels = np.array([tp, 100 - tp, 100 - tp, 1000])
             rows.append(r)
     status = target_status(rows)
-    assert status[0].startswith(POOLED) and "target MET" in status[0]
-    assert status[1].startswith("levir_cd (9 crops)") and "NOT MET" in status[1]
+    assert status[0].startswith(f"{POOLED}: {LEARNED}") and "target MET" in status[0]
+    assert status[1].startswith(f"levir_cd (9 crops): {LEARNED}") and "NOT MET" in status[1]
+    cnn = Row(POOLED, CNN)
+    cnn.pixels = np.array([30, 70, 70, 1000])
+    status = target_status([*rows, cnn])
+    assert status[0].startswith(f"{POOLED}: {CNN}") and "NOT MET: F1 0.300" in status[0]
+    assert len(status) == 3
 
 
 def test_real_folds_are_held_out():
@@ -206,7 +212,7 @@ def test_write_markdown_states_figures_and_folds(tmp_path):
                    {"tiles": fold}, out)
     text = out.read_text()
     assert f"| {POOLED} | {LEARNED} | 0 | 0.750 | 0.600 | 0.667 |" in text
-    assert "target MET: learned F1 0.667 vs required >= 0.55 and >= CVA 0.400" in text
+    assert f"{LEARNED}: target MET: F1 0.667 vs required >= 0.55 and >= CVA 0.400" in text
     assert "fold `tiles`" in text and "levir_cd_tiles/levircd_test_1" in text
     assert "1.500 s wall and 2.500 s CPU per megapixel" in text
 
@@ -231,3 +237,31 @@ def test_adjacent_groups_and_markdown_name_them(tmp_path):
                           ({}, "leaves out no image: none shares a LEVIR-CD tile")):
         write_markdown([], facts, shipped, {"tiles": fold}, out)
         assert phrase in " ".join(out.read_text().split())
+
+
+def test_cnn_method_scores_with_the_fold_that_held_the_image_out():
+    """The network's detector uses the fold whose card holds the image out (not the shipped
+    network) and its decision rule, and clocks its megapixels."""
+    from pipeline.evaluate import methods
+    from pipeline.models import CnnModel
+
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0, 255, (3, 48, 48)).astype(np.float32)
+    after = before.copy()
+    after[:, 10:30, 10:30] = 250.0
+    pair = LabelledPair("levir_cd", "test_55_0256_0000", before, after,
+                        np.zeros((48, 48), np.uint8), 0.5, group="test_55")
+    rule = {"threshold": 0.5, "smooth_sigma_px": 0.0, "min_area_m2": 0.25}
+    held = CnnModel(random_cnn_weights(seed=1), **rule,
+                    card={"held_out": ["levir_cd/test_55_0256_0000"], "trained_on": []})
+    never = CnnModel({}, **rule, card={"trained_on": ["levir_cd/test_55_0256_0000"]})
+    clocks: dict = {}
+    run = methods(None, None, clocks, cnn=never, cnn_folds={"b": held})[CNN]
+    mask = run(pair)
+    assert mask.shape == (48, 48) and mask.dtype == bool
+    from pipeline.detect.convnet import predict_change_cnn
+    want = predict_change_cnn(before, after, weights=held.weights) > 0.5
+    assert_array_equal(mask, want)
+    assert clocks[CNN]["megapixels"] == pytest.approx(48 * 48 / 1e6)
+    with pytest.raises(ValueError, match="no fold model"):
+        methods(None, None, {}, cnn=never, cnn_folds={})[CNN](pair)

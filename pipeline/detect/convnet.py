@@ -1,0 +1,166 @@
+"""pipeline.detect.convnet: new-building probability from a small siamese U-Net, in NumPy.
+
+The network (trained by ``scripts/train_cnn.py`` with PyTorch, shipped as plain arrays in
+``models/building_change_cnn.npz`` and loaded by `pipeline.models.load_cnn`) has one encoder
+applied to each date (shared weights: four levels of two 3x3 convolutions, ReLU and 2x2 max
+pooling) and a decoder that upsamples the deepest difference ``|after - before|`` and joins,
+at every level, the difference of the two dates' features and the after date's features.
+Batch normalisation is folded into each convolution at export, so inference here is
+convolutions, ReLU, max pooling and nearest-neighbour upsampling: no deep-learning library
+is needed to run it, and the arrays are the whole model.
+
+Each date is standardised per band over its own valid pixels (zero mean, unit variance), so
+the model sees relative brightness, not the sensor's scale; large images are processed in
+overlapping tiles whose centres are kept. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward"]
+
+ENCODER = ("e1", "e2", "e3", "e4")
+DECODER = ("d3", "d2", "d1")
+LEVELS = len(ENCODER) - 1
+_ALIGN = 1 << LEVELS
+TILE_PX = 512
+MARGIN_PX = 64
+
+
+def _conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Zero-padded 3x3 convolution (cross-correlation, as PyTorch) of a ``(c, y, x)`` array.
+
+    Nine matrix products over shifted views, accumulated: no ``9 c`` column matrix.
+    """
+    c, ny, nx = x.shape
+    pad = np.zeros((c, ny + 2, nx + 2), np.float32)
+    pad[:, 1:-1, 1:-1] = x
+    out = np.empty((weight.shape[0], ny * nx), np.float32)
+    out[:] = bias[:, None]
+    view = np.empty((c, ny, nx), np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            view[:] = pad[:, dy:dy + ny, dx:dx + nx]
+            out += weight[:, :, dy, dx] @ view.reshape(c, -1)
+    return out.reshape(-1, ny, nx)
+
+
+def _block(x: np.ndarray, weights: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """Two folded convolutions, each followed by ReLU."""
+    for k in (0, 1):
+        x = _conv3x3(x, weights[f"{name}.{k}.weight"], weights[f"{name}.{k}.bias"])
+        np.maximum(x, 0.0, out=x)
+    return x
+
+
+def _pool(x: np.ndarray) -> np.ndarray:
+    c, ny, nx = x.shape
+    return x.reshape(c, ny // 2, 2, nx // 2, 2).max(axis=(2, 4))
+
+
+def _up(x: np.ndarray) -> np.ndarray:
+    return x.repeat(2, axis=1).repeat(2, axis=2)
+
+
+def forward(before: np.ndarray, after: np.ndarray, weights: Mapping[str, np.ndarray]
+            ) -> np.ndarray:
+    """Logits ``(y, x)`` of the network for standardised ``(3, y, x)`` float32 images.
+
+    ``y`` and ``x`` must be multiples of 8 (three poolings).
+    """
+    feats = []
+    for image in (before, after):
+        levels = [_block(image, weights, ENCODER[0])]
+        for name in ENCODER[1:]:
+            levels.append(_block(_pool(levels[-1]), weights, name))
+        feats.append(levels)
+    a, b = feats
+    x = np.abs(a[-1] - b[-1])
+    for name, level in zip(DECODER, range(LEVELS - 1, -1, -1), strict=True):
+        x = np.concatenate([_up(x), np.abs(a[level] - b[level]), b[level]])
+        x = _block(x, weights, name)
+    out = weights["out.weight"][:, :, 0, 0] @ x.reshape(x.shape[0], -1)
+    return (out[0] + weights["out.bias"][0]).reshape(x.shape[1:])
+
+
+def standardize(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each band to zero mean and unit variance over ``valid`` pixels; 0 elsewhere."""
+    out = np.zeros(image.shape, np.float32)
+    if not valid.any():
+        return out
+    for k, band in enumerate(image):
+        values = band[valid].astype(np.float64)
+        std = values.std()
+        out[k][valid] = ((values - values.mean()) / (std if std > 0 else 1.0))
+    return out
+
+
+def _as_rgb(image: np.ndarray | xr.DataArray, name: str) -> np.ndarray:
+    if isinstance(image, xr.DataArray):
+        image = image.transpose("band", "y", "x").values
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ValueError(f"'{name}' must be a (3, y, x) red-green-blue image, got shape "
+                         f"{arr.shape}. Select the red, green and blue bands first.")
+    return arr
+
+
+def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray]
+                    ) -> np.ndarray:
+    """`forward` on a window of any size: reflect-padded up to a multiple of 8, cropped back."""
+    ny, nx = a.shape[1:]
+    pad = ((0, 0), (0, (-ny) % _ALIGN), (0, (-nx) % _ALIGN))
+    mode: Literal["reflect", "edge"] = "reflect" if min(ny, nx) > _ALIGN else "edge"
+    return forward(np.pad(a, pad, mode=mode), np.pad(b, pad, mode=mode), weights)[:ny, :nx]
+
+
+def predict_change_cnn(
+    before: np.ndarray | xr.DataArray,
+    after: np.ndarray | xr.DataArray,
+    *,
+    weights: Mapping[str, np.ndarray],
+    tile_px: int = TILE_PX,
+    margin_px: int = MARGIN_PX,
+) -> np.ndarray:
+    """Per-pixel probability that a building appeared between ``before`` and ``after``.
+
+    Parameters
+    ----------
+    before, after
+        Red-green-blue images ``(3, y, x)`` (NumPy or a ``("band", "y", "x")`` DataArray) on
+        one grid, any scale, NaN nodata; about 0.3-1 m pixels, as in training.
+    weights
+        The network's folded arrays, e.g. ``pipeline.models.load_cnn(...).weights``.
+    tile_px, margin_px
+        Images larger than ``tile_px`` are run in tiles of that size (multiples of 8) with
+        ``margin_px`` of context on each side, of which only the centre is kept.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(y, x)`` float32 in [0, 1]; NaN where either date is nodata.
+    """
+    a, b = _as_rgb(before, "before"), _as_rgb(after, "after")
+    if a.shape != b.shape:
+        raise ValueError(f"before {a.shape} and after {b.shape} must be on one grid.")
+    if tile_px % _ALIGN or margin_px % _ALIGN or tile_px <= 0:
+        raise ValueError(f"tile_px and margin_px must be positive multiples of {_ALIGN}.")
+    valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    a, b = standardize(a, valid), standardize(b, valid)
+    ny, nx = valid.shape
+    logits = np.empty((ny, nx), np.float32)
+    for y0 in range(0, ny, tile_px):
+        for x0 in range(0, nx, tile_px):
+            ys = slice(max(0, y0 - margin_px), min(ny, y0 + tile_px + margin_px))
+            xs = slice(max(0, x0 - margin_px), min(nx, x0 + tile_px + margin_px))
+            out = _padded_forward(a[:, ys, xs], b[:, ys, xs], weights)
+            h, w = min(tile_px, ny - y0), min(tile_px, nx - x0)
+            logits[y0:y0 + h, x0:x0 + w] = out[y0 - ys.start:y0 - ys.start + h,
+                                               x0 - xs.start:x0 - xs.start + w]
+    prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
+    return np.where(valid, prob, np.nan).astype(np.float32)
