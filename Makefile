@@ -89,7 +89,7 @@ eval: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python scripts/train.py
 
-# The network needs PyTorch to train (not to run): the ".[train]" extra pins the CPU release
+# The network needs PyTorch to train (not to run): the ".[train]" extra pins the release
 # this project was trained with.
 train-cnn: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[train]"

@@ -96,7 +96,7 @@ def test_edited_model_file_is_refused(tmp_path):
 
 
 def test_shipped_network_is_small_and_its_folds_hold_out_each_image_once():
-    """The shipped network and its four folds are under 2 MB together; each fold's held-out
+    """The shipped network and its four folds are under 3 MB together; each fold's held-out
     images are disjoint from its training images and hold whole LEVIR-CD tiles, and every
     image the shipped model was trained on is held out by exactly one fold."""
     if not DEFAULT_CNN_PATH.exists():
@@ -106,7 +106,7 @@ def test_shipped_network_is_small_and_its_folds_hold_out_each_image_once():
     assert len(folds) == 4
     size = sum((DEFAULT_CNN_PATH.parent / m.card["model_file"]).stat().st_size
                for m in (model, *folds.values()))
-    assert size < 2 * 1024 * 1024
+    assert size < 3 * 1024 * 1024
     held = []
     for fold in folds.values():
         trained = set(fold.card["trained_on"])
