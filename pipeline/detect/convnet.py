@@ -11,7 +11,8 @@ is needed to run it, and the arrays are the whole model.
 
 Each date is standardised per band over its own valid pixels (zero mean, unit variance), so
 the model sees relative brightness, not the sensor's scale; large images are processed in
-overlapping tiles whose centres are kept. Nothing here reads files.
+overlapping tiles whose centres are kept, and the probability is averaged over the image and
+its three mirrorings (left-right, top-bottom, both). Nothing here reads files.
 """
 
 from __future__ import annotations
@@ -119,11 +120,37 @@ def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarr
     return forward(np.pad(a, pad, mode=mode), np.pad(b, pad, mode=mode), weights)[:ny, :nx]
 
 
+def _tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+                  tile_px: int, margin_px: int) -> np.ndarray:
+    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept."""
+    ny, nx = a.shape[1:]
+    logits = np.empty((ny, nx), np.float32)
+    for y0 in range(0, ny, tile_px):
+        for x0 in range(0, nx, tile_px):
+            ys = slice(max(0, y0 - margin_px), min(ny, y0 + tile_px + margin_px))
+            xs = slice(max(0, x0 - margin_px), min(nx, x0 + tile_px + margin_px))
+            out = _padded_forward(a[:, ys, xs], b[:, ys, xs], weights)
+            h, w = min(tile_px, ny - y0), min(tile_px, nx - x0)
+            logits[y0:y0 + h, x0:x0 + w] = out[y0 - ys.start:y0 - ys.start + h,
+                                               x0 - xs.start:x0 - xs.start + w]
+    return logits
+
+
+def _flip(x: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
+    """``x`` mirrored along y and/or x (its own inverse)."""
+    if flip[0]:
+        x = x[..., ::-1, :]
+    if flip[1]:
+        x = x[..., ::-1]
+    return np.ascontiguousarray(x)
+
+
 def predict_change_cnn(
     before: np.ndarray | xr.DataArray,
     after: np.ndarray | xr.DataArray,
     *,
     weights: Mapping[str, np.ndarray],
+    flips: bool = True,
     tile_px: int = TILE_PX,
     margin_px: int = MARGIN_PX,
 ) -> np.ndarray:
@@ -136,6 +163,9 @@ def predict_change_cnn(
         one grid, any scale, NaN nodata; about 0.3-1 m pixels, as in training.
     weights
         The network's folded arrays, e.g. ``pipeline.models.load_cnn(...).weights``.
+    flips
+        Average the probabilities of the image as is, mirrored left-right, mirrored top-bottom
+        and turned by 180 degrees (each mapped back): four times the work for a steadier map.
     tile_px, margin_px
         Images larger than ``tile_px`` are run in tiles of that size (multiples of 8) with
         ``margin_px`` of context on each side, of which only the centre is kept.
@@ -152,15 +182,11 @@ def predict_change_cnn(
         raise ValueError(f"tile_px and margin_px must be positive multiples of {_ALIGN}.")
     valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
     a, b = standardize(a, valid), standardize(b, valid)
-    ny, nx = valid.shape
-    logits = np.empty((ny, nx), np.float32)
-    for y0 in range(0, ny, tile_px):
-        for x0 in range(0, nx, tile_px):
-            ys = slice(max(0, y0 - margin_px), min(ny, y0 + tile_px + margin_px))
-            xs = slice(max(0, x0 - margin_px), min(nx, x0 + tile_px + margin_px))
-            out = _padded_forward(a[:, ys, xs], b[:, ys, xs], weights)
-            h, w = min(tile_px, ny - y0), min(tile_px, nx - x0)
-            logits[y0:y0 + h, x0:x0 + w] = out[y0 - ys.start:y0 - ys.start + h,
-                                               x0 - xs.start:x0 - xs.start + w]
-    prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))
+    variants = ([(False, False), (False, True), (True, False), (True, True)] if flips
+                else [(False, False)])
+    prob = np.zeros(valid.shape, np.float32)
+    for flip in variants:
+        logits = _tiled_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px)
+        prob += _flip(1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0))), flip)
+    prob /= len(variants)
     return np.where(valid, prob, np.nan).astype(np.float32)

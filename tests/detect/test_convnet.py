@@ -129,3 +129,24 @@ def test_rejects_misaligned_tiles():
     img = np.zeros((3, 16, 16), np.float32)
     with pytest.raises(ValueError, match="multiples of 8"):
         predict_change_cnn(img, img, weights=w, tile_px=30)
+
+
+def test_flip_average_is_mirror_equivariant():
+    """Averaged over the four mirrorings, the map of a mirrored pair is the mirrored map (the
+    four form a group), which a single pass does not give; and the average lies between
+    the single passes' extremes."""
+    rng = np.random.default_rng(6)
+    a = rng.uniform(0, 255, (3, 40, 48)).astype(np.float32)
+    b = a + rng.normal(0, 30, a.shape).astype(np.float32)
+    w = random_weights()
+    prob = predict_change_cnn(a, b, weights=w)
+    mirrored = predict_change_cnn(a[:, :, ::-1], b[:, :, ::-1], weights=w)
+    np.testing.assert_allclose(mirrored, prob[:, ::-1], atol=1e-6)
+    single = predict_change_cnn(a, b, weights=w, flips=False)
+    single_m = predict_change_cnn(a[:, :, ::-1], b[:, :, ::-1], weights=w, flips=False)
+    assert not np.allclose(single_m, single[:, ::-1], atol=1e-6)
+    passes = [single, single_m[:, ::-1],
+              predict_change_cnn(a[:, ::-1], b[:, ::-1], weights=w, flips=False)[::-1],
+              predict_change_cnn(a[:, ::-1, ::-1], b[:, ::-1, ::-1], weights=w,
+                                 flips=False)[::-1, ::-1]]
+    np.testing.assert_allclose(prob, np.mean(passes, axis=0), atol=1e-6)
