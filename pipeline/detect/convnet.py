@@ -36,19 +36,25 @@ MARGIN_PX = 64
 def _conv3x3(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Zero-padded 3x3 convolution (cross-correlation, as PyTorch) of a ``(c, y, x)`` array.
 
-    Nine matrix products over shifted views, accumulated: no ``9 c`` column matrix.
+    Nine matrix products, one per kernel offset, each reading the padded image flattened row
+    by row at that offset: the shifted operand is a view, never a copy. Output is computed on
+    the padded width and its two extra columns dropped.
     """
     c, ny, nx = x.shape
-    pad = np.zeros((c, ny + 2, nx + 2), np.float32)
-    pad[:, 1:-1, 1:-1] = x
-    out = np.empty((weight.shape[0], ny * nx), np.float32)
+    width = nx + 2
+    pad = np.zeros((c, ny + 3, width), np.float32)  # one spare row for the last offsets
+    pad[:, 1:ny + 1, 1:nx + 1] = x
+    flat = pad.reshape(c, -1)
+    n = ny * width
+    out = np.empty((weight.shape[0], n), np.float32)
     out[:] = bias[:, None]
-    view = np.empty((c, ny, nx), np.float32)
+    part = np.empty_like(out)
     for dy in range(3):
         for dx in range(3):
-            view[:] = pad[:, dy:dy + ny, dx:dx + nx]
-            out += weight[:, :, dy, dx] @ view.reshape(c, -1)
-    return out.reshape(-1, ny, nx)
+            off = dy * width + dx
+            np.matmul(weight[:, :, dy, dx], flat[:, off:off + n], out=part)
+            out += part
+    return out.reshape(-1, ny, width)[:, :, :nx]
 
 
 def _block(x: np.ndarray, weights: Mapping[str, np.ndarray], name: str) -> np.ndarray:
