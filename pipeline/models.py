@@ -64,6 +64,20 @@ def save_model(booster: Any, card: dict[str, Any], json_path: str | Path) -> Pat
     return json_path
 
 
+def _checked_bytes(card_path: Path, card: dict[str, Any], command: str) -> bytes:
+    """The bytes of the model file named in ``card``, refused unless they hash to its SHA-256."""
+    model_path = card_path.parent / card["model_file"]
+    data = model_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["model_sha256"]:
+        raise ValueError(
+            f"{model_path} has SHA-256 {digest[:12]}..., its card {card_path.name} expects "
+            f"{card['model_sha256'][:12]}...: the model file was changed. Retrain with "
+            f"`{command}` or restore it from git."
+        )
+    return data
+
+
 def load_model(path: str | Path = DEFAULT_MODEL_PATH) -> ChangeModel:
     """Load a model card and its LightGBM text model.
 
@@ -87,15 +101,7 @@ def load_model(path: str | Path = DEFAULT_MODEL_PATH) -> ChangeModel:
 
     path = Path(path)
     card = json.loads(path.read_text())
-    text_path = path.parent / card["model_file"]
-    text = text_path.read_text()
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    if digest != card["model_sha256"]:
-        raise ValueError(
-            f"{text_path} has SHA-256 {digest[:12]}..., its card {path.name} expects "
-            f"{card['model_sha256'][:12]}...: the model file was changed. Retrain with "
-            "`make train` or restore it from git."
-        )
+    text = _checked_bytes(path, card, "make train").decode()
     booster = lightgbm.Booster(model_str=text)
     return ChangeModel(booster=booster, feature_names=tuple(card["feature_names"]),
                        threshold=float(card["threshold"]),
@@ -165,15 +171,7 @@ def load_cnn(path: str | Path = DEFAULT_CNN_PATH) -> CnnModel:
     """
     path = Path(path)
     card = json.loads(path.read_text())
-    npz_path = path.parent / card["model_file"]
-    data = npz_path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card["model_sha256"]:
-        raise ValueError(
-            f"{npz_path} has SHA-256 {digest[:12]}..., its card {path.name} expects "
-            f"{card['model_sha256'][:12]}...: the model file was changed. Retrain with "
-            "`make train-cnn` or restore it from git."
-        )
+    data = _checked_bytes(path, card, "make train-cnn")
     import io
 
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:

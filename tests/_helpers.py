@@ -8,9 +8,21 @@ import numpy as np
 import rasterio
 from affine import Affine
 
+from pipeline.datasets import LabelledPair
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DABANCHENG = SHARED_DATA / "dabancheng"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_geotiff(path: Path, data: np.ndarray, *, crs: str = "EPSG:32645",
@@ -40,3 +52,15 @@ def random_cnn_weights(c: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     w["out.weight"] = rng.normal(0, 0.5, (1, c, 1, 1)).astype(np.float32)
     w["out.bias"] = np.array([-0.3], np.float32)
     return w
+
+
+def roof_pair(name: str, seed: int, size: int = 48) -> LabelledPair:
+    """A textured pair with two new bright 'roofs' (label 1) in the after date."""
+    rng = np.random.default_rng(seed)
+    before = rng.uniform(60, 120, (3, size, size)).astype(np.float32)
+    after = before + rng.normal(0, 4, before.shape).astype(np.float32)
+    label = np.zeros((size, size), np.uint8)
+    for y, x in ((8, 8), (28, 26)):
+        after[:, y:y + 10, x:x + 12] = 220.0
+        label[y:y + 10, x:x + 12] = 1
+    return LabelledPair("levir_cd", name, before, after, label, 0.5, group=name)

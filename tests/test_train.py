@@ -2,42 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
-from _helpers import ROOT
+from _helpers import load_script, roof_pair
 from numpy.testing import assert_array_equal
 
 from pipeline.core.features import N_FEATURES
-from pipeline.datasets import LabelledPair
 
 
 @pytest.fixture(scope="module")
 def train():
     """scripts/train.py as a module."""
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _pair(name: str, seed: int, size: int = 48) -> LabelledPair:
-    """A textured pair with two new bright 'roofs' (label 1) in the after date."""
-    rng = np.random.default_rng(seed)
-    before = rng.uniform(60, 120, (3, size, size)).astype(np.float32)
-    after = before + rng.normal(0, 4, before.shape).astype(np.float32)
-    label = np.zeros((size, size), np.uint8)
-    for y, x in ((8, 8), (28, 26)):
-        after[:, y:y + 10, x:x + 12] = 220.0
-        label[y:y + 10, x:x + 12] = 1
-    return LabelledPair("levir_cd", name, before, after, label, 0.5, group=name)
+    return load_script("train")
 
 
 def test_augment_is_seeded_and_keeps_shapes(train):
     """Copy 0 is the pair itself; an augmented copy is the same for the same seed, differs for
     another, and keeps the image and label on one grid."""
-    pair = _pair("a", 1)
+    pair = roof_pair("a", 1)
     b0, a0, l0 = train.augment(pair, 0, seed=3)
     assert b0 is pair.before and l0 is pair.label
     first = train.augment(pair, 1, seed=3)
@@ -53,7 +35,7 @@ def test_augment_is_seeded_and_keeps_shapes(train):
 
 def test_build_samples_and_fit_are_deterministic(train):
     """The same seed gives the same rows and the same model text; predictions repeat exactly."""
-    pairs = [_pair("a", 1), _pair("b", 2)]
+    pairs = [roof_pair("a", 1), roof_pair("b", 2)]
     rows1 = train.build_samples(pairs, seed=5, n_copies=2, workers=2)
     rows2 = train.build_samples(pairs, seed=5, n_copies=2, workers=1)
     for name in ("a", "b"):

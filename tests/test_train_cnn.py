@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
-from _helpers import ROOT
+from _helpers import load_script, roof_pair
 
-from pipeline.datasets import LabelledPair, levir_tile
+from pipeline.datasets import levir_tile
 from pipeline.detect.convnet import forward, predict_change_cnn
 from pipeline.models import DEFAULT_CNN_PATH, load_cnn, load_cnn_folds, save_cnn
 
@@ -18,21 +17,7 @@ from pipeline.models import DEFAULT_CNN_PATH, load_cnn, load_cnn_folds, save_cnn
 def train_cnn():
     """scripts/train_cnn.py as a module; skipped where PyTorch is not installed."""
     pytest.importorskip("torch", reason="PyTorch is only needed to train: `make train-cnn`")
-    spec = importlib.util.spec_from_file_location("train_cnn_script",
-                                                  ROOT / "scripts" / "train_cnn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _pair(name: str, seed: int, size: int = 64) -> LabelledPair:
-    rng = np.random.default_rng(seed)
-    before = rng.uniform(60, 120, (3, size, size)).astype(np.float32)
-    after = before + rng.normal(0, 4, before.shape).astype(np.float32)
-    label = np.zeros((size, size), np.uint8)
-    after[:, 20:34, 10:30] = 220.0
-    label[20:34, 10:30] = 1
-    return LabelledPair("levir_cd", name, before, after, label, 0.5, group=name)
+    return load_script("train_cnn")
 
 
 def test_folded_arrays_give_the_torch_network(train_cnn):
@@ -60,7 +45,7 @@ def test_folded_arrays_give_the_torch_network(train_cnn):
 def test_training_run_writes_a_loadable_model(train_cnn, tmp_path):
     """A short run on synthetic pairs gives finite arrays of every layer, which save, load
     (checked by SHA-256) and predict."""
-    pairs = [_pair("a", 1), _pair("b", 2)]
+    pairs = [roof_pair("a", 1), roof_pair("b", 2)]
     weights = train_cnn.train(pairs, seed=1, steps=3, width=2)
     assert all(np.isfinite(w).all() for w in weights.values())
     card = train_cnn.card(pairs, 1, 3, 2, fold="x", held_out=[])
@@ -69,12 +54,12 @@ def test_training_run_writes_a_loadable_model(train_cnn, tmp_path):
     assert set(model.weights) == set(weights)
     assert model.card["trained_on"] == ["levir_cd/a", "levir_cd/b"]
     prob = predict_change_cnn(pairs[0].before, pairs[0].after, weights=model.weights)
-    assert prob.shape == (64, 64) and np.isfinite(prob).all()
+    assert prob.shape == (48, 48) and np.isfinite(prob).all()
 
 
 def test_training_is_seeded(train_cnn):
     """The same seed gives the same arrays; another seed other arrays."""
-    pairs = [_pair("a", 1)]
+    pairs = [roof_pair("a", 1)]
     one = train_cnn.train(pairs, seed=5, steps=2, width=2)
     two = train_cnn.train(pairs, seed=5, steps=2, width=2)
     other = train_cnn.train(pairs, seed=6, steps=2, width=2)
