@@ -1,9 +1,10 @@
-"""pipeline.models: load and save the trained change model shipped in ``models/`` (I/O only).
+"""pipeline.models: load and save the trained change models shipped in ``models/`` (I/O only).
 
-A model is two files side by side: ``<name>.txt``, a LightGBM text model (readable, stable
-across LightGBM versions, no pickle), and ``<name>.json``, its card: feature names, decision
-threshold, clean-up parameters, the training data and protocol, and the SHA-256 of the text
-model, checked at load. Models are files in the repository; nothing is downloaded.
+A model is two files side by side: the model itself and ``<name>.json``, its card (decision
+threshold, clean-up parameters, the training data and protocol, and the SHA-256 of the model
+file, checked at load). The LightGBM pixel classifier is ``<name>.txt``, a LightGBM text model
+(readable, stable across LightGBM versions); the siamese U-Net is ``<name>.npz``, its folded
+arrays, read without pickle. Models are files in the repository; nothing is downloaded.
 """
 
 from __future__ import annotations
