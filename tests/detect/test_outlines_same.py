@@ -45,35 +45,16 @@ def _old_backing(self: SegmentArrays, pts: np.ndarray, tangents: np.ndarray,
                             near=near[run])
 
 
-def _old_side_line(a, b, outward, segs, search_m, tol):
-    """outlines._side_line before (np.average)."""
-    length = float(np.hypot(*(b - a)))
-    u = (b - a) / length
-    p, q, v, mid = segs.p, segs.q, segs.direction, segs.mid
-    along = v @ u
-    offset = (mid - a) @ outward
-    tp, tq = (p - a) @ u, (q - a) @ u
-    overlap = np.minimum(np.maximum(tp, tq), length) - np.maximum(np.minimum(tp, tq), 0.0)
-    ok = ((np.abs(along) >= math.cos(math.radians(PARALLEL_DEG)))
-          & (np.abs(offset) <= search_m) & (overlap > 0))
-    if not ok.any():
-        return None
-    weight = overlap[ok] * segs.weight[ok]
-    strong = weight >= 0.5 * weight.max()
-    outer = offset[ok][strong].max()
-    chosen = strong & (offset[ok] >= outer - tol)
-    w = weight[chosen]
-    anchor = np.average(mid[ok][chosen], axis=0, weights=w)
-    dirs = v[ok][chosen] * np.where(along[ok][chosen] > 0, 1.0, -1.0)[:, None]
-    direction = np.average(dirs, axis=0, weights=w)
-    return anchor, direction / np.hypot(*direction), float(w.sum())
+def _old_weighted_mean(x, w):
+    """The side snapping's mean before `outlines._weighted_mean`: ``np.average`` itself."""
+    return np.average(x, axis=0, weights=w)
 
 
 def _old_propose(segments, monkeypatch, **kw):
     """propose_outlines before: old backing and snapping, all found x kept intersections."""
     with monkeypatch.context() as m:
         m.setattr(SegmentArrays, "backing", _old_backing)
-        m.setattr(outlines, "_side_line", _old_side_line)
+        m.setattr(outlines, "_weighted_mean", _old_weighted_mean)
         # every outline found, unfiltered: min_closure etc. as asked, nesting done below
         found = _found(segments, **kw)
     kept: list = []
