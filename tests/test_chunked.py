@@ -358,6 +358,30 @@ def test_assess_outlines_in_batches_equal_all_at_once(monkeypatch):
     assert max(a.grade for a in whole) >= 1
 
 
+def test_assess_outlines_in_threads_equal_one_by_one(monkeypatch):
+    """Outlines graded in parallel threads, all reading the chunked scene's stored wall maps and
+    labels through their small chunk caches, grade as one by one."""
+    import dask
+    import dask.array as da
+
+    import pipeline.core.components as components
+    import pipeline.detect.walled as walled
+    from pipeline.model import DetectParams
+
+    before, after = _walled_pair((500, 520), 1.0)
+    kwargs = dict(transform=from_origin(*ORIGIN, 1.0, 1.0), res_m=1.0, params=DetectParams())
+    lazy = [da.from_array(x, chunks=(3, 96, 96)) for x in (before, after)]
+    scene = walled.scene_walls(*lazy, **kwargs)
+    outlines = walled.wall_outlines(scene, params=kwargs["params"])
+    monkeypatch.setattr(components, "_RECENT_BLOCKS", 1)  # every read evicts: races show
+    with dask.config.set(scheduler="synchronous"):
+        alone = walled.assess_outlines(*lazy, outlines, scene=scene, **kwargs)
+    scene = walled.scene_walls(*lazy, **kwargs)  # fresh (empty) caches
+    with dask.config.set(scheduler="threads", num_workers=4):
+        threaded = walled.assess_outlines(*lazy, outlines * 3, scene=scene, **kwargs)
+    assert len(outlines) >= 2 and threaded == alone * 3
+
+
 def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     """Compound candidates found a batch of crops at a time (lazy pair) are those found with
     every crop at once (NumPy pair)."""

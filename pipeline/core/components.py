@@ -15,6 +15,7 @@ the same components but reduces only their pixel counts, for filters that need n
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from scipy.sparse import csgraph
 __all__ = ["Regions", "label_regions", "select_by_area"]
 
 _NONE = np.iinfo(np.int64).max
+# Guards the chunk caches of all Regions (cheap: held only around dict updates).
+_RECENT_LOCK = threading.Lock()
 _RECENT_BLOCKS = 16  # chunks of local labels kept by Regions.window (memory-mapped when stored)
 
 
@@ -218,16 +221,23 @@ class Regions:
         return self.relabel(np.arange(self.n + 1, dtype=np.int32))
 
     def _block(self, index: tuple[int, ...]) -> np.ndarray:
-        """One chunk of local labels, computed; the last few are kept (windows cluster)."""
-        if index not in self._recent:
+        """One chunk of local labels, computed; the last few are kept (windows cluster).
+
+        Thread-safe: outlines are assessed in parallel threads that read the same regions.
+        """
+        with _RECENT_LOCK:
+            if index in self._recent:
+                return self._recent[index]
+            if "delayed" not in self._recent:
+                self._recent["delayed"] = self.local.to_delayed()
+            delayed = self._recent["delayed"][index]
+        block = np.asarray(delayed.compute(scheduler="synchronous"))
+        with _RECENT_LOCK:
             chunks = [k for k in self._recent if k != "delayed"]
             if len(chunks) >= _RECENT_BLOCKS:
                 self._recent.pop(chunks[0])
-            if "delayed" not in self._recent:
-                self._recent["delayed"] = self.local.to_delayed()
-            self._recent[index] = np.asarray(
-                self._recent["delayed"][index].compute(scheduler="synchronous"))
-        return self._recent[index]
+            self._recent[index] = block
+        return block
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The global int32 labels of ``[rows, cols]`` (steps of 1), computed.

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import dask.array as da
 import shapely
 from affine import Affine
@@ -125,16 +126,18 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
     sizes = [2 * math.prod(before.shape[:-2]) * (r.stop - r.start) * (c.stop - c.start)
              for r, c, _ in windows]
     segments = SegmentArrays.of(scene.segments)  # built once: each outline visits its own
+    assess = dask.delayed(assess_site, pure=False)  # not hashed: the crops are large
     out: list[SiteAssessment] = []
     for part in crop_batches(sizes, GRADE_BATCH_PX):
         crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[part.start:part.stop]
                                for x in (before, after)])
-        for k in part:
-            out.append(assess_site(crops[2 * (k - part.start)], crops[2 * (k - part.start) + 1],
-                                   outlines[k], transform=windows[k][2], res_m=res_m,
-                                   walls=params.walls, towers=params.towers,
-                                   grades=params.grade, line_map=scene.line_map,
-                                   segments=segments))
+        # the outlines of a batch in parallel, on the configured Dask scheduler (each
+        # assessment is independent; the shared maps' chunk caches are thread-safe)
+        out += dask.compute(*(assess(crops[2 * (k - part.start)], crops[2 * (k - part.start) + 1],
+                                     outlines[k], transform=windows[k][2], res_m=res_m,
+                                     walls=params.walls, towers=params.towers,
+                                     grades=params.grade, line_map=scene.line_map,
+                                     segments=segments) for k in part))
         del crops
     return out
 

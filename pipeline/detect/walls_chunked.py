@@ -22,6 +22,7 @@ whole grid's in the last bits).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -108,14 +109,19 @@ class _Stored:
         self.bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[-2:]]
         self.keep = keep
         self.recent: dict[tuple[int, int], np.ndarray] = {}
+        self.lock = threading.Lock()
 
     def _block(self, i: int, j: int) -> np.ndarray:
-        if (i, j) not in self.recent:
+        # thread-safe: outlines are assessed in parallel threads that read the same maps
+        with self.lock:
+            if (i, j) in self.recent:
+                return self.recent[i, j]
+        block = np.asarray(self.delayed[(*self.lead, i, j)].compute(scheduler="synchronous"))
+        with self.lock:
             if len(self.recent) >= self.keep:
                 self.recent.pop(next(iter(self.recent)))
-            self.recent[i, j] = np.asarray(
-                self.delayed[(*self.lead, i, j)].compute(scheduler="synchronous"))
-        return self.recent[i, j]
+            self.recent[i, j] = block
+        return block
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """``arr[..., rows, cols]`` (steps of 1, inside the array) as NumPy."""
