@@ -269,13 +269,13 @@ def detect_scenes(
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
-            after = _normalized(before, after, read_after, method=params.change.normalize,
-                                scratch=scratch)
+            after, magnitude = _normalized(before, after, read_after,
+                                           method=params.change.normalize, scratch=scratch)
             del read_after
-            info.update(method=params.change.normalize)
+            info.update(method=params.change.normalize, with_magnitude=True)
         with steps.step("change") as info:
-            magnitude, mask, threshold, changed_share = _change(
-                before, after, params=params.change, res_m=plan.res_m, scratch=scratch)
+            mask, threshold, changed_share = _change(
+                magnitude, params=params.change, res_m=plan.res_m, scratch=scratch)
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=changed_share)
         with steps.step("detect") as info:
@@ -308,26 +308,28 @@ def detect_scenes(
 
 
 def _normalized(before: xr.DataArray, after: xr.DataArray, read: xr.DataArray, *,
-                method: Any, scratch: _Scratch) -> xr.DataArray:
-    """The normalize stage: after (co-registered) matched to before (stored when chunked).
+                method: Any, scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray]:
+    """The normalize stage: after (co-registered) matched to before, and the change magnitude.
 
-    The after image as read (``read``, stored by the read stage) is then deleted: from here
-    it is read only through the stored result (12 bytes a pixel of scratch for 3 bands).
+    Chunked, both are stored in one pass (each normalized chunk feeds its magnitude chunk
+    as it is made, instead of being read back from its file). The after image as read
+    (``read``, stored by the read stage) is then deleted: from here it is read only through
+    the stored result (12 bytes a pixel of scratch for 3 bands).
     """
-    after = scratch.keep(normalize(before, after, method=method))
+    matched = normalize(before, after, method=method)
+    after, magnitude = scratch.keep(matched, change_magnitude(before, matched))
     if after.data is not read.data:
         scratch.drop(read)
-    return after
+    return after, magnitude
 
 
-def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
-            scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, float, float]:
-    """The change stage: ``(magnitude, mask, threshold, changed share)``.
+def _change(magnitude: xr.DataArray, *, params: Any, res_m: float,
+            scratch: _Scratch) -> tuple[xr.DataArray, float, float]:
+    """The change stage: ``(mask, threshold, changed share)`` from the magnitude.
 
-    Chunked, the magnitude and the mask are stored; the smoothed magnitude (read three times)
-    and the size filter's chunk labels, which the mask is computed from, only for the stage.
+    Chunked, the mask is stored; the smoothed magnitude (read three times) and the size
+    filter's chunk labels, which the mask is computed from, only for the stage.
     """
-    magnitude = scratch.keep(change_magnitude(before, after))
     stored: list[Any] = []
 
     def persist(data: Any) -> Any:
@@ -337,7 +339,7 @@ def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: fl
     mask, threshold = change_mask(magnitude, params=params, res_m=res_m, persist=persist)
     mask, (changed,) = scratch.keep(mask, also=((mask.data == 1).sum(),))
     scratch.drop(*stored)
-    return magnitude, mask, threshold, float(changed) / max(1, mask.size)
+    return mask, threshold, float(changed) / max(1, mask.size)
 
 
 def _change_pixels(mask: xr.DataArray, scratch: _Scratch,
