@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.util import img_as_float
 
-__all__ = ["log_blobs", "local_peaks", "log_sigmas"]
+__all__ = ["log_blobs", "log_blobs_in", "local_peaks", "log_sigmas", "merge_blobs"]
 
 # the 26 neighbours and the voxel itself, as (scale, row, col) offsets
 _OFFSETS = np.array([(ds, dr, dc) for ds in (-1, 0, 1) for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
@@ -31,10 +31,19 @@ def local_peaks(cube: np.ndarray, threshold: float) -> np.ndarray:
     Returns ``(n, 3)`` int64 rows ``(row, col, scale)``, strongest first, ties in raster
     order of ``(row, col, scale)``; none for a constant cube (as ``peak_local_max``).
     """
+    if float(cube.min()) == float(cube.max()):
+        return np.zeros((0, 3), np.int64)
+    s, r, c, value = _peak_voxels(cube, threshold)
+    order = _strongest_first(r, c, s, value, width=cube.shape[2], n_scales=cube.shape[0])
+    return np.column_stack([r[order], c[order], s[order]]).astype(np.int64)
+
+
+def _peak_voxels(cube: np.ndarray, threshold: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Scale, row, column and value of the voxels above ``threshold`` that are at least
+    their 26 neighbours (``'nearest'`` edges), unordered."""
     n_s, height, width = cube.shape
     s, r, c = np.nonzero(cube > threshold)
-    if len(s) == 0 or float(cube.min()) == float(cube.max()):
-        return np.zeros((0, 3), np.int64)
     value = cube[s, r, c]
     is_peak = np.ones(len(s), bool)
     for ds, dr, dc in _OFFSETS:  # 'nearest' edges: a neighbour outside is the edge voxel
@@ -42,10 +51,14 @@ def local_peaks(cube: np.ndarray, threshold: float) -> np.ndarray:
         nr = np.clip(r + dr, 0, height - 1)
         nc = np.clip(c + dc, 0, width - 1)
         is_peak &= value >= cube[ns, nr, nc]
-    s, r, c, value = s[is_peak], r[is_peak], c[is_peak], value[is_peak]
-    order = np.argsort((r.astype(np.int64) * width + c) * n_s + s, kind="stable")
-    order = order[np.argsort(-value[order], kind="stable")]
-    return np.column_stack([r[order], c[order], s[order]]).astype(np.int64)
+    return s[is_peak], r[is_peak], c[is_peak], value[is_peak]
+
+
+def _strongest_first(r: np.ndarray, c: np.ndarray, s: np.ndarray, value: np.ndarray, *,
+                     width: int, n_scales: int) -> np.ndarray:
+    """Order of peaks by value, highest first, ties in raster order of ``(row, col, scale)``."""
+    order = np.argsort((r.astype(np.int64) * width + c) * n_scales + s, kind="stable")
+    return order[np.argsort(-value[order], kind="stable")]
 
 
 def log_sigmas(min_sigma: float, max_sigma: float, num_sigma: int, dtype: Any) -> np.ndarray:
@@ -82,17 +95,12 @@ def log_blobs(image: np.ndarray, *, min_sigma: float, max_sigma: float, num_sigm
     -------
     ``(n, 3)`` array of the image's float type: row, column, sigma; strongest first.
     """
-    image = img_as_float(np.asarray(image))
-    if image.ndim != 2:
-        raise ValueError(f"log_blobs takes a 2-D image, got shape {image.shape}")
-    if not np.isfinite(image).all():
-        raise ValueError("log_blobs takes a finite image (no NaN or infinity)")
+    image = _checked(image)
     sigmas = log_sigmas(min_sigma, max_sigma, num_sigma, image.dtype)
     keep = np.ones(len(sigmas), bool) if wanted is None else np.asarray(wanted, bool)
     if not keep.any():
         return np.empty((0, 3), dtype=image.dtype)
-    k = np.flatnonzero(keep)
-    first, last = max(0, k[0] - 1), min(len(sigmas) - 1, k[-1] + 1)
+    first, last = _scale_range(keep)
     cube = _log_cube(image, sigmas[first:last + 1])
     if (first, last) != (0, len(sigmas) - 1) and cube.size and \
             float(cube.min()) == float(cube.max()):
@@ -113,5 +121,131 @@ def _log_cube(image: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
         s = np.array([sigma, sigma])  # blob_log's row of per-axis sigmas (both equal)
         # blob_log's -LoG * mean(s) ** 2 (a negated product is the same number)
         ndi.gaussian_laplace(image, s, output=cube[i])
+        np.multiply(cube[i], -(np.mean(s) ** 2), out=cube[i])
+    return cube
+
+
+def _checked(image: Any) -> np.ndarray:
+    """``image`` as a float array, refused unless finite and 2-D."""
+    image = img_as_float(np.asarray(image))
+    if image.ndim != 2:
+        raise ValueError(f"log_blobs takes a 2-D image, got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError("log_blobs takes a finite image (no NaN or infinity)")
+    return image
+
+
+def _scale_range(keep: np.ndarray) -> tuple[int, int]:
+    """First and last scale to filter: the wanted ones and one on each side."""
+    k = np.flatnonzero(keep)
+    return max(0, int(k[0]) - 1), min(len(keep) - 1, int(k[-1]) + 1)
+
+
+def log_blobs_in(image: np.ndarray, boxes: Any, *, min_sigma: float, max_sigma: float,
+                 num_sigma: int, threshold: float, wanted: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The blobs of `log_blobs` whose centres lie in ``boxes``, and their responses.
+
+    The LoG cube is computed only on the boxes and one pixel around them (a peak's
+    neighbours), each scale from the pixels within its filter's reach, by the same SciPy
+    filters in the same order: the same numbers as on the whole image, to the bit (SciPy
+    filters each line pixel by pixel from the pixels within reach, with the image's own
+    edges where a box's reach meets them). Cheaper than `log_blobs` where the boxes cover a
+    small part of the image (a band along a compound's wall).
+
+    Parameters
+    ----------
+    image, min_sigma, max_sigma, num_sigma, threshold, wanted
+        As in `log_blobs`.
+    boxes
+        ``(row0, row1, col0, col1)`` half-open pixel boxes, clipped to the image; they may
+        overlap.
+
+    Returns
+    -------
+    ``(blobs, response)``: the rows of ``log_blobs(image, ...)`` with ``(row, col)`` in a
+    box, in the same order (``(n, 3)``, row, column, sigma), and the scale-normalised
+    response at each (``(n,)``), both of the image's float type.
+    """
+    image = _checked(image)
+    sigmas = log_sigmas(min_sigma, max_sigma, num_sigma, image.dtype)
+    keep = np.ones(len(sigmas), bool) if wanted is None else np.asarray(wanted, bool)
+    none = np.empty((0, 3), image.dtype), np.empty(0, image.dtype)
+    if not keep.any():
+        return none
+    first, last = _scale_range(keep)
+    height, width = image.shape
+    found, lo, hi = [], np.inf, -np.inf
+    for box in boxes:
+        r0, r1 = max(int(box[0]), 0), min(int(box[1]), height)
+        c0, c1 = max(int(box[2]), 0), min(int(box[3]), width)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        # one pixel more on each side: the neighbours a peak is compared with
+        y0, y1, x0, x1 = max(r0 - 1, 0), min(r1 + 1, height), max(c0 - 1, 0), min(c1 + 1, width)
+        cube = _log_cube_box(image, sigmas[first:last + 1], (y0, y1, x0, x1))
+        lo, hi = min(lo, float(cube.min())), max(hi, float(cube.max()))
+        s, r, c, value = _peak_voxels(cube, threshold)
+        r, c = r + y0, c + x0
+        inside = (r >= r0) & (r < r1) & (c >= c0) & (c < c1) & keep[s + first]
+        found.append((s[inside] + first, r[inside], c[inside], value[inside]))
+    if not found or (lo == hi and _is_constant(_log_cube(image, sigmas))):
+        return none  # `local_peaks`: a constant cube (all scales, as `log_blobs`) has none
+    return merge_blobs([(np.column_stack([r.astype(image.dtype), c.astype(image.dtype),
+                                          sigmas[s]]), value) for s, r, c, value in found])
+
+
+def merge_blobs(parts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Blobs of one image found in several parts (`log_blobs_in` on several sets of boxes),
+    as one search of all the parts would give them: each once, strongest first, ties in
+    raster order of ``(row, col, sigma)``.
+
+    Parameters
+    ----------
+    parts
+        ``(blobs, response)`` pairs as `log_blobs_in` returns them (at least one).
+
+    Returns
+    -------
+    ``(blobs, response)``, as `log_blobs_in`.
+    """
+    blobs = np.concatenate([b for b, _ in parts])
+    value = np.concatenate([v for _, v in parts])
+    order = np.lexsort((blobs[:, 2], blobs[:, 1], blobs[:, 0], -value))
+    blobs, value = blobs[order], value[order]
+    # a blob found in two parts has the same value there: the copies are next to each other
+    again = np.zeros(len(blobs), bool)
+    again[1:] = (blobs[1:] == blobs[:-1]).all(axis=1)
+    return blobs[~again], value[~again]
+
+
+def _is_constant(cube: np.ndarray) -> bool:
+    return cube.size == 0 or float(cube.min()) == float(cube.max())
+
+
+def _log_cube_box(image: np.ndarray, sigmas: np.ndarray,
+                  box: tuple[int, int, int, int]) -> np.ndarray:
+    """``_log_cube(image, sigmas)[:, r0:r1, c0:c1]`` of ``box = (r0, r1, c0, c1)``, to the
+    bit, from the pixels within each scale's reach.
+
+    ``gaussian_laplace`` is two Gaussian derivative filters, each a pass along the rows
+    (axis 0) then along the columns, into float arrays of the image's type, summed; here
+    each pass covers only what the next one reads.
+    """
+    r0, r1, c0, c1 = box
+    height, width = image.shape
+    cube = np.empty((len(sigmas), r1 - r0, c1 - c0), dtype=image.dtype)
+    for i, sigma in enumerate(sigmas):
+        s = np.array([sigma, sigma])  # as `_log_cube` passes it (the same kernel)
+        reach = int(4.0 * float(sigma) + 0.5)  # gaussian_filter1d's radius (truncate 4)
+        y0, x0 = max(r0 - reach, 0), max(c0 - reach, 0)
+        part = image[y0:min(r1 + reach, height), x0:min(c1 + reach, width)]
+        for k, (order_y, order_x) in enumerate(((2, 0), (0, 2))):
+            term = ndi.gaussian_filter1d(part, s[0], axis=0, order=order_y)[r0 - y0:r1 - y0]
+            term = ndi.gaussian_filter1d(term, s[1], axis=1, order=order_x)[:, c0 - x0:c1 - x0]
+            if k == 0:
+                cube[i] = term
+            else:
+                cube[i] += term
         np.multiply(cube[i], -(np.mean(s) ** 2), out=cube[i])
     return cube

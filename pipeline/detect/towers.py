@@ -26,7 +26,7 @@ from affine import Affine
 from scipy import ndimage as ndi
 from skimage import morphology
 
-from pipeline.detect.blobs import log_blobs, log_sigmas
+from pipeline.detect.blobs import log_blobs_in, log_sigmas, merge_blobs
 from pipeline.detect.lines import line_footprint
 from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
 from pipeline.model import TowerParams, WallParams
@@ -181,38 +181,102 @@ def find_watchtowers(before: np.ndarray, after: np.ndarray, outline: shapely.Pol
 _NUM_SIGMA = 8  # scales of the blob search, linear from below the smallest to above the largest
 
 
-def _candidates(new: np.ndarray, threshold: float, *, res_m: float,
-                params: TowerParams) -> np.ndarray:
-    """Tower-sized blobs of one polarity: rows of ``(row, col, size_px, contrast)``.
+class _BlobSearch:
+    """Tower-sized blobs of one polarity's new response, searched box by box (`log_blobs_in`).
 
-    Scale-normalised Laplacian-of-Gaussian blobs of the new response (a square of side ``s``
-    answers best at ``sigma = s / 2.5``, with about 0.72 of its contrast); contrast is the
-    mean new response over the blob's square.
+    `search` adds boxes (each searched once); `candidates` gives the blobs of all the boxes
+    searched so far as rows ``(row, col, size_px, contrast)`` in the order a search of the
+    whole window gives them. Scale-normalised Laplacian-of-Gaussian blobs of the new
+    response (a square of side ``s`` answers best at ``sigma = s / 2.5``, with about 0.72 of
+    its contrast); contrast is the mean new response over the blob's square.
     """
-    r = np.clip(new, 0, None)
-    # Scales reach beyond the accepted sizes, so that smaller or larger clutter peaks at its
-    # own scale (and is dropped) instead of at the nearest accepted one.
-    lo, hi = 0.6 * params.min_size_m / 2.5 / res_m, 1.2 * params.max_size_m / 2.5 / res_m
-    # Only blobs of accepted sizes are asked for (the scales searched are the same; the
-    # largest, a neighbour of no accepted one, is then not filtered): the same blobs.
-    sigmas = log_sigmas(lo, hi, _NUM_SIGMA, r.dtype if r.dtype.kind == "f" else np.float64)
-    size_m = 2.5 * sigmas * res_m  # as the blobs' sizes are computed below
-    wanted = (size_m >= params.min_size_m) & (size_m <= params.max_size_m)
-    # No pruning of overlapping blobs here: a large band would hide the tower beside it.
-    blobs = log_blobs(r, min_sigma=lo, max_sigma=hi, num_sigma=_NUM_SIGMA,
-                      threshold=0.72 * threshold, wanted=wanted)
-    sizes = 2.5 * blobs[:, 2] * res_m if len(blobs) else np.zeros(0)
-    blobs = blobs[(sizes >= params.min_size_m) & (sizes <= params.max_size_m)]
-    if len(blobs) == 0:
-        return np.zeros((0, 4))
-    size_px = 2.5 * blobs[:, 2]
-    integral = np.pad(r, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    h = np.maximum(1, np.round(size_px / 2)).astype(int)
-    r0, c0 = (np.clip(blobs[:, k].astype(int) - h, 0, r.shape[k]) for k in (0, 1))
-    r1, c1 = (np.clip(blobs[:, k].astype(int) + h + 1, 0, r.shape[k]) for k in (0, 1))
-    total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-    return np.column_stack([blobs[:, 0], blobs[:, 1], size_px,
-                            total / np.maximum((r1 - r0) * (c1 - c0), 1)])
+
+    def __init__(self, new: np.ndarray, threshold: float, *, res_m: float,
+                 params: TowerParams) -> None:
+        self.r = np.clip(new, 0, None)
+        self.threshold, self.res_m, self.params = threshold, res_m, params
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.done: set[tuple[int, int, int, int]] = set()
+        # Scales reach beyond the accepted sizes, so that smaller or larger clutter peaks at
+        # its own scale (and is dropped) instead of at the nearest accepted one.
+        self.lo = 0.6 * params.min_size_m / 2.5 / res_m
+        self.hi = 1.2 * params.max_size_m / 2.5 / res_m
+        # Only blobs of accepted sizes are asked for (the scales searched are the same; the
+        # largest, a neighbour of no accepted one, is then not filtered): the same blobs.
+        sigmas = log_sigmas(self.lo, self.hi, _NUM_SIGMA,
+                            self.r.dtype if self.r.dtype.kind == "f" else np.float64)
+        size_m = 2.5 * sigmas * res_m  # as the blobs' sizes are computed below
+        self.wanted = (size_m >= params.min_size_m) & (size_m <= params.max_size_m)
+        self.reach_px = int(4.0 * self.hi + 0.5) + 1  # the largest scale's filter reach
+
+    def search(self, boxes: list[tuple[int, int, int, int]]) -> None:
+        """Search ``boxes`` ``(row0, row1, col0, col1)`` not searched before."""
+        todo = [b for b in dict.fromkeys(boxes) if b not in self.done]
+        if todo:
+            # No pruning of overlapping blobs: a large band would hide the tower beside it.
+            self.parts.append(log_blobs_in(self.r, todo, min_sigma=self.lo, max_sigma=self.hi,
+                                           num_sigma=_NUM_SIGMA, wanted=self.wanted,
+                                           threshold=0.72 * self.threshold))
+            self.done.update(todo)
+
+    def candidates(self) -> np.ndarray:
+        """Rows ``(row, col, size_px, contrast)`` of the accepted sizes, strongest first."""
+        blobs = merge_blobs(self.parts)[0] if self.parts else np.zeros((0, 3))
+        sizes = 2.5 * blobs[:, 2] * self.res_m if len(blobs) else np.zeros(0)
+        blobs = blobs[(sizes >= self.params.min_size_m) & (sizes <= self.params.max_size_m)]
+        if len(blobs) == 0:
+            return np.zeros((0, 4))
+        r = self.r
+        size_px = 2.5 * blobs[:, 2]
+        integral = np.pad(r, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        h = np.maximum(1, np.round(size_px / 2)).astype(int)
+        r0, c0 = (np.clip(blobs[:, k].astype(int) - h, 0, r.shape[k]) for k in (0, 1))
+        r1, c1 = (np.clip(blobs[:, k].astype(int) + h + 1, 0, r.shape[k]) for k in (0, 1))
+        total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+        return np.column_stack([blobs[:, 0], blobs[:, 1], size_px,
+                                total / np.maximum((r1 - r0) * (c1 - c0), 1)])
+
+
+def _band_boxes(outline: shapely.Polygon, transform: Affine, shape: tuple[int, int], *,
+                half_width_px: float, reach_px: int) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes covering every pixel within ``half_width_px`` of the outline's ring.
+
+    Each side is cut into pieces whose boxes cost least to filter: a box of ``h x w`` is
+    filtered over about ``(h + 2 reach)(w + 2 reach) + h (w + 2 reach)`` pixels (two passes,
+    each reaching ``reach_px`` beyond it), so a side along a grid axis stays whole and a
+    slanted one is cut into squares a few reaches wide.
+    """
+    ring = np.asarray(outline.exterior.coords)
+    cols, rows = ~transform * (ring[:, 0], ring[:, 1])  # pixel centres at index + 0.5
+    pts = np.column_stack([np.asarray(rows) - 0.5, np.asarray(cols) - 0.5])
+    w, boxes = half_width_px + 1.0, []
+    for p, q in zip(pts[:-1], pts[1:], strict=True):
+        length = float(np.hypot(*(q - p)))
+        best: tuple[float, int] | None = None
+        for n in range(1, max(1, int(math.ceil(length / 8))) + 1):
+            h, wd = np.abs(q - p) / n + 2 * w
+            cost = n * ((h + 2 * reach_px) * (wd + 2 * reach_px) + h * (wd + 2 * reach_px))
+            best = (cost, n) if best is None or cost < best[0] else best
+        n = best[1] if best else 1
+        for k in range(n):
+            a, b = p + (q - p) * k / n, p + (q - p) * (k + 1) / n
+            lo, hi = np.minimum(a, b) - w, np.maximum(a, b) + w
+            r0, c0 = (max(0, int(math.floor(v))) for v in lo)
+            r1 = min(shape[0], int(math.ceil(hi[0])) + 1)
+            c1 = min(shape[1], int(math.ceil(hi[1])) + 1)
+            if r0 < r1 and c0 < c1:
+                boxes.append((r0, r1, c0, c1))
+    return boxes
+
+
+def _around(cands: np.ndarray, radius_px: int, shape: tuple[int, int]
+            ) -> list[tuple[int, int, int, int]]:
+    """A box of ``radius_px`` around each candidate's centre."""
+    out = []
+    for row, col in cands[:, :2].astype(int):
+        out.append((max(0, row - radius_px), min(shape[0], row + radius_px + 1),
+                    max(0, col - radius_px), min(shape[1], col + radius_px + 1)))
+    return out
 
 
 def _in_band(compact: np.ndarray, cand: np.ndarray, *, angle_deg: float, res_m: float) -> bool:
@@ -264,17 +328,57 @@ def _with_shadow(bright: np.ndarray, dark: np.ndarray, *, res_m: float,
     return np.isin(np.arange(len(bright)), owner[owner >= 0])
 
 
+def _candidates(maps: list[np.ndarray], threshold: float, outline: shapely.Polygon, *,
+                transform: Affine, res_m: float, params: TowerParams, whole: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Bright and dark blobs (`_BlobSearch.candidates` rows) that can decide a tower.
+
+    A tower is a blob within ``search_m`` of the outline (the band); a weak lit roof there
+    counts only with a shadow: a dark blob within reach of it that no nearer roof owns
+    (`_with_shadow`). So the blobs searched are: both kinds in the band; dark ones around
+    each weak bright one in the band; bright ones around each of those dark ones (all the
+    roofs that could own it). The towers are those of a search of the whole window
+    (``whole``), at a fraction of its cost: the filters run on the band, not the inside.
+    """
+    shape = maps[0].shape
+    searches = [_BlobSearch(maps[k], threshold, res_m=res_m, params=params) for k in (0, 1)]
+    if whole:
+        for search in searches:
+            search.search([(0, shape[0], 0, shape[1])])
+        return searches[0].candidates(), searches[1].candidates()
+    band = _band_boxes(outline, transform, shape, half_width_px=params.search_m / res_m + 1,
+                       reach_px=searches[0].reach_px)
+    for search in searches:
+        search.search(band)
+    bright = searches[0].candidates()
+    # as `_towers` places and measures them; a pixel more: boxes around more blobs than needed
+    xy = [transform * (col + 0.5, row + 0.5) for row, col in bright[:, :2]]
+    centres = shapely.points(np.reshape(np.asarray(xy, float), (-1, 2)))
+    in_band = shapely.distance(centres, outline.exterior) <= params.search_m + res_m
+    weak = bright[in_band & (bright[:, 3] < params.peak_factor * threshold)]
+    reach = int(math.ceil((params.max_size_m + 4.0) / res_m)) + 2  # `_with_shadow`'s reach
+    searches[1].search(_around(weak, reach, shape))
+    dark = searches[1].candidates()
+    if len(weak) and len(dark):
+        d = np.hypot(weak[:, None, 0] - dark[None, :, 0], weak[:, None, 1] - dark[None, :, 1])
+        searches[0].search(_around(dark[(d <= reach).any(axis=0)], reach, shape))
+    return searches[0].candidates(), dark
+
+
 def _towers(maps: list[np.ndarray], threshold: float, outline: shapely.Polygon, *,
             angle_deg: float, transform: Affine, res_m: float,
-            params: TowerParams) -> list[Tower]:
+            params: TowerParams, whole: bool = False) -> list[Tower]:
     """Tower-sized new blobs near the outline, one per tower.
 
     A lit roof (bright blob) counts when it has a shadow (a dark blob) beside it, or when it
     is ``params.peak_factor`` times above the threshold; a dark blob alone (a dark roof with
     its shadow) only in the second case. Bright blobs are taken first; a candidate within
-    ``params.max_extent_m / 2`` of an accepted one is its shadow or a duplicate.
+    ``params.max_extent_m / 2`` of an accepted one is its shadow or a duplicate. Blobs are
+    searched near the outline only (`_candidates`), or over the whole window with ``whole``:
+    the same towers.
     """
-    bright, dark = (_candidates(maps[k], threshold, res_m=res_m, params=params) for k in (0, 1))
+    bright, dark = _candidates(maps, threshold, outline, transform=transform, res_m=res_m,
+                               params=params, whole=whole)
     shadowed = _with_shadow(bright, dark, res_m=res_m, params=params)
     strong = params.peak_factor * threshold
     cands = sorted(((c, bool(ok) or c[3] >= strong, 2) for c, ok in zip(bright, shadowed,

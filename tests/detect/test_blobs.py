@@ -105,3 +105,53 @@ def test_log_blobs_wanted_scales_of_a_constant_part():
         full = log_blobs(img, threshold=-1.0, **SCALES)
         got = log_blobs(img, threshold=-1.0, wanted=wanted, **SCALES)
         np.testing.assert_array_equal(got, full[np.isin(full[:, 2], full[:0, 2])])
+
+
+def _in_boxes(blobs, boxes):
+    inside = np.zeros(len(blobs), bool)
+    for r0, r1, c0, c1 in boxes:
+        inside |= ((blobs[:, 0] >= r0) & (blobs[:, 0] < r1) & (blobs[:, 1] >= c0)
+                   & (blobs[:, 1] < c1))
+    return inside
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_log_blobs_in_boxes_equal_the_whole_search_there(seed):
+    """Blobs searched in boxes (overlapping, at the edges, beyond them) are the whole image's
+    blobs in those boxes, in the same order, to the bit; boxes searched in two goes and
+    merged give the same rows."""
+    from pipeline.detect.blobs import log_blobs_in, merge_blobs
+
+    rng = np.random.default_rng(seed)
+    found = 0
+    for trial in range(8):
+        shape = tuple(int(n) for n in rng.integers(12, 200, 2))
+        dtype = (np.float32, np.float64)[trial % 2]
+        img = _image(shape, seed=seed * 10 + trial, density=5.0, dtype=dtype)
+        wanted = None if trial % 3 == 0 else rng.random(8) < 0.6
+        boxes = []
+        for _ in range(int(rng.integers(1, 6))):
+            r0, c0 = (int(rng.integers(-8, n)) for n in shape)
+            boxes.append((r0, r0 + int(rng.integers(1, 90)), c0, c0 + int(rng.integers(1, 90))))
+        full = log_blobs(img, threshold=0.03, wanted=wanted, **SCALES)
+        got, response = log_blobs_in(img, boxes, threshold=0.03, wanted=wanted, **SCALES)
+        np.testing.assert_array_equal(got, full[_in_boxes(full, boxes)])
+        assert got.dtype == full.dtype and response.shape == (len(got),)
+        assert np.all(response > 0.03)
+        halves = [log_blobs_in(img, part, threshold=0.03, wanted=wanted, **SCALES)
+                  for part in (boxes[::2], boxes[1::2] or boxes[:1])]
+        np.testing.assert_array_equal(merge_blobs(halves)[0], got)
+        found += len(got)
+    assert found > 0
+
+
+def test_log_blobs_in_constant_image_as_the_whole_search():
+    """A constant image in boxes gives what the whole search gives (none above the threshold)."""
+    from pipeline.detect.blobs import log_blobs_in
+
+    boxes = [(5, 20, 0, 70), (40, 60, 30, 50)]
+    for value, threshold in ((0.0, 0.01), (0.4, -1.0)):
+        img = np.full((60, 70), value, np.float32)
+        full = log_blobs(img, threshold=threshold, **SCALES)
+        got, _ = log_blobs_in(img, boxes, threshold=threshold, **SCALES)
+        np.testing.assert_array_equal(got, full[_in_boxes(full, boxes)])

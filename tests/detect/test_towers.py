@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import shapely
 from _scenes import background
+from affine import Affine
 
 from pipeline.detect.grade import GradeParams
 from pipeline.detect.towers import TowerParams, find_watchtowers
@@ -104,3 +105,51 @@ def test_binary_opening_equals_scipy(seed):
         np.testing.assert_array_equal(_binary_opening(mask, footprint), expected)
         kept += int(expected.sum())
     assert kept > 0
+
+
+def _towers_both_ways(before, after, outline, transform, res_m, params=None):
+    """Towers of `_towers` searching the band along the outline, and the whole window."""
+    from pipeline.detect.towers import (
+        WallParams,
+        _new_compact,
+        _towers,
+        _window,
+        as_grey,
+        noise_sigma,
+        outline_orientation_deg,
+        robust_scale,
+    )
+
+    params = params or TowerParams()
+    g_b, g_a = as_grey(before), as_grey(after)
+    scale = robust_scale(g_b)
+    threshold = max(params.min_contrast, params.noise_factor * noise_sigma(g_b, g_a) / scale)
+    rows, cols = _window(outline, transform, g_a.shape, params.search_m + params.max_extent_m)
+    angle = outline_orientation_deg(outline)
+    maps = _new_compact(g_b[rows, cols] / scale, g_a[rows, cols] / scale, angle_deg=angle,
+                        res_m=res_m, params=params, walls=WallParams(), threshold=threshold)
+    window = transform * Affine.translation(cols.start, rows.start)
+    return [_towers(maps, threshold, outline, angle_deg=angle, res_m=res_m, params=params,
+                    transform=window, whole=whole) for whole in (False, True)]
+
+
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+@pytest.mark.parametrize("angle_deg", [0.0, 27.0])
+@pytest.mark.parametrize("layout", [{"towers": "corners_and_sides"},
+                                    {"towers": "corners", "tower_size_m": 4.0, "buildings": (3, 4),
+                                     "sun_azimuth_deg": 210.0, "sun_elevation_deg": 45.0},
+                                    {"towers": None, "buildings": (3, 4), "internal_fences": 2}])
+def test_band_search_equals_whole_window(res_m, angle_deg, layout):
+    """Searching blobs only along the wall (and around weak roofs) finds the towers a search
+    of the whole window finds: the same points, sizes, contrasts and flags, to the bit."""
+    before, after, truth = make_walled_compound(background("synthetic", res_m), res_m=res_m,
+                                                angle_deg=angle_deg, **layout)
+    banded, whole = _towers_both_ways(before, after, truth.wall_polygon, truth.transform, res_m)
+    assert banded == whole
+    assert len(whole) >= len(truth.towers) - 1  # (the test is of the equality, not the count)
+    # a lower threshold: many weak roofs, whose shadows and rival roofs are searched around them
+    loose = TowerParams(min_contrast=0.03, noise_factor=1.0, peak_factor=6.0)
+    banded, whole = _towers_both_ways(before, after, truth.wall_polygon, truth.transform, res_m,
+                                      loose)
+    assert banded == whole
+    assert len(whole) > 0
