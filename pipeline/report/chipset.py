@@ -2,8 +2,9 @@
 
 Chips show the *source* pixels of each date warped onto the working grid (the same grid the
 outlines live on), before co-registration and radiometric normalization: what a reviewer
-compares is the imagery itself. They are read again from the input files, whose SHA-256 must
-still match the one recorded when the run read them. For each chosen finding four PNGs go to
+compares is the imagery itself. They are read again from the input files (each opened once,
+``report.chipread``), whose SHA-256 must still match the one recorded when the run read them.
+For each chosen finding four PNGs go to
 ``chips/``: ``<id>_before.png``, ``<id>_after.png`` and the same two with the outlines drawn
 (``_outlined``); their paths, relative to the run folder, become properties of the feature.
 """
@@ -13,14 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import shapely
 import xarray as xr
@@ -28,8 +29,9 @@ from PIL.PngImagePlugin import PngInfo
 from pyproj import Transformer
 
 from pipeline.errors import FetchError
-from pipeline.fetch.local import WARP_TILE_PX, read_to_grid
+from pipeline.files import sha256_file
 from pipeline.model import Evidence, GridPlan, SourceRef
+from pipeline.report.chipread import GridWindows
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
 
 __all__ = ["CHIP_KEYS", "CHIPS_DIR", "ChipTarget", "chip_targets", "site_of", "write_chips"]
@@ -44,13 +46,7 @@ FINDING_COLOUR = (255, 230, 0)
 OWN_CHIP_EXCLUDED = ("new_building", "wall", "watchtower", "tower")
 MAX_DISPLAY_PX = 800
 MIN_DISPLAY_PX = 400
-# Chip windows are read together up to this many grid pixels (about 190 MB of float32 for both
-# dates): the chunks several windows share are read once per batch, and memory stays bounded.
-READ_BATCH_PX = 8 << 20
 READ_ORDER_PX = 2048  # targets are read in the order of these blocks of the grid
-# The inputs are read again in chunks of one warp tile: a window costs only the tiles it
-# overlaps, not whole 2048 px chunks (read_to_grid gives the same values whatever the chunks).
-READ_CHUNK_PX = WARP_TILE_PX
 # PNGs are encoded on this many threads (Pillow's encoder releases the GIL).
 ENCODE_THREADS = 2
 
@@ -117,24 +113,22 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     if not targets:
         return {}
     first = targets[0].evidence
-    if images is None:
-        images = {}
-        for role, ref in (("before", first.before), ("after", first.after)):
-            if not ref.path:
-                notes.append(f"no chips: the {role} image {ref.item_id} was fetched, not read "
-                             "from a local file, and its pixels were not handed to the writer")
-                log.warning("%s", notes[-1])
-                return {}
-            images[role] = _read_grid(ref, plan, role=role, resampling=resampling)
-    north_deg = _north_deg(plan)
-    done: dict[str, dict[str, str]] = {}
-    (stage / CHIPS_DIR).mkdir(exist_ok=True)
-    with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
-        for batch in _read_batches(images, targets):  # one batch of windows held at a time
-            jobs = [pool.submit(_write_target, stage, target, windows, evidence, plan=plan,
-                                north_deg=north_deg) for target, windows in batch]
-            for (target, _), job in zip(batch, jobs, strict=True):
-                done[target.evidence.id] = job.result()
+    with ExitStack() as stack:
+        if images is not None:
+            read = {role: _window_reader(images[role]) for role in ("before", "after")}
+        else:
+            read = {}
+            for role, ref in (("before", first.before), ("after", first.after)):
+                if not ref.path:
+                    notes.append(f"no chips: the {role} image {ref.item_id} was fetched, not "
+                                 "read from a local file, and its pixels were not handed to "
+                                 "the writer")
+                    log.warning("%s", notes[-1])
+                    return {}
+                _check_unchanged(ref, role)
+                read[role] = stack.enter_context(
+                    GridWindows(ref.path, plan, resampling=resampling)).read
+        done = _render_all(stage, targets, evidence, read, plan=plan)
     written: dict[str, dict[str, str]] = {}
     for target in targets:  # in the targets' order, whatever the order of reading
         if done[target.evidence.id]:
@@ -144,34 +138,51 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     return written
 
 
-def _read_batches(images: Mapping[str, Any], targets: Sequence[ChipTarget]
-                  ) -> Iterator[list[tuple[ChipTarget, list[np.ndarray]]]]:
-    """The targets in batches of about `READ_BATCH_PX` grid pixels, each with its ``[before,
-    after]`` float32 windows (lazy images are computed once per batch).
-
-    Targets are read in the order of the grid block (of ``READ_ORDER_PX``) that holds their
-    window's centre, so windows on the same chunks tend to share a batch.
-    """
+def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence],
+                read: Mapping[str, Callable[[tuple[int, int, int, int]], np.ndarray]], *,
+                plan: GridPlan) -> dict[str, dict[str, str]]:
+    """Read each target's windows (in grid-block order) and render them on the encoding
+    threads; the windows of at most ``ENCODE_THREADS + 1`` targets are held at once."""
     def block(target: ChipTarget) -> tuple[int, int]:
         r0, c0, rows, cols = target.window
         return (r0 + rows // 2) // READ_ORDER_PX, (c0 + cols // 2) // READ_ORDER_PX
 
-    batch: list[ChipTarget] = []
-    size = 0
-    for target in [*sorted(targets, key=block), None]:
-        area = target.window[2] * target.window[3] if target is not None else 0
-        if batch and (target is None or size + area > READ_BATCH_PX):
-            crops = [images[role].data[:, r0:r0 + rows, c0:c0 + cols]
-                     for r0, c0, rows, cols in (t.window for t in batch)
-                     for role in ("before", "after")]
-            values = dask.compute(*crops)
-            yield [(done, [np.asarray(values[2 * k], np.float32),
-                           np.asarray(values[2 * k + 1], np.float32)])
-                   for k, done in enumerate(batch)]
-            batch, size = [], 0
-        if target is not None:
-            batch.append(target)
-            size += area
+    north_deg = _north_deg(plan)
+    (stage / CHIPS_DIR).mkdir(exist_ok=True)
+    done: dict[str, dict[str, str]] = {}
+    pending: deque[tuple[ChipTarget, Future[dict[str, str]]]] = deque()
+    with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
+        for target in sorted(targets, key=block):
+            windows = [read[role](target.window) for role in ("before", "after")]
+            pending.append((target, pool.submit(_write_target, stage, target, windows,
+                                                evidence, plan=plan, north_deg=north_deg)))
+            while len(pending) > ENCODE_THREADS:
+                finished, job = pending.popleft()
+                done[finished.evidence.id] = job.result()
+        for finished, job in pending:
+            done[finished.evidence.id] = job.result()
+    return done
+
+
+def _window_reader(da: xr.DataArray) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
+    """Windows of pixels handed in (NumPy, or Dask computed window by window) as float32."""
+    def read(window: tuple[int, int, int, int]) -> np.ndarray:
+        r0, c0, rows, cols = window
+        return np.asarray(da.data[:, r0:r0 + rows, c0:c0 + cols], np.float32)
+    return read
+
+
+def _check_unchanged(ref: SourceRef, role: str) -> None:
+    """FetchError when the input's bytes differ from those the run read (SHA-256)."""
+    if not ref.sha256:
+        return
+    digest = sha256_file(str(ref.path))
+    if digest != ref.sha256:
+        raise FetchError(
+            f"The {role} image {ref.path} changed since this run read it (SHA-256 "
+            f"{digest[:12]}… now, {ref.sha256[:12]}… then): chips would not show the "
+            "analysed pixels. Restore the file or run again."
+        )
 
 
 def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
@@ -205,23 +216,6 @@ def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
                        pnginfo=_png_text(image))
             paths[key] = rel
     return paths
-
-
-def _read_grid(ref: SourceRef, plan: GridPlan, *, role: str, resampling: str) -> Any:
-    """The input on the working grid (lazy for large grids); its hash checked."""
-    if not ref.path:
-        raise ValueError(f"The {role} image {ref.item_id} has no local file")
-    # a local input always has a date (the run needs one); it only labels the array here
-    da, read_ref = read_to_grid(ref.path, plan, role=role, acquired=ref.acquired or date.min,
-                                resampling=resampling, chunks=READ_CHUNK_PX,
-                                check_nodata=False)
-    if ref.sha256 and read_ref.sha256 and read_ref.sha256 != ref.sha256:
-        raise FetchError(
-            f"The {role} image {ref.path} changed since this run read it (SHA-256 "
-            f"{read_ref.sha256[:12]}… now, {ref.sha256[:12]}… then): chips would not show the "
-            "analysed pixels. Restore the file or run again."
-        )
-    return da
 
 
 def _window(geometry: Any, plan: GridPlan) -> tuple[int, int, int, int]:

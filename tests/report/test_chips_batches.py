@@ -1,4 +1,4 @@
-"""Chip windows read in batches and encoded on threads give the chips of one window at a time."""
+"""Chips encoded on threads, read from files or from pixels handed in: the same PNGs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from report.test_chips import _block, _evidence, _pair
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_batches_and_threads_give_the_same_chips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_threads_and_sources_give_the_same_chips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  chunked: bool) -> None:
+    """One encoding thread or two, windows read from the files (each opened once) or taken
+    from pixels handed in (NumPy, or Dask computed window by window): the same PNGs, listed
+    in the targets' order."""
     from pipeline.fetch.local import read_to_grid
 
     before, after, plan = _pair(tmp_path)
@@ -27,14 +30,13 @@ def test_batches_and_threads_give_the_same_chips(tmp_path: Path, monkeypatch: py
     images = {role: read_to_grid(str(ref.path), plan, role=role, chunks=16 if chunked else None)[0]
               for role, ref in (("before", before), ("after", after))}
     written = {}
-    for name, batch_px, threads in (("one", 1, 1), ("all", 1 << 30, 2), ("some", 900, 2)):
-        monkeypatch.setattr(chipset, "READ_BATCH_PX", batch_px)
+    for name, threads, pixels in (("one", 1, None), ("two", 2, None), ("handed", 2, images)):
         monkeypatch.setattr(chipset, "ENCODE_THREADS", threads)
         (tmp_path / name).mkdir()
         written[name] = write_chips(tmp_path / name, chip_targets(found, plan), found,
-                                    plan=plan, images=images)
+                                    plan=plan, images=pixels)
     assert list(written["one"]) == ["compound-0001", "compound-0002", "change-0001"]
-    for name in ("all", "some"):
+    for name in ("two", "handed"):
         assert written[name] == written["one"] and list(written[name]) == list(written["one"])
         for paths in written["one"].values():
             for rel in paths.values():
