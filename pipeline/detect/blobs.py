@@ -46,11 +46,11 @@ def _peak_voxels(cube: np.ndarray, threshold: float
     s, r, c = np.nonzero(cube > threshold)
     value = cube[s, r, c]
     is_peak = np.ones(len(s), bool)
-    for ds, dr, dc in _OFFSETS:  # 'nearest' edges: a neighbour outside is the edge voxel
-        ns = np.clip(s + ds, 0, n_s - 1)
-        nr = np.clip(r + dr, 0, height - 1)
-        nc = np.clip(c + dc, 0, width - 1)
-        is_peak &= value >= cube[ns, nr, nc]
+    # 'nearest' edges: a neighbour outside is the edge voxel
+    near = [{d: np.clip(x + d, 0, n - 1) for d in (-1, 0, 1)}
+            for x, n in ((s, n_s), (r, height), (c, width))]
+    for ds, dr, dc in _OFFSETS:
+        is_peak &= value >= cube[near[0][ds], near[1][dr], near[2][dc]]
     return s[is_peak], r[is_peak], c[is_peak], value[is_peak]
 
 
@@ -241,11 +241,28 @@ def _log_cube_box(image: np.ndarray, sigmas: np.ndarray,
         y0, x0 = max(r0 - reach, 0), max(c0 - reach, 0)
         part = image[y0:min(r1 + reach, height), x0:min(c1 + reach, width)]
         for k, (order_y, order_x) in enumerate(((2, 0), (0, 2))):
-            term = ndi.gaussian_filter1d(part, s[0], axis=0, order=order_y)[r0 - y0:r1 - y0]
-            term = ndi.gaussian_filter1d(term, s[1], axis=1, order=order_x)[:, c0 - x0:c1 - x0]
+            term = ndi.correlate1d(part, _weights(s[0], order_y), axis=0)[r0 - y0:r1 - y0]
+            term = ndi.correlate1d(term, _weights(s[1], order_x), axis=1)[:, c0 - x0:c1 - x0]
             if k == 0:
                 cube[i] = term
             else:
                 cube[i] += term
         np.multiply(cube[i], -(np.mean(s) ** 2), out=cube[i])
     return cube
+
+
+def _weights(sigma: np.floating, order: int) -> np.ndarray:
+    """The weights ``gaussian_filter1d(x, sigma, order=order)`` correlates ``x`` with."""
+    key = (np.dtype(type(sigma)).str, float(sigma), order)
+    if key not in _WEIGHTS:
+        reach = int(4.0 * float(sigma) + 0.5)
+        impulse = np.zeros(2 * reach + 1)
+        impulse[reach] = 1.0
+        # a correlation's response to an impulse is its weights reversed (exact: one
+        # non-zero product per output)
+        response = ndi.gaussian_filter1d(impulse, sigma, order=order, mode="constant")
+        _WEIGHTS[key] = np.ascontiguousarray(response[::-1])
+    return _WEIGHTS[key]
+
+
+_WEIGHTS: dict[tuple[str, float, int], np.ndarray] = {}
