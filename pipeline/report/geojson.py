@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import shapely
 from pyproj import Transformer
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, mapping
+from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Polygon, mapping
 from shapely.geometry.polygon import orient
 
 from pipeline.errors import OutputError
@@ -92,12 +92,12 @@ def evidence_to_features(
         if id(e.params) not in params:
             params[id(e.params)] = (e.params, params_hash(e.params),
                                     _to_lists(e.params.to_dict()))
-    features = [_feature(e, method=method, precision=precision, params=params[id(e.params)][1:])
-                for e in evidence]
-    features.sort(key=_sort_key)
+    built = [_feature(e, method=method, precision=precision, params=params[id(e.params)][1:])
+             for e in evidence]
+    features = sorted((feature for feature, _ in built), key=_sort_key)
     fc: dict[str, Any] = {"type": "FeatureCollection"}
     if features:
-        fc["bbox"] = _bbox(features, precision)
+        fc["bbox"] = _bbox([geometry for _, geometry in built], precision)
     fc["features"] = features
     return fc
 
@@ -148,15 +148,40 @@ def write_geojson(
 
 
 def _feature(e: Evidence, *, method: str, precision: int,
-             params: tuple[str, dict[str, Any]]) -> dict[str, Any]:
-    """One Feature dict for one evidence; ``params`` is its parameters' (hash, dict)."""
+             params: tuple[str, dict[str, Any]]) -> tuple[dict[str, Any], Any]:
+    """One Feature dict for one evidence, and its lon/lat geometry; ``params`` is its
+    parameters' (hash, dict)."""
     geometry = _lonlat_geometry(e.geometry, e.crs, precision, e.id)
     return {
         "type": "Feature",
         "id": str(e.id),
-        "geometry": _to_lists(mapping(geometry)),
+        "geometry": _geometry_dict(geometry),
         "properties": _properties(e, method, params),
-    }
+    }, geometry
+
+
+def _geometry_dict(geom: Any) -> dict[str, Any]:
+    """``_to_lists(mapping(geom))``, each ring or line's coordinates turned into lists of
+    Python floats by NumPy at once instead of point by point (outlines traced along pixels
+    have thousands of points)."""
+    kind = type(geom)
+    if kind is Polygon:
+        return {"type": "Polygon", "coordinates": _rings(geom)}
+    if kind is MultiPolygon:
+        return {"type": "MultiPolygon", "coordinates": [_rings(p) for p in geom.geoms]}
+    if kind is LineString:
+        return {"type": "LineString", "coordinates": _positions(geom)}
+    return _to_lists(mapping(geom))
+
+
+def _rings(polygon: Polygon) -> list[list[list[float]]]:
+    """A polygon's rings as GeoJSON coordinates (exterior first, as shapely lists them)."""
+    return [_positions(polygon.exterior), *(_positions(r) for r in polygon.interiors)]
+
+
+def _positions(line: Any) -> list[list[float]]:
+    """The positions of a line or ring (with z when it has one)."""
+    return shapely.get_coordinates(line, include_z=line.has_z).tolist()
 
 
 def _properties(e: Evidence, method: str, params: tuple[str, dict[str, Any]]) -> dict[str, Any]:
@@ -249,10 +274,9 @@ def _to_lists(obj: Any) -> Any:
     return obj
 
 
-def _bbox(features: list[dict[str, Any]], precision: int) -> list[float]:
-    """``[west, south, east, north]`` over all feature geometries."""
-    geoms = [shapely.geometry.shape(f["geometry"]) for f in features]
-    bounds = shapely.total_bounds(geoms)
+def _bbox(geometries: list[Any], precision: int) -> list[float]:
+    """``[west, south, east, north]`` over all (lon/lat) feature geometries."""
+    bounds = shapely.total_bounds(geometries)
     return [round(float(v), precision) for v in bounds]
 
 

@@ -8,10 +8,12 @@ ids); warnings are allowed by the RFC but suspicious (null geometry, missing id)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
+from itertools import chain
 from typing import Any
 
+import numpy as np
 import shapely
 from shapely.geometry import shape
 
@@ -168,7 +170,7 @@ def _check_geometry(
         errors.append(f"{where}: coordinates are not a well-formed {gtype}")
         return
     n_errors = len(errors)
-    positions = list(_iter_positions(coords, _POSITION_DEPTH[gtype]))
+    positions = _positions(coords, _POSITION_DEPTH[gtype])
     _check_positions(positions, where, max_decimals, errors, warnings)
     if gtype in ("Polygon", "MultiPolygon"):
         polygons = [coords] if gtype == "Polygon" else coords
@@ -209,6 +211,11 @@ def _check_positions(
     warnings: list[str],
 ) -> None:
     """Lon/lat ranges and decimals; one message per rule per geometry."""
+    lengths = set(map(len, positions))
+    if max(lengths, default=0) > 3:
+        warnings.append(f"{where}: positions with more than 3 elements")
+    if _all_fine(positions, lengths, max_decimals):
+        return
     bad_range = next((p for p in positions if not (_lon_ok(p[0]) and _lat_ok(p[1]))), None)
     if bad_range is not None:
         errors.append(
@@ -218,8 +225,30 @@ def _check_positions(
     too_fine = next((p for p in positions if max(map(_decimals, p[:2])) > max_decimals), None)
     if too_fine is not None:
         errors.append(f"{where}: position {list(too_fine)} has more than {max_decimals} decimals")
-    if any(len(p) > 3 for p in positions):
-        warnings.append(f"{where}: positions with more than 3 elements")
+
+
+def _all_fine(positions: list[Sequence[Any]], lengths: set[int], max_decimals: int) -> bool:
+    """True when every (well-formed) position is in range with at most ``max_decimals``
+    decimals, tested on all at once with NumPy; False when one may not be (the caller then
+    finds it position by position, the rule that decides).
+
+    ``round(v, m) == v`` holds exactly when ``v``'s shortest repr has at most ``m``
+    decimals (1 <= ``m`` <= 15, ``|v|`` <= 180): NumPy's round is ``rint(v * 10**m) / 10**m``,
+    the double nearest ``k / 10**m``, whose repr needs no more than ``m`` decimals. (With
+    ``m`` = 0 it does not: ``repr(2.0)`` has one decimal.)
+    """
+    if not positions or not 1 <= max_decimals <= 15:
+        return False
+    try:
+        if len(lengths) == 1:
+            xy = np.array(positions, np.float64)[:, :2]
+        else:
+            xy = np.array([p[:2] for p in positions], np.float64)
+    except (OverflowError, TypeError, ValueError):
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        in_range = (np.abs(xy[:, 0]) <= 180.0) & (np.abs(xy[:, 1]) <= 90.0)
+        return bool(in_range.all() and (np.round(xy, max_decimals) == xy).all())
 
 
 def _check_rings(rings: Sequence[Sequence[Any]], where: str, errors: list[str]) -> None:
@@ -265,6 +294,8 @@ def _has_depth(coords: Any, depth: int) -> bool:
     """True if ``coords`` is nested ``depth`` list levels above positions."""
     if depth == 0:
         return _is_position(coords)
+    if depth == 1 and _are_float_positions(coords):
+        return True
     return isinstance(coords, list | tuple) and all(_has_depth(c, depth - 1) for c in coords)
 
 
@@ -275,13 +306,27 @@ def _truncate(coords: Any, depth: int) -> Any:
     return [_truncate(c, depth - 1) for c in coords]
 
 
-def _iter_positions(coords: Any, depth: int) -> Iterator[Sequence[Any]]:
-    """Every position in a well-formed coordinates array."""
+def _are_float_positions(values: Any) -> bool:
+    """True when ``values`` is a list of positions made only of finite floats, checked with
+    C-level passes (``map``, ``set``, NumPy); False when not, or not only floats (ints), and
+    then :func:`_is_position` decides position by position."""
+    if not isinstance(values, list | tuple) or not values:
+        return False
+    if not set(map(type, values)) <= {list, tuple} or min(map(len, values)) < 2:
+        return False
+    flat = list(chain.from_iterable(values))
+    if set(map(type, flat)) != {float}:
+        return False
+    return bool(np.isfinite(np.array(flat, np.float64)).all())
+
+
+def _positions(coords: Any, depth: int) -> list[Sequence[Any]]:
+    """Every position in a well-formed coordinates array, in order."""
     if depth == 0:
-        yield coords
-        return
-    for c in coords:
-        yield from _iter_positions(c, depth - 1)
+        return [coords]
+    if depth == 1:
+        return list(coords)
+    return list(chain.from_iterable(_positions(c, depth - 1) for c in coords))
 
 
 def _is_position(value: Any) -> bool:
