@@ -3,7 +3,8 @@
 Chips show the *source* pixels of each date warped onto the working grid (the same grid the
 outlines live on), before co-registration and radiometric normalization: what a reviewer
 compares is the imagery itself. They are read again from the input files (each opened once,
-``report.chipread``), whose SHA-256 must still match the one recorded when the run read them.
+``report.chipread``), whose SHA-256 must still match the one recorded when the run read them
+(or from their preserved copies, already checked).
 For each chosen finding four PNGs go to
 ``chips/``: ``<id>_before.png``, ``<id>_after.png`` and the same two with the outlines drawn
 (``_outlined``); their paths, relative to the run folder, become properties of the feature.
@@ -82,7 +83,8 @@ def chip_targets(evidence: Sequence[Evidence], plan: GridPlan, *,
 def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence], *,
                 plan: GridPlan, resampling: str = "bilinear",
                 images: Mapping[str, xr.DataArray] | None = None,
-                notes: list[str] | None = None) -> dict[str, dict[str, str]]:
+                notes: list[str] | None = None,
+                checked_copies: Mapping[str, Path] | None = None) -> dict[str, dict[str, str]]:
     """Render and write the chips of ``targets``; return ``{id: {chip key: relative path}}``.
 
     Parameters
@@ -103,6 +105,10 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
         local file. Pass pixels as read, before normalization.
     notes
         Collects why chips were not written (also logged), for the manifest.
+    checked_copies
+        ``{input path: copy}``: byte copies of input files whose SHA-256 was already checked
+        against the run's (the preserved originals); the windows are read from the copy and
+        the input is not hashed again.
 
     Raises
     ------
@@ -125,9 +131,11 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                                  "the writer")
                     log.warning("%s", notes[-1])
                     return {}
-                _check_unchanged(ref, role)
+                path = (checked_copies or {}).get(str(Path(ref.path)))
+                if path is None:
+                    _check_unchanged(ref, role)
                 read[role] = stack.enter_context(
-                    GridWindows(ref.path, plan, resampling=resampling)).read
+                    GridWindows(path or ref.path, plan, resampling=resampling)).read
         done = _render_all(stage, targets, evidence, read, plan=plan)
     written: dict[str, dict[str, str]] = {}
     for target in targets:  # in the targets' order, whatever the order of reading

@@ -1,10 +1,11 @@
 """pipeline.report.package: every file of an evidence package, except the manifest.
 
-:func:`write_package` writes, in order and each timed as a processing step: the chips, the
-GeoJSON (whose features name their chips), the two COGs, the GeoPackage and QGIS style, the
-review page, and the preserved originals. Every later file is built from the FeatureCollection
-written to ``changes.geojson``, so all carry the same ids and attributes. The caller writes
-the manifest last, from what this returns.
+:func:`write_package` writes, in order and each timed as a processing step: the preserved
+originals (their SHA-256 checked against the run's), the chips (read from those checked
+copies, so the inputs are not hashed twice), the GeoJSON (whose features name their chips),
+the two COGs, the GeoPackage and QGIS style, and the review page. Every later file is built
+from the FeatureCollection written to ``changes.geojson``, so all carry the same ids and
+attributes. The caller writes the manifest last, from what this returns.
 """
 
 from __future__ import annotations
@@ -107,11 +108,17 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
     """
     log = StepLog()
     outputs = [GEOJSON_NAME, MASK_NAME, MAGNITUDE_NAME]
+    with log.step("write:originals") as info:
+        originals = preserve_originals(stage, inputs, cache_dir=cache_dir)
+        info.update(preserved=sum(o["path"] is not None for o in originals),
+                    not_preserved=sum(o["path"] is None for o in originals))
     with log.step("write:chips") as info:
         skipped: list[str] = []
         targets = chip_targets(evidence, plan)
-        chips = write_chips(stage, targets, evidence, plan=plan,
-                            resampling=resampling, images=images, notes=skipped)
+        checked = {o["source_path"]: stage / o["path"] for o in originals
+                   if o["how"] in ("copy", "hardlink")}
+        chips = write_chips(stage, targets, evidence, plan=plan, resampling=resampling,
+                            images=images, notes=skipped, checked_copies=checked)
         outputs += [p for paths in chips.values() for p in paths.values()]
         n_change = sum(e.kind == "change" for e in evidence)
         info.update(findings=len(chips), files=len(outputs) - 3, skipped=skipped,
@@ -135,10 +142,6 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
         write_report(stage / REPORT_NAME, fc, run_id=run_id, aoi=aoi, inputs=inputs,
                      notes=notes)
         outputs.append(REPORT_NAME)
-    with log.step("write:originals") as info:
-        originals = preserve_originals(stage, inputs, cache_dir=cache_dir)
-        info.update(preserved=sum(o["path"] is not None for o in originals),
-                    not_preserved=sum(o["path"] is None for o in originals))
     return Package(outputs=outputs, originals=originals, steps=log.records, features=fc)
 
 

@@ -159,6 +159,36 @@ def test_write_chips_refuses_a_changed_input(tmp_path: Path) -> None:
         write_chips(tmp_path, chip_targets([site], plan), [site], plan=plan)
 
 
+def test_write_chips_reads_checked_copies(tmp_path: Path) -> None:
+    """Inputs with a checked copy (the preserved originals) are read from the copy, not hashed
+    again: chips equal to the input's, even after the input itself changed."""
+    import shutil
+
+    before, after, plan = _pair(tmp_path)
+    site = _evidence("compound-0001", "compound", _block(18, 22, 32, 42), (before, after))
+    (tmp_path / "a").mkdir()
+    from_input = write_chips(tmp_path / "a", chip_targets([site], plan), [site], plan=plan)
+    copies = {str(Path(str(ref.path))): shutil.copy(str(ref.path), tmp_path / f"c-{ref.item_id}")
+              for ref in (before, after)}
+    with open(after.path, "r+b") as fh:  # type: ignore[arg-type]
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    (tmp_path / "b").mkdir()
+    from_copies = write_chips(tmp_path / "b", chip_targets([site], plan), [site], plan=plan,
+                              checked_copies={k: Path(v) for k, v in copies.items()})
+    assert from_copies == from_input
+    for rel in from_input["compound-0001"].values():
+        a, b = Image.open(tmp_path / "a" / rel), Image.open(tmp_path / "b" / rel)
+        assert a.info == b.info
+        assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FetchError, match="changed since this run read it"):  # not the copy
+        write_chips(tmp_path / "b", chip_targets([site], plan), [site], plan=plan,
+                    checked_copies={str(Path(str(before.path))): Path(copies[str(Path(
+                        str(before.path)))])})
+
+
 def test_write_chips_without_local_file_writes_nothing(tmp_path: Path) -> None:
     """A fetched input (no local path) gives no chips and no chips folder content."""
     before, after, plan = _pair(tmp_path)

@@ -143,8 +143,8 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     assert set(detection[4]["params"]) == {"objects", "walls", "towers", "grade"}
     assert detection[3]["details"]["threshold"] is not None
     writes = [s for s in manifest["steps"] if s["name"].startswith("write:")]
-    assert [s["name"] for s in writes] == ["write:chips", "write:geojson", "write:rasters",
-                                           "write:gis_layers", "write:report", "write:originals"]
+    assert [s["name"] for s in writes] == ["write:originals", "write:chips", "write:geojson",
+                                           "write:rasters", "write:gis_layers", "write:report"]
     assert all(s["started_utc"].endswith("Z") for s in writes)
     assert sorted(s["started_utc"] for s in writes) == [s["started_utc"] for s in writes]
     roles = {o["input"]: o for o in manifest["originals"]}
