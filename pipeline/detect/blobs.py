@@ -183,12 +183,20 @@ def log_blobs_in(image: np.ndarray, boxes: Any, *, min_sigma: float, max_sigma: 
             continue
         # one pixel more on each side: the neighbours a peak is compared with
         y0, y1, x0, x1 = max(r0 - 1, 0), min(r1 + 1, height), max(c0 - 1, 0), min(c1 + 1, width)
-        cube = _log_cube_box(image, sigmas[first:last + 1], (y0, y1, x0, x1))
+        # The largest scale, when only a neighbour of the wanted ones, is the costliest and
+        # decides only the few peaks of the scale below it: filtered just around those.
+        top = last if last > first and not keep[last] else None
+        cube = _log_cube_box(image, sigmas[first:top or last + 1], (y0, y1, x0, x1))
         lo, hi = min(lo, float(cube.min())), max(hi, float(cube.max()))
         s, r, c, value = _peak_voxels(cube, threshold)
         r, c = r + y0, c + x0
         inside = (r >= r0) & (r < r1) & (c >= c0) & (c < c1) & keep[s + first]
-        found.append((s[inside] + first, r[inside], c[inside], value[inside]))
+        s, r, c, value = s[inside] + first, r[inside], c[inside], value[inside]
+        if top is not None:
+            below = np.flatnonzero(s == top - 1)
+            beaten = [k for k in below if value[k] < _top_ring(image, sigmas[top], r[k], c[k])]
+            s, r, c, value = (np.delete(x, beaten) for x in (s, r, c, value))
+        found.append((s, r, c, value))
     if not found or (lo == hi and _is_constant(_log_cube(image, sigmas))):
         return none  # `local_peaks`: a constant cube (all scales, as `log_blobs`) has none
     return merge_blobs([(np.column_stack([r.astype(image.dtype), c.astype(image.dtype),
@@ -217,6 +225,14 @@ def merge_blobs(parts: Any) -> tuple[np.ndarray, np.ndarray]:
     again = np.zeros(len(blobs), bool)
     again[1:] = (blobs[1:] == blobs[:-1]).all(axis=1)
     return blobs[~again], value[~again]
+
+
+def _top_ring(image: np.ndarray, sigma: np.floating, row: int, col: int) -> float:
+    """The largest response at ``sigma`` over the 3 x 3 pixels around ``(row, col)``
+    (clipped at the image's edges, as `_peak_voxels`' ``'nearest'`` neighbours)."""
+    height, width = image.shape
+    box = (max(row - 1, 0), min(row + 2, height), max(col - 1, 0), min(col + 2, width))
+    return float(_log_cube_box(image, np.array([sigma]), box).max())
 
 
 def _is_constant(cube: np.ndarray) -> bool:

@@ -155,3 +155,24 @@ def test_log_blobs_in_constant_image_as_the_whole_search():
         full = log_blobs(img, threshold=threshold, **SCALES)
         got, _ = log_blobs_in(img, boxes, threshold=threshold, **SCALES)
         np.testing.assert_array_equal(got, full[_in_boxes(full, boxes)])
+
+
+def test_log_blobs_in_top_scale_decides_the_peaks_below_it():
+    """With the largest scale only a neighbour (filtered just around the peaks of the scale
+    below it), the blobs are the whole search's: including where that scale beats a peak."""
+    from pipeline.detect.blobs import _log_cube, _peak_voxels, log_blobs_in
+
+    wanted = np.array([0, 1, 1, 1, 1, 1, 0, 0], bool)
+    sigmas = log_sigmas(SCALES["min_sigma"], SCALES["max_sigma"], 8, np.float32)
+    beaten = 0
+    for seed in range(12):
+        img = _image((120, 150), seed=seed, density=5.0)
+        full = log_blobs(img, threshold=0.03, wanted=wanted, **SCALES)
+        got, _ = log_blobs_in(img, [(0, 60, 0, 150), (60, 120, 0, 150)], threshold=0.03,
+                              wanted=wanted, **SCALES)
+        np.testing.assert_array_equal(got, full)
+        # peaks of scale 5 without scale 6 beside them: those scale 6 beats are not blobs
+        s, r, c, _ = _peak_voxels(_log_cube(img, sigmas[0:6]), 0.03)
+        at5 = {(float(r[k]), float(c[k])) for k in np.flatnonzero(s == 5)}
+        beaten += len(at5 - {(b[0], b[1]) for b in full if b[2] == sigmas[5]})
+    assert beaten > 0
