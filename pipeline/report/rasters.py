@@ -34,6 +34,13 @@ from pipeline.files import atomic_path
 __all__ = ["BLOCKSIZE", "write_cog", "validate_cog"]
 
 BLOCKSIZE = 512
+# GDAL's COG driver builds the overviews into a temporary file compressed with ZSTD at
+# GTiff's default level 9 (cogdriver.cpp sets only COMPRESS for it), then copies them into
+# the COG with the COG's own compression. That temporary file is deleted: level 1 gives the
+# same COG byte for byte (md5 of the 4224 and 8446 px bench rasters) and cut the 8446 px
+# float32 magnitude's copy from 6.8-7.4 to 5.4-5.5 CPU s. The option only touches ZSTD
+# overviews, and the COGs' overviews are DEFLATE.
+COPY_CONFIG = {"ZSTD_LEVEL_OVERVIEW": "1"}
 
 
 def write_cog(
@@ -126,7 +133,7 @@ def write_cog(
                     dst.write(values)
                 dst.descriptions = descriptions
                 dst.update_tags(**all_tags)
-            with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO"):
+            with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO", **COPY_CONFIG):
                 rasterio.shutil.copy(src_path, tmp, driver="COG", **_cog_options(dtype))
     return path
 

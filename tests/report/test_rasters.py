@@ -228,3 +228,22 @@ def test_cast_passes_through_what_needs_no_mapping() -> None:
     assert rasters._cast(floats, "float32", np.nan) is floats
     assert rasters._cast(ints, "uint8", 255) is ints
     assert rasters._cast(floats, "float64", np.nan).dtype == np.float64
+
+
+def test_write_cog_temporary_overview_level_keeps_the_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ZSTD level of GDAL's temporary overview file (COPY_CONFIG) leaves the COG byte for
+    byte the same, several overview levels and odd sizes included."""
+    rng = np.random.default_rng(3)
+    values = rng.gamma(2.0, 3.0, (1391, 1203)).astype("float32")
+    values[:100, :70] = np.nan
+    fast = write_cog(_grid_array(values), tmp_path / "fast.tif", dtype="float32",
+                     nodata=float("nan"))
+    assert rasters.COPY_CONFIG == {"ZSTD_LEVEL_OVERVIEW": "1"}
+    monkeypatch.setattr(rasters, "COPY_CONFIG", {})
+    default = write_cog(_grid_array(values), tmp_path / "default.tif", dtype="float32",
+                        nodata=float("nan"))
+    with rasterio.open(fast) as ds:
+        assert ds.overviews(1) == [2, 4]
+    assert sha256_file(fast) == sha256_file(default)
+    assert validate_cog(fast)[0]
