@@ -15,12 +15,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["IGNORE", "LabelledPair", "DEFAULT_DATA_DIR", "read_png_pairs", "read_levir_crops",
-           "read_levir_tiles", "read_dsifn", "read_nanjing", "levir_crop_origin",
-           "levir_tile"]
+__all__ = ["IGNORE", "LabelledPair", "DEFAULT_DATA_DIR", "LEVIR_TILE_FOLDS", "read_png_pairs",
+           "read_levir_crops", "read_levir_tiles", "read_dsifn", "read_nanjing",
+           "levir_crop_origin",           "levir_tile"]
 
 IGNORE = 255
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The held-out folds of both learned models (scripts/train.py, scripts/train_cnn.py): fold name
+# -> the LEVIR-CD tiles (`LabelledPair.group`) it holds out. Every fold holds out one or two of
+# the five tile files and two or three of the nine crops; a tile's images are held out
+# together, so no held-out image is adjacent to a training image of its own tile. Fixed before
+# any model was trained on them.
+LEVIR_TILE_FOLDS = {
+    "a": ("test_1", "test_2", "test_121"),
+    "b": ("test_3", "test_55", "test_77"),
+    "c": ("test_4", "train_36", "train_386"),
+    "d": ("test_5", "train_412", "val_27"),
+}
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,8 @@ network alone; each fold's times are in its card; PyTorch
 {c.get('training', {}).get('torch', '-')} on the CPU). Its decision
 rule, the same for every fold and fixed before evaluation: change = probability >
 {c.get('threshold', '-')} after Gaussian smoothing of {c.get('smooth_sigma_px', '-')} px; regions
-under {c.get('min_area_m2', '-')} m2 dropped. Its four fold networks each hold out the images of
-one or two LEVIR-CD tiles (`held_out_tiles` in their cards) and are trained on all the others,
-so each sees about three quarters of the fourteen images, where each LightGBM fold sees one of
-the two sets:
+under {c.get('min_area_m2', '-')} m2 dropped. Its four fold networks are the LightGBM folds'
+(see Protocol: `held_out_tiles` in their cards):
 {_fold_lines(cnn_folds)}
 Network speed (NumPy inference with the four mirrorings, no deep-learning library), over every
 image scored in this run: {fmt_figure(speed)} s wall and {fmt_figure(cpu)} s CPU per megapixel.
@@ -202,7 +200,7 @@ Written by `make eval` (`python -m pipeline.evaluate`) on {datetime.now(UTC):%Y-
 {facts.get('seconds', 0):.0f} s (cores shared with other jobs). Shipped model:
 `models/{card.get('model_file', '-')}` (SHA-256 {card.get('model_sha256', '-')[:12]}), trained
 {card.get('trained_utc', '-')} by `make train` in {card.get('train_seconds', '-')} s wall,
-{card.get('train_cpu_seconds', '-')} s CPU (both folds and the shipped model).
+{card.get('train_cpu_seconds', '-')} s CPU (the four folds and the shipped model).
 
 ## Held-out figures
 
@@ -230,13 +228,17 @@ SCM 62.8 (Tan et al., IGARSS 2024); supervised BIT 89.3, ChangeFormer 90.4. Ours
 
 ## Protocol
 
-- Two-fold, leave-one-group-out, in both directions. `make train` trains:
+- Four folds grouped by LEVIR-CD tile (`pipeline.datasets.LEVIR_TILE_FOLDS`, fixed before
+  any model was trained on them), the same for both learned models: each fold holds out the
+  images of one or two LEVIR-CD tiles (a tile's images together; one or two tile files and two
+  or three crops) and is trained on all the others, about three quarters of the fourteen
+  images. `make train` trains:
 {_fold_lines(folds)}
 - The shipped model is trained on all fourteen images by the same command and settings. No
   figure above is of the shipped model on LEVIR-CD; its quality on unseen LEVIR-like imagery
-  is estimated by the folds, each trained on roughly half the data. It alone scores DSIFN
-  (general land-cover change, Chinese cities, about 2 m) and Nanjing (30 m Landsat), which no
-  model saw; both are out of domain for a building model and shown for reference.
+  is estimated by the folds, each trained on about three quarters of the data. It alone
+  scores DSIFN (general land-cover change, Chinese cities, about 2 m) and Nanjing (30 m
+  Landsat), which no model saw; both are out of domain for a building model and shown for reference.
 - No pixel of a held-out image is in its fold's training images: names are checked disjoint
   and rows of one LEVIR-CD tile compared at every run. {"; ".join(facts.get("held_out_notes", []))
   }. The row "held-out images of LEVIR tiles their fold never saw" leaves out

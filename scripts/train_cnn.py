@@ -8,8 +8,7 @@ the five ``levir_cd_tiles``; never DSIFN or Nanjing), with the protocol of ``scr
 - four **fold models** for the held-out evaluation (FOLDS): the fourteen images grouped by
   their LEVIR-CD tile, each fold holding out one or two tiles' images (about a quarter of the
   crops and of the tiles) and trained on all the others; ``make eval`` scores each image with
-  the fold that held it out. (The LightGBM model's two folds, tiles against crops, leave the
-  crops fold 0.6 megapixels to learn from: too little for a network, see docs/evaluation.md.)
+  the fold that held it out (the same folds as the LightGBM model's, `LEVIR_TILE_FOLDS`).
 - the **shipped model**, trained on all fourteen images; it has no held-out figure of its own.
 
 Training data: every image as is and in augmented copies made by ``scripts/train.py``'s
@@ -51,7 +50,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from pipeline.datasets import DEFAULT_DATA_DIR, LabelledPair, read_levir_crops, read_levir_tiles  # noqa: E402,I001
+from pipeline.datasets import (  # noqa: E402,I001
+    DEFAULT_DATA_DIR,
+    LEVIR_TILE_FOLDS,
+    LabelledPair,
+    read_levir_crops,
+    read_levir_tiles,
+)
 from pipeline.detect.convnet import DECODER, ENCODER, standardize  # noqa: E402
 from pipeline.models import DEFAULT_CNN_PATH, save_cnn  # noqa: E402
 from train import augment  # noqa: E402  (scripts/train.py: the same augmented copies)
@@ -72,15 +77,7 @@ SCALE_RANGE = (0.7, 1.4)
 COPIES_PX = 2_000_000  # pixels of augmented copies per image (at least one copy, at most 30)
 MAX_COPIES = 30
 DECISION = {"threshold": 0.5, "smooth_sigma_px": 1.0, "min_area_m2": 10.0}
-# Fold name -> the LEVIR-CD tiles (LabelledPair.group) it holds out: every fold holds out one
-# or two of the five tile files and two or three of the nine crops; a tile's images are held
-# out together, so no held-out image is adjacent to a training image of its own tile.
-FOLDS = {
-    "a": ("test_1", "test_2", "test_121"),
-    "b": ("test_3", "test_55", "test_77"),
-    "c": ("test_4", "train_36", "train_386"),
-    "d": ("test_5", "train_412", "val_27"),
-}
+FOLDS = LEVIR_TILE_FOLDS  # four folds by LEVIR-CD tile, shared with scripts/train.py
 
 
 def _torch():

@@ -8,7 +8,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 
-from pipeline.datasets import LabelledPair
+from pipeline.datasets import LEVIR_TILE_FOLDS, LabelledPair, levir_tile
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -64,3 +64,21 @@ def roof_pair(name: str, seed: int, size: int = 48) -> LabelledPair:
         after[:, y:y + 10, x:x + 12] = 220.0
         label[y:y + 10, x:x + 12] = 1
     return LabelledPair("levir_cd", name, before, after, label, 0.5, group=name)
+
+
+def assert_folds_hold_out_each_image_once(shipped_card: dict, fold_cards: list[dict]) -> None:
+    """Each fold's held-out images are disjoint from its training images and are the whole
+    LEVIR-CD tiles of its `LEVIR_TILE_FOLDS` entry; every image the shipped model was trained
+    on is held out by exactly one fold."""
+    assert sorted(c["fold"] for c in fold_cards) == sorted(LEVIR_TILE_FOLDS)
+    held = []
+    for card in fold_cards:
+        trained = set(card["trained_on"])
+        assert not trained & set(card["held_out"])
+        assert tuple(card["held_out_tiles"]) == LEVIR_TILE_FOLDS[card["fold"]]
+        tiles = {levir_tile(name.split("/")[1]) for name in trained}
+        assert not tiles & set(card["held_out_tiles"])
+        assert {levir_tile(name.split("/")[1]) for name in card["held_out"]} \
+            == set(card["held_out_tiles"])
+        held += card["held_out"]
+    assert sorted(held) == sorted(shipped_card["trained_on"])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import load_script, roof_pair
+from _helpers import assert_folds_hold_out_each_image_once, load_script, roof_pair
 from numpy.testing import assert_array_equal
 
 from pipeline.core.features import N_FEATURES
+from pipeline.models import DEFAULT_MODEL_PATH, load_fold_models, load_model
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,14 @@ def test_sample_without_hard_share_is_uniform_as_shipped(train, monkeypatch):
     idx = np.sort(np.concatenate([pos, neg]))
     assert_array_equal(x, feats.reshape(N_FEATURES, -1)[:, idx].T)
     assert_array_equal(y, flat[idx])
+
+
+def test_shipped_model_folds_are_the_networks_and_hold_out_each_image_once():
+    """The shipped LightGBM model names four fold models, the network's folds by LEVIR-CD
+    tile: each holds out whole tiles it was not trained on, and together every image the
+    shipped model was trained on exactly once."""
+    if not DEFAULT_MODEL_PATH.exists():
+        pytest.skip("no shipped model in models/ (make train)")
+    model = load_model()
+    folds = load_fold_models(model)
+    assert_folds_hold_out_each_image_once(model.card, [f.card for f in folds.values()])

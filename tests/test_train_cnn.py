@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from _helpers import load_script, roof_pair
+from _helpers import assert_folds_hold_out_each_image_once, load_script, roof_pair
 
-from pipeline.datasets import levir_tile
 from pipeline.detect.convnet import forward, predict_change_cnn
 from pipeline.models import DEFAULT_CNN_PATH, load_cnn, load_cnn_folds, save_cnn
 
@@ -92,13 +91,6 @@ def test_shipped_network_is_small_and_its_folds_hold_out_each_image_once():
     size = sum((DEFAULT_CNN_PATH.parent / m.card["model_file"]).stat().st_size
                for m in (model, *folds.values()))
     assert size < 3 * 1024 * 1024
-    held = []
-    for fold in folds.values():
-        trained = set(fold.card["trained_on"])
-        assert not trained & set(fold.card["held_out"])
-        tiles = {levir_tile(name.split("/")[1]) for name in trained}
-        assert not tiles & set(fold.card["held_out_tiles"])
-        held += fold.card["held_out"]
-    assert sorted(held) == sorted(model.card["trained_on"])
+    assert_folds_hold_out_each_image_once(model.card, [f.card for f in folds.values()])
     card = json.loads(DEFAULT_CNN_PATH.read_text())
     assert card["threshold"] == 0.5 and "dsifn" in card["not_trained_on"]
