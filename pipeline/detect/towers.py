@@ -24,10 +24,10 @@ import numpy as np
 import shapely
 from affine import Affine
 from scipy import ndimage as ndi
-from skimage import morphology
 
 from pipeline.detect.blobs import log_blobs_in, log_sigmas, merge_blobs
 from pipeline.detect.lines import line_footprint
+from pipeline.detect.minmax import disk_tophat, square_extreme, square_tophat
 from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
 from pipeline.model import TowerParams, WallParams
 
@@ -105,44 +105,14 @@ def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res
     length = max(3, int(round(params.line_length_m / res_m)))
     widths = (walls.max_wall_width_m, walls.max_shadow_width_m)
     compact, blanked = [], []
-    for tophat, width in zip((ndi.white_tophat, ndi.black_tophat), widths, strict=True):
-        thin = _disk_tophat(a, max(1, int(width / (2 * res_m))),
-                            white=tophat is ndi.white_tophat)
+    # SciPy's white and black top-hats, to the bit, in fewer passes (`pipeline.detect.minmax`)
+    for white, width in zip((True, False), widths, strict=True):
+        thin = disk_tophat(a, max(1, int(width / (2 * res_m))), white=white)
         lines = ndi.binary_dilation(_on_long_lines(thin > threshold, length, angle_deg))
-        compact.append(tophat(a, size=(size, size)))
+        compact.append(square_tophat(a, size, white=white))
         blanked.append(np.where(lines, 0.0, compact[-1]))
-    return [np.minimum(blanked[0], a - ndi.maximum_filter(b, size=3)),
-            np.minimum(blanked[1], ndi.minimum_filter(b, size=3) - a), *compact]
-
-
-def _disk_tophat(image: np.ndarray, radius: int, *, white: bool) -> np.ndarray:
-    """``ndi.white_tophat`` (or ``black_tophat``) of ``image`` with ``morphology.disk(radius)``.
-
-    The disk is a stack of centred runs: its minimum (maximum) is that of one 1-D filter
-    per run length, each shifted by its row (edges reflected, as SciPy's). The same
-    numbers, a few passes instead of one visit per disk pixel.
-    """
-    footprint = morphology.disk(radius)
-    halves = [int(row.sum()) // 2 for row in footprint]
-    centred = all(np.array_equal(row, np.abs(np.arange(-radius, radius + 1)) <= h)
-                  for row, h in zip(footprint, halves, strict=True))
-    if not centred or min(image.shape) <= 2 * radius + 1:
-        tophat = ndi.white_tophat if white else ndi.black_tophat
-        return tophat(image, footprint=footprint)
-
-    def filtered(x: np.ndarray, low: bool) -> np.ndarray:
-        line, pick = ((ndi.minimum_filter1d, np.minimum) if low
-                      else (ndi.maximum_filter1d, np.maximum))
-        runs = {h: np.pad(line(x, 2 * h + 1, axis=1), ((radius, radius), (0, 0)),
-                          mode="symmetric") for h in set(halves)}  # SciPy's 'reflect'
-        out = runs[halves[0]][:x.shape[0]].copy()
-        for k, h in enumerate(halves[1:], start=1):
-            pick(out, runs[h][k:k + x.shape[0]], out=out)
-        return out
-
-    if white:  # image minus its opening (an erosion, then a dilation)
-        return image - filtered(filtered(image, True), False)
-    return filtered(filtered(image, False), True) - image  # its closing minus the image
+    return [np.minimum(blanked[0], a - square_extreme(b, 3, low=False)),
+            np.minimum(blanked[1], square_extreme(b, 3, low=True) - a), *compact]
 
 
 def outline_orientation_deg(outline: shapely.Polygon) -> float:

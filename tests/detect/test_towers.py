@@ -154,24 +154,3 @@ def test_band_search_equals_whole_window(res_m, angle_deg, layout):
     assert banded == whole
     assert len(whole) > 0
 
-
-@pytest.mark.parametrize("seed", range(3))
-def test_disk_tophat_equals_scipy(seed):
-    """The run-by-run disk top-hats give SciPy's numbers, borders and plateaus included."""
-    from scipy import ndimage as ndi
-    from skimage import morphology
-
-    from pipeline.detect.towers import _disk_tophat
-
-    rng = np.random.default_rng(seed)
-    for trial in range(30):
-        shape = tuple(int(n) for n in rng.integers(2, 100, 2))
-        image = rng.random(shape).astype(np.float32)
-        if trial % 3 == 0:  # plateaus: equal values everywhere
-            image = np.round(image * 3).astype(np.float32)
-        radius = int(rng.integers(1, 9))
-        for white, tophat in ((True, ndi.white_tophat), (False, ndi.black_tophat)):
-            expected = tophat(image, footprint=morphology.disk(radius))
-            got = _disk_tophat(image, radius, white=white)
-            assert got.dtype == expected.dtype
-            np.testing.assert_array_equal(got, expected)
