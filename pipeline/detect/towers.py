@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 from affine import Affine
-from scipy import ndimage as ndi
 
 from pipeline.detect.blobs import log_blobs_in, log_sigmas, merge_blobs
 from pipeline.detect.lines import line_footprint
@@ -87,10 +86,19 @@ def _binary_opening(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     eroded = np.ones(mask.shape, bool)
     for dr, dc in offsets:  # border_value 0: a footprint reaching outside erodes the pixel
         _shifted(mask, dr, dc, eroded, combine="and")
-    opened = np.zeros(mask.shape, bool)
+    return _binary_dilation(eroded, offsets)
+
+
+_CROSS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]  # ndimage's default structure
+
+
+def _binary_dilation(mask: np.ndarray, offsets: list[tuple[int, int]] = _CROSS) -> np.ndarray:
+    """``ndimage.binary_dilation`` of a boolean ``mask`` with the footprint of ``offsets``
+    from its centre (the 3 x 3 cross by default), from shifted copies."""
+    dilated = np.zeros(mask.shape, bool)
     for dr, dc in offsets:  # the dilation uses the footprint reflected
-        _shifted(eroded, -dr, -dc, opened, combine="or")
-    return opened
+        _shifted(mask, -dr, -dc, dilated, combine="or")
+    return dilated
 
 
 def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res_m: float,
@@ -108,7 +116,7 @@ def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res
     # SciPy's white and black top-hats, to the bit, in fewer passes (`pipeline.detect.minmax`)
     for white, width in zip((True, False), widths, strict=True):
         thin = disk_tophat(a, max(1, int(width / (2 * res_m))), white=white)
-        lines = ndi.binary_dilation(_on_long_lines(thin > threshold, length, angle_deg))
+        lines = _binary_dilation(_on_long_lines(thin > threshold, length, angle_deg))
         compact.append(square_tophat(a, size, white=white))
         blanked.append(np.where(lines, 0.0, compact[-1]))
     return [np.minimum(blanked[0], a - square_extreme(b, 3, low=False)),
@@ -198,6 +206,7 @@ class _BlobSearch:
         self.threshold, self.res_m, self.params = threshold, res_m, params
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.done: set[tuple[int, int, int, int]] = set()
+        self.integral: np.ndarray | None = None  # of r, for the blobs' contrast
         # Scales reach beyond the accepted sizes, so that smaller or larger clutter peaks at
         # its own scale (and is dropped) instead of at the nearest accepted one.
         self.lo = 0.6 * params.min_size_m / 2.5 / res_m
@@ -229,7 +238,9 @@ class _BlobSearch:
             return np.zeros((0, 4))
         r = self.r
         size_px = 2.5 * blobs[:, 2]
-        integral = np.pad(r, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        if self.integral is None:
+            self.integral = np.pad(r, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        integral = self.integral
         h = np.maximum(1, np.round(size_px / 2)).astype(int)
         r0, c0 = (np.clip(blobs[:, k].astype(int) - h, 0, r.shape[k]) for k in (0, 1))
         r1, c1 = (np.clip(blobs[:, k].astype(int) + h + 1, 0, r.shape[k]) for k in (0, 1))

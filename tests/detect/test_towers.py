@@ -154,3 +154,24 @@ def test_band_search_equals_whole_window(res_m, angle_deg, layout):
     assert banded == whole
     assert len(whole) > 0
 
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_binary_dilation_equals_scipy(seed):
+    """The shifted-copy dilation (default cross, or a line) gives SciPy's booleans."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect.lines import line_footprint
+    from pipeline.detect.towers import _binary_dilation
+
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        shape = tuple(int(n) for n in rng.integers(1, 80, 2))
+        mask = rng.random(shape) < rng.uniform(0.01, 0.5)
+        np.testing.assert_array_equal(_binary_dilation(mask), ndi.binary_dilation(mask))
+        footprint = line_footprint(int(rng.integers(3, 30)), float(rng.uniform(0, 360)))
+        h, w = footprint.shape
+        offsets = [(int(r) - h // 2, int(c) - w // 2) for r, c in zip(*np.nonzero(footprint),
+                                                                      strict=True)]
+        np.testing.assert_array_equal(_binary_dilation(mask, offsets),
+                                      ndi.binary_dilation(mask, structure=footprint))
