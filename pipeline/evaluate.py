@@ -293,7 +293,7 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
     notes = check_folds(folds, levir) if model is not None else []
     if cnn is not None:
         notes += [f"CNN {n}" for n in check_folds(cnn_folds, levir)]
-    adjacent = _adjacent_groups(folds or cnn_folds, levir)
+    adjacent = _adjacent_groups(folds, levir) | _adjacent_groups(cnn_folds, levir)
     rows: list[Row] = []
     pooled: dict[str, Row] = {}
     strict: dict[str, Row] = {}
@@ -317,7 +317,8 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                             pred, pair.label, objects=True)
             timings[f"{ds_name} / {m_name}"] = time.perf_counter() - t0
             rows.append(row)
-    rows += [*pooled.values(), *strict.values()]
+    # without adjacent images the strict rows would repeat the pooled ones
+    rows += [*pooled.values(), *(strict.values() if adjacent else ())]
     facts: dict[str, Any] = {"held_out_notes": notes, "timings_s": timings,
                              "adjacent_images": sorted(adjacent),
                              "adjacent_tiles": sorted({p.group for p in levir
