@@ -300,9 +300,12 @@ def _has_depth(coords: Any, depth: int) -> bool:
 
 
 def _truncate(coords: Any, depth: int) -> Any:
-    """Coordinates with every position cut to [x, y] (shapely rejects 4+ elements)."""
+    """Coordinates with every position cut to [x, y] (shapely rejects 4+ elements); each
+    line or ring as a float array, which shapely takes without a point-by-point pass."""
     if depth == 0:
         return list(coords[:2])
+    if depth == 1:
+        return np.array([p[:2] for p in coords], np.float64).reshape(len(coords), 2)
     return [_truncate(c, depth - 1) for c in coords]
 
 

@@ -90,3 +90,26 @@ def test_validator_fast_paths_give_the_slow_answer(rings: list[Any], clean: bool
             mp.setattr(validate, "_are_float_positions", lambda *a: False)
             slow = validate_geojson(fc, max_decimals=max_decimals)
         assert fast == slow
+
+
+@pytest.mark.parametrize(("gtype", "coords"), [
+    ("Polygon", [[[88, 43], [88.5, 43, 7.0], [88.5, 43.5, 1, 2], [88, 43]],
+                 [[88.1, 43.1], [88.1, 43.2], [88.2, 43.2], [88.1, 43.1]]]),
+    ("MultiPolygon", [[[[0, 0], [1, 0], [1, 1], [0, 0]]], [[[2, 2], [3, 2], [3, 3.5], [2, 2]]]]),
+    ("LineString", [[1, 2], [3.25, 4, 5], [6, 7]]),
+    ("MultiLineString", [[[1, 2], [3, 4]], [[5, 6], [7, 8.5]]]),
+    ("Point", [1.5, 2, 3]),
+])
+def test_truncated_coordinates_give_the_same_geometry(gtype: str, coords: Any) -> None:
+    """Rings and lines handed to shapely as float arrays: the geometry the nested lists of
+    [x, y] give (ints, 3 and 4 elements per position, holes)."""
+    from shapely.geometry import shape
+
+    depth = validate._POSITION_DEPTH[gtype]
+
+    def as_lists(c: Any, d: int) -> Any:
+        return list(c[:2]) if d == 0 else [as_lists(x, d - 1) for x in c]
+
+    fast = shape({"type": gtype, "coordinates": validate._truncate(coords, depth)})
+    slow = shape({"type": gtype, "coordinates": as_lists(coords, depth)})
+    assert fast.equals_exact(slow, 0) and fast.wkb == slow.wkb
