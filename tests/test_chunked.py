@@ -294,6 +294,27 @@ def test_scene_walls_chunked_equal_whole(res_m, chunk):
     assert lazy.line_map.transform == whole.line_map.transform
 
 
+def test_scene_walls_from_grey_images_equal_from_stacks():
+    """The wall search given the grey images (as `detect_sites` passes its stored ones) finds
+    what it finds from the band stacks, in memory and chunk by chunk."""
+    import dask.array as da
+
+    from pipeline.detect.texture import grey
+    from pipeline.detect.walled import scene_walls
+    from pipeline.model import DetectParams
+
+    before, after = _walled_pair((500, 520), 0.5)
+    kwargs = dict(transform=from_origin(*ORIGIN, 0.5, 0.5), res_m=0.5, params=DetectParams())
+    for wrap in (np.asarray, lambda x: da.from_array(x, chunks=(3, 160, 160)[-x.ndim:])):
+        stacks = scene_walls(wrap(before), wrap(after), **kwargs)
+        greys = scene_walls(wrap(grey(before)), wrap(grey(after)), **kwargs)
+        assert len(stacks.segments) >= 12 and greys.segments == stacks.segments
+        assert greys.line_map.threshold == stacks.line_map.threshold
+        height, width = stacks.line_map.mask.shape
+        assert_array_equal(greys.line_map.mask[0:height, 0:width],
+                           stacks.line_map.mask[0:height, 0:width])
+
+
 def test_windowed_array_reads_only_what_is_asked():
     """WindowedArray: windows and points as NumPy would give them, each from one window read."""
     from pipeline.detect.walls_chunked import WindowedArray

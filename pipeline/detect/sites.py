@@ -331,8 +331,9 @@ def detect_sites(
         sites = _propose(candidates, buildings, op)
     if is_fine(res_m, params):
         with _timed(timings, "walls"):
-            scene = scene_walls(before, after, transform=transform, res_m=res_m, params=params,
-                                persist=persist)
+            # the walls read only the grey images: the stored ones, not the band stacks again
+            scene = scene_walls(grey_before, grey_after, transform=transform, res_m=res_m,
+                                params=params, persist=persist)
             sites += [_Site(_outline_candidate(outline, gain, gain_threshold,
                                                transform=transform, res_m=res_m, op=op),
                             [], "walls") for outline in wall_outlines(scene, params=params)]

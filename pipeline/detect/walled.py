@@ -62,7 +62,9 @@ def scene_walls(before: Any, after: Any, *, transform: Affine, res_m: float,
     ----------
     before, after
         ``(band, y, x)`` NumPy or Dask stacks on the working grid, after co-registered and
-        normalized; NaN = nodata. A Dask pair is searched chunk by chunk
+        normalized, or their grey images (`texture.grey`, ``(y, x)``: the search reads only
+        those, so stored ones save recomputing them); NaN = nodata. A Dask pair is searched
+        chunk by chunk
         (`walls_chunked.scene_walls_chunked`: same segments), so no wall-grid map is held
         whole beyond a moment; its line map's mask is then read window by window.
     transform, res_m
@@ -83,7 +85,7 @@ def scene_walls(before: Any, after: Any, *, transform: Affine, res_m: float,
                                            persist=persist)
         return SceneWalls(lm, tuple(segments))
     factor = int(round(walls.work_res_m / res_m)) if res_m < walls.work_res_m else 1
-    g_b, g_a = grey(before), grey(after)
+    g_b, g_a = (x if x.ndim == 2 else grey(x) for x in (before, after))
     if factor > 1:
         g_b, g_a = block_mean(g_b, factor)[0], block_mean(g_a, factor)[0]
         transform, res_m = transform * Affine.scale(factor), res_m * factor

@@ -83,9 +83,10 @@ class WindowedArray:
 
 
 def _wall_grey(stack: da.Array, factor: int) -> da.Array:
-    """Lazy grey image on the wall grid: `texture.grey`, block-averaged by ``factor`` per chunk
-    (the chunk results `texture.block_mean` computes and joins)."""
-    g = grey(stack)
+    """Lazy grey image on the wall grid: `texture.grey` (a ``(y, x)`` input is taken as the
+    grey image itself), block-averaged by ``factor`` per chunk (the chunk results
+    `texture.block_mean` computes and joins)."""
+    g = grey(stack) if stack.ndim == 3 else stack
     if factor <= 1:
         return g
     g = _aligned(g, factor)
