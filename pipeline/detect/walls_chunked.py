@@ -311,14 +311,26 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
                              np.minimum(height, np.ceil(rs.max(axis=0)) + margin + 1),
                              np.minimum(width, np.ceil(cs.max(axis=0)) + margin + 1)]
                             ).astype(np.int64)
-    # described block by block (the blocks read stay cached), listed in the merged order
+    # described block by block (the blocks read stay cached), the blocks in parallel on the
+    # configured Dask scheduler (the chunk caches are thread-safe), listed in the merged order
     chunk = max(maps.bounds[0][1], 1), max(maps.bounds[1][1], 1)
-    order = np.lexsort((boxes[:, 1] // chunk[1], boxes[:, 0] // chunk[0]))
+    key = (boxes[:, 0] // chunk[0]) * (width // chunk[1] + 1) + boxes[:, 1] // chunk[1]
+    order = np.argsort(key, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+
+    def describe(ks: np.ndarray) -> list[WallSegment | None]:
+        found: list[WallSegment | None] = []
+        for k in ks.tolist():
+            r0, c0, r1, c1 = (int(v) for v in boxes[k])
+            crop = _crop_map(maps, mask, lm, slice(r0, r1), slice(c0, c1))
+            found.append(_describe(merged[k], crop, crop.transform, params.existing_tolerance_m))
+        return found
+
     out: list[WallSegment | None] = [None] * len(merged)
-    for k in order.tolist():
-        r0, c0, r1, c1 = (int(v) for v in boxes[k])
-        crop = _crop_map(maps, mask, lm, slice(r0, r1), slice(c0, c1))
-        out[k] = _describe(merged[k], crop, crop.transform, params.existing_tolerance_m)
+    described = dask.compute(*(dask.delayed(describe, pure=False)(ks) for ks in groups))
+    for ks, found in zip(groups, described, strict=True):
+        for k, wall in zip(ks.tolist(), found, strict=True):
+            out[k] = wall
     return _keep_walls([w for w in out if w is not None], threshold=lm.threshold, res_m=res_m,
                        params=params)
 
