@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import dask
 import numpy as np
 import shapely
 
@@ -26,6 +27,8 @@ from pipeline.detect.walls import WallSegment
 from pipeline.model import WallParams
 
 __all__ = ["SegmentArrays", "outline_from_segments", "propose_outlines", "segment_closure"]
+
+_SEED_BATCH = 64  # seeds traced per task (a few tens of milliseconds of work); not a result
 
 
 def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentArrays,
@@ -222,16 +225,26 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
     tol = max(2 * res_m, params.tolerance_m)
     long = [s for s in segments if s.length_m >= params.min_length_m]
     arrays = SegmentArrays.of(segments)  # built once for every seed
-    found = []
-    for angle in _families(long, PARALLEL_DEG / 2):
-        for seed in _pair_seeds(long, angle, tol_deg=PARALLEL_DEG / 2,
-                                min_side_m=params.min_length_m):
+    seeds = [seed for angle in _families(long, PARALLEL_DEG / 2)
+             for seed in _pair_seeds(long, angle, tol_deg=PARALLEL_DEG / 2,
+                                     min_side_m=params.min_length_m)]
+
+    def trace(batch: list[shapely.Polygon]) -> list[tuple[shapely.Polygon, float]]:
+        out = []
+        for seed in batch:
             outline, _ = outline_from_segments(arrays, seed=seed, res_m=res_m, params=params)
             if outline.area < min_area_m2:
                 continue
             closure, sides = segment_closure(outline, arrays, tolerance_m=tol)
             if closure >= min_closure and sides >= min_sides:
-                found.append((outline, closure))
+                out.append((outline, closure))
+        return out
+
+    # seeds are independent: batches of them in parallel on the configured Dask scheduler,
+    # their outlines joined in the seeds' order
+    batches = [seeds[i:i + _SEED_BATCH] for i in range(0, len(seeds), _SEED_BATCH)]
+    found = [f for part in dask.compute(*(dask.delayed(trace, pure=False)(b) for b in batches))
+             for f in part]
     found.sort(key=lambda f: -f[1] * f[0].length)
     kept: list[tuple[shapely.Polygon, float]] = []
     boxes = np.empty((0, 4))  # of the kept outlines: one whose box misses shares no area
