@@ -141,6 +141,22 @@ def _window(outline: shapely.Polygon, transform: Affine, shape: tuple[int, int],
     return (slice(max(r0, 0), min(r1 + 1, shape[0])), slice(max(c0, 0), min(c1 + 1, shape[1])))
 
 
+def _tower_maps(before: np.ndarray, after: np.ndarray, outline: shapely.Polygon, *,
+                transform: Affine, res_m: float, params: TowerParams, walls: WallParams
+                ) -> tuple[list[np.ndarray], float, float, Affine]:
+    """`_new_compact` maps of the window around ``outline``, the contrast threshold, the
+    outline's orientation and the window's transform."""
+    g_b, g_a = as_grey(before), as_grey(after)
+    scale = robust_scale(g_b)
+    # Noise and scale from the whole frame: inside the window the new compound dominates.
+    threshold = max(params.min_contrast, params.noise_factor * noise_sigma(g_b, g_a) / scale)
+    rows, cols = _window(outline, transform, g_a.shape, params.search_m + params.max_extent_m)
+    angle = outline_orientation_deg(outline)
+    maps = _new_compact(g_b[rows, cols] / scale, g_a[rows, cols] / scale, angle_deg=angle,
+                        res_m=res_m, params=params, walls=walls, threshold=threshold)
+    return maps, threshold, angle, transform * Affine.translation(cols.start, rows.start)
+
+
 def find_watchtowers(before: np.ndarray, after: np.ndarray, outline: shapely.Polygon, *,
                      transform: Affine, res_m: float, params: TowerParams = TowerParams(),
                      walls: WallParams = WallParams()) -> tuple[list[Tower], str]:
@@ -172,16 +188,10 @@ def find_watchtowers(before: np.ndarray, after: np.ndarray, outline: shapely.Pol
     if res_m > params.max_res_m:
         return [], (f"at {res_m:g} m a watchtower ({params.min_size_m:g}-{params.max_size_m:g} "
                     "m across) spans fewer than three pixels; towers were not searched")
-    g_b, g_a = as_grey(before), as_grey(after)
-    scale = robust_scale(g_b)
-    # Noise and scale from the whole frame: inside the window the new compound dominates.
-    threshold = max(params.min_contrast, params.noise_factor * noise_sigma(g_b, g_a) / scale)
-    rows, cols = _window(outline, transform, g_a.shape, params.search_m + params.max_extent_m)
-    angle = outline_orientation_deg(outline)
-    maps = _new_compact(g_b[rows, cols] / scale, g_a[rows, cols] / scale, angle_deg=angle,
-                        res_m=res_m, params=params, walls=walls, threshold=threshold)
+    maps, threshold, angle, window = _tower_maps(before, after, outline, transform=transform,
+                                                 res_m=res_m, params=params, walls=walls)
     towers = _towers(maps, threshold, outline, angle_deg=angle, res_m=res_m, params=params,
-                     transform=transform * Affine.translation(cols.start, rows.start))
+                     transform=window)
     note = (f"searched {params.search_m:g} m either side of the outline for new compact "
             f"objects {params.min_size_m:g}-{params.max_size_m:g} m across at {res_m:g} m")
     return towers, note

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import shapely
 from _scenes import background
-from affine import Affine
 
 from pipeline.detect.grade import GradeParams
 from pipeline.detect.towers import TowerParams, find_watchtowers
@@ -109,26 +108,11 @@ def test_binary_opening_equals_scipy(seed):
 
 def _towers_both_ways(before, after, outline, transform, res_m, params=None):
     """Towers of `_towers` searching the band along the outline, and the whole window."""
-    from pipeline.detect.towers import (
-        WallParams,
-        _new_compact,
-        _towers,
-        _window,
-        as_grey,
-        noise_sigma,
-        outline_orientation_deg,
-        robust_scale,
-    )
+    from pipeline.detect.towers import WallParams, _tower_maps, _towers
 
     params = params or TowerParams()
-    g_b, g_a = as_grey(before), as_grey(after)
-    scale = robust_scale(g_b)
-    threshold = max(params.min_contrast, params.noise_factor * noise_sigma(g_b, g_a) / scale)
-    rows, cols = _window(outline, transform, g_a.shape, params.search_m + params.max_extent_m)
-    angle = outline_orientation_deg(outline)
-    maps = _new_compact(g_b[rows, cols] / scale, g_a[rows, cols] / scale, angle_deg=angle,
-                        res_m=res_m, params=params, walls=WallParams(), threshold=threshold)
-    window = transform * Affine.translation(cols.start, rows.start)
+    maps, threshold, angle, window = _tower_maps(before, after, outline, transform=transform,
+                                                 res_m=res_m, params=params, walls=WallParams())
     return [_towers(maps, threshold, outline, angle_deg=angle, res_m=res_m, params=params,
                     transform=window, whole=whole) for whole in (False, True)]
 
