@@ -269,13 +269,13 @@ def detect_scenes(
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
-            after, magnitude = _normalized(before, after, read_after,
-                                           method=params.change.normalize, scratch=scratch)
+            after = _normalized(before, after, read_after, method=params.change.normalize,
+                                scratch=scratch)
             del read_after
-            info.update(method=params.change.normalize, with_magnitude=True)
+            info.update(method=params.change.normalize)
         with steps.step("change") as info:
-            mask, threshold, changed_share = _change(
-                magnitude, params=params.change, res_m=plan.res_m, scratch=scratch)
+            magnitude, mask, threshold, changed_share = _change(
+                before, after, params=params.change, res_m=plan.res_m, scratch=scratch)
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=changed_share)
         with steps.step("detect") as info:
@@ -308,28 +308,26 @@ def detect_scenes(
 
 
 def _normalized(before: xr.DataArray, after: xr.DataArray, read: xr.DataArray, *,
-                method: Any, scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray]:
-    """The normalize stage: after (co-registered) matched to before, and the change magnitude.
+                method: Any, scratch: _Scratch) -> xr.DataArray:
+    """The normalize stage: after (co-registered) matched to before (stored when chunked).
 
-    Chunked, both are stored in one pass (each normalized chunk feeds its magnitude chunk
-    as it is made, instead of being read back from its file). The after image as read
-    (``read``, stored by the read stage) is then deleted: from here it is read only through
-    the stored result (12 bytes a pixel of scratch for 3 bands).
+    The after image as read (``read``, stored by the read stage) is then deleted: from here
+    it is read only through the stored result (12 bytes a pixel of scratch for 3 bands).
     """
-    matched = normalize(before, after, method=method)
-    after, magnitude = scratch.keep(matched, change_magnitude(before, matched))
+    after = scratch.keep(normalize(before, after, method=method))
     if after.data is not read.data:
         scratch.drop(read)
-    return after, magnitude
+    return after
 
 
-def _change(magnitude: xr.DataArray, *, params: Any, res_m: float,
-            scratch: _Scratch) -> tuple[xr.DataArray, float, float]:
-    """The change stage: ``(mask, threshold, changed share)`` from the magnitude.
+def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
+            scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, float, float]:
+    """The change stage: ``(magnitude, mask, threshold, changed share)``.
 
-    Chunked, the mask is stored; the smoothed magnitude (read three times) and the size
-    filter's chunk labels, which the mask is computed from, only for the stage.
+    Chunked, the magnitude and the mask are stored; the smoothed magnitude (read three times)
+    and the size filter's chunk labels, which the mask is computed from, only for the stage.
     """
+    magnitude = scratch.keep(change_magnitude(before, after))
     stored: list[Any] = []
 
     def persist(data: Any) -> Any:
@@ -339,7 +337,7 @@ def _change(magnitude: xr.DataArray, *, params: Any, res_m: float,
     mask, threshold = change_mask(magnitude, params=params, res_m=res_m, persist=persist)
     mask, (changed,) = scratch.keep(mask, also=((mask.data == 1).sum(),))
     scratch.drop(*stored)
-    return mask, threshold, float(changed) / max(1, mask.size)
+    return magnitude, mask, threshold, float(changed) / max(1, mask.size)
 
 
 def _change_pixels(mask: xr.DataArray, scratch: _Scratch,
