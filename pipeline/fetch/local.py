@@ -42,7 +42,11 @@ from pipeline.files import sha256_file
 from pipeline.model import GridPlan, SourceRef
 
 __all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution",
-           "grid_chunks", "CHUNK_PX", "CHUNKED_MIN_PX"]
+           "grid_chunks", "CHUNK_PX", "CHUNKED_MIN_PX", "WARP_TILE_PX", "READ_ERRORS",
+           # the building blocks of read_to_grid, shared with readers that must give its
+           # values window by window (report.chipread, fetch.xyz)
+           "inspect_raster", "resampling_method", "read_window", "grid_offset", "read_direct",
+           "warp_tile", "inf_to_nan", "corrupt_message"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,8 @@ _WARP_TOLERANCE_PX = 1e-6
 # A source whose pixel grid is within this many pixels of the plan's is read without the warper.
 _ALIGNED_TOLERANCE_PX = 1e-6
 _PROBE_MAX_PX = 4096 * 4096
-_READ_ERRORS = (RasterioIOError, WarpOperationError)
+# what a pixel read of a corrupt or truncated file raises (turn it into corrupt_message)
+READ_ERRORS = (RasterioIOError, WarpOperationError)
 _GEOD = Geod(ellps="WGS84")
 
 
@@ -112,7 +117,7 @@ def describe_raster(path: str | Path) -> RasterInfo:
     FetchError
         Missing, not a raster, corrupt or truncated, no CRS, rotated/sheared, or zero-size.
     """
-    return _inspect(path)[0]
+    return inspect_raster(path)[0]
 
 
 def acquisition_date(path: str | Path, tags: dict[str, str]) -> tuple[date | None, str | None]:
@@ -196,16 +201,16 @@ def read_to_grid(
     ConfigError
         Unknown ``resampling`` or bad ``chunks``.
     """
-    method = _resampling(resampling)
+    method = resampling_method(resampling)
     if chunks is not None and (type(chunks) is not int or chunks < 1):
         raise ConfigError(f"chunks must be a positive number of pixels or None, got {chunks!r}.")
-    info, bands = _inspect(path)
+    info, bands = inspect_raster(path)
     when, date_source = _resolve_date(info, acquired, role)
     if not _overlaps(info, plan):
         raise NoValidDataError(_no_data_message(info, plan, role, outside=True))
     data: np.ndarray | dask.array.Array
     if chunks is None:
-        data = _read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
+        data = read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
         has_data = not bool(np.isnan(data).all())
     else:
         data = _read_lazy(info.path, plan, method, bands, chunks)
@@ -244,8 +249,25 @@ def common_resolution(infos: list[RasterInfo]) -> float:
     return round(max(info.res_m for info in infos), 3)
 
 
-def _inspect(path: str | Path) -> tuple[RasterInfo, list[int]]:
-    """Open, validate and describe a raster; also return its data (non-alpha) band indexes."""
+def inspect_raster(path: str | Path) -> tuple[RasterInfo, list[int]]:
+    """Open, validate and describe a raster; also return its data (non-alpha) band indexes.
+
+    Parameters
+    ----------
+    path
+        A GeoTIFF/COG.
+
+    Returns
+    -------
+    tuple
+        ``(info, bands)``: the :class:`RasterInfo` of :func:`describe_raster` and the 1-based
+        indexes of the bands read_to_grid reads (all but alpha).
+
+    Raises
+    ------
+    FetchError
+        As :func:`describe_raster`, or the file holds only an alpha band.
+    """
     src_path = _existing_file(path)
     try:
         src = rasterio.open(src_path)
@@ -337,12 +359,12 @@ def _probe(src: Any, path: Path) -> None:
         src.read(1, window=Window(0, 0, min(block_w, src.width), min(block_h, src.height)))
         src.read(src.count, window=Window(last_col, last_row, src.width - last_col,
                                           src.height - last_row))
-    except _READ_ERRORS as e:
-        raise FetchError(_corrupt_message(path, e)) from e
+    except READ_ERRORS as e:
+        raise FetchError(corrupt_message(path, e)) from e
 
 
-def _corrupt_message(path: str | Path, e: Exception) -> str:
-    """Message for a failed pixel read."""
+def corrupt_message(path: str | Path, e: Exception) -> str:
+    """The FetchError text for a pixel read of ``path`` that raised ``e`` (a READ_ERRORS)."""
     cause = f" ({e.__cause__})" if e.__cause__ else ""
     return (f"{path} could not be read: {e}{cause}. The file is probably corrupt or truncated; "
             "download or export it again (and check its SHA-256).")
@@ -380,54 +402,73 @@ def _resolve_date(info: RasterInfo, acquired: date | None, role: str) -> tuple[d
     return when, source
 
 
-def _resampling(name: str) -> Resampling:
-    """Resampling enum for a GDAL warp method name."""
+def resampling_method(name: str) -> Resampling:
+    """Resampling enum for a GDAL warp method name (one of ``WARP_RESAMPLING``).
+
+    Raises
+    ------
+    ConfigError
+        The name is not one of ``WARP_RESAMPLING``.
+    """
     if name not in WARP_RESAMPLING:
         known = ", ".join(WARP_RESAMPLING)
         raise ConfigError(f"Resampling {name!r} is not known; use one of {known}.")
     return Resampling[name]
 
 
-def _read_window(
+def read_window(
     path: str, plan: GridPlan, method: Resampling, bands: list[int], window: tuple[int, ...]
 ) -> np.ndarray:
-    """Read a (col, row, width, height) window of the plan: directly, or warped tile by tile.
+    """Read a ``(col, row, width, height)`` window of the plan: directly, or warped tile by tile.
 
-    Warped windows must be tile-aligned (``WARP_TILE_PX``).
+    Opens ``path`` for this window only. Warped windows must be tile-aligned
+    (``WARP_TILE_PX``). ``bands`` are 1-based indexes (from :func:`inspect_raster`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(band, height, width)`` float32, NaN = nodata: read_to_grid's values there.
+
+    Raises
+    ------
+    FetchError
+        The file cannot be decoded there.
     """
     col0, row0, width, height = window
     try:
         with rasterio.open(path) as src:
             # integer pixels cannot be infinite: the Inf pass is for float sources only
             floats = any(np.issubdtype(np.dtype(d), np.floating) for d in src.dtypes)
-            offset = _grid_offset(src, plan)
+            offset = grid_offset(src, plan)
             if offset is not None:
-                data = _read_direct(src, bands, offset, window)
-                return _inf_to_nan(data) if floats else data
+                data = read_direct(src, bands, offset, window)
+                return inf_to_nan(data) if floats else data
             out = np.empty((len(bands), height, width), np.float32)
             for row in range(row0, row0 + height, WARP_TILE_PX):
                 for col in range(col0, col0 + width, WARP_TILE_PX):
                     w = min(WARP_TILE_PX, col0 + width - col)
                     h = min(WARP_TILE_PX, row0 + height - row)
-                    tile = _warp_tile(src, plan, method, bands, Window(col, row, w, h))
+                    tile = warp_tile(src, plan, method, bands, Window(col, row, w, h))
                     out[:, row - row0:row - row0 + h, col - col0:col - col0 + w] = tile
-    except _READ_ERRORS as e:
-        raise FetchError(_corrupt_message(path, e)) from e
-    return _inf_to_nan(out) if floats else out
+    except READ_ERRORS as e:
+        raise FetchError(corrupt_message(path, e)) from e
+    return inf_to_nan(out) if floats else out
 
 
-def _inf_to_nan(out: np.ndarray) -> np.ndarray:
-    """+-Inf in a float source is no measurement: nodata, like NaN (in place)."""
+def inf_to_nan(out: np.ndarray) -> np.ndarray:
+    """Set +-Inf to NaN in place and return ``out``: in a float source Inf is no
+    measurement, so it is nodata like NaN."""
     np.copyto(out, np.float32(np.nan), where=np.isinf(out))
     return out
 
 
-def _grid_offset(src: Any, plan: GridPlan) -> tuple[int, int] | None:
+def grid_offset(src: Any, plan: GridPlan) -> tuple[int, int] | None:
     """``(col, row)`` of the plan's first pixel in ``src`` when both share one pixel grid.
 
     None when the warper is needed: another CRS or resolution, a fractional offset, a
     south-up source, or validity that is not a plain nodata value (alpha, mask bands, float
-    nodata), whose handling is left to GDAL.
+    nodata), whose handling is left to GDAL. ``src`` is an open rasterio dataset; pass the
+    offset to :func:`read_direct`, else read through :func:`warp_tile`.
     """
     t = src.transform
     res = plan.res_m
@@ -452,13 +493,30 @@ def _grid_offset(src: Any, plan: GridPlan) -> tuple[int, int] | None:
     return (round(col), round(row)) if same_crs else None
 
 
-def _read_direct(
+def read_direct(
     src: Any, bands: list[int], offset: tuple[int, int], window: tuple[int, ...]
 ) -> np.ndarray:
     """Read a plan window straight from a source on the same pixel grid; NaN off the image.
 
     A pixel is nodata when every band holds the nodata value: the warper's rule
     (``UNIFIED_SRC_NODATA``), so both reads give the same values.
+
+    Parameters
+    ----------
+    src
+        The open source dataset.
+    bands
+        1-based band indexes to read.
+    offset
+        From :func:`grid_offset` (not None).
+    window
+        ``(col, row, width, height)`` on the plan.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(band, height, width)`` float32; +-Inf of a float source is left to
+        :func:`inf_to_nan`.
     """
     col0, row0, width, height = window
     c0, r0 = col0 + offset[0], row0 + offset[1]
@@ -484,8 +542,13 @@ def _read_direct(
     return out
 
 
-def _warp_tile(src: Any, plan: GridPlan, method: Resampling, bands: list[int], tile: Window) -> Any:
-    """Warp one tile through a fresh VRT, so its pixels never depend on earlier reads."""
+def warp_tile(src: Any, plan: GridPlan, method: Resampling, bands: list[int], tile: Window) -> Any:
+    """Warp one tile of the plan through a fresh VRT, so its pixels never depend on earlier reads.
+
+    ``tile`` is a window of the plan within one ``WARP_TILE_PX`` tile (read_to_grid's tiles;
+    GDAL's values depend on the request's window). Returns ``(band, rows, cols)`` float32,
+    NaN = nodata; +-Inf of a float source is left to :func:`inf_to_nan`.
+    """
     options: dict[str, Any] = {"src_nodata": src.nodata} if src.nodata is not None else {}
     with WarpedVRT(
         src, crs=plan.crs, transform=plan.transform, width=plan.width, height=plan.height,
@@ -501,7 +564,7 @@ def _read_lazy(
 ) -> dask.array.Array:
     """Dask array of the plan whose tasks each warp their own window (nothing big in the graph)."""
     step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
-    read = dask.delayed(_read_window, pure=True)
+    read = dask.delayed(read_window, pure=True)
     rows = []
     for row in range(0, plan.height, step):
         height = min(step, plan.height - row)

@@ -34,7 +34,7 @@ from pipeline.errors import ConfigError, FetchError, NoValidDataError, Provenanc
 from pipeline.fetch.base import DateWindow, FetchContext, Scene, SourceConfig
 from pipeline.fetch.cache import CachedBody, evict, fetch_many_cached
 from pipeline.fetch.http import HttpClient
-from pipeline.fetch.local import _read_window
+from pipeline.fetch.local import read_window
 from pipeline.model import GridPlan, SourceRef
 
 __all__ = ["BANDS", "TileOptions", "TileMosaic", "tile_options", "choose_zoom",
@@ -358,7 +358,7 @@ def _warp_to_plan(mosaic: np.ndarray, transform: Affine, plan: GridPlan) -> np.n
             dst.write(mosaic)
             dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue,
                                ColorInterp.alpha)
-        return _read_window(mem.name, plan, Resampling.bilinear, [1, 2, 3],
+        return read_window(mem.name, plan, Resampling.bilinear, [1, 2, 3],
                             (0, 0, plan.width, plan.height))
 
 

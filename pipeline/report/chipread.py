@@ -27,15 +27,15 @@ from rasterio.windows import Window
 
 from pipeline.errors import FetchError
 from pipeline.fetch.local import (
-    _READ_ERRORS,
+    READ_ERRORS,
     WARP_TILE_PX,
-    _corrupt_message,
-    _grid_offset,
-    _inf_to_nan,
-    _inspect,
-    _read_direct,
-    _resampling,
-    _warp_tile,
+    corrupt_message,
+    grid_offset,
+    inf_to_nan,
+    inspect_raster,
+    read_direct,
+    resampling_method,
+    warp_tile,
 )
 from pipeline.model import GridPlan
 
@@ -62,8 +62,8 @@ class GridWindows:
 
     def __init__(self, path: str | Path, plan: GridPlan, *, resampling: str = "bilinear"
                  ) -> None:
-        method = _resampling(resampling)
-        info, self._bands = _inspect(path)
+        method = resampling_method(resampling)
+        info, self._bands = inspect_raster(path)
         self._path = info.path
         self._plan = plan
         self._method = method
@@ -72,7 +72,7 @@ class GridWindows:
         try:
             self._floats = any(np.issubdtype(np.dtype(d), np.floating)
                                for d in self._src.dtypes)
-            self._offset = _grid_offset(self._src, plan)
+            self._offset = grid_offset(self._src, plan)
         except BaseException:
             self._src.close()
             raise
@@ -93,12 +93,12 @@ class GridWindows:
         row0, col0, rows, cols = window
         try:
             if self._offset is not None:
-                data = _read_direct(self._src, self._bands, self._offset,
-                                    (col0, row0, cols, rows))
-                return _inf_to_nan(data) if self._floats else data
+                data = read_direct(self._src, self._bands, self._offset,
+                                   (col0, row0, cols, rows))
+                return inf_to_nan(data) if self._floats else data
             return self._from_tiles(row0, col0, rows, cols)
-        except _READ_ERRORS as e:
-            raise FetchError(_corrupt_message(self._path, e)) from e
+        except READ_ERRORS as e:
+            raise FetchError(corrupt_message(self._path, e)) from e
 
     def _from_tiles(self, row0: int, col0: int, rows: int, cols: int) -> np.ndarray:
         """A window assembled from the plan's warp tiles (each warped once while cached)."""
@@ -124,10 +124,10 @@ class GridWindows:
         col, row = tile_col * size, tile_row * size
         tile = Window(col, row, min(size, self._plan.width - col),
                       min(size, self._plan.height - row))
-        data = np.asarray(_warp_tile(self._src, self._plan, self._method, self._bands, tile),
+        data = np.asarray(warp_tile(self._src, self._plan, self._method, self._bands, tile),
                           np.float32)
         if self._floats:
-            data = _inf_to_nan(data)
+            data = inf_to_nan(data)
         self._tiles[key] = data
         if len(self._tiles) > TILE_CACHE:
             self._tiles.popitem(last=False)

@@ -383,13 +383,13 @@ def test_read_to_grid_on_grid_source_equals_warper(tmp_path: Path, monkeypatch, 
     # whole-pixel offset, and beyond the image on the west and south (boundless there)
     plan = GridPlan(UTM, (599960.0, 4799380.0, 600500.0, 4799980.0), 2.0)
     warped_tiles = []
-    original = local._warp_tile
-    monkeypatch.setattr(local, "_warp_tile",
+    original = local.warp_tile
+    monkeypatch.setattr(local, "warp_tile",
                         lambda *a: warped_tiles.append(a[-1]) or original(*a))
     direct = read_to_grid(path, plan, role="before", resampling=resampling,
                           chunks=chunks)[0].values
     assert not warped_tiles  # read without the warper
-    monkeypatch.setattr(local, "_grid_offset", lambda src, plan: None)
+    monkeypatch.setattr(local, "grid_offset", lambda src, plan: None)
     warped = read_to_grid(path, plan, role="before", resampling=resampling,
                           chunks=chunks)[0].values
     assert warped_tiles
@@ -403,19 +403,19 @@ def test_read_to_grid_direct_only_when_on_grid(tmp_path: Path):
 
     path = _on_grid_scene(tmp_path / "s_2017-03-02.tif")
     with rasterio.open(path) as src:
-        assert local._grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
+        assert local.grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
                                                       4799980.0), 2.0)) == (10, 10)
-        assert local._grid_offset(src, GridPlan(UTM, (600021.0, 4799401.0, 600401.0,
+        assert local.grid_offset(src, GridPlan(UTM, (600021.0, 4799401.0, 600401.0,
                                                       4799981.0), 2.0)) is None
-        assert local._grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
+        assert local.grid_offset(src, GridPlan(UTM, (600020.0, 4799400.0, 600400.0,
                                                       4799980.0), 4.0)) is None
-        assert local._grid_offset(src, GridPlan("EPSG:32644", (600020.0, 4799400.0,
+        assert local.grid_offset(src, GridPlan("EPSG:32644", (600020.0, 4799400.0,
                                                                600400.0, 4799980.0), 2.0)) is None
     data = np.full((4, 64, 64), 90, np.uint8)
     rgba = _write(tmp_path / "rgba_2017-03-02.tif", data, from_origin(*ORIGIN, 2, 2),
                   nodata=None, photometric="RGB", alpha="YES")
     with rasterio.open(rgba) as src:
-        assert local._grid_offset(src, GridPlan(UTM, (600000.0, 4799900.0, 600100.0,
+        assert local.grid_offset(src, GridPlan(UTM, (600000.0, 4799900.0, 600100.0,
                                                       4800000.0), 2.0)) is None
 
 
@@ -430,8 +430,8 @@ def test_read_to_grid_infinite_float_pixels_are_nan_integer_sources_skip_the_pas
     path = _write(tmp_path / "f_2017-03-02.tif", data, from_origin(*ORIGIN, 2, 2), nodata=None)
     plan = GridPlan(UTM, (600000.0, 4799872.0, 600128.0, 4800000.0), 2.0)
     calls = []
-    original = local._inf_to_nan
-    monkeypatch.setattr(local, "_inf_to_nan", lambda out: calls.append(1) or original(out))
+    original = local.inf_to_nan
+    monkeypatch.setattr(local, "inf_to_nan", lambda out: calls.append(1) or original(out))
     values = read_to_grid(path, plan, role="before", chunks=chunks)[0].values
     assert np.isnan(values[0, 3, 4]) and np.isnan(values[1, 5, 6])
     assert np.isfinite(values).sum() == values.size - 2 and calls
