@@ -28,6 +28,7 @@ from pipeline.model import WallParams
 
 __all__ = ["SegmentArrays", "outline_from_segments", "propose_outlines", "segment_closure"]
 
+_SEARCH_M = 30.0  # how far a side may move onto a wall (outline_from_segments)
 _SEED_BATCH = 64  # seeds traced per task (a few tens of milliseconds of work); not a result
 
 
@@ -78,7 +79,7 @@ def _common_angle(found: list, fallback: float) -> float:
 def outline_from_segments(segments: Sequence[WallSegment] | SegmentArrays, *,
                           seed: shapely.Polygon,
                           res_m: float, params: WallParams = WallParams(),
-                          search_m: float = 30.0) -> tuple[shapely.Polygon, int]:
+                          search_m: float = _SEARCH_M) -> tuple[shapely.Polygon, int]:
     """Snap each side of ``seed``'s minimum rotated rectangle onto the wall segments near it.
 
     For each side, the parallel segments within ``search_m`` that overlap it are candidates;
@@ -168,12 +169,14 @@ def _families(segments: Sequence[WallSegment], tol_deg: float) -> list[float]:
     return [a for a, _ in angles]
 
 
-def _pair_seeds(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: float,
-                min_side_m: float) -> list[shapely.Polygon]:
-    """Rectangles spanned by pairs of parallel segments of one orientation family."""
+def _pair_frames(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: float,
+                 min_side_m: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The rectangles spanned by pairs of parallel segments of one orientation family, per
+    axis: ``(axis, other, frames)`` with ``frames`` rows ``(lo, hi, a, b)``, the extent along
+    ``axis`` and across it (along ``other``) of each pair, in pair order."""
     t = math.radians(angle_deg)
     u, v = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
-    seeds = []
+    out = []
     for axis, other in ((u, v), (v, u)):
         lines = []
         for s in segments:
@@ -182,16 +185,91 @@ def _pair_seeds(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: f
             if abs(float(d @ axis)) >= math.cos(math.radians(tol_deg)):
                 lo, hi = sorted([float(p @ axis), float(q @ axis)])
                 lines.append((lo, hi, float((p + q) @ other) / 2))
-        for i, (lo1, hi1, o1) in enumerate(lines):
-            for lo2, hi2, o2 in lines[i + 1:]:
-                overlap = min(hi1, hi2) - max(lo1, lo2)
-                if abs(o1 - o2) < min_side_m or overlap < 0.5 * min(hi1 - lo1, hi2 - lo2):
-                    continue
-                lo, hi, a, b = min(lo1, lo2), max(hi1, hi2), min(o1, o2), max(o1, o2)
-                corners = [lo * axis + a * other, hi * axis + a * other,
-                           hi * axis + b * other, lo * axis + b * other]
-                seeds.append(shapely.Polygon(corners))
-    return seeds
+        frames = [np.empty((0, 4))]
+        arr = np.array(lines, float).reshape(-1, 3)
+        for i, (lo1, hi1, o1) in enumerate(arr):  # each with the lines after it
+            lo2, hi2, o2 = arr[i + 1:].T
+            overlap = np.minimum(hi1, hi2) - np.maximum(lo1, lo2)
+            ok = (np.abs(o1 - o2) >= min_side_m) & (
+                overlap >= 0.5 * np.minimum(hi1 - lo1, hi2 - lo2))
+            frames.append(np.column_stack([np.minimum(lo1, lo2[ok]), np.maximum(hi1, hi2[ok]),
+                                           np.minimum(o1, o2[ok]), np.maximum(o1, o2[ok])]))
+        out.append((axis, other, np.vstack(frames)))
+    return out
+
+
+def _frame_polygons(axis: np.ndarray, other: np.ndarray, frames: np.ndarray,
+                    grow: np.ndarray | float = 0.0) -> np.ndarray:
+    """The rectangles of ``frames`` (rows ``lo, hi, a, b``), each side moved out by ``grow``."""
+    lo, hi, a, b = (frames.T + np.array([-1.0, 1.0, -1.0, 1.0])[:, None] * grow)
+    corners = [lo[:, None] * axis + a[:, None] * other, hi[:, None] * axis + a[:, None] * other,
+               hi[:, None] * axis + b[:, None] * other, lo[:, None] * axis + b[:, None] * other]
+    return shapely.polygons(np.stack(corners, axis=1))
+
+
+def _pair_seeds(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: float,
+                min_side_m: float) -> list[shapely.Polygon]:
+    """Rectangles spanned by pairs of parallel segments of one orientation family."""
+    return [seed for axis, other, frames in _pair_frames(segments, angle_deg, tol_deg=tol_deg,
+                                                         min_side_m=min_side_m)
+            for seed in _frame_polygons(axis, other, frames)]
+
+
+def _may_close(axis: np.ndarray, other: np.ndarray, frames: np.ndarray, segs: SegmentArrays,
+               *, tol: float, search_m: float) -> np.ndarray:
+    """Whether each seed rectangle of ``frames`` can give an outline with three backed sides.
+
+    A necessary condition, so a seed that fails it is skipped without changing the result:
+    of the four sides at least one of the two across the pair (at ``lo`` or ``hi``) must have
+    half its perimeter samples within ``tol`` of a parallel wall segment. Where that side can
+    lie is bounded from what `outline_from_segments` can do: each side moves at most
+    ``search_m`` onto a wall, and all turn by the walls' common direction, which is at most
+    the largest deviation ``delta`` from the seed's axes among the segments that can be chosen
+    (a weighted mean of directions stays within their range). The samples a segment can back
+    span at most its length plus ``2 tol`` and one sample spacing, and the side is at least
+    the distance the two pair walls can end up apart. All bounds are generous; the test
+    checks that every skipped seed fails the full search.
+    """
+    n = len(frames)
+    if not n or not segs.items:
+        return np.zeros(n, bool)
+    lo, hi, a, b = frames.T
+    chord = np.hypot(*(segs.q - segs.p).T)
+    h = float(chord.max()) / 2
+    # delta: the deviation of the segments that _side_line may choose for any side (mid
+    # within search_m across a side and half a segment along it), folded to [-45, 45)
+    dev = np.abs((np.degrees(np.arctan2(segs.direction @ other, segs.direction @ axis))
+                  + 45.0) % 90.0 - 45.0)
+    chosen = dev <= PARALLEL_DEG + 1e-6
+    reach = max(search_m, h)
+    mids = shapely.points(segs.mid[chosen])
+    k, j = shapely.STRtree(mids).query(_frame_polygons(axis, other, frames, reach),
+                                       predicate="intersects")
+    delta = np.full(n, 1e-6)
+    np.maximum.at(delta, k, dev[chosen][j] + 1e-6)
+    t = np.tan(np.radians(delta))
+    width, length = b - a, hi - lo
+    s = search_m
+    # how far the cross side's ends and points can lie from the seed's (see above)
+    out_v = (s * (1 + t) + t * t * (width + h) + t * (length + h)) / (1 - t * t)
+    out_u = (s * (1 + t) + t * t * (length + h) + t * (width + h)) / (1 - t * t)
+    side_min = np.maximum(0.0, (width - 2 * s) * np.cos(np.radians(delta))
+                          - (length + 2 * h) * np.sin(np.radians(delta)))
+    # segments parallel to a cross side (within PARALLEL_DEG of it, the side within delta
+    # of ``other``) that come within tol of where it can lie
+    across = np.abs((np.degrees(np.arctan2(segs.unit @ axis, segs.unit @ other)) + 90.0)
+                    % 180.0 - 90.0)
+    spacing = 1.5 * max(tol / 3, 0.5)  # perimeter samples' spacing, at most (segment_closure)
+    enough = np.zeros(n, bool)
+    for end in (lo, hi):
+        band = np.column_stack([end - out_u - tol, end + out_u + tol,
+                                a - out_v - tol, b + out_v + tol])
+        k, j = segs.tree.query(_frame_polygons(axis, other, band), predicate="intersects")
+        ok = across[j] <= PARALLEL_DEG + delta[k] + 1e-6
+        covered = np.bincount(k[ok], weights=shapely.length(segs.lines[j[ok]]) + 2 * tol
+                              + spacing, minlength=n)
+        enough |= covered >= 0.5 * side_min
+    return enough
 
 
 def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
@@ -225,9 +303,14 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
     tol = max(2 * res_m, params.tolerance_m)
     long = [s for s in segments if s.length_m >= params.min_length_m]
     arrays = SegmentArrays.of(segments)  # built once for every seed
-    seeds = [seed for angle in _families(long, PARALLEL_DEG / 2)
-             for seed in _pair_seeds(long, angle, tol_deg=PARALLEL_DEG / 2,
-                                     min_side_m=params.min_length_m)]
+    seeds = []
+    for angle in _families(long, PARALLEL_DEG / 2):
+        for axis, other, frames in _pair_frames(long, angle, tol_deg=PARALLEL_DEG / 2,
+                                                min_side_m=params.min_length_m):
+            if min_sides >= 3:  # a seed that cannot close three sides is not traced
+                frames = frames[_may_close(axis, other, frames, arrays, tol=tol,
+                                           search_m=_SEARCH_M)]
+            seeds += list(_frame_polygons(axis, other, frames))
 
     def trace(batch: list[shapely.Polygon]) -> list[tuple[shapely.Polygon, float]]:
         out = []

@@ -180,3 +180,57 @@ def test_backing_same_as_dense_mask():
             checked += len(pts)
             backed += int(new.sum())
     assert checked > 10000 and backed > 100
+
+
+def _street_grid(rng: np.random.Generator, side_m: float, both: bool,
+                 tilt_deg: float) -> list[WallSegment]:
+    """Walls along the streets of a grid (every 100 m, about half the blocks walled), of one
+    orientation or both, the whole grid turned by ``tilt_deg``, each wall a little askew."""
+    t = math.radians(tilt_deg)
+    u, v = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
+    origin = np.array([480000.0, 4800000.0])
+    segs = []
+    for y in np.arange(0.0, side_m, 100.0):
+        for x in np.arange(0.0, side_m, 100.0):
+            for along, across in ((u, v), (v, u))[: 2 if both else 1]:
+                if rng.random() < 0.5:
+                    start = origin + (x if along is u else y) * u + (y if along is u else x) * v
+                    length = rng.uniform(40, 95)
+                    segs.append(_segment(start, start + length * along
+                                         + rng.normal(0, 0.6) * across, rng))
+    return segs
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_skipped_seeds_cannot_close(case):
+    """Every seed rectangle `_may_close` skips gives, traced in full, no outline that
+    propose_outlines would keep; and on a street grid of one orientation it skips them all
+    (two parallel walls and nothing across them enclose nothing)."""
+    rng = np.random.default_rng(100 + case)
+    res_m = float(rng.choice([0.5, 1.0, 2.0]))
+    if case < 2:
+        segs = _street_grid(rng, 1200.0, both=False, tilt_deg=float(rng.uniform(0, 90)))
+    elif case < 4:
+        segs = _street_grid(rng, 1000.0, both=True, tilt_deg=float(rng.uniform(0, 90)))
+    else:
+        segs = _scene(rng, n_compounds=int(rng.integers(6, 12)), span_m=1500.0)
+    params = outlines.WallParams()
+    tol = max(2 * res_m, params.tolerance_m)
+    long = [s for s in segs if s.length_m >= params.min_length_m]
+    arrays = SegmentArrays.of(segs)
+    skipped = kept = 0
+    for angle in outlines._families(long, PARALLEL_DEG / 2):
+        for axis, other, frames in outlines._pair_frames(long, angle, tol_deg=PARALLEL_DEG / 2,
+                                                         min_side_m=params.min_length_m):
+            ok = outlines._may_close(axis, other, frames, arrays, tol=tol, search_m=30.0)
+            kept += int(ok.sum())
+            for seed in outlines._frame_polygons(axis, other, frames[~ok]):
+                skipped += 1
+                outline, _ = outlines.outline_from_segments(arrays, seed=seed, res_m=res_m)
+                closure, sides = outlines.segment_closure(outline, arrays, tolerance_m=tol)
+                assert sides < 3, (seed.wkt, closure)
+    assert skipped > 0  # the condition did skip seeds, and each was checked
+    if case < 2:
+        assert kept == 0
+    else:
+        assert kept > 0
