@@ -216,60 +216,73 @@ def _pair_seeds(segments: Sequence[WallSegment], angle_deg: float, *, tol_deg: f
 
 
 def _may_close(axis: np.ndarray, other: np.ndarray, frames: np.ndarray, segs: SegmentArrays,
-               *, tol: float, search_m: float) -> np.ndarray:
-    """Whether each seed rectangle of ``frames`` can give an outline with three backed sides.
+               *, tol: float, search_m: float, min_closure: float, min_sides: int
+               ) -> np.ndarray:
+    """Whether each seed rectangle of ``frames`` can give an outline that propose_outlines
+    keeps: a necessary condition, so a seed that fails it is skipped without changing the
+    result.
 
-    A necessary condition, so a seed that fails it is skipped without changing the result:
-    of the four sides at least one of the two across the pair (at ``lo`` or ``hi``) must have
-    half its perimeter samples within ``tol`` of a parallel wall segment. Where that side can
-    lie is bounded from what `outline_from_segments` can do: each side moves at most
-    ``search_m`` onto a wall, and all turn by the walls' common direction, which is at most
-    the largest deviation ``delta`` from the seed's axes among the segments that can be chosen
-    (a weighted mean of directions stays within their range). The samples a segment can back
-    span at most its length plus ``2 tol`` and one sample spacing, and the side is at least
-    the distance the two pair walls can end up apart. All bounds are generous; the test
-    checks that every skipped seed fails the full search.
+    Where the outline's two sides across the pair (at ``lo`` and ``hi``) can lie is bounded
+    from what `outline_from_segments` can do: each side moves at most ``search_m`` onto a
+    wall, and all turn by the walls' common direction, which deviates from the seed's axes by
+    at most the largest deviation ``delta`` among the segments that can be chosen (a weighted
+    mean of directions stays within their range). Only the segments parallel to a cross side
+    that come within ``tol`` of where it can lie can back its perimeter samples, each at most
+    its length plus ``2 tol`` (and one sample). With ``min_sides`` >= 3 one cross side must
+    be half backed (the pair's own sides are only two); and the share of all samples backed
+    must reach ``min_closure`` even if the pair's sides were backed in full. All bounds are
+    generous; the test checks that every skipped seed fails the full search.
     """
     n = len(frames)
     if not n or not segs.items:
         return np.zeros(n, bool)
     lo, hi, a, b = frames.T
-    chord = np.hypot(*(segs.q - segs.p).T)
-    h = float(chord.max()) / 2
-    # delta: the deviation of the segments that _side_line may choose for any side (mid
-    # within search_m across a side and half a segment along it), folded to [-45, 45)
-    dev = np.abs((np.degrees(np.arctan2(segs.direction @ other, segs.direction @ axis))
-                  + 45.0) % 90.0 - 45.0)
-    chosen = dev <= PARALLEL_DEG + 1e-6
-    reach = max(search_m, h)
-    mids = shapely.points(segs.mid[chosen])
-    k, j = shapely.STRtree(mids).query(_frame_polygons(axis, other, frames, reach),
-                                       predicate="intersects")
-    delta = np.full(n, 1e-6)
-    np.maximum.at(delta, k, dev[chosen][j] + 1e-6)
-    t = np.tan(np.radians(delta))
-    width, length = b - a, hi - lo
-    s = search_m
-    # how far the cross side's ends and points can lie from the seed's (see above)
+    h = float(np.hypot(*(segs.q - segs.p).T).max()) / 2
+    delta = _deviation_bound(axis, other, frames, segs, max(search_m, h))
+    t, sin, cos = np.tan(np.radians(delta)), np.sin(np.radians(delta)), np.cos(np.radians(delta))
+    width, length, s = b - a, hi - lo, search_m
+    # how far the cross sides' points can lie from the seed's, across and along them
     out_v = (s * (1 + t) + t * t * (width + h) + t * (length + h)) / (1 - t * t)
     out_u = (s * (1 + t) + t * t * (length + h) + t * (width + h)) / (1 - t * t)
-    side_min = np.maximum(0.0, (width - 2 * s) * np.cos(np.radians(delta))
-                          - (length + 2 * h) * np.sin(np.radians(delta)))
-    # segments parallel to a cross side (within PARALLEL_DEG of it, the side within delta
-    # of ``other``) that come within tol of where it can lie
+    side_min = np.maximum(0.0, (width - 2 * s) * cos - (length + 2 * h) * sin)
+    pair_side_max = length + 2 * s + (width + 2 * h) * sin
+    # perimeter samples (segment_closure): n = round(side / step), at least one
+    step = max(tol / 3, 0.5)
+    spacing_min = step / (1 + 0.5 * step / np.maximum(side_min, 1e-9))
+    n_cross_min = side_min / step - 0.5
+    n_pair_max = pair_side_max / step + 0.5
     across = np.abs((np.degrees(np.arctan2(segs.unit @ axis, segs.unit @ other)) + 90.0)
-                    % 180.0 - 90.0)
-    spacing = 1.5 * max(tol / 3, 0.5)  # perimeter samples' spacing, at most (segment_closure)
-    enough = np.zeros(n, bool)
+                    % 180.0 - 90.0)  # from the cross sides' direction (``other``)
+    backed = []  # at most, on the cross side at lo and at hi
     for end in (lo, hi):
         band = np.column_stack([end - out_u - tol, end + out_u + tol,
                                 a - out_v - tol, b + out_v + tol])
         k, j = segs.tree.query(_frame_polygons(axis, other, band), predicate="intersects")
         ok = across[j] <= PARALLEL_DEG + delta[k] + 1e-6
-        covered = np.bincount(k[ok], weights=shapely.length(segs.lines[j[ok]]) + 2 * tol
-                              + spacing, minlength=n)
-        enough |= covered >= 0.5 * side_min
-    return enough
+        reach = shapely.length(segs.lines[j[ok]]) + 2 * tol
+        backed.append(np.bincount(k[ok], weights=reach / spacing_min[k[ok]] + 1.0,
+                                  minlength=n))
+    keep = (side_min <= step) | (
+        (1 - min_closure) * 2 * n_pair_max + backed[0] + backed[1]
+        >= min_closure * 2 * n_cross_min)
+    if min_sides >= 3:
+        keep &= (side_min <= step) | (np.maximum(backed[0], backed[1]) >= 0.5 * n_cross_min)
+    return keep
+
+
+def _deviation_bound(axis: np.ndarray, other: np.ndarray, frames: np.ndarray,
+                     segs: SegmentArrays, reach: float) -> np.ndarray:
+    """Per seed, the largest deviation (degrees) from the seed's axes of the segments
+    `_side_line` may choose for one of its sides: within `PARALLEL_DEG` of a side, midpoint
+    within ``reach`` (``search_m`` across a side, half a segment along it) of the seed."""
+    dev = np.abs((np.degrees(np.arctan2(segs.direction @ other, segs.direction @ axis))
+                  + 45.0) % 90.0 - 45.0)  # from the nearer axis
+    chosen = dev <= PARALLEL_DEG + 1e-6
+    k, j = shapely.STRtree(shapely.points(segs.mid[chosen])).query(
+        _frame_polygons(axis, other, frames, reach), predicate="intersects")
+    delta = np.full(len(frames), 1e-6)
+    np.maximum.at(delta, k, dev[chosen][j] + 1e-6)
+    return delta
 
 
 def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
@@ -307,9 +320,9 @@ def propose_outlines(segments: Sequence[WallSegment], *, res_m: float,
     for angle in _families(long, PARALLEL_DEG / 2):
         for axis, other, frames in _pair_frames(long, angle, tol_deg=PARALLEL_DEG / 2,
                                                 min_side_m=params.min_length_m):
-            if min_sides >= 3:  # a seed that cannot close three sides is not traced
-                frames = frames[_may_close(axis, other, frames, arrays, tol=tol,
-                                           search_m=_SEARCH_M)]
+            # a seed that cannot give a kept outline is not traced
+            frames = frames[_may_close(axis, other, frames, arrays, tol=tol, search_m=_SEARCH_M,
+                                       min_closure=min_closure, min_sides=min_sides)]
             seeds += list(_frame_polygons(axis, other, frames))
 
     def trace(batch: list[shapely.Polygon]) -> list[tuple[shapely.Polygon, float]]:
