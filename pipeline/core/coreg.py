@@ -84,16 +84,56 @@ def _peak_ratio_np(ref_w: np.ndarray, mov_w: np.ndarray) -> float:
     return float(surface[iy, ix] / second) if second > 0 else math.inf
 
 
-def _register_np(ref, ref_ok, mov_w, upsample_factor):
-    """One registration pass against the whitened ``mov_w``: ``(dy, dx, error, peak_ratio)``."""
+_NO_SHIFT = (0.0, 0.0, math.nan, 0.0)
+
+
+def _ref_spectrum(ref: np.ndarray, ref_ok: np.ndarray) -> np.ndarray | None:
+    """Whitened high-pass of the zero-filled ``ref`` on ``ref_ok``; None when it is flat."""
     ref_p = _highpass_np(ref, ref_ok)
-    if not ref_p.any():
-        return 0.0, 0.0, math.nan, 0.0
-    ref_w = _whiten(ref_p)
-    shift, error, _ = phase_cross_correlation(
-        ref_w, mov_w, upsample_factor=upsample_factor, space="fourier", normalization=None
-    )
-    return float(shift[0]), float(shift[1]), float(error), _peak_ratio_np(ref_w, mov_w)
+    return _whiten(ref_p) if ref_p.any() else None
+
+
+def _ref_side(ref, valid):
+    """The before window zero-filled, its usable pixels and first spectrum (None: unusable)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    ref_ok = (np.ones(ref.shape, bool) if valid is None else valid) & np.isfinite(ref)
+    if ref_ok.sum() < 16:
+        return None
+    ref = np.where(ref_ok, ref, 0.0).astype(np.float64)
+    return ref, ref_ok, _ref_spectrum(ref, ref_ok)
+
+
+def _mov_side(mov):
+    """The after window zero-filled, its valid pixels and spectrum (None: unusable)."""
+    mov = np.asarray(mov, dtype=np.float64)
+    mov_ok = np.isfinite(mov)
+    if mov_ok.sum() < 16:
+        return None
+    mov = np.where(mov_ok, mov, 0.0).astype(np.float64)
+    mov_p = _highpass_np(mov, mov_ok)
+    # square-root whitening: sharper than plain cross-correlation, far less noise-driven than
+    # full phase correlation (measured on synthetic pairs: 0.07 px vs up to 0.8 px at 128 px)
+    return (mov, mov_ok, _whiten(mov_p)) if mov_p.any() else None
+
+
+def _second_mask(ref_side, mov_side, upsample_factor):
+    """The before pixels for the second pass: the first pass's shift aligns the dates and
+    the blobs that differ most are left out (None when a side is unusable). Exclusions mask
+    the before window only: a mask shared by both images pulls the peak towards zero."""
+    if ref_side is None or mov_side is None:
+        return None
+    ref, ref_ok, ref_w = ref_side
+    mov, mov_ok, mov_w = mov_side
+    dy = dx = 0.0
+    if ref_w is not None:
+        shift, _, _ = phase_cross_correlation(
+            ref_w, mov_w, upsample_factor=upsample_factor, space="fourier", normalization=None)
+        dy, dx = float(shift[0]), float(shift[1])
+    moved = _apply_shift_np(np.where(mov_ok, mov, np.nan)[None], dy, dx)[0]
+    both = ref_ok & np.isfinite(moved)
+    if both.sum() >= 16:
+        ref_ok = ref_ok & ~_changed_np(ref, moved, both)
+    return ref_ok
 
 
 def _changed_np(ref, moved, both):
@@ -109,32 +149,19 @@ def _changed_np(ref, moved, both):
     return both & (diff > med + _CHANGE_SIGMAS * spread)
 
 
-def _phase_shift_np(ref, mov, valid, *, upsample_factor: int = 20):
-    """Shift ``(dy, dx, error, peak_ratio)`` moving ``mov`` onto ``ref`` (2-D, NaN = nodata).
-
-    ``valid`` marks the ``ref`` pixels that may be used. A second pass leaves out the blobs
-    that differ most once aligned by the first pass. Exclusions mask ``ref`` only: a mask
-    shared by both images pulls the peak towards zero. ``error`` is scikit-image's
-    translation-invariant normalized RMS error on the whitened images (0 = identical).
-    """
-    ref_ok = valid & np.isfinite(ref)
-    mov_ok = np.isfinite(mov)
-    if ref_ok.sum() < 16 or mov_ok.sum() < 16:
-        return 0.0, 0.0, math.nan, 0.0
-    ref = np.where(ref_ok, ref, 0.0).astype(np.float64)
-    mov = np.where(mov_ok, mov, 0.0).astype(np.float64)
-    mov_p = _highpass_np(mov, mov_ok)
-    if not mov_p.any():
-        return 0.0, 0.0, math.nan, 0.0
-    # square-root whitening: sharper than plain cross-correlation, far less noise-driven than
-    # full phase correlation (measured on synthetic pairs: 0.07 px vs up to 0.8 px at 128 px)
-    mov_w = _whiten(mov_p)
-    dy, dx, _, _ = _register_np(ref, ref_ok, mov_w, upsample_factor)
-    moved = _apply_shift_np(np.where(mov_ok, mov, np.nan)[None], dy, dx)[0]
-    both = ref_ok & np.isfinite(moved)
-    if both.sum() >= 16:
-        ref_ok = ref_ok & ~_changed_np(ref, moved, both)
-    return _register_np(ref, ref_ok, mov_w, upsample_factor)
+def _second_pass(ref_side, mov_side, ref_ok, upsample_factor):
+    """The registration on ``ref_ok``: ``(dy, dx, error, peak_ratio)``; ``error`` is
+    scikit-image's translation-invariant normalized RMS error on the whitened images."""
+    if ref_side is None or mov_side is None or ref_ok is None:
+        return _NO_SHIFT
+    ref_w = _ref_spectrum(ref_side[0], ref_ok)
+    if ref_w is None:
+        return _NO_SHIFT
+    mov_w = mov_side[2]
+    shift, error, _ = phase_cross_correlation(
+        ref_w, mov_w, upsample_factor=upsample_factor, space="fourier", normalization=None
+    )
+    return float(shift[0]), float(shift[1]), float(error), _peak_ratio_np(ref_w, mov_w)
 
 
 def _window_starts(n: int, size: int) -> list[int]:
@@ -149,6 +176,11 @@ def _texture_np(img: np.ndarray, ok: np.ndarray) -> np.ndarray:
     grad = np.hypot(ndi.sobel(fill, 0), ndi.sobel(fill, 1))
     grad = np.where(ndi.binary_erosion(ok, iterations=2, border_value=1), grad, 0.0)
     return grad / max(grad[ok].mean(), 1e-12)
+
+
+def _integral(img: np.ndarray) -> np.ndarray:
+    """Summed-area table of ``img`` (float64), a zero row and column first."""
+    return np.pad(np.asarray(img, np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
 
 def _band_mean(stack: xr.DataArray, rows: slice, cols: slice):
@@ -171,8 +203,10 @@ def _select_windows(before: xr.DataArray, after: xr.DataArray, exclude, size_px:
             "No overlap of valid pixels between 'before' and 'after' to co-register on. "
             "Check the nodata masks and the AOI, or disable co-registration (coreg.enabled)."
         )
-    tex = np.minimum(_texture_np(sub_r, ok), _texture_np(sub_m, ok))
-    integ = [np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0))) for a in (tex, ok.astype(float))]
+    # both dates' textures, and the valid pixels' integral image, in parallel
+    texture, integral = (dask.delayed(f, pure=False) for f in (_texture_np, _integral))
+    tex_r, tex_m, integ_ok = dask.compute(texture(sub_r, ok), texture(sub_m, ok), integral(ok))
+    integ = [_integral(np.minimum(tex_r, tex_m)), integ_ok]
     hy, hx = min(size_px, ny) // step, min(size_px, nx) // step
     cands = []
     for y0 in _window_starts(ok.shape[0], hy):
@@ -282,25 +316,21 @@ def estimate_shift(
         exclude = exclude.data
     windows = [np.s_[y0 : y0 + h, x0 : x0 + w]
                for y0, x0, h, w in _select_windows(before, after, exclude, params.window_px)]
-    # all windows in one computation: chunks they share are read once, and the windows are
-    # registered in parallel on the scheduler's workers (NumPy's FFTs and ndimage release
-    # the GIL); each window's result is the same whatever the scheduler
-    register = dask.delayed(_window_shift_np, pure=False)
+    # all windows in one computation: chunks they share are read once, and each window's
+    # steps are tasks on the scheduler's workers (NumPy's FFTs and ndimage release the GIL):
+    # both dates' first spectra in parallel, then the second mask, then the second pass;
+    # each window's result is the same whatever the scheduler
+    ref_side, mov_side, second_mask, second_pass = (
+        dask.delayed(f, pure=False) for f in (_ref_side, _mov_side, _second_mask, _second_pass))
     tasks = []
     for win in windows:
         valid = None if exclude is None else ~np.asarray(exclude[win], bool)
-        tasks.append(register(_band_mean(before, *win), _band_mean(after, *win), valid,
-                              upsample_factor=params.upsample_factor))
+        ref = ref_side(_band_mean(before, *win), valid)
+        mov = mov_side(_band_mean(after, *win))
+        ok = second_mask(ref, mov, params.upsample_factor)
+        tasks.append(second_pass(ref, mov, ok, params.upsample_factor))
     results = list(dask.compute(*tasks))
     return _check_excess(_combine(results, params), params)
-
-
-def _window_shift_np(ref, mov, valid, *, upsample_factor: int):
-    """`_phase_shift_np` of one window's band means (``valid`` None: every pixel usable)."""
-    ref, mov = (np.asarray(a, dtype=np.float64) for a in (ref, mov))
-    if valid is None:
-        valid = np.ones(ref.shape, bool)
-    return _phase_shift_np(ref, mov, valid, upsample_factor=upsample_factor)
 
 
 def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
