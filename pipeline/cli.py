@@ -26,7 +26,7 @@ from pipeline.cli_options import (
 )
 from pipeline.cli_watch import sites, watch
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.model import EvidenceKind, NormalizeMethod, ThresholdMethod
+from pipeline.model import BuildingModel, EvidenceKind, NormalizeMethod, ThresholdMethod
 
 __all__ = ["main", "cli"]
 
@@ -105,6 +105,10 @@ def cli() -> None:
               help="Automatic threshold method [default: from config, otsu].")
 @click.option("--normalize", "normalize_method", type=click.Choice(get_args(NormalizeMethod)),
               default=None, help="Radiometric normalization [default: from config, histogram].")
+@click.option("--building-model", type=click.Choice(get_args(BuildingModel)), default=None,
+              help="Change mask of new buildings: 'none' (change vector analysis, any imagery) "
+                   "or 'cnn' (the shipped siamese U-Net; red-green-blue, about 1 m or finer) "
+                   "[default: from config, none].")
 @click.option("--all-findings", is_flag=True,
               help="Print every finding: walls, watchtowers and 'change' regions too.")
 @config_opt
@@ -115,7 +119,8 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
            before_date: str | None, after_date: str | None, source_name: str | None,
            offline: bool, radius_m: float | None,
            out_root: Path, res_m: float | None, threshold: float | None,
-           threshold_method: str | None, normalize_method: str | None, all_findings: bool,
+           threshold_method: str | None, normalize_method: str | None,
+           building_model: str | None, all_findings: bool,
            config_path: Path | None, verbose: int, quiet: int) -> None:
     """Detect new buildings and compounds between a before and an after image.
 
@@ -134,6 +139,7 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
       $ sitewatch detect --aoi 88.27,43.37,88.31,43.39 --before a.tif --after b.tif \\
             --before-date 2017-03-02 --after-date 2018-10-11 --out evidence/
       $ sitewatch detect --aoi site.geojson --before a.tif --after b.tif --threshold 25
+      $ sitewatch detect --aoi site.geojson --before a.tif --after b.tif --building-model cnn
       $ sitewatch detect --aoi 88.28994,43.38385 --radius-m 2000 --source earth-search \\
             --before-date 2017-03-01/2017-05-31 --after-date 2018-09-01/2018-10-31
       $ sitewatch detect --aoi dabancheng --source esri-wayback \\
@@ -146,6 +152,7 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
     config = load_config(config_path, overrides={
         "aoi.radius_m": radius_m, "grid.res_m": res_m, "change.threshold": threshold,
         "change.threshold_method": threshold_method, "change.normalize": normalize_method,
+        "buildings.model": building_model,
     })
     sites = load_sites(config.sites_path) if config.sites_path.exists() else {}
     area = parse_aoi(aoi, radius_m=config.radius_m, sites=sites)

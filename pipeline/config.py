@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 from pipeline.errors import ConfigError
 from pipeline.fetch.base import SourceConfig
 from pipeline.model import (
+    BuildingParams,
     ChangeParams,
     CoregParams,
     DetectParams,
@@ -36,7 +37,8 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "objects": ObjectParams,
-                              "walls": WallParams, "towers": TowerParams, "grade": GradeParams}
+                              "walls": WallParams, "towers": TowerParams, "grade": GradeParams,
+                              "buildings": BuildingParams}
 # Shares (0..1) among the wall, tower and grade settings.
 _FRACTIONS = {"min_contrast", "max_line_share", "min_support", "max_before_ratio",
               "double_min_share", "internal_min_span", "min_closure_ratio"}
@@ -142,7 +144,7 @@ def _check_ranges(section: str, obj: Any) -> None:
         raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
     if section == "objects" and obj.cell_m <= 0:
         raise ConfigError(f"objects.cell_m: expected a positive number, got {obj.cell_m!r}")
-    if section in ("walls", "towers", "grade"):
+    if section in ("walls", "towers", "grade", "buildings"):
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             if f.name in _FRACTIONS and not 0 <= v <= 1:

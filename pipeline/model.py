@@ -32,6 +32,8 @@ __all__ = [
     "WallParams",
     "TowerParams",
     "GradeParams",
+    "BuildingModel",
+    "BuildingParams",
     "DetectParams",
     "Evidence",
     "CoregResult",
@@ -41,6 +43,7 @@ __all__ = [
 ThresholdMethod = Literal["otsu", "kittler"]
 NormalizeMethod = Literal["histogram", "linear", "none"]
 OnExcess = Literal["warn", "raise"]
+BuildingModel = Literal["none", "cnn"]
 EvidenceKind = Literal["compound", "watchtower", "wall", "new_building", "change"]
 #: Order of kinds in detection output (a site first, then its parts, then other change).
 EVIDENCE_ORDER: tuple[str, ...] = get_args(EvidenceKind)
@@ -235,6 +238,19 @@ class GradeParams:
 
 
 @dataclass(frozen=True)
+class BuildingParams:
+    """Where the change mask that new buildings come from is made (opt-in network).
+
+    ``model = "none"``: the change vector analysis of ``change``. ``"cnn"``: the shipped
+    siamese U-Net (``models/building_change_cnn.npz``, red-green-blue imagery of
+    ``max_res_m`` or finer) and its card's decision rule.
+    """
+
+    model: BuildingModel = "none"
+    max_res_m: float = 1.5  # coarser: the network (trained at 0.5 m) is refused
+
+
+@dataclass(frozen=True)
 class DetectParams:
     """All parameters of one detection run; its hash identifies the method in evidence."""
 
@@ -244,10 +260,19 @@ class DetectParams:
     walls: WallParams = field(default_factory=WallParams)
     towers: TowerParams = field(default_factory=TowerParams)
     grade: GradeParams = field(default_factory=GradeParams)
+    buildings: BuildingParams = field(default_factory=BuildingParams)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of every parameter."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of every parameter.
+
+        ``buildings`` is left out while it is the default (no network), so the default
+        run's parameters, and their hash, are those of runs made before it existed (a watch
+        state does not rerun every site for a section that changes nothing).
+        """
+        out = dataclasses.asdict(self)
+        if self.buildings == BuildingParams():
+            del out["buildings"]
+        return out
 
 
 def params_hash(params: DetectParams) -> str:

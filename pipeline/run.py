@@ -35,8 +35,9 @@ from pipeline.core.change import change_magnitude, change_mask
 from pipeline.core.components import Regions, label_regions
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
+from pipeline.detect.cnn_change import check_cnn_input, cnn_change_mask, cnn_probability
 from pipeline.detect.sites import detect_sites
-from pipeline.errors import OutputError, PipelineWarning
+from pipeline.errors import ConfigError, OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.files import is_disk_full
@@ -50,6 +51,7 @@ from pipeline.model import (
     SourceRef,
     params_hash,
 )
+from pipeline.models import CnnModel, load_cnn
 from pipeline.report.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -113,13 +115,33 @@ class _Steps:
         log.info("%s done in %.2f s", name, seconds)
 
 
-def _method_label(cfg: RunConfig) -> str:
+def _method_label(cfg: RunConfig, cnn: CnnModel | None = None) -> str:
     p = cfg.params
-    return (
+    label = (
         f"sitewatch {pipeline.__version__}: phase-correlation coregistration, "
         f"{p.change.normalize} normalization, change vector analysis, "
         f"{p.change.threshold_method} threshold, texture-gain compounds"
     )
+    if cnn is None:
+        return label
+    return (f"{label}; change mask of new buildings from the siamese U-Net "
+            f"{cnn.card['model_file']} (sha256 {cnn.card['model_sha256']})")
+
+
+def _building_model(config: RunConfig, model: CnnModel | None) -> CnnModel | None:
+    """The network a run uses: None unless ``buildings.model = "cnn"``; ``model`` if given,
+    else the shipped one (its SHA-256 checked against its card)."""
+    if config.params.buildings.model != "cnn":
+        return None
+    if model is not None:
+        return model
+    try:
+        return load_cnn()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"buildings.model = 'cnn': the shipped network cannot be loaded ({e}). Restore "
+            "models/building_change_cnn.* from git (or rebuild them with `make train-cnn`), "
+            "or run with --building-model none.") from e
 
 
 def _summary_ref(scene: Scene, role: str) -> SourceRef:
@@ -181,6 +203,7 @@ def run_detect(
     after_date: date | None = None,
     progress: Progress | None = None,
     chunks: int | None | Literal["auto"] = "auto",
+    building_model: CnnModel | None = None,
 ) -> DetectResult:
     """Run the whole detection on two local rasters and write an evidence folder.
 
@@ -201,6 +224,9 @@ def run_detect(
     chunks
         Chunk size in pixels for a lazy, chunked run (bounded memory), None for an in-memory
         run, ``"auto"`` to chunk grids above ``CHUNKED_MIN_PX`` pixels. Same results.
+    building_model
+        With ``buildings.model = "cnn"``: the network to use instead of the shipped one
+        (`pipeline.models.load_cnn`; e.g. a fold network in `pipeline.evaluate`).
 
     Returns
     -------
@@ -216,7 +242,7 @@ def run_detect(
         aoi,
         lambda: read_local_pair(aoi, before_path, after_path, config=config,
                                 before_date=before_date, after_date=after_date, chunks=chunks),
-        config=config, out_root=out_root, progress=progress,
+        config=config, out_root=out_root, progress=progress, building_model=building_model,
     )
 
 
@@ -227,6 +253,7 @@ def detect_scenes(
     config: RunConfig,
     out_root: str | Path,
     progress: Progress | None = None,
+    building_model: CnnModel | None = None,
 ) -> DetectResult:
     """Load a pair of scenes with ``load``, detect, and write the evidence folder.
 
@@ -240,11 +267,18 @@ def detect_scenes(
     temporary folder (``TMPDIR``; up to about 70 bytes a pixel at its peak, measured), removed
     at the end; the peak goes in the detect step's ``scratch_peak_mb``. NumPy scenes are
     processed in memory (their arrays are masked in place). Both give the same evidence.
+
+    With ``buildings.model = "cnn"`` the change mask (written, and the one new buildings and
+    change regions are extracted from) is the network's (``building_model``, else the shipped
+    one) on before and the co-registered after, by its card's decision rule
+    (`pipeline.detect.cnn_change`); the change vector magnitude and threshold are still
+    computed and written, and give the objects' contrast.
     """
     started = datetime.now(UTC)
     out = check_out_root(out_root)
     steps = _Steps(progress)
     params = config.params
+    cnn = _building_model(config, building_model)
     # One BLAS thread: the run's own work already fills the cores (Dask threads), and OpenBLAS
     # threads spinning beside them made the co-registration's small matrix products (skimage's
     # upsampled DFT) 5x slower in wall time and 7x in CPU on the shared 2-core machine.
@@ -256,7 +290,8 @@ def detect_scenes(
         warnings.simplefilter("always")
         scratch = _Scratch(Path(scratch_dir))
         with steps.step("read") as info:
-            before, after, plan, refs, inputs = _read(load, aoi, info, scratch)
+            before, after, plan, refs, inputs = _read(load, aoi, info, scratch,
+                                                      check=params.buildings if cnn else None)
             before_ref, after_ref = refs
             # chips of fetched imagery come from the pixels as read (local files are read
             # again by the writer): kept for in-memory scenes only, one more array at most
@@ -269,15 +304,23 @@ def detect_scenes(
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
+            coregistered = after if cnn is not None else None  # the network reads it raw
             after = _normalized(before, after, read_after, method=params.change.normalize,
-                                scratch=scratch)
-            del read_after
+                                scratch=scratch, keep_read=cnn is not None)
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
             magnitude, mask, threshold, changed_share = _change(
                 before, after, params=params.change, res_m=plan.res_m, scratch=scratch)
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=changed_share)
+            if cnn is not None:
+                mask, info["building_model"] = _cnn_mask(before, coregistered, mask, cnn,
+                                                         res_m=plan.res_m, scratch=scratch)
+                info["cva_changed_share"] = changed_share
+                info["changed_share"] = info["building_model"].pop("changed_share")
+                if after.data is not read_after.data:  # else it is the normalized after
+                    scratch.drop(read_after)
+            del read_after, coregistered
         with steps.step("detect") as info:
             timings: dict[str, float] = {}  # detect sub-steps (objects, compounds, walls, grade)
             changes = _change_pixels(mask, scratch, timings)
@@ -285,6 +328,7 @@ def detect_scenes(
                 before.data, after.data, changes, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
                 after_ref=after_ref, timings=timings, persist=scratch.keep,
+                found_by=_found_by(cnn),
             )
             info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
             info["seconds_by_part"] = timings
@@ -294,7 +338,7 @@ def detect_scenes(
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
             _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
                            aoi=aoi, plan=plan, inputs=inputs, steps=steps.records,
-                           started=started, caught=caught, images=as_read)
+                           started=started, caught=caught, images=as_read, cnn=cnn)
         del as_read
     shown = [w for w in caught
              if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
@@ -308,16 +352,60 @@ def detect_scenes(
 
 
 def _normalized(before: xr.DataArray, after: xr.DataArray, read: xr.DataArray, *,
-                method: Any, scratch: _Scratch) -> xr.DataArray:
+                method: Any, scratch: _Scratch, keep_read: bool = False) -> xr.DataArray:
     """The normalize stage: after (co-registered) matched to before (stored when chunked).
 
-    The after image as read (``read``, stored by the read stage) is then deleted: from here
-    it is read only through the stored result (12 bytes a pixel of scratch for 3 bands).
+    The after image as read (``read``, stored by the read stage) is then deleted, unless
+    ``keep_read`` (the network reads the co-registered after later): from here it is read
+    only through the stored result (12 bytes a pixel of scratch for 3 bands).
     """
     after = scratch.keep(normalize(before, after, method=method))
-    if after.data is not read.data:
+    if after.data is not read.data and not keep_read:
         scratch.drop(read)
     return after
+
+
+def _cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn: CnnModel,
+              *, res_m: float, scratch: _Scratch) -> tuple[xr.DataArray, dict[str, Any]]:
+    """The network's change mask on ``mask``'s grid and chunks, and what the manifest records.
+
+    ``after`` is co-registered, not normalized (the network standardises each date itself).
+    Chunked, the probability is stored (the smoothing reads it with overlap), the mask too.
+    """
+    min_area_px = cnn.min_area_at(res_m)
+    prob = scratch.keep(cnn_probability(before.data, after.data, weights=cnn.weights))
+    stored: list[Any] = []
+
+    def persist(data: Any) -> Any:
+        stored.append(scratch.keep(data))
+        return stored[-1]
+
+    data = cnn_change_mask(prob, threshold=cnn.threshold, smooth_sigma_px=cnn.smooth_sigma_px,
+                           min_area_px=min_area_px, persist=persist)
+    if isinstance(data, dask.array.Array):
+        data = data.rechunk(mask.data.chunks)
+    out = mask.copy(data=data, deep=False)
+    out.attrs.update({"threshold": cnn.threshold, "source": cnn.card["model_file"]})
+    out, (changed,) = scratch.keep(out, also=((out.data == 1).sum(),))
+    scratch.drop(prob, *stored)
+    card = cnn.card
+    return out, {
+        "model": "cnn", "model_file": card["model_file"], "model_sha256": card["model_sha256"],
+        "card": card.get("name", ""), "decision_rule": card.get("decision_rule", ""),
+        "threshold": cnn.threshold, "smooth_sigma_px": cnn.smooth_sigma_px,
+        "min_area_m2": cnn.min_area_m2, "min_area_px": min_area_px, "flips": False,
+        "standardisation": "per band and date, over the whole scene's pixels valid in both",
+        "input": "before and the co-registered after (not normalized)",
+        "changed_share": float(changed) / max(1, out.size),
+    }
+
+
+def _found_by(cnn: CnnModel | None) -> dict[str, str] | None:
+    """What each new building and change region says found it (None: the default CVA)."""
+    if cnn is None:
+        return None
+    return {"found_by": "cnn", "model_file": cnn.card["model_file"],
+            "model_sha256": cnn.card["model_sha256"]}
 
 
 def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
@@ -487,13 +575,19 @@ def _load_blocks(prefix: str, chunks: tuple[tuple[int, ...], ...], dtype: Any
 
 
 def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dict[str, Any],
-          scratch: _Scratch) -> tuple[xr.DataArray, xr.DataArray, GridPlan,
-                                      tuple[SourceRef, SourceRef], dict[str, SourceRef]]:
+          scratch: _Scratch, *, check: Any = None
+          ) -> tuple[xr.DataArray, xr.DataArray, GridPlan, tuple[SourceRef, SourceRef],
+                     dict[str, SourceRef]]:
     """The read stage: both scenes masked to the AOI, their provenance, the overlap checked.
 
     Only the masked arrays are kept (chunked ones in ``scratch``): the scenes are dropped here.
+    ``check`` (`BuildingParams` of a run with the network): grid and bands are checked
+    before any pixel is processed.
     """
     plan, before_scene, after_scene = load()
+    if check is not None:
+        for scene in (before_scene, after_scene):
+            check_cnn_input(plan.res_m, scene.data.sizes["band"], max_res_m=check.max_res_m)
     refs = (_summary_ref(before_scene, "before"), _summary_ref(after_scene, "after"))
     check_dates(refs[0].acquired, refs[1].acquired)
     inputs = {f"{role}:{i}": ref for role, scene in (("before", before_scene),
@@ -513,14 +607,15 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
 
 
 # The parameter sections (DetectParams) each detection step used, for the manifest's steps.
-_STEP_PARAMS = {"coregister": ("coreg",), "normalize": ("change",), "change": ("change",),
-                "detect": ("objects", "walls", "towers", "grade")}
+_STEP_PARAMS = {"coregister": ("coreg",), "normalize": ("change",),
+                "change": ("change", "buildings"), "detect": ("objects", "walls", "towers", "grade")}
 
 
 def _with_params(steps: list[dict[str, Any]], params: DetectParams) -> list[dict[str, Any]]:
     """Each step record with the parameters it ran with (``params``), where it has any."""
     sections = params.to_dict()
-    return [{**s, "params": {k: sections[k] for k in _STEP_PARAMS[s["name"]]}}
+    # ``buildings`` is only in the parameters when the network is on (`DetectParams.to_dict`)
+    return [{**s, "params": {k: sections[k] for k in _STEP_PARAMS[s["name"]] if k in sections}}
             if s.get("name") in _STEP_PARAMS else s for s in steps]
 
 
@@ -528,7 +623,8 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    magnitude: xr.DataArray, *, config: RunConfig, run_id: str, aoi: Aoi,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
                    started: datetime, caught: list[warnings.WarningMessage],
-                   images: dict[str, xr.DataArray] | None = None) -> None:
+                   images: dict[str, xr.DataArray] | None = None,
+                   cnn: CnnModel | None = None) -> None:
     """Write the evidence package and, last, the manifest that hashes it (and its digest).
 
     ``images`` (``{"before": da, "after": da}`` on ``plan``, as read, before normalization)
@@ -537,7 +633,7 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
     """
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
     notes = [str(w.message) for w in caught if issubclass(w.category, PipelineWarning)]
-    package = write_package(stage, evidence, mask, magnitude, method=_method_label(config),
+    package = write_package(stage, evidence, mask, magnitude, method=_method_label(config, cnn),
                             plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling,
                             run_id=run_id, notes=notes, images=images,
                             cache_dir=config.cache_dir)

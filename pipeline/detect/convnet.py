@@ -127,19 +127,30 @@ def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarr
 
 
 def _tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
-                  tile_px: int, margin_px: int) -> np.ndarray:
-    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept."""
+                  tile_px: int, margin_px: int,
+                  region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept.
+
+    ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
+    its corner; the rest of the arrays is context), as a Dask block with its overlap does.
+    """
     ny, nx = a.shape[1:]
-    logits = np.empty((ny, nx), np.float32)
-    for y0 in range(0, ny, tile_px):
-        for x0 in range(0, nx, tile_px):
+    ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
+    logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
+    for y0 in range(ry0, ry1, tile_px):
+        for x0 in range(rx0, rx1, tile_px):
             ys = slice(max(0, y0 - margin_px), min(ny, y0 + tile_px + margin_px))
             xs = slice(max(0, x0 - margin_px), min(nx, x0 + tile_px + margin_px))
             out = _padded_forward(a[:, ys, xs], b[:, ys, xs], weights)
-            h, w = min(tile_px, ny - y0), min(tile_px, nx - x0)
-            logits[y0:y0 + h, x0:x0 + w] = out[y0 - ys.start:y0 - ys.start + h,
-                                               x0 - xs.start:x0 - xs.start + w]
+            h, w = min(tile_px, ry1 - y0), min(tile_px, rx1 - x0)
+            logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
+                y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
     return logits
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The network's probability from its logits (clipped against overflow), float32."""
+    return (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
 
 
 def _flip(x: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
@@ -193,6 +204,6 @@ def predict_change_cnn(
     prob = np.zeros(valid.shape, np.float32)
     for flip in variants:
         logits = _tiled_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px)
-        prob += _flip(1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0))), flip)
+        prob += _flip(sigmoid(logits), flip)
     prob /= len(variants)
     return np.where(valid, prob, np.nan).astype(np.float32)

@@ -258,6 +258,7 @@ def detect_sites(
     after_ref: SourceRef,
     timings: dict[str, float] | None = None,
     persist: Persist | None = None,
+    found_by: dict[str, str] | None = None,
 ) -> list[Evidence]:
     """Turn a change mask and the image pair into compound, wall, tower, building and change
     evidence.
@@ -300,6 +301,10 @@ def detect_sites(
         For Dask input: computes a lazy map once and returns it stored (a chunked run's
         scratch files): the two grey images, and wall-grid maps (`walled.scene_walls`); None
         keeps wall-grid maps in memory and the grey images lazy.
+    found_by
+        Measurements added to every new building and change region, naming what made the
+        change mask (e.g. ``{"found_by": "cnn", "model_sha256": ...}``); None adds nothing
+        (the change vector analysis of the default run).
 
     Returns
     -------
@@ -352,12 +357,13 @@ def detect_sites(
     building_labels = {o.label for o in buildings}
     for idx, b in enumerate(buildings, start=1):
         found.append(make("new_building", idx, b.polygon, building_score(b),
-                          _object_measures(b), site_of.get(b.label)))
+                          {**_object_measures(b), **(found_by or {})}, site_of.get(b.label)))
     others = [o for o in objects if o.label not in building_labels
               and o.area_m2 >= op.change_min_area_m2]
     others.sort(key=lambda o: (-_change_score(o), o.label))
     for idx, o in enumerate(others, start=1):
-        found.append(make("change", idx, o.polygon, _change_score(o), _object_measures(o)))
+        found.append(make("change", idx, o.polygon, _change_score(o),
+                          {**_object_measures(o), **(found_by or {})}))
     found.sort(key=lambda e: (EVIDENCE_ORDER.index(e.kind), -e.score, e.id))
     return found
 
