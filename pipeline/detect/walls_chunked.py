@@ -174,12 +174,14 @@ def _pairwise_sum(read: _Flat, lo: int, hi: int, leaf_px: int) -> np.float32:
                       + _pairwise_sum(read, lo + half, hi, leaf_px))
 
 
-def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22
-                ) -> tuple[float, float | None]:
+def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22,
+                counts: tuple[int, int] | None = None) -> tuple[float, float | None]:
     """`walls._fill_value` and (``scale``) `walls.robust_scale` of a lazy wall-grid image, to
-    the bit, reading ``leaf_px`` pixels or one chunk row at a time (never the whole image)."""
-    n_nan, n_finite = dask.compute(da.isnan(g).sum(), da.isfinite(g).sum())
-    n_nan, n_finite = int(n_nan), int(n_finite)
+    the bit, reading ``leaf_px`` pixels or one chunk row at a time (never the whole image).
+    ``counts``: its NaN and finite pixels, when already counted (`_pair_stats`)."""
+    if counts is None:
+        counts = dask.compute(da.isnan(g).sum(), da.isfinite(g).sum())
+    n_nan, n_finite = int(counts[0]), int(counts[1])
     if n_finite == 0:
         return 0.0, 1.0 if scale else None
     stored = _Stored(g)
@@ -197,6 +199,22 @@ def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22
         seen, r0 = seen + values.size, r0 + rows
     lo, hi = np.percentile(np.concatenate(sample), [2, 98])
     return fill, float(hi - lo) if hi > lo else 1.0
+
+
+def _pair_stats(g_b: da.Array, g_a: da.Array) -> tuple[float, float, float]:
+    """``(fill before, fill after, scale of before)``: `_grid_stats` of both wall-grid images,
+    the pixel counts in one pass, then the two images' sums and sample as two parallel tasks
+    on the configured Dask scheduler (each reads its own blocks synchronously)."""
+    counts = dask.compute(*(f(g).sum() for g in (g_b, g_a) for f in (da.isnan, da.isfinite)))
+
+    def stats(g: da.Array, scale: bool, n: tuple[int, int]) -> tuple[float, float | None]:
+        return _grid_stats(g, scale=scale, counts=n)
+
+    # the arrays travel inside closures: a Dask array argument would be computed whole
+    (fill_b, spread), (fill_a, _) = dask.compute(
+        dask.delayed(lambda: stats(g_b, True, counts[:2]), pure=False)(),
+        dask.delayed(lambda: stats(g_a, False, counts[2:]), pure=False)())
+    return fill_b, fill_a, cast(float, spread)
 
 
 def _min_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -370,9 +388,7 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         return LineMap(cast(np.ndarray, empty), cast(np.ndarray, empty), math.inf, transform,
                        res_m), []
     g_b, g_a = (keep_lazy(_wall_grey(x, factor)) for x in (before, after))
-    fill_b, spread = _grid_stats(g_b, scale=True)
-    fill_a, _ = _grid_stats(g_a, scale=False)
-    scale = cast(float, spread)
+    fill_b, fill_a, scale = _pair_stats(g_b, g_a)
     radii = [max(1, int(math.floor(w / (2 * res_m))))
              for w in (params.max_wall_width_m, params.max_shadow_width_m)]
     n_px = max(3, int(round(params.line_average_m / res_m)))
@@ -385,9 +401,12 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
     strength, along = maps[0], maps[3]
     stored = _Stored(maps)
-    sigma = noise_sigma(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)))
-    threshold, floor = line_thresholds(np.asarray(along[::3, ::3].compute()), sigma,
-                                       scale=scale, n_px=n_px, params=params)
+    # the noise (read from the grey images) beside the line averages' sample, in parallel
+    sigma, sample = dask.compute(dask.delayed(lambda: noise_sigma(
+        cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a))), pure=False)(),
+        along[::3, ::3])
+    threshold, floor = line_thresholds(np.asarray(sample), sigma, scale=scale, n_px=n_px,
+                                       params=params)
     weak = (strength >= floor) & (along >= floor)
     regions = label_regions(weak, connectivity=2, persist=keep_lazy)
     seeded = _seeded(regions, weak & (along >= threshold))
