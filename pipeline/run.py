@@ -30,14 +30,16 @@ from threadpoolctl import threadpool_limits
 import pipeline
 from pipeline.acquire import warn_if_identical
 from pipeline.aoi import Aoi, plan_grid
+from pipeline.building_model import building_model as load_building_model
+from pipeline.building_model import cnn_mask, found_by, network_label
 from pipeline.config import RunConfig
 from pipeline.core.change import change_magnitude, change_mask
 from pipeline.core.components import Regions, label_regions
 from pipeline.core.coreg import coregister
 from pipeline.core.radiometry import normalize
-from pipeline.detect.cnn_change import check_cnn_input, cnn_change_mask, cnn_probability
+from pipeline.detect.cnn_change import check_cnn_input
 from pipeline.detect.sites import detect_sites
-from pipeline.errors import ConfigError, OutputError, PipelineWarning
+from pipeline.errors import OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
 from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
 from pipeline.files import is_disk_full
@@ -51,7 +53,7 @@ from pipeline.model import (
     SourceRef,
     params_hash,
 )
-from pipeline.models import CnnModel, load_cnn
+from pipeline.models import CnnModel
 from pipeline.report.manifest import (
     MANIFEST_NAME,
     build_manifest,
@@ -122,26 +124,7 @@ def _method_label(cfg: RunConfig, cnn: CnnModel | None = None) -> str:
         f"{p.change.normalize} normalization, change vector analysis, "
         f"{p.change.threshold_method} threshold, texture-gain compounds"
     )
-    if cnn is None:
-        return label
-    return (f"{label}; change mask of new buildings from the siamese U-Net "
-            f"{cnn.card['model_file']} (sha256 {cnn.card['model_sha256']})")
-
-
-def _building_model(config: RunConfig, model: CnnModel | None) -> CnnModel | None:
-    """The network a run uses: None unless ``buildings.model = "cnn"``; ``model`` if given,
-    else the shipped one (its SHA-256 checked against its card)."""
-    if config.params.buildings.model != "cnn":
-        return None
-    if model is not None:
-        return model
-    try:
-        return load_cnn()
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(
-            f"buildings.model = 'cnn': the shipped network cannot be loaded ({e}). Restore "
-            "models/building_change_cnn.* from git (or rebuild them with `make train-cnn`), "
-            "or run with --building-model none.") from e
+    return label if cnn is None else f"{label}; {network_label(cnn)}"
 
 
 def _summary_ref(scene: Scene, role: str) -> SourceRef:
@@ -278,7 +261,7 @@ def detect_scenes(
     out = check_out_root(out_root)
     steps = _Steps(progress)
     params = config.params
-    cnn = _building_model(config, building_model)
+    cnn = load_building_model(params.buildings, building_model)
     # One BLAS thread: the run's own work already fills the cores (Dask threads), and OpenBLAS
     # threads spinning beside them made the co-registration's small matrix products (skimage's
     # upsampled DFT) 5x slower in wall time and 7x in CPU on the shared 2-core machine.
@@ -304,23 +287,25 @@ def detect_scenes(
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
-            coregistered = after if cnn is not None else None  # the network reads it raw
+            # the network reads the co-registered after as read, not normalized: kept for it
+            raw = (after, read_after) if cnn is not None else None
             after = _normalized(before, after, read_after, method=params.change.normalize,
-                                scratch=scratch, keep_read=cnn is not None)
+                                scratch=scratch, keep_read=raw is not None)
+            del read_after
             info.update(method=params.change.normalize)
         with steps.step("change") as info:
             magnitude, mask, threshold, changed_share = _change(
                 before, after, params=params.change, res_m=plan.res_m, scratch=scratch)
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=changed_share)
-            if cnn is not None:
-                mask, info["building_model"] = _cnn_mask(before, coregistered, mask, cnn,
-                                                         res_m=plan.res_m, scratch=scratch)
+            if raw is not None and cnn is not None:
+                mask, info["building_model"] = cnn_mask(before, raw[0], mask, cnn,
+                                                        res_m=plan.res_m, scratch=scratch)
                 info["cva_changed_share"] = changed_share
                 info["changed_share"] = info["building_model"].pop("changed_share")
-                if after.data is not read_after.data:  # else it is the normalized after
-                    scratch.drop(read_after)
-            del read_after, coregistered
+                if after.data is not raw[1].data:  # else it is the normalized after
+                    scratch.drop(raw[1])
+                raw = None
         with steps.step("detect") as info:
             timings: dict[str, float] = {}  # detect sub-steps (objects, compounds, walls, grade)
             changes = _change_pixels(mask, scratch, timings)
@@ -328,7 +313,7 @@ def detect_scenes(
                 before.data, after.data, changes, magnitude.data, transform=plan.transform,
                 crs=plan.crs, threshold=threshold, params=params, before_ref=before_ref,
                 after_ref=after_ref, timings=timings, persist=scratch.keep,
-                found_by=_found_by(cnn),
+                found_by=found_by(cnn),
             )
             info.update({k: sum(e.kind == k for e in evidence) for k in EVIDENCE_ORDER})
             info["seconds_by_part"] = timings
@@ -363,49 +348,6 @@ def _normalized(before: xr.DataArray, after: xr.DataArray, read: xr.DataArray, *
     if after.data is not read.data and not keep_read:
         scratch.drop(read)
     return after
-
-
-def _cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn: CnnModel,
-              *, res_m: float, scratch: _Scratch) -> tuple[xr.DataArray, dict[str, Any]]:
-    """The network's change mask on ``mask``'s grid and chunks, and what the manifest records.
-
-    ``after`` is co-registered, not normalized (the network standardises each date itself).
-    Chunked, the probability is stored (the smoothing reads it with overlap), the mask too.
-    """
-    min_area_px = cnn.min_area_at(res_m)
-    prob = scratch.keep(cnn_probability(before.data, after.data, weights=cnn.weights))
-    stored: list[Any] = []
-
-    def persist(data: Any) -> Any:
-        stored.append(scratch.keep(data))
-        return stored[-1]
-
-    data = cnn_change_mask(prob, threshold=cnn.threshold, smooth_sigma_px=cnn.smooth_sigma_px,
-                           min_area_px=min_area_px, persist=persist)
-    if isinstance(data, dask.array.Array):
-        data = data.rechunk(mask.data.chunks)
-    out = mask.copy(data=data, deep=False)
-    out.attrs.update({"threshold": cnn.threshold, "source": cnn.card["model_file"]})
-    out, (changed,) = scratch.keep(out, also=((out.data == 1).sum(),))
-    scratch.drop(prob, *stored)
-    card = cnn.card
-    return out, {
-        "model": "cnn", "model_file": card["model_file"], "model_sha256": card["model_sha256"],
-        "card": card.get("name", ""), "decision_rule": card.get("decision_rule", ""),
-        "threshold": cnn.threshold, "smooth_sigma_px": cnn.smooth_sigma_px,
-        "min_area_m2": cnn.min_area_m2, "min_area_px": min_area_px, "flips": False,
-        "standardisation": "per band and date, over the whole scene's pixels valid in both",
-        "input": "before and the co-registered after (not normalized)",
-        "changed_share": float(changed) / max(1, out.size),
-    }
-
-
-def _found_by(cnn: CnnModel | None) -> dict[str, str] | None:
-    """What each new building and change region says found it (None: the default CVA)."""
-    if cnn is None:
-        return None
-    return {"found_by": "cnn", "model_file": cnn.card["model_file"],
-            "model_sha256": cnn.card["model_sha256"]}
 
 
 def _change(before: xr.DataArray, after: xr.DataArray, *, params: Any, res_m: float,
@@ -608,7 +550,8 @@ def _read(load: Callable[[], tuple[GridPlan, Scene, Scene]], aoi: Aoi, info: dic
 
 # The parameter sections (DetectParams) each detection step used, for the manifest's steps.
 _STEP_PARAMS = {"coregister": ("coreg",), "normalize": ("change",),
-                "change": ("change", "buildings"), "detect": ("objects", "walls", "towers", "grade")}
+                "change": ("change", "buildings"),
+                "detect": ("objects", "walls", "towers", "grade")}
 
 
 def _with_params(steps: list[dict[str, Any]], params: DetectParams) -> list[dict[str, Any]]:

@@ -100,6 +100,8 @@ def _standardized(image: np.ndarray, valid: np.ndarray, stats: np.ndarray) -> np
 def _cnn_block(block: np.ndarray, *, weights: Mapping[str, np.ndarray], stats: np.ndarray,
                tile_px: int, margin_px: int, block_info: dict | None = None) -> np.ndarray:
     """Probability of one block's own pixels from its overlapped ``(6, y, x)`` stack."""
+    if block_info is None:
+        raise ValueError("_cnn_block runs as a Dask block: it needs block_info.")
     loc, n = block_info[0]["chunk-location"], block_info[0]["num-chunks"]
     top = margin_px if loc[1] > 0 else 0
     left = margin_px if loc[2] > 0 else 0
