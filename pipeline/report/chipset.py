@@ -34,6 +34,7 @@ from pipeline.files import sha256_file
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chipread import GridWindows
 from pipeline.report.chips import Outline, compose_chip, stretch_pair
+from pipeline.report.workers import dask_threads
 
 __all__ = ["CHIP_KEYS", "CHIPS_DIR", "ChipTarget", "chip_targets", "site_of", "write_chips"]
 
@@ -48,8 +49,6 @@ OWN_CHIP_EXCLUDED = ("new_building", "wall", "watchtower", "tower")
 MAX_DISPLAY_PX = 800
 MIN_DISPLAY_PX = 400
 READ_ORDER_PX = 2048  # targets are read in the order of these blocks of the grid
-# PNGs are encoded on this many threads (Pillow's encoder releases the GIL).
-ENCODE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,8 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                 plan: GridPlan, resampling: str = "bilinear",
                 images: Mapping[str, xr.DataArray] | None = None,
                 notes: list[str] | None = None,
-                checked_copies: Mapping[str, Path] | None = None) -> dict[str, dict[str, str]]:
+                checked_copies: Mapping[str, Path] | None = None,
+                threads: int | None = None) -> dict[str, dict[str, str]]:
     """Render and write the chips of ``targets``; return ``{id: {chip key: relative path}}``.
 
     Parameters
@@ -109,6 +109,10 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
         ``{input path: copy}``: byte copies of input files whose SHA-256 was already checked
         against the run's (the preserved originals); the windows are read from the copy and
         the input is not hashed again.
+    threads
+        PNG encoding threads (Pillow's encoder releases the GIL), besides the thread reading
+        the windows; None: as many as Dask's (``report.workers.dask_threads``). With 1, the
+        chips are read and encoded one after the other on the calling thread.
 
     Raises
     ------
@@ -136,7 +140,8 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                     _check_unchanged(ref, role)
                 read[role] = stack.enter_context(
                     GridWindows(path or ref.path, plan, resampling=resampling)).read
-        done = _render_all(stage, targets, evidence, read, plan=plan)
+        done = _render_all(stage, targets, evidence, read, plan=plan,
+                           threads=threads or dask_threads())
     written: dict[str, dict[str, str]] = {}
     for target in targets:  # in the targets' order, whatever the order of reading
         if done[target.evidence.id]:
@@ -148,9 +153,10 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
 
 def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence],
                 read: Mapping[str, Callable[[tuple[int, int, int, int]], np.ndarray]], *,
-                plan: GridPlan) -> dict[str, dict[str, str]]:
-    """Read each target's windows (in grid-block order) and render them on the encoding
-    threads; the windows of at most ``ENCODE_THREADS + 1`` targets are held at once."""
+                plan: GridPlan, threads: int) -> dict[str, dict[str, str]]:
+    """Read each target's windows (in grid-block order) and render them on ``threads``
+    encoding threads (on this one when 1); the windows of at most ``threads + 1`` targets
+    are held at once."""
     def block(target: ChipTarget) -> tuple[int, int]:
         r0, c0, rows, cols = target.window
         return (r0 + rows // 2) // READ_ORDER_PX, (c0 + cols // 2) // READ_ORDER_PX
@@ -158,13 +164,20 @@ def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     north_deg = _north_deg(plan)
     (stage / CHIPS_DIR).mkdir(exist_ok=True)
     done: dict[str, dict[str, str]] = {}
+    ordered = sorted(targets, key=block)
+    if threads <= 1:
+        for target in ordered:
+            windows = [read[role](target.window) for role in ("before", "after")]
+            done[target.evidence.id] = _write_target(stage, target, windows, evidence,
+                                                     plan=plan, north_deg=north_deg)
+        return done
     pending: deque[tuple[ChipTarget, Future[dict[str, str]]]] = deque()
-    with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
-        for target in sorted(targets, key=block):
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sitewatch-chips") as pool:
+        for target in ordered:
             windows = [read[role](target.window) for role in ("before", "after")]
             pending.append((target, pool.submit(_write_target, stage, target, windows,
                                                 evidence, plan=plan, north_deg=north_deg)))
-            while len(pending) > ENCODE_THREADS:
+            while len(pending) > threads:
                 finished, job = pending.popleft()
                 done[finished.evidence.id] = job.result()
         for finished, job in pending:

@@ -1,21 +1,30 @@
 """pipeline.report.package: every file of an evidence package, except the manifest.
 
-:func:`write_package` writes, in order and each timed as a processing step: the preserved
-originals (their SHA-256 checked against the run's), the chips (read from those checked
-copies, so the inputs are not hashed twice), the GeoJSON (whose features name their chips),
-the two COGs, the GeoPackage and QGIS style, and the review page. Every later file is built
-from the FeatureCollection written to ``changes.geojson``, so all carry the same ids and
-attributes. The caller writes the manifest last, from what this returns.
+:func:`write_package` writes, each timed as a processing step: the preserved originals
+(their SHA-256 checked against the run's), the chips (read from those checked copies, so the
+inputs are not hashed twice), the GeoJSON (whose features name their chips), the two COGs,
+the GeoPackage and QGIS style, and the review page. Every later file is built from the
+FeatureCollection written to ``changes.geojson``, so all carry the same ids and attributes.
+The caller writes the manifest last, from what this returns.
+
+The COGs depend on nothing else: with more than one thread (``report.workers``) they are
+written on a thread of their own beside the other steps, which run in order; with one, after
+the GeoJSON. The step records keep that order (``WRITE_STEPS``) either way; their
+``started_utc`` show the overlap. A failure on either side waits for the other side to stop
+before it propagates, so nothing still writes into the run folder when its removal begins.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import xarray as xr
@@ -29,14 +38,21 @@ from pipeline.report.html import REPORT_NAME, write_report
 from pipeline.report.originals import preserve_originals
 from pipeline.report.rasters import write_cog
 from pipeline.report.style import aoi_qml, findings_qml
+from pipeline.report.workers import dask_threads
 
-__all__ = ["GPKG_NAME", "QML_NAME", "Package", "StepLog", "write_gis_layers", "write_package"]
+__all__ = ["GPKG_NAME", "QML_NAME", "WRITE_STEPS", "Package", "StepLog", "write_gis_layers",
+           "write_package"]
+
+log = logging.getLogger(__name__)
 
 GEOJSON_NAME = "changes.geojson"
 MASK_NAME = "change_mask.tif"
 MAGNITUDE_NAME = "change_magnitude.tif"
 GPKG_NAME = "changes.gpkg"
 QML_NAME = "changes.qml"
+# the package's steps, in the order of their records
+WRITE_STEPS = ("write:originals", "write:chips", "write:geojson", "write:rasters",
+               "write:gis_layers", "write:report")
 
 
 class StepLog:
@@ -106,43 +122,108 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
     Package
         Output names relative to ``stage``, the originals' entries and the step records.
     """
-    log = StepLog()
+    steps = StepLog()
+    threads = dask_threads()
+
+    def rasters() -> None:
+        with steps.step("write:rasters"):
+            write_cog(mask, stage / MASK_NAME, dtype="uint8", nodata=255, threads=threads,
+                      description="change (1), no change (0), nodata (255)")
+            write_cog(magnitude, stage / MAGNITUDE_NAME, dtype="float32", nodata=float("nan"),
+                      threads=threads, description="change magnitude (CVA, before's units)")
+
     outputs = [GEOJSON_NAME, MASK_NAME, MAGNITUDE_NAME]
-    with log.step("write:originals") as info:
-        originals = preserve_originals(stage, inputs, cache_dir=cache_dir)
-        info.update(preserved=sum(o["path"] is not None for o in originals),
-                    not_preserved=sum(o["path"] is None for o in originals))
-    with log.step("write:chips") as info:
-        skipped: list[str] = []
-        targets = chip_targets(evidence, plan)
-        checked = {o["source_path"]: stage / o["path"] for o in originals
-                   if o["how"] in ("copy", "hardlink")}
-        chips = write_chips(stage, targets, evidence, plan=plan, resampling=resampling,
-                            images=images, notes=skipped, checked_copies=checked)
-        outputs += [p for paths in chips.values() for p in paths.values()]
-        n_change = sum(e.kind == "change" for e in evidence)
-        info.update(findings=len(chips), files=len(outputs) - 3, skipped=skipped,
-                    change_regions_without_chips=n_change - sum(
-                        t.evidence.kind == "change" for t in targets),
-                    pixels="as handed in" if images is not None else "input files")
-    with log.step("write:geojson") as info:
-        shown = [replace(e, measurements={**e.measurements, **chips[e.id]}) if e.id in chips
-                 else e for e in evidence]
-        fc = evidence_to_features(shown, method=method)
-        write_geojson(fc, stage / GEOJSON_NAME)
-        info.update(features=len(fc["features"]))
-    with log.step("write:rasters"):
-        write_cog(mask, stage / MASK_NAME, dtype="uint8", nodata=255,
-                  description="change (1), no change (0), nodata (255)")
-        write_cog(magnitude, stage / MAGNITUDE_NAME, dtype="float32", nodata=float("nan"),
-                  description="change magnitude (CVA, before's units)")
-    with log.step("write:gis_layers"):
-        outputs += write_gis_layers(stage, fc, aoi=aoi)
-    with log.step("write:report"):
-        write_report(stage / REPORT_NAME, fc, run_id=run_id, aoi=aoi, inputs=inputs,
-                     notes=notes)
-        outputs.append(REPORT_NAME)
-    return Package(outputs=outputs, originals=originals, steps=log.records, features=fc)
+    with _Beside(rasters, on_thread=threads > 1) as beside:
+        with steps.step("write:originals") as info:
+            originals = preserve_originals(stage, inputs, cache_dir=cache_dir)
+            info.update(preserved=sum(o["path"] is not None for o in originals),
+                        not_preserved=sum(o["path"] is None for o in originals))
+        beside.check()
+        with steps.step("write:chips") as info:
+            chips = _chips(stage, evidence, info, plan=plan, resampling=resampling,
+                           images=images, originals=originals, threads=threads)
+            outputs += [p for paths in chips.values() for p in paths.values()]
+        beside.check()
+        with steps.step("write:geojson") as info:
+            shown = [replace(e, measurements={**e.measurements, **chips[e.id]})
+                     if e.id in chips else e for e in evidence]
+            fc = evidence_to_features(shown, method=method)
+            write_geojson(fc, stage / GEOJSON_NAME)
+            info.update(features=len(fc["features"]))
+        beside.run_here()
+        with steps.step("write:gis_layers"):
+            outputs += write_gis_layers(stage, fc, aoi=aoi)
+        beside.check()
+        with steps.step("write:report"):
+            write_report(stage / REPORT_NAME, fc, run_id=run_id, aoi=aoi, inputs=inputs,
+                         notes=notes)
+            outputs.append(REPORT_NAME)
+    records = sorted(steps.records, key=lambda r: WRITE_STEPS.index(r["name"]))
+    return Package(outputs=outputs, originals=originals, steps=records, features=fc)
+
+
+def _chips(stage: Path, evidence: Sequence[Evidence], info: dict[str, Any], *,
+           plan: GridPlan, resampling: str, images: Mapping[str, xr.DataArray] | None,
+           originals: list[dict[str, Any]], threads: int) -> dict[str, dict[str, str]]:
+    """The write:chips step: chips read from the checked copies of the inputs; ``info``
+    gets the step's details."""
+    skipped: list[str] = []
+    targets = chip_targets(evidence, plan)
+    checked = {o["source_path"]: stage / o["path"] for o in originals
+               if o["how"] in ("copy", "hardlink")}
+    chips = write_chips(stage, targets, evidence, plan=plan, resampling=resampling,
+                        images=images, notes=skipped, checked_copies=checked, threads=threads)
+    n_change = sum(e.kind == "change" for e in evidence)
+    info.update(findings=len(chips), files=sum(len(paths) for paths in chips.values()),
+                skipped=skipped,
+                change_regions_without_chips=n_change - sum(
+                    t.evidence.kind == "change" for t in targets),
+                pixels="as handed in" if images is not None else "input files")
+    return chips
+
+
+class _Beside:
+    """Runs ``job`` on a thread beside the caller's steps, or, with ``on_thread`` False, on
+    the caller's thread where it calls :meth:`run_here`.
+
+    Leaving the block waits for the job, then raises its error; an error of the caller's
+    steps also waits for it (so neither side writes after the other failed and the folder's
+    removal began) and wins, the job's error being logged.
+    """
+
+    def __init__(self, job: Callable[[], None], *, on_thread: bool) -> None:
+        self._job = job
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="sitewatch-write")
+                      if on_thread else None)
+        self._future: Future[None] | None = None
+
+    def __enter__(self) -> _Beside:
+        if self._pool is not None:
+            self._future = self._pool.submit(self._job)
+        return self
+
+    def check(self) -> None:
+        """Raise the job's error now if it has already failed (so the caller stops early)."""
+        if self._future is not None and self._future.done():
+            self._future.result()
+
+    def run_here(self) -> None:
+        """Run the job now when it has no thread of its own; else :meth:`check`."""
+        if self._pool is None:
+            self._job()
+        else:
+            self.check()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self._pool is None or self._future is None:
+            return
+        self._pool.shutdown(wait=True)
+        failed = self._future.exception()
+        if error is None and failed is not None:
+            raise failed
+        if failed is not None and failed is not error:
+            log.warning("While writing the package, the rasters also failed: %s", failed)
 
 
 def write_gis_layers(stage: Path, fc: Mapping[str, Any], *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from report.test_chips import _block, _evidence, _pair
 @pytest.mark.parametrize("chunked", [False, True])
 def test_threads_and_sources_give_the_same_chips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  chunked: bool) -> None:
-    """One encoding thread or two, windows read from the files (each opened once) or taken
-    from pixels handed in (NumPy, or Dask computed window by window): the same PNGs, listed
-    in the targets' order."""
+    """One encoding thread (the caller's), two or three, windows read from the files (each
+    opened once) or taken from pixels handed in (NumPy, or Dask computed window by window):
+    the same PNGs, listed in the targets' order."""
     from pipeline.fetch.local import read_to_grid
 
     before, after, plan = _pair(tmp_path)
@@ -30,13 +31,21 @@ def test_threads_and_sources_give_the_same_chips(tmp_path: Path, monkeypatch: py
     images = {role: read_to_grid(str(ref.path), plan, role=role, chunks=16 if chunked else None)[0]
               for role, ref in (("before", before), ("after", after))}
     written = {}
-    for name, threads, pixels in (("one", 1, None), ("two", 2, None), ("handed", 2, images)):
-        monkeypatch.setattr(chipset, "ENCODE_THREADS", threads)
+    encoders: list[str] = []
+    original = chipset._write_target
+    monkeypatch.setattr(chipset, "_write_target", lambda *a, **k: encoders.append(
+        threading.current_thread().name) or original(*a, **k))
+    for name, threads, pixels in (("one", 1, None), ("two", 2, None), ("three", 3, None),
+                                  ("handed", 2, images)):
         (tmp_path / name).mkdir()
+        encoders.clear()
         written[name] = write_chips(tmp_path / name, chip_targets(found, plan), found,
-                                    plan=plan, images=pixels)
+                                    plan=plan, images=pixels, threads=threads)
+        # one thread: encoded on the calling thread, no pool; else on the pool's threads
+        on_caller = {n == threading.current_thread().name for n in encoders}
+        assert len(encoders) == 3 and on_caller == {threads == 1}
     assert list(written["one"]) == ["compound-0001", "compound-0002", "change-0001"]
-    for name in ("two", "handed"):
+    for name in ("two", "three", "handed"):
         assert written[name] == written["one"] and list(written[name]) == list(written["one"])
         for paths in written["one"].values():
             for rel in paths.values():
