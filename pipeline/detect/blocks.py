@@ -57,26 +57,44 @@ def _block_mean_np(arr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray
     if factor <= 1:
         valid = ~np.isnan(a)
         return a, valid.astype(np.float32)
+    count, total = _block_sums(a, factor)
+    # Fraction of the block's pixels that exist in the input and are valid.
+    starts = (np.arange(count.shape[0]) * factor, np.arange(count.shape[1]) * factor)
+    n_inside = np.outer(np.minimum(factor, a.shape[0] - starts[0]),
+                        np.minimum(factor, a.shape[1] - starts[1])).astype(np.int64)
+    return _mean(count, total), (count / np.maximum(n_inside, 1)).astype(np.float32)
+
+
+def _block_average_np(arr: np.ndarray, factor: int) -> np.ndarray:
+    """The mean of `block_mean` alone (NumPy): the same values, without the valid fraction."""
+    a = np.asarray(arr, dtype=np.float32)
+    return a if factor <= 1 else _mean(*_block_sums(a, factor))
+
+
+def _mean(count: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """float32 ``total / count``, NaN where ``count`` is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean.astype(np.float32)
+
+
+def _block_sums(a: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid pixels, NaN-zeroed float32 sum)`` of each ``factor x factor`` block of the
+    float32 ``a``; trailing blocks hold what is there (padded only then)."""
     rows = -(-a.shape[0] // factor) * factor
     cols = -(-a.shape[1] // factor) * factor
-    padded = np.full((rows, cols), np.nan, dtype=np.float32)
-    padded[: a.shape[0], : a.shape[1]] = a
+    padded = a
+    if (rows, cols) != a.shape:
+        padded = np.full((rows, cols), np.nan, dtype=np.float32)
+        padded[: a.shape[0], : a.shape[1]] = a
     blocks = padded.reshape(rows // factor, factor, cols // factor, factor)
     valid = ~np.isnan(blocks)
     zeroed = np.where(valid, blocks, 0.0)
     if factor <= _SMALL_FACTOR and min(blocks.shape[0], blocks.shape[2]) > 1:
         # counts of at most 16 add up exactly in uint8
         count = _small_block_sum(valid.view(np.uint8), np.uint8).astype(np.int64)
-        total = _small_block_sum(zeroed, np.float32)
-    else:
-        count, total = valid.sum(axis=(1, 3)), zeroed.sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    # Fraction of the block's pixels that exist in the input and are valid.
-    starts = np.arange(0, rows, factor), np.arange(0, cols, factor)
-    n_inside = np.outer(np.minimum(factor, a.shape[0] - starts[0]),
-                        np.minimum(factor, a.shape[1] - starts[1])).astype(np.int64)
-    return mean.astype(np.float32), (count / np.maximum(n_inside, 1)).astype(np.float32)
+        return count, _small_block_sum(zeroed, np.float32)
+    return valid.sum(axis=(1, 3)), zeroed.sum(axis=(1, 3))
 
 
 # Blocks this small are summed from strided slices: NumPy's reduction over two short axes is
