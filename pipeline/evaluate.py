@@ -41,6 +41,7 @@ from pipeline.datasets import (
     read_nanjing,
 )
 from pipeline.errors import PipelineError
+from pipeline.evaluate_detect import DETECT_BUILDINGS, DETECT_MASK, DetectRuns
 from pipeline.evaluation_doc import fmt_figure as _fmt
 from pipeline.scoring import (
     cva_otsu,
@@ -208,12 +209,21 @@ def _sitewatch_change(pair: LabelledPair) -> np.ndarray:
 
 
 def methods(model, folds: dict | None = None, clocks: dict | None = None, *, cnn=None,
-            cnn_folds: dict | None = None) -> dict[str, Callable[[LabelledPair], np.ndarray]]:
-    """Every method scored, by table name (a learned one only if its model is given)."""
+            cnn_folds: dict | None = None, detect: bool = True
+            ) -> dict[str, Callable[[LabelledPair], np.ndarray | None]]:
+    """Every method scored, by table name (a learned one only if its model is given).
+
+    With the network and ``detect``, also ``sitewatch detect --building-model cnn``
+    (`pipeline.evaluate_detect`; None on pairs too coarse for it).
+    """
     clocks = clocks if clocks is not None else {}
-    learned = {}
+    learned: dict[str, Callable[[LabelledPair], np.ndarray | None]] = {}
     if cnn is not None:
         learned[CNN] = _learned(cnn, cnn_folds or {}, clocks.setdefault(CNN, {}), _predict_cnn)
+        if detect:
+            runs = DetectRuns(cnn, cnn_folds or {}, clocks.setdefault(DETECT_MASK, {}), fold_for)
+            learned[DETECT_MASK] = runs.mask
+            learned[DETECT_BUILDINGS] = runs.buildings
     if model is not None:
         learned[LEARNED] = _learned(model, folds or {}, clocks.setdefault(LEARNED, {}),
                                     _predict_lightgbm)
@@ -281,11 +291,14 @@ def _adjacent_groups(folds: dict, pairs: list[LabelledPair]) -> set[str]:
 
 def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None = None, *,
              cnn=None, cnn_folds: dict | None = None, dabancheng: bool = True,
+             detect: bool = True,
              progress: Callable[[str], None] | None = None) -> tuple[list[Row], dict]:
     """Score every method on every labelled set; returns the table rows and run facts.
 
     ``model``/``folds`` are the LightGBM model and its fold models, ``cnn``/``cnn_folds`` the
     network and its folds (`pipeline.models`); a method whose model is None is left out.
+    ``detect``: with the network, also score the detect path with it (`methods`); a method
+    gets no row on a set where it applies to no image.
     """
     folds, cnn_folds = folds or {}, cnn_folds or {}
     sets = _datasets(data_dir)
@@ -299,7 +312,7 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
     strict: dict[str, Row] = {}
     timings: dict[str, float] = {}
     clocks: dict[str, dict[str, float]] = {}
-    scored = methods(model, folds, clocks, cnn=cnn, cnn_folds=cnn_folds)
+    scored = methods(model, folds, clocks, cnn=cnn, cnn_folds=cnn_folds, detect=detect)
     for ds_name, pairs, with_objects in sets:
         for m_name, run in scored.items():
             row = Row(ds_name, m_name)
@@ -308,6 +321,8 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                 if progress:
                     progress(f"{ds_name}: {m_name}: {pair.name}")
                 pred = run(pair)
+                if pred is None:  # not applicable (e.g. too coarse for the detect network)
+                    continue
                 row.add(pred, pair.label, objects=with_objects)
                 if pair.dataset.startswith("levir"):
                     pooled.setdefault(m_name, Row(POOLED, m_name)).add(
@@ -316,14 +331,15 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                         strict.setdefault(m_name, Row(STRICT, m_name)).add(
                             pred, pair.label, objects=True)
             timings[f"{ds_name} / {m_name}"] = time.perf_counter() - t0
-            rows.append(row)
+            if row.n_images:
+                rows.append(row)
     # without adjacent images the strict rows would repeat the pooled ones
     rows += [*pooled.values(), *(strict.values() if adjacent else ())]
     facts: dict[str, Any] = {"held_out_notes": notes, "timings_s": timings,
                              "adjacent_images": sorted(adjacent),
                              "adjacent_tiles": sorted({p.group for p in levir
                                                        if f"{p.dataset}/{p.name}" in adjacent})}
-    for prefix, name in (("learned", LEARNED), ("cnn", CNN)):
+    for prefix, name in (("learned", LEARNED), ("cnn", CNN), ("detect_cnn", DETECT_MASK)):
         clock = clocks.get(name, {})
         facts.update({f"{prefix}_{k}_per_megapixel": (clock[k] / clock["megapixels"]
                                                       if clock.get("megapixels") else None)
@@ -346,7 +362,7 @@ def target_status(rows: list[Row]) -> list[str]:
     f1 = {(r.dataset, r.method): r.figures()["f1"] for r in rows}
     sets = dict.fromkeys((POOLED, *(r.dataset for r in rows if r.dataset.startswith("levir_cd"))))
     out: list[str] = []
-    for method in (CNN, LEARNED):
+    for method in (CNN, DETECT_MASK, LEARNED):
         for ds in sets:
             learned, cva = f1.get((ds, method)), f1.get((ds, CVA))
             if learned is None or cva is None:
@@ -396,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path,
                         default=Path(__file__).resolve().parents[1] / "docs" / "evaluation.md")
     parser.add_argument("--no-dabancheng", action="store_true", help="skip the run_detect IoU")
+    parser.add_argument("--no-detect", action="store_true",
+                        help="skip the detect runs with the network (its two rows)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not (args.data_dir / "levir_cd").is_dir():
@@ -407,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     cnn = load_cnn(args.cnn) if args.cnn.exists() else None
     cnn_folds = load_cnn_folds(cnn, args.cnn) if cnn is not None else {}
     rows, facts = evaluate(args.data_dir, model, folds, cnn=cnn, cnn_folds=cnn_folds,
-                           dabancheng=not args.no_dabancheng,
+                           dabancheng=not args.no_dabancheng, detect=not args.no_detect,
                            progress=lambda msg: log.info("%s", msg))
     facts["seconds"] = time.perf_counter() - started
     print(format_table(rows, facts))

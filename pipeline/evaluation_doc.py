@@ -187,6 +187,25 @@ under {c.get('min_area_m2', '-')} m2 dropped. Its four fold networks are the Lig
 {_fold_lines(cnn_folds)}
 Network speed (NumPy inference with the four mirrorings, no deep-learning library), over every
 image scored in this run: {fmt_figure(speed)} s wall and {fmt_figure(cpu)} s CPU per megapixel.
+{_detect_lines(facts)}"""
+
+
+def _detect_lines(facts: dict) -> str:
+    """What the two ``detect cnn`` rows are (empty if they were not scored)."""
+    speed = facts.get("detect_cnn_seconds_per_megapixel")
+    if speed is None:
+        return ""
+    cpu = facts.get("detect_cnn_cpu_seconds_per_megapixel")
+    return f"""
+The rows `detect cnn: change mask` and `detect cnn: new_building` score what a user gets from
+`sitewatch detect --building-model cnn` (`pipeline.evaluate_detect`): each LEVIR-CD image is
+written as two GeoTIFFs on a UTM grid and run through `run_detect` with the fold network that
+held it out (AOI grid, co-registration, one pass of the network without mirrorings, each date
+standardised over the whole scene, the card's decision rule, objects); scored on the image's
+pixels are the written `change_mask.tif` and the `new_building` features rasterised. DSIFN and
+Nanjing are coarser than `buildings.max_res_m` (the detect path refuses them): no row. Whole
+detect runs (every stage, writing included): {fmt_figure(speed)} s wall and
+{fmt_figure(cpu)} s CPU per megapixel of their grids.
 """
 
 
