@@ -18,6 +18,8 @@ and the grid's transform in, shapely geometries in the grid CRS out; sizes in me
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,9 +34,10 @@ from pipeline.detect.blocks import block_mean
 from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
 from pipeline.model import WallParams
 
+# merge_collinear, collinear_groups: re-exported from lines
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
            "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
-           "drop_small"]  # merge_collinear, collinear_groups: re-exported from lines
+           "noise_parts", "sigma_of_spreads", "drop_small"]
 
 
 _BAND_ROWS = 512  # rows per band of the line-map kernels (memory, not results)
@@ -108,28 +111,51 @@ def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16
     block row and column) to about that many; the difference is formed one block row at a
     time, so memory stays a few rows of the scene.
     """
+    parts = noise_parts(g_before, g_after, block_px=block_px, max_blocks=max_blocks)
+    return sigma_of_spreads([part() for part in parts])
+
+
+def noise_parts(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16,
+                max_blocks: int = 16384, n_parts: int = 1) -> list[Callable[[], np.ndarray]]:
+    """`noise_sigma`'s work as up to ``n_parts`` independent calls (to run in parallel): each
+    gives the spreads of a run of the sampled block rows; `sigma_of_spreads` of their results,
+    in order, is `noise_sigma`."""
     height, width = g_before.shape
     h, w = (max(n // block_px, 1) * block_px for n in (height, width))
     if h > height or w > width:  # smaller than one block: one spread
         block_px, h, w = min(height, width), min(height, width), min(height, width)
     n_rows, n_cols = h // block_px, w // block_px
     step = max(1, math.ceil(math.sqrt(n_rows * n_cols / max_blocks)))
-    rows = []
-    for i in range(0, n_rows, step):
-        r0 = i * block_px
-        lo, hi = max(0, r0 - 1), min(height, r0 + block_px + 1)  # the 3 x 3 mean's halo
-        d = g_after[lo:hi] - g_before[lo:hi]
-        d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
-        band = d[r0 - lo:r0 - lo + block_px, :w].reshape(block_px, n_cols, block_px)
-        rows.append(band.transpose(1, 0, 2)[::step].reshape(-1, block_px * block_px))
-    blocks = np.concatenate(rows)
-    blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
-    if len(blocks) == 0:
+
+    def spreads(starts: range) -> np.ndarray:
+        rows = []
+        for i in starts:
+            r0 = i * block_px
+            lo, hi = max(0, r0 - 1), min(height, r0 + block_px + 1)  # the 3 x 3 mean's halo
+            d = g_after[lo:hi] - g_before[lo:hi]
+            d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
+            band = d[r0 - lo:r0 - lo + block_px, :w].reshape(block_px, n_cols, block_px)
+            rows.append(band.transpose(1, 0, 2)[::step].reshape(-1, block_px * block_px))
+        blocks = np.concatenate(rows)
+        blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
+        if len(blocks) == 0:
+            return np.zeros(0)
+        med = _nanmedian_rows(blocks)[:, None]
+        spread = 1.4826 * _nanmedian_rows(np.abs(blocks - med))
+        return spread[np.isfinite(spread)]
+
+    starts = range(0, n_rows, step)
+    cuts = np.linspace(0, len(starts), min(n_parts, len(starts)) + 1).round().astype(int)
+    return [functools.partial(spreads, starts[c0:c1])
+            for c0, c1 in itertools.pairwise(cuts.tolist())]
+
+
+def sigma_of_spreads(spreads: Sequence[np.ndarray]) -> float:
+    """`noise_sigma` from the spreads of its parts (`noise_parts`), in order."""
+    found = [x for x in spreads if x.size]  # an empty part must not change the type
+    if not found:
         return 0.0
-    med = _nanmedian_rows(blocks)[:, None]
-    spread = 1.4826 * _nanmedian_rows(np.abs(blocks - med))
-    spread = spread[np.isfinite(spread)]
-    return float(np.percentile(spread, 25) / math.sqrt(2.0)) if spread.size else 0.0
+    return float(np.percentile(np.concatenate(found), 25) / math.sqrt(2.0))
 
 
 def _nanmedian_rows(x: np.ndarray) -> np.ndarray:

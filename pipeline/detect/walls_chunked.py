@@ -44,13 +44,15 @@ from pipeline.detect.walls import (
     _tophat_change,
     hough_segments,
     line_thresholds,
-    noise_sigma,
+    noise_parts,
+    sigma_of_spreads,
 )
 from pipeline.model import WallParams
 
 __all__ = ["WindowedArray", "scene_walls_chunked"]
 
 Persist = Callable[[da.Array], da.Array]
+_NOISE_PARTS = 4  # tasks the noise estimate is split into (speed only, not results)
 
 
 class WindowedArray:
@@ -401,12 +403,14 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
     strength, along = maps[0], maps[3]
     stored = _Stored(maps)
-    # the noise (read from the grey images) beside the line averages' sample, in parallel
-    sigma, sample = dask.compute(dask.delayed(lambda: noise_sigma(
-        cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a))), pure=False)(),
-        along[::3, ::3])
-    threshold, floor = line_thresholds(np.asarray(sample), sigma, scale=scale, n_px=n_px,
-                                       params=params)
+    # the noise (read from the grey images, in parts) beside the line averages' sample, in
+    # parallel on the configured scheduler
+    parts = noise_parts(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)),
+                        n_parts=_NOISE_PARTS)
+    *spreads, sample = dask.compute(*(dask.delayed(part, pure=False)() for part in parts),
+                                    along[::3, ::3])
+    threshold, floor = line_thresholds(np.asarray(sample), sigma_of_spreads(spreads),
+                                       scale=scale, n_px=n_px, params=params)
     weak = (strength >= floor) & (along >= floor)
     regions = label_regions(weak, connectivity=2, persist=keep_lazy)
     seeded = _seeded(regions, weak & (along >= threshold))

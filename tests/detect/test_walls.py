@@ -205,6 +205,26 @@ def test_noise_sigma_recovers_noise_whole_or_sampled(max_blocks):
                        max_blocks=max_blocks) == pytest.approx(expected, rel=0.10)
 
 
+@pytest.mark.parametrize("shape", [(400, 300), (37, 500), (10, 10), (2000, 40)])
+@pytest.mark.parametrize("n_parts", [2, 3, 7, 500])
+def test_noise_sigma_in_parts_equals_whole(shape, n_parts):
+    """The noise estimate from parts (the chunked search's parallel tasks) equals noise_sigma
+    exactly, sampled or not, with NaN holes and with a date of NaN only."""
+    from pipeline.detect.walls import noise_parts, sigma_of_spreads
+
+    rng = np.random.default_rng(sum(shape) + n_parts)
+    b = rng.normal(100, 20, shape).astype(np.float32)
+    a = (b + rng.normal(0, 3.0, shape)).astype(np.float32)
+    b[rng.random(shape) < 0.3] = np.nan
+    for max_blocks in (16384, 50):
+        parts = noise_parts(b, a, max_blocks=max_blocks, n_parts=n_parts)
+        assert 1 <= len(parts) <= n_parts
+        assert sigma_of_spreads([part() for part in parts]) == noise_sigma(
+            b, a, max_blocks=max_blocks)
+    empty = np.full(shape, np.nan, np.float32)
+    assert sigma_of_spreads([part() for part in noise_parts(empty, a, n_parts=n_parts)]) == 0.0
+
+
 @pytest.mark.parametrize("n", [1, 2, 255, 256])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nanmedian_rows_equals_numpy(n, dtype):
