@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -148,6 +149,26 @@ def _tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray
     return logits
 
 
+def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+                     tile_px: int, margin_px: int) -> np.ndarray:
+    """`_tiled_logits`, one task per tile on the configured Dask scheduler; same values.
+
+    Each task computes one tile's centre from the same windows as the loop would (NumPy's
+    matrix products release the GIL, so threads run tiles side by side).
+    """
+    ny, nx = a.shape[1:]
+    regions = [(y0, min(ny, y0 + tile_px), x0, min(nx, x0 + tile_px))
+               for y0 in range(0, ny, tile_px) for x0 in range(0, nx, tile_px)]
+    if len(regions) == 1:
+        return _tiled_logits(a, b, weights, tile_px, margin_px)
+    run = dask.delayed(_tiled_logits, pure=False)
+    parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r) for r in regions])
+    logits = np.empty((ny, nx), np.float32)
+    for (y0, y1, x0, x1), part in zip(regions, parts, strict=True):
+        logits[y0:y1, x0:x1] = part
+    return logits
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """The network's probability from its logits (clipped against overflow), float32."""
     return (1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0)))).astype(np.float32)
@@ -185,7 +206,8 @@ def predict_change_cnn(
         and turned by 180 degrees (each mapped back): four times the work for a steadier map.
     tile_px, margin_px
         Images larger than ``tile_px`` are run in tiles of that size (multiples of 8) with
-        ``margin_px`` of context on each side, of which only the centre is kept.
+        ``margin_px`` of context on each side, of which only the centre is kept; the tiles run
+        as tasks on the configured Dask scheduler (threads side by side, same values).
 
     Returns
     -------
@@ -203,7 +225,7 @@ def predict_change_cnn(
                 else [(False, False)])
     prob = np.zeros(valid.shape, np.float32)
     for flip in variants:
-        logits = _tiled_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px)
+        logits = _parallel_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px)
         prob += _flip(sigmoid(logits), flip)
     prob /= len(variants)
     return np.where(valid, prob, np.nan).astype(np.float32)

@@ -16,7 +16,7 @@ from pipeline.detect.cnn_change import (
     cnn_change_mask,
     cnn_probability,
 )
-from pipeline.detect.convnet import predict_change_cnn
+from pipeline.detect.convnet import _parallel_logits, _tiled_logits, predict_change_cnn
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError, PipelineError
 
@@ -123,3 +123,14 @@ def test_cnn_probability_random_weights_chunked_equals_unchunked():
                           da.from_array(b, chunks=(3, 64, 128)), weights=w,
                           tile_px=64, margin_px=32).compute(scheduler="sync")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_parallel_tiles_equal_the_tile_loop():
+    """Tiles as parallel tasks: the loop's logits, to the bit (same windows, same order)."""
+    w = random_cnn_weights(seed=3)
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, (2, 3, 200, 176)).astype(np.float32)
+    want = _tiled_logits(a, b, w, 64, 32)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        got = _parallel_logits(a, b, w, 64, 32)
+    assert_array_equal(got, want)
