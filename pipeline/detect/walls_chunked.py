@@ -53,6 +53,7 @@ __all__ = ["WindowedArray", "scene_walls_chunked"]
 
 Persist = Callable[[da.Array], da.Array]
 _NOISE_PARTS = 4  # tasks the noise estimate is split into (speed only, not results)
+_DESCRIBE_BATCH = 16  # segments described per task at most (speed only, not results)
 
 
 class WindowedArray:
@@ -331,12 +332,14 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
                              np.minimum(height, np.ceil(rs.max(axis=0)) + margin + 1),
                              np.minimum(width, np.ceil(cs.max(axis=0)) + margin + 1)]
                             ).astype(np.int64)
-    # described block by block (the blocks read stay cached), the blocks in parallel on the
-    # configured Dask scheduler (the chunk caches are thread-safe), listed in the merged order
+    # described block by block (the blocks read stay cached), in groups of at most
+    # _DESCRIBE_BATCH segments in parallel on the configured Dask scheduler (the chunk caches
+    # are thread-safe: segments crowd into few blocks), listed in the merged order
     chunk = max(maps.bounds[0][1], 1), max(maps.bounds[1][1], 1)
     key = (boxes[:, 0] // chunk[0]) * (width // chunk[1] + 1) + boxes[:, 1] // chunk[1]
     order = np.argsort(key, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+    groups = [part for group in np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+              for part in np.array_split(group, -(-len(group) // _DESCRIBE_BATCH))]
 
     def describe(ks: np.ndarray) -> list[WallSegment | None]:
         found: list[WallSegment | None] = []
