@@ -40,6 +40,7 @@ class EnclosureMeasures:
     wall-backed perimeter with a second line ``double_fence_gap_m`` (median) inside it.
     ``internal_fences`` are new straight lines inside the outline, parallel to a side,
     spanning at least ``internal_min_span`` of it, each end reaching the wall or a fence.
+    ``walled`` holds the backed perimeter samples (empty without any).
     """
 
     outline: shapely.Polygon
@@ -56,6 +57,7 @@ class EnclosureMeasures:
     tolerance_m: float
     sides_backed: int = 0
     sides_total: int = 0
+    walled: shapely.MultiPoint = shapely.MultiPoint()  # the backed perimeter samples
 
     @property
     def internal_fence_count(self) -> int:
@@ -370,4 +372,4 @@ def measure_enclosure(outline: shapely.Polygon,
         double_fence_share=share,
         double_fence_gap_m=float(np.median(second[double])) if double.any() else None,
         internal_fences=_internal_fences(outline, segments, params, tol), tolerance_m=tol,
-        sides_backed=n_backed, sides_total=n_sides)
+        sides_backed=n_backed, sides_total=n_sides, walled=shapely.multipoints(pts[backed]))

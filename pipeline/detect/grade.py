@@ -206,6 +206,7 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
     enc = measure_enclosure(outline, segs, lm, params=walls)
     found, note = find_watchtowers(before, after, outline, transform=transform, res_m=res_m,
                                    params=towers, walls=walls)
+    found, note = _on_walls(found, note, enc, walls)
     m = {**enc.as_dict(), "sides_on_walls": snapped, "watchtower_count": len(found),
          "watchtowers_at_corner": sum(t.at_corner for t in found), "resolution_m": res_m}
     grade, reasons, caveats = grade_site(m, resolution_m=res_m, thresholds=grades)
@@ -219,6 +220,27 @@ def assess_site(before: np.ndarray, after: np.ndarray, seed: shapely.Polygon, *,
                           towers=tuple(found), tower_note=note, grade=grade,
                           reasons=tuple(reasons), caveats=tuple(caveats), measurements=m,
                           segments=tuple(segs.items[i] for i in idx))
+
+
+def _on_walls(found: list[Tower], note: str, enc: EnclosureMeasures, walls: WallParams
+              ) -> tuple[list[Tower], str]:
+    """The towers that stand on the walled stretches of the outline, and the note.
+
+    A watchtower stands on the wall or in a gap of it no longer than the wall search bridges
+    (``walls.gap_m``: the tower itself interrupts the wall line); tower-like objects beside
+    an unwalled stretch (an outline side that crosses a row of buildings) are not counted,
+    and the note says how many were left out.
+    """
+    if not found:
+        return found, note
+    near = (shapely.distance(np.array([t.point for t in found], dtype=object), enc.walled)
+            <= walls.gap_m
+            if not enc.walled.is_empty else np.zeros(len(found), bool))
+    kept = [t for t, ok in zip(found, near, strict=True) if ok]
+    if len(kept) < len(found):
+        note = (f"{note}; {len(found) - len(kept)} tower-like object(s) more than "
+                f"{walls.gap_m:g} m from the walled stretches of the outline not counted")
+    return kept, note
 
 
 def _segment_role(seg: WallSegment, site: SiteAssessment, walls: WallParams) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 import pytest
+import shapely
 from _scenes import LOOK_ALIKES, background, real_pair
 
 from pipeline.detect.grade import (
@@ -115,6 +116,27 @@ def assessed(kind: str, res_m: float, **layout):
     before, after, truth = make_walled_compound(background(kind, res_m), res_m=res_m, **layout)
     seed = truth.wall_polygon.buffer(5.0, join_style="mitre")
     return assess_site(before, after, seed, transform=truth.transform, res_m=res_m), truth
+
+
+@pytest.mark.parametrize("res_m", [0.5, 1.0])
+@pytest.mark.parametrize("share", [0.35, 0.5, 0.65])
+def test_towers_count_only_along_the_walled_stretches(res_m, share):
+    """An outline over part of a towerless compound (three sides on its walls, the fourth
+    across its rows of buildings, as a texture seed over some of its blocks is traced) finds
+    no watchtowers: the tower-like pieces of roofs by the unwalled side are left out, and
+    the note says so (before this rule, four of these six made grade 3)."""
+    before, after, truth = make_walled_compound(background("synthetic", res_m), res_m=res_m,
+                                                towers=None, buildings=(3, 4))
+    x0, y0, x1, y1 = truth.wall_polygon.bounds
+    part = shapely.box(x0, y0, x0 + share * (x1 - x0), y1)
+    site = assess_site(before, after, part, transform=truth.transform, res_m=res_m)
+    assert site.enclosure.sides_backed == 3 and site.enclosure.closure_ratio < 0.8
+    assert site.towers == () and site.grade == 1
+    # the walled samples: on the outline, none along its side across the buildings
+    xy = shapely.get_coordinates(site.enclosure.walled)
+    assert len(xy) and shapely.distance(shapely.points(xy), site.outline.exterior).max() < 1e-6
+    east = site.outline.bounds[2]
+    assert not ((xy[:, 0] > east - 2.0) & (xy[:, 1] > y0 + 10) & (xy[:, 1] < y1 - 10)).any()
 
 
 @pytest.mark.parametrize("kind", ["real", "synthetic"])
