@@ -28,6 +28,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -579,6 +580,8 @@ def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
         "baseline_mb": baseline, "stages": tracker.stages, "grid_shape": list(result.grid.shape),
         "counts": {k: sum(e.kind == k for e in result.evidence) for k in kinds},
         "compounds_wkt": [e.geometry.wkt for e in result.evidence if e.kind == "compound"],
+        "grades": [e.measurements.get("grade") for e in result.evidence if e.kind == "compound"],
+        "watchtowers": sum(e.kind == "watchtower" for e in result.evidence),
         "coreg": {"dy": result.coreg.dy, "dx": result.coreg.dx, "applied": result.coreg.applied,
                   "note": result.coreg.note},
         "threshold": result.threshold, "warnings": result.warnings,
@@ -850,10 +853,20 @@ def part_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def _grades(detect: dict[str, Any]) -> str:
+    """``"grade 1: 30, grade 3: 2; 4"``: compounds per grade, then watchtowers reported."""
+    if "grades" not in detect:  # results of an earlier bench
+        return "-"
+    grades = collections.Counter(detect["grades"])
+    text = ", ".join(f"grade {g}: {n}" for g, n in sorted(grades.items(), key=str)) or "none"
+    return f"{text}; {detect['watchtowers']}"
+
+
 def finding_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """What detect reported against the scene's truth (a sanity check of the run)."""
     out = [["size", "compounds: IoU >= 0.5 / truth (best IoUs)", "new buildings (reported / truth)",
-            "other change", "shift measured (truth)", "input MB on disk"]]
+            "compound grades; watchtowers (the scene has none)", "other change",
+            "shift measured (truth)", "input MB on disk"]]
     for r in rows:
         t, d = r["truth"], r["detect"]
         truth_b = sum(c["buildings"] for c in t["compounds"]) + t["new_isolated_buildings"]
@@ -865,7 +878,8 @@ def finding_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             str(r["size"]),
             f"{sum(i >= 0.5 for i in ious)} of {len(t['compounds'])}, {counts.get('compound', '-')}"
             f" reported ({' '.join(f'{i:.2f}' for i in ious) or '-'})",
-            f"{counts.get('new_building', '-')} / {truth_b}", str(counts.get("change", "-")),
+            f"{counts.get('new_building', '-')} / {truth_b}", _grades(d),
+            str(counts.get("change", "-")),
             f"{shift} ({-t['shift_px'][0]:+.2f}, {-t['shift_px'][1]:+.2f})", _fmt(r["disk_mb"], 0),
         ])
     return out

@@ -413,3 +413,13 @@ def test_bench_coreg_section_names_the_measured_cores(monkeypatch):
               "cases": []}
     text = bench_coreg.markdown_section(result)
     assert "(7 cores)" in text and "2 cores" not in text
+
+
+def test_bench_findings_list_compound_grades_and_towers(monkeypatch):
+    """make bench's findings table counts the compounds per grade and the watchtowers (the
+    bench scenes have none, so any is a false one); results of an earlier bench show '-'."""
+    bench = _script("bench", monkeypatch)
+    assert bench._grades({"grades": [1, 3, 1, None], "watchtowers": 5}) == (
+        "grade 1: 2, grade 3: 1, grade None: 1; 5")
+    assert bench._grades({"grades": [], "watchtowers": 0}) == "none; 0"
+    assert bench._grades({"counts": {}}) == "-"
