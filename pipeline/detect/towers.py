@@ -26,7 +26,13 @@ from affine import Affine
 
 from pipeline.detect.blobs import log_blobs_in, log_sigmas, merge_blobs
 from pipeline.detect.lines import line_footprint
-from pipeline.detect.minmax import disk_tophat, square_extreme, square_tophat
+from pipeline.detect.minmax import (
+    binary_dilation,
+    binary_opening,
+    disk_tophat,
+    square_extreme,
+    square_tophat,
+)
 from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
 from pipeline.model import TowerParams, WallParams
 
@@ -49,56 +55,8 @@ def _on_long_lines(mask: np.ndarray, length_px: int, angle_deg: float) -> np.nda
     """Pixels of ``mask`` on a straight run of ``length_px`` along or across ``angle_deg``."""
     out = np.zeros(mask.shape, bool)
     for a in (angle_deg, angle_deg + 90.0):
-        out |= _binary_opening(mask, line_footprint(length_px, a))
+        out |= binary_opening(mask, line_footprint(length_px, a))
     return out
-
-
-def _shifted(mask: np.ndarray, dr: int, dc: int, out: np.ndarray, *, combine: str) -> None:
-    """``out[i, j] (and|or)= mask[i + dr, j + dc]``, with False outside ``mask``."""
-    rows, cols = mask.shape
-    if abs(dr) >= rows or abs(dc) >= cols:  # the shifted copy is all outside
-        if combine == "and":
-            out[...] = False
-        return
-    dst = (slice(max(0, -dr), rows - max(0, dr)), slice(max(0, -dc), cols - max(0, dc)))
-    src = (slice(max(0, dr), rows - max(0, -dr)), slice(max(0, dc), cols - max(0, -dc)))
-    if combine == "and":
-        out[dst] &= mask[src]
-        out[:max(0, -dr)] = out[rows - max(0, dr):] = False
-        out[:, :max(0, -dc)] = out[:, cols - max(0, dc):] = False
-    else:
-        out[dst] |= mask[src]
-
-
-def _binary_opening(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_opening(mask, structure=footprint)`` for an odd-sized footprint.
-
-    The erosion and the dilation are made of shifted copies, one per footprint pixel (a line
-    footprint has few): the same booleans as SciPy's, which visits every footprint cell per
-    pixel, in a fraction of the time.
-    """
-    h, w = footprint.shape
-    if not (h % 2 and w % 2):
-        raise ValueError(f"footprint must have odd sides, got {footprint.shape}")
-    offsets = [(int(r) - h // 2, int(c) - w // 2) for r, c in zip(*np.nonzero(footprint),
-                                                                  strict=True)]
-    mask = np.asarray(mask, dtype=bool)
-    eroded = np.ones(mask.shape, bool)
-    for dr, dc in offsets:  # border_value 0: a footprint reaching outside erodes the pixel
-        _shifted(mask, dr, dc, eroded, combine="and")
-    return _binary_dilation(eroded, offsets)
-
-
-_CROSS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]  # ndimage's default structure
-
-
-def _binary_dilation(mask: np.ndarray, offsets: list[tuple[int, int]] = _CROSS) -> np.ndarray:
-    """``ndimage.binary_dilation`` of a boolean ``mask`` with the footprint of ``offsets``
-    from its centre (the 3 x 3 cross by default), from shifted copies."""
-    dilated = np.zeros(mask.shape, bool)
-    for dr, dc in offsets:  # the dilation uses the footprint reflected
-        _shifted(mask, -dr, -dc, dilated, combine="or")
-    return dilated
 
 
 def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res_m: float,
@@ -116,7 +74,7 @@ def _new_compact(before: np.ndarray, after: np.ndarray, *, angle_deg: float, res
     # SciPy's white and black top-hats, to the bit, in fewer passes (`pipeline.detect.minmax`)
     for white, width in zip((True, False), widths, strict=True):
         thin = disk_tophat(a, max(1, int(width / (2 * res_m))), white=white)
-        lines = _binary_dilation(_on_long_lines(thin > threshold, length, angle_deg))
+        lines = binary_dilation(_on_long_lines(thin > threshold, length, angle_deg))
         compact.append(square_tophat(a, size, white=white))
         blanked.append(np.where(lines, 0.0, compact[-1]))
     return [np.minimum(blanked[0], a - square_extreme(b, 3, low=False)),

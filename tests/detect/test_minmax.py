@@ -60,3 +60,46 @@ def test_disk_tophat_equals_scipy(seed):
             got = disk_tophat(image, radius, white=white)
             assert got.dtype == expected.dtype
             np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_binary_opening_equals_scipy(seed):
+    """The shifted-copy opening gives SciPy's booleans, borders and long footprints included."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect.lines import line_footprint
+    from pipeline.detect.minmax import binary_opening
+
+    rng = np.random.default_rng(seed)
+    kept = 0
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(1, 90, 2))
+        mask = rng.random(shape) < rng.uniform(0.3, 0.97)
+        footprint = line_footprint(int(rng.integers(3, 70)), float(rng.uniform(0, 360)))
+        if rng.random() < 0.3:  # any odd footprint
+            footprint = rng.random((2 * int(rng.integers(0, 4)) + 1,) * 2) < 0.5
+        expected = ndi.binary_opening(mask, structure=footprint)
+        np.testing.assert_array_equal(binary_opening(mask, footprint), expected)
+        kept += int(expected.sum())
+    assert kept > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_binary_dilation_equals_scipy(seed):
+    """The shifted-copy dilation (default cross, or a line) gives SciPy's booleans."""
+    from scipy import ndimage as ndi
+
+    from pipeline.detect.lines import line_footprint
+    from pipeline.detect.minmax import binary_dilation
+
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        shape = tuple(int(n) for n in rng.integers(1, 80, 2))
+        mask = rng.random(shape) < rng.uniform(0.01, 0.5)
+        np.testing.assert_array_equal(binary_dilation(mask), ndi.binary_dilation(mask))
+        footprint = line_footprint(int(rng.integers(3, 30)), float(rng.uniform(0, 360)))
+        h, w = footprint.shape
+        offsets = [(int(r) - h // 2, int(c) - w // 2) for r, c in zip(*np.nonzero(footprint),
+                                                                      strict=True)]
+        np.testing.assert_array_equal(binary_dilation(mask, offsets),
+                                      ndi.binary_dilation(mask, structure=footprint))
