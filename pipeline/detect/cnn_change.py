@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
+from pipeline.core.change import MASK_NODATA
 from pipeline.core.components import select_by_area
 from pipeline.detect.convnet import (
     MARGIN_PX,
@@ -35,7 +36,6 @@ from pipeline.errors import ConfigError
 __all__ = ["CNN_BANDS", "check_cnn_input", "cnn_probability", "cnn_change_mask", "MASK_NODATA"]
 
 CNN_BANDS = 3  # red, green, blue, as the network was trained
-MASK_NODATA = 255
 _TRUNCATE = 4.0  # scipy's default Gaussian truncation, in sigmas
 
 
