@@ -17,6 +17,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numpy as np
 import shapely
 from affine import Affine
 
@@ -31,7 +32,7 @@ from pipeline.detect.walls_chunked import Persist, scene_walls_chunked
 from pipeline.model import DetectParams
 
 __all__ = ["SceneWalls", "scene_walls", "wall_outlines", "assess_outlines", "coarse_grade",
-           "is_fine", "overlaps", "site_measures", "GRADE_MARGIN_M"]
+           "is_fine", "overlaps", "parts_of_rings", "site_measures", "GRADE_MARGIN_M"]
 
 # Margin around an outline for grading: walls the seed outline misses by up to this much are
 # still found (texture seeds come from ~10 m cells), and towers just outside it.
@@ -111,6 +112,37 @@ def overlaps(outline: shapely.Polygon, others: Sequence[shapely.Polygon]) -> boo
     """Whether ``outline`` shares half of its area, or of another's, with any of ``others``."""
     return any(shapely.intersection(outline, o).area >= 0.5 * min(outline.area, o.area)
                for o in others)
+
+
+def parts_of_rings(sites: Sequence[SiteAssessment], *, min_inside: float = 0.9,
+                   max_area: float = 0.8, min_shared: float = 0.25) -> set[int]:
+    """Indices of the assessed outlines that are a part of a better-closed enclosure (grade
+    1 or more), not an enclosure of their own.
+
+    A part lies mostly (``min_inside`` of its area) inside the other outline, covers at most
+    ``max_area`` of it (else it is the same ring, snapped a little differently) and runs
+    along that outline's wall for at least ``min_shared`` of its perimeter (within the wall
+    tolerance): a texture seed over some of a compound's blocks, traced onto the compound's
+    walls on two or three sides and across its buildings on the others. An inner ring (a
+    prison's inner fence) runs apart from the outer wall and is not a part.
+    """
+    outlines = np.array([s.outline for s in sites], dtype=object)
+    parts: set[int] = set()
+    if len(outlines) < 2:
+        return parts
+    inner, outer = shapely.STRtree(outlines).query(outlines, predicate="intersects")
+    for i, j in zip(inner.tolist(), outer.tolist(), strict=True):
+        a, b = sites[i], sites[j]
+        if (i == j or b.grade < 1 or b.enclosure.closure_ratio <= a.enclosure.closure_ratio
+                or a.outline.area > max_area * b.outline.area):
+            continue
+        if shapely.intersection(a.outline, b.outline).area < min_inside * a.outline.area:
+            continue
+        near = b.outline.exterior.buffer(b.enclosure.tolerance_m)
+        shared = shapely.intersection(a.outline.exterior, near).length
+        if shared >= min_shared * a.outline.exterior.length:
+            parts.add(i)
+    return parts
 
 
 def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon], *,

@@ -1,0 +1,53 @@
+"""Tests for pipeline.detect.walled: which assessed outlines are parts of a walled ring."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import shapely
+from _scenes import background
+
+from pipeline.detect.grade import assess_site
+from pipeline.detect.walled import parts_of_rings
+from pipeline.testing import make_walled_compound
+
+
+def _site(box: tuple[float, float, float, float], closure: float, grade: int = 1):
+    """What parts_of_rings reads of a `SiteAssessment`: outline, closure, tolerance, grade."""
+    return SimpleNamespace(outline=shapely.box(*box), grade=grade,
+                           enclosure=SimpleNamespace(closure_ratio=closure, tolerance_m=3.0))
+
+
+def test_part_of_a_ring_but_not_an_inner_ring_or_the_same_ring():
+    """A part along the ring's walls is flagged; an inner ring apart from the wall, the same
+    ring snapped a little inside, a part better closed than the ring, and a part of a ring
+    of grade 0 are not."""
+    ring = _site((0, 0, 400, 250), 0.98)
+    sites = [
+        ring,
+        _site((0, 0, 150, 250), 0.65),  # west part: the ring's wall on three sides
+        _site((20, 20, 380, 230), 0.9),  # an inner fence ring, 20 m inside
+        _site((0.5, 0.5, 399.5, 249.5), 0.97),  # the same ring
+        _site((250, 0, 400, 250), 0.99),  # a part, better closed than the ring
+        _site((600, 0, 1000, 250), 0.98, grade=0),  # a ring of grade 0 ...
+        _site((600, 0, 750, 250), 0.7),  # ... and its part
+        _site((1200, 0, 1350, 250), 0.7),  # alone
+    ]
+    assert parts_of_rings(sites) == {1}
+    assert parts_of_rings(sites[1:2]) == set() and parts_of_rings([]) == set()
+
+
+def test_a_traced_part_of_a_synthetic_compound_is_a_part():
+    """The outline of a seed over the west third of a walled compound, traced and assessed,
+    is a part of the compound's traced ring."""
+    before, after, truth = make_walled_compound(background("synthetic", 0.5), res_m=0.5,
+                                                towers=None, buildings=(3, 4))
+    x0, y0, x1, y1 = truth.wall_polygon.bounds
+    seeds = [truth.wall_polygon.buffer(5.0, join_style="mitre"),
+             shapely.box(x0, y0, x0 + 0.35 * (x1 - x0), y1)]
+    ring, part = (assess_site(before, after, s, transform=truth.transform, res_m=0.5)
+                  for s in seeds)
+    assert ring.grade >= 1 and part.grade >= 1
+    assert ring.enclosure.closure_ratio > part.enclosure.closure_ratio
+    assert parts_of_rings([ring, part]) == {1}
+    assert parts_of_rings([part]) == set()
