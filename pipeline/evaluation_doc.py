@@ -113,6 +113,17 @@ were made knowing these numbers: read the shipped figures with that in mind.
    the images instead of one set, it gained most on the crops; on the rural tiles it is level
    with the network (0.343 against 0.328), with higher recall (0.906) and lower precision
    (0.211).
+10. *The network in `sitewatch detect`* (session 8; `[buildings] model = "cnn"`, opt-in): one
+   pass of the network, not the four mirrorings of step 8, which cost four times the CPU:
+   measured again on the 14 held-out images with their folds, 18.4 against 4.6 CPU s per
+   megapixel for pooled pixel F1 0.554 against 0.527 (object precision 0.258 against 0.215,
+   object recall 0.536 against 0.579). Scored once by `make eval` (07:28 UTC, code ffefce6):
+   the detect path's change mask pooled 0.510 (crops 0.643, tiles 0.309), its `new_building`
+   features 0.545 (object P 0.584, R 0.471). Looked at afterwards, not acted on: with
+   co-registration off, the same runs gave 0.521 and 0.567; the default co-registration
+   applies shifts of up to about 2 px to these LEVIR-CD pairs (1.95 px on test_5), which are
+   registered already. The rest of the gap to 0.527 is the image's edge: on the AOI grid the
+   network sees nodata beyond it instead of the reflected image.
 
 Where it fails (looked at on held-out crops): the roads, driveways and cleared lots of a new
 subdivision light up (LEVIR-CD labels buildings only), and grey roofs on grey bare soil are
