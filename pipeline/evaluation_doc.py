@@ -117,7 +117,7 @@ were made knowing these numbers: read the shipped figures with that in mind.
    pass of the network, not the four mirrorings of step 8, which cost four times the CPU:
    measured again on the 14 held-out images with their folds, 18.4 against 4.6 CPU s per
    megapixel for pooled pixel F1 0.554 against 0.527 (object precision 0.258 against 0.215,
-   object recall 0.536 against 0.579). Scored once by `make eval` (07:28 UTC, code ffefce6):
+   object recall 0.536 against 0.579). Scored once by `make eval` (07:28 UTC, code 5fd636f):
    the detect path's change mask pooled 0.510 (crops 0.643, tiles 0.309), its `new_building`
    features 0.545 (object P 0.584, R 0.471). Looked at afterwards, not acted on: with
    co-registration off, the same runs gave 0.521 and 0.567; the default co-registration
