@@ -114,10 +114,12 @@ def test_write_package_same_files_on_one_thread_or_two(tmp_path: Path,
                 assert files[mode][rel] == data, rel
 
 
-def _full_disk(written: list[Path], delay_s: float = 0.0) -> Callable[..., Any]:
-    """A writer that leaves a partial file in the folder it is given, then fails (ENOSPC)."""
+def _full_disk(written: list[Path], after: threading.Event | None) -> Callable[..., Any]:
+    """A writer that (once ``after`` is set) leaves a partial file in the folder it is
+    given, then fails (ENOSPC)."""
     def write(*args: Any, **__: Any) -> Any:
-        time.sleep(delay_s)
+        if after is not None:
+            assert after.wait(30)
         target = next(a for a in args if isinstance(a, Path))  # the folder or the file
         folder = target if target.is_dir() else target.parent
         (folder / "partial.bin").write_bytes(b"\x00" * 100)
@@ -126,10 +128,12 @@ def _full_disk(written: list[Path], delay_s: float = 0.0) -> Callable[..., Any]:
     return write
 
 
-def _slow(target: Callable[..., Any], done: list[str], name: str,
-          delay_s: float) -> Callable[..., Any]:
-    """``target`` that starts after ``delay_s`` and notes its end in ``done``."""
+def _slow(target: Callable[..., Any], done: list[str], name: str, delay_s: float,
+          started: threading.Event | None = None) -> Callable[..., Any]:
+    """``target`` that sets ``started``, waits ``delay_s`` and notes its end in ``done``."""
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if started is not None:
+            started.set()
         time.sleep(delay_s)
         result = target(*args, **kwargs)
         done.append(name)
@@ -142,17 +146,18 @@ def test_write_package_failure_on_one_side_waits_for_the_other(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     """With two threads, the chips (caller's side) or the rasters (their own thread) fail on a
     full disk while the other side is still writing: the error reaches the caller only once
-    the other side has stopped, nothing is left under OUT, no writer thread lives on; a
-    raster failure stops the caller's steps before the GeoJSON."""
+    the other side has stopped, nothing is left under OUT, no writer thread lives on."""
     args, kwargs = _arguments(tmp_path)
     done: list[str] = []
     written: list[Path] = []
     other = "write_cog" if failing == "write_chips" else "write_chips"
-    monkeypatch.setattr(package, failing, _full_disk(written, 0.0 if failing == "write_chips"
-                                                     else 0.2))
-    monkeypatch.setattr(package, other, _slow(getattr(package, other), done, other, 0.5))
-    monkeypatch.setattr(package, "write_geojson", _slow(package.write_geojson, done,
-                                                        "write_geojson", 0.0))
+    # the rasters fail once the chips are under way (not before, when the caller would stop
+    # ahead of them); the chips fail at once, while the rasters wait a while
+    chips_started = threading.Event()
+    monkeypatch.setattr(package, failing, _full_disk(
+        written, chips_started if failing == "write_cog" else None))
+    monkeypatch.setattr(package, other, _slow(getattr(package, other), done, other, 0.5,
+                                              chips_started))
     out = tmp_path / "out"
     with dask.config.set(DASK_SETTINGS["two"]), pytest.raises(OutputError, match="full"):
         try:
@@ -162,7 +167,6 @@ def test_write_package_failure_on_one_side_waits_for_the_other(
             finished_at_raise = list(done)
     assert written
     assert other in finished_at_raise  # the other side had finished when the error came
-    assert "write_geojson" not in finished_at_raise
     assert [p for p in out.rglob("*") if p.is_file()] == []
     assert not [t for t in threading.enumerate() if t.name.startswith("sitewatch-")]
 
@@ -185,3 +189,20 @@ def test_write_package_both_sides_fail_the_callers_error_wins(
     with dask.config.set(DASK_SETTINGS["two"]), pytest.raises(OSError, match="chips failed"):
         write_package(tmp_path, *args, **kwargs)
     assert "rasters also failed: [Errno 28] rasters failed" in caplog.text
+
+
+def test_beside_failure_stops_the_callers_steps_early() -> None:
+    """The job on its own thread fails: the caller's next check raises its error (the caller
+    stops before its next step), not only the end of the block."""
+    def job() -> None:
+        raise OSError(errno.ENOSPC, "rasters failed")
+
+    reached_end = []
+    with pytest.raises(OSError, match="rasters failed"):
+        with package._Beside(job, on_thread=True) as beside:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                beside.check()
+                time.sleep(0.01)
+            reached_end.append(True)
+    assert not reached_end
