@@ -987,7 +987,9 @@ stage's start, its peak during the stage, and at its end.
 ## Parts of the detect and write stages
 
 Wall seconds of the parts that the detect step (`detect_sites`) and the evidence package
-(manifest steps `write:*`) time themselves.
+(manifest steps `write:*`) time themselves. With more than one Dask thread the two COGs
+(`write:rasters`) are written on a thread of their own beside the other write steps, so the
+write parts add up to more than the write stage.
 
 {md_table(part_rows(rows))}
 
