@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 
 __all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX",
-           "BlockWindows"]
+           "BlockWindows", "block_average_np"]
 
 # Crops (of lazy maps, candidate regions, outlines) are computed and held a batch at a time, of
 # about this many values (128 MB of float32): their number grows with the area.
@@ -65,7 +65,7 @@ def _block_mean_np(arr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray
     return _mean(count, total), (count / np.maximum(n_inside, 1)).astype(np.float32)
 
 
-def _block_average_np(arr: np.ndarray, factor: int) -> np.ndarray:
+def block_average_np(arr: np.ndarray, factor: int) -> np.ndarray:
     """The mean of `block_mean` alone (NumPy): the same values, without the valid fraction."""
     a = np.asarray(arr, dtype=np.float32)
     return a if factor <= 1 else _mean(*_block_sums(a, factor))

@@ -26,9 +26,9 @@ from pipeline.core.components import select_by_area
 from pipeline.detect.convnet import (
     MARGIN_PX,
     TILE_PX,
-    _tiled_logits,
     predict_change_cnn,
     sigmoid,
+    tiled_logits,
 )
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError
@@ -110,7 +110,7 @@ def _cnn_block(block: np.ndarray, *, weights: Mapping[str, np.ndarray], stats: n
     a, b = block[:3], block[3:]
     valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
     a, b = _standardized(a, valid, stats[0]), _standardized(b, valid, stats[1])
-    prob = sigmoid(_tiled_logits(a, b, weights, tile_px, margin_px,
+    prob = sigmoid(tiled_logits(a, b, weights, tile_px, margin_px,
                                  region=(top, bottom, left, right)))
     return np.where(valid[top:bottom, left:right], prob, np.float32(np.nan))
 

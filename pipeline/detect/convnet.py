@@ -24,7 +24,8 @@ import dask
 import numpy as np
 import xarray as xr
 
-__all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward"]
+__all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward",
+           "tiled_logits"]
 
 ENCODER = ("e1", "e2", "e3", "e4")
 DECODER = ("d3", "d2", "d1")
@@ -127,7 +128,7 @@ def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarr
     return forward(np.pad(a, pad, mode=mode), np.pad(b, pad, mode=mode), weights)[:ny, :nx]
 
 
-def _tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
                   tile_px: int, margin_px: int,
                   region: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept.
@@ -151,7 +152,7 @@ def _tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray
 
 def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
                      tile_px: int, margin_px: int) -> np.ndarray:
-    """`_tiled_logits`, one task per tile on the configured Dask scheduler; same values.
+    """`tiled_logits`, one task per tile on the configured Dask scheduler; same values.
 
     Each task computes one tile's centre from the same windows as the loop would (NumPy's
     matrix products release the GIL, so threads run tiles side by side).
@@ -160,8 +161,8 @@ def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndar
     regions = [(y0, min(ny, y0 + tile_px), x0, min(nx, x0 + tile_px))
                for y0 in range(0, ny, tile_px) for x0 in range(0, nx, tile_px)]
     if len(regions) == 1:
-        return _tiled_logits(a, b, weights, tile_px, margin_px)
-    run = dask.delayed(_tiled_logits, pure=False)
+        return tiled_logits(a, b, weights, tile_px, margin_px)
+    run = dask.delayed(tiled_logits, pure=False)
     parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r) for r in regions])
     logits = np.empty((ny, nx), np.float32)
     for (y0, y1, x0, x1), part in zip(regions, parts, strict=True):

@@ -34,7 +34,7 @@ from scipy import ndimage as ndi
 from skimage import morphology
 
 from pipeline.core.components import Regions, label_regions
-from pipeline.detect.blocks import _aligned, _block_average_np, grey
+from pipeline.detect.blocks import _aligned, block_average_np, grey
 from pipeline.detect.lines import along_lines
 from pipeline.detect.walls import (
     LineMap,
@@ -94,7 +94,7 @@ def _wall_grey(stack: da.Array, factor: int) -> da.Array:
         return g
     g = _aligned(g, factor)
     coarse = tuple(tuple(-(-c // factor) for c in axis) for axis in g.chunks)
-    return da.map_blocks(lambda b: _block_average_np(b, factor), g, chunks=coarse,
+    return da.map_blocks(lambda b: block_average_np(b, factor), g, chunks=coarse,
                          dtype=np.float32)
 
 

@@ -16,7 +16,7 @@ from pipeline.detect.cnn_change import (
     cnn_change_mask,
     cnn_probability,
 )
-from pipeline.detect.convnet import _parallel_logits, _tiled_logits, predict_change_cnn
+from pipeline.detect.convnet import _parallel_logits, predict_change_cnn, tiled_logits
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError, PipelineError
 
@@ -130,7 +130,7 @@ def test_parallel_tiles_equal_the_tile_loop():
     w = random_cnn_weights(seed=3)
     rng = np.random.default_rng(5)
     a, b = rng.normal(0, 1, (2, 3, 200, 176)).astype(np.float32)
-    want = _tiled_logits(a, b, w, 64, 32)
+    want = tiled_logits(a, b, w, 64, 32)
     with dask.config.set(scheduler="threads", num_workers=2):
         got = _parallel_logits(a, b, w, 64, 32)
     assert_array_equal(got, want)

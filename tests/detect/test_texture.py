@@ -45,7 +45,7 @@ def test_block_mean_is_numpy_reduction_to_the_bit(factor: int) -> None:
 def test_block_average_equals_block_mean(factor: int) -> None:
     """The mean-only block average (the wall grid's) equals block_mean's mean to the bit,
     on whole and partial blocks and on strided views."""
-    from pipeline.detect.blocks import _block_average_np
+    from pipeline.detect.blocks import block_average_np
 
     rng = np.random.default_rng(10 + factor)
     for shape in [(4 * factor, 6 * factor), (4 * factor + 1, 3 * factor - 1), (1, 1)]:
@@ -53,7 +53,7 @@ def test_block_average_equals_block_mean(factor: int) -> None:
         big[rng.random(big.shape) < 0.2] = np.nan
         for a in (big[: shape[0], : shape[1]], big[::2, ::2], big[: shape[0], : shape[1]].copy()):
             expected = _block_mean_np(a, factor)[0]
-            np.testing.assert_array_equal(_block_average_np(a, factor), expected)
+            np.testing.assert_array_equal(block_average_np(a, factor), expected)
 
 
 def test_block_mean_values() -> None:
