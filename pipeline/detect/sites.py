@@ -171,13 +171,13 @@ def _fine_sites(sites: list[_Site], buildings: list[ChangeObject], before: Any, 
 
     A site whose outline no new wall encloses (grade 0: new roofs, an old compound whose
     roofs or season changed) is not a compound; its buildings stay new buildings of no site.
-    An outline that is a part of a better-closed one (`walled.parts_of_rings`) is dropped.
+    An outline inside a better-closed one (`walled.parts_of_rings`) is dropped.
     Where outlines overlap (a texture seed and the wall ring that closes it), the higher
     grade, then the better closed, is kept; each kept site then claims the buildings inside.
     """
     found = assess_outlines(before, after, [s.cand.polygon for s in sites],
                             transform=transform, res_m=res_m, params=params, scene=scene)
-    parts = parts_of_rings(found)  # never kept over the ring they are part of
+    parts = parts_of_rings(found)  # never kept over the ring they stand in
     ranked = sorted((t for k, t in enumerate(zip(sites, found, strict=True)) if k not in parts),
                     key=lambda t: (-t[1].grade, -t[1].enclosure.closure_ratio))
     kept: list[_Site] = []

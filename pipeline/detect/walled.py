@@ -115,16 +115,19 @@ def overlaps(outline: shapely.Polygon, others: Sequence[shapely.Polygon]) -> boo
 
 
 def parts_of_rings(sites: Sequence[SiteAssessment], *, min_inside: float = 0.9,
-                   max_area: float = 0.8, min_shared: float = 0.25) -> set[int]:
-    """Indices of the assessed outlines that are a part of a better-closed enclosure (grade
-    1 or more), not an enclosure of their own.
+                   max_area: float = 0.8) -> set[int]:
+    """Indices of the assessed outlines that lie inside a better-closed enclosure (grade 1
+    or more): parts of that site, not sites of their own.
 
-    A part lies mostly (``min_inside`` of its area) inside the other outline, covers at most
-    ``max_area`` of it (else it is the same ring, snapped a little differently) and runs
-    along that outline's wall for at least ``min_shared`` of its perimeter (within the wall
-    tolerance): a texture seed over some of a compound's blocks, traced onto the compound's
-    walls on two or three sides and across its buildings on the others. An inner ring (a
-    prison's inner fence) runs apart from the outer wall and is not a part.
+    A part lies mostly (``min_inside`` of its area) inside the other outline and covers at
+    most ``max_area`` of it (else it is the same ring, snapped a little differently): a
+    texture seed over some of a compound's blocks traced onto the compound's walls on some
+    sides and across its buildings on the others, or an inner rectangle whose sides run
+    along rows of new blocks (their roof edges pass for walls, and pieces of roofs along
+    them for towers). The facility is its outermost well-closed wall; what stands inside is
+    measured on it (its internal fences, its buildings), and an inner ring (a prison's inner
+    fence) never replaces it. An outer ring that is less closed than the outline inside it
+    does not take it over.
     """
     outlines = np.array([s.outline for s in sites], dtype=object)
     parts: set[int] = set()
@@ -136,11 +139,7 @@ def parts_of_rings(sites: Sequence[SiteAssessment], *, min_inside: float = 0.9,
         if (i == j or b.grade < 1 or b.enclosure.closure_ratio <= a.enclosure.closure_ratio
                 or a.outline.area > max_area * b.outline.area):
             continue
-        if shapely.intersection(a.outline, b.outline).area < min_inside * a.outline.area:
-            continue
-        near = b.outline.exterior.buffer(b.enclosure.tolerance_m)
-        shared = shapely.intersection(a.outline.exterior, near).length
-        if shared >= min_shared * a.outline.exterior.length:
+        if shapely.intersection(a.outline, b.outline).area >= min_inside * a.outline.area:
             parts.add(i)
     return parts
 

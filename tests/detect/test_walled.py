@@ -1,4 +1,4 @@
-"""Tests for pipeline.detect.walled: which assessed outlines are parts of a walled ring."""
+"""Tests for pipeline.detect.walled: which assessed outlines stand inside a walled ring."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ def _site(box: tuple[float, float, float, float], closure: float, grade: int = 1
                            enclosure=SimpleNamespace(closure_ratio=closure, tolerance_m=3.0))
 
 
-def test_part_of_a_ring_but_not_an_inner_ring_or_the_same_ring():
-    """A part along the ring's walls is flagged; an inner ring apart from the wall, the same
-    ring snapped a little inside, a part better closed than the ring, and a part of a ring
-    of grade 0 are not."""
+def test_what_stands_inside_a_better_closed_ring_is_a_part():
+    """A part along the ring's walls and an inner ring apart from them are parts of the
+    ring; the same ring snapped a little inside, a part better closed than the ring, a part
+    of a ring of grade 0, an outline reaching out of the ring and one alone are not."""
     ring = _site((0, 0, 400, 250), 0.98)
     sites = [
         ring,
@@ -32,8 +32,9 @@ def test_part_of_a_ring_but_not_an_inner_ring_or_the_same_ring():
         _site((600, 0, 1000, 250), 0.98, grade=0),  # a ring of grade 0 ...
         _site((600, 0, 750, 250), 0.7),  # ... and its part
         _site((1200, 0, 1350, 250), 0.7),  # alone
+        _site((300, 100, 500, 200), 0.7),  # half outside the ring
     ]
-    assert parts_of_rings(sites) == {1}
+    assert parts_of_rings(sites) == {1, 2}
     assert parts_of_rings(sites[1:2]) == set() and parts_of_rings([]) == set()
 
 
