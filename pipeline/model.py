@@ -287,7 +287,8 @@ class CoregResult:
 
     ``dy, dx`` is the shift that moves *after* onto *before* (``scipy.ndimage.shift`` sign).
     ``peak_ratio`` is the correlation peak over the next-best peak; ``applied`` is False when
-    the shift was measured but not trusted.
+    the shift was measured but not trusted (``note`` says why); ``uncertainty_px`` is the
+    shift's 95% uncertainty radius in pixels (NaN when it could not be measured).
     """
 
     dy: float
@@ -296,6 +297,7 @@ class CoregResult:
     peak_ratio: float
     applied: bool
     note: str = ""
+    uncertainty_px: float = math.nan
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """pipeline.core.coreg: sub-pixel co-registration of the after image onto the before image.
 
-The shift is measured on the band mean, in up to five windows textured in both dates: each
-window is high-passed (difference of Gaussians by normalized convolution, so nodata makes no
-edges), soft-clipped, tapered (Tukey) and correlated with square-root spectral whitening
-(scikit-image's upsampled DFT registration, ``space="fourier"``). A second pass leaves out the
-blobs that differ far more than usual once aligned (new buildings, snow). A shift is trusted
-only when its correlation peak stands out from the next-best peak and the windows agree.
-scikit-image's masked mode is not used: it gives integer shifts only.
+The shift is measured on the band mean, in up to five windows textured in both dates
+(`pipeline.core.coreg_windows`): each window is high-passed (difference of Gaussians by
+normalized convolution, so nodata makes no edges), soft-clipped, tapered (Tukey) and correlated
+with square-root spectral whitening (scikit-image's upsampled DFT registration,
+``space="fourier"``). A second pass leaves out the blobs that differ far more than usual once
+aligned (new buildings, snow) and measures the shift at two feature scales. The shift is
+applied only when clear peaks, agreeing windows and scales, and a shift longer than its own
+uncertainty prove it (`pipeline.core.coreg_consensus`). scikit-image's masked mode is not
+used: it gives integer shifts only.
 
 Sign convention: ``dy, dx`` moves *after* onto *before* (``scipy.ndimage.shift`` sign).
 """
@@ -25,30 +27,29 @@ from scipy.signal.windows import tukey
 from skimage.registration import phase_cross_correlation
 
 from pipeline.core.change import _require_same_grid
-from pipeline.errors import CoregistrationError, NoValidDataError, PipelineWarning
+from pipeline.core.coreg_consensus import WindowShift, consensus_shift
+from pipeline.core.coreg_windows import band_mean, select_windows
+from pipeline.errors import CoregistrationError, PipelineWarning
 from pipeline.model import CoregParams, CoregResult
 
 __all__ = ["estimate_shift", "coregister", "apply_shift"]
 
-_MAX_WINDOWS = 5
-_MIN_VALID_FRAC = 0.75
-_MAX_OVERLAP = 0.25
-_SCORE_MAX_PX = 1 << 22
 _CHANGE_SIGMA_PX = 4.0
 _CHANGE_SIGMAS = 3.0
 _CLIP_SIGMAS = 2.0
-_AGREE_PX = 1.0
 _PEAK_EXCLUDE_PX = 4
+# the two feature scales (difference-of-Gaussians sigmas): a rigid shift is the same at both
 _HIGHPASS_SIGMAS_PX = (1.0, 4.0)
+_COARSE_SIGMAS_PX = (2.0, 8.0)
 _SHIFT_STRIP_PX = 1 << 16  # pixels per strip of the shift: its temporaries stay in cache
 
 
-def _highpass_np(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """High-passed, soft-clipped, tapered ``img`` made from ``valid`` pixels only; 0 off them."""
+def _highpass_np(img: np.ndarray, valid: np.ndarray, sigmas=_HIGHPASS_SIGMAS_PX) -> np.ndarray:
+    """Band-passed (``sigmas``), soft-clipped, tapered ``img`` of ``valid`` pixels; 0 off them."""
     weight = valid.astype(np.float64)
     fill = np.where(valid, img, 0.0)
     out = np.zeros(img.shape)
-    for sign, sigma in zip((1.0, -1.0), _HIGHPASS_SIGMAS_PX, strict=True):
+    for sign, sigma in zip((1.0, -1.0), sigmas, strict=True):
         # normalized convolution: masked pixels neither contribute nor create edges
         num = ndi.gaussian_filter(fill, sigma, truncate=3.0)
         if valid.all():
@@ -84,12 +85,13 @@ def _peak_ratio_np(ref_w: np.ndarray, mov_w: np.ndarray) -> float:
     return float(surface[iy, ix] / second) if second > 0 else math.inf
 
 
-_NO_SHIFT = (0.0, 0.0, math.nan, 0.0)
+_NO_SHIFT = WindowShift(0.0, 0.0, math.nan, 0.0, 0.0, 0.0)
 
 
-def _ref_spectrum(ref: np.ndarray, ref_ok: np.ndarray) -> np.ndarray | None:
-    """Whitened high-pass of the zero-filled ``ref`` on ``ref_ok``; None when it is flat."""
-    ref_p = _highpass_np(ref, ref_ok)
+def _ref_spectrum(ref: np.ndarray, ref_ok: np.ndarray,
+                  sigmas=_HIGHPASS_SIGMAS_PX) -> np.ndarray | None:
+    """Whitened band-pass of the zero-filled ``ref`` on ``ref_ok``; None when it is flat."""
+    ref_p = _highpass_np(ref, ref_ok, sigmas)
     return _whiten(ref_p) if ref_p.any() else None
 
 
@@ -104,16 +106,19 @@ def _ref_side(ref, valid):
 
 
 def _mov_side(mov):
-    """The after window zero-filled, its valid pixels and spectrum (None: unusable)."""
+    """The after window zero-filled, its valid pixels and fine and coarse spectra (None:
+    unusable)."""
     mov = np.asarray(mov, dtype=np.float64)
     mov_ok = np.isfinite(mov)
     if mov_ok.sum() < 16:
         return None
     mov = np.where(mov_ok, mov, 0.0).astype(np.float64)
     mov_p = _highpass_np(mov, mov_ok)
+    if not mov_p.any():
+        return None
     # square-root whitening: sharper than plain cross-correlation, far less noise-driven than
     # full phase correlation (measured on synthetic pairs: 0.07 px vs up to 0.8 px at 128 px)
-    return (mov, mov_ok, _whiten(mov_p)) if mov_p.any() else None
+    return mov, mov_ok, _whiten(mov_p), _whiten(_highpass_np(mov, mov_ok, _COARSE_SIGMAS_PX))
 
 
 def _second_mask(ref_side, mov_side, upsample_factor):
@@ -123,7 +128,7 @@ def _second_mask(ref_side, mov_side, upsample_factor):
     if ref_side is None or mov_side is None:
         return None
     ref, ref_ok, ref_w = ref_side
-    mov, mov_ok, mov_w = mov_side
+    mov, mov_ok, mov_w, _ = mov_side
     dy = dx = 0.0
     if ref_w is not None:
         shift, _, _ = phase_cross_correlation(
@@ -149,107 +154,24 @@ def _changed_np(ref, moved, both):
     return both & (diff > med + _CHANGE_SIGMAS * spread)
 
 
-def _second_pass(ref_side, mov_side, ref_ok, upsample_factor):
-    """The registration on ``ref_ok``: ``(dy, dx, error, peak_ratio)``; ``error`` is
-    scikit-image's translation-invariant normalized RMS error on the whitened images."""
+def _second_pass(ref_side, mov_side, ref_ok, upsample_factor) -> WindowShift:
+    """The registration on ``ref_ok`` at both feature scales; ``error`` is scikit-image's
+    translation-invariant normalized RMS error on the whitened fine-scale images."""
     if ref_side is None or mov_side is None or ref_ok is None:
         return _NO_SHIFT
     ref_w = _ref_spectrum(ref_side[0], ref_ok)
-    if ref_w is None:
+    ref_coarse = _ref_spectrum(ref_side[0], ref_ok, _COARSE_SIGMAS_PX)
+    if ref_w is None or ref_coarse is None:
         return _NO_SHIFT
-    mov_w = mov_side[2]
+    mov_w, mov_coarse = mov_side[2], mov_side[3]
     shift, error, _ = phase_cross_correlation(
         ref_w, mov_w, upsample_factor=upsample_factor, space="fourier", normalization=None
     )
-    return float(shift[0]), float(shift[1]), float(error), _peak_ratio_np(ref_w, mov_w)
-
-
-def _window_starts(n: int, size: int) -> list[int]:
-    """Start offsets of windows of ``size`` along an axis of ``n``, half-overlapping."""
-    step = max(1, size // 2)
-    return sorted({*range(0, n - size + 1, step), n - size})
-
-
-def _texture_np(img: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Gradient magnitude relative to its mean over ``ok``; zero where not ``ok``."""
-    fill = np.where(ok, img, img[ok].mean())
-    grad = np.hypot(ndi.sobel(fill, 0), ndi.sobel(fill, 1))
-    grad = np.where(ndi.binary_erosion(ok, iterations=2, border_value=1), grad, 0.0)
-    return grad / max(grad[ok].mean(), 1e-12)
-
-
-def _integral(img: np.ndarray) -> np.ndarray:
-    """Summed-area table of ``img`` (float64), a zero row and column first."""
-    return np.pad(np.asarray(img, np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-
-
-def _band_mean(stack: xr.DataArray, rows: slice, cols: slice):
-    """Band mean of a window of a ``(band, y, x)`` stack, sliced first: only the window is read."""
-    return stack.isel(y=rows, x=cols).mean("band", skipna=False).data
-
-
-def _select_windows(before: xr.DataArray, after: xr.DataArray, exclude, size_px: int):
-    """Up to ``_MAX_WINDOWS`` windows ``(y0, x0, h, w)`` textured in both dates, mostly valid."""
-    ny, nx = before.sizes["y"], before.sizes["x"]
-    step = max(1, math.ceil(math.sqrt(ny * nx / _SCORE_MAX_PX)))
-    every = slice(None, None, step)
-    sub_r, sub_m = (np.asarray(a, dtype=np.float64) for a in dask.compute(
-        _band_mean(before, every, every), _band_mean(after, every, every)))
-    ok = np.isfinite(sub_r) & np.isfinite(sub_m)
-    if exclude is not None:
-        ok &= ~np.asarray(exclude[::step, ::step], dtype=bool)
-    if ok.sum() < 16:
-        raise NoValidDataError(
-            "No overlap of valid pixels between 'before' and 'after' to co-register on. "
-            "Check the nodata masks and the AOI, or disable co-registration (coreg.enabled)."
-        )
-    # both dates' textures, and the valid pixels' integral image, in parallel
-    texture, integral = (dask.delayed(f, pure=False) for f in (_texture_np, _integral))
-    tex_r, tex_m, integ_ok = dask.compute(texture(sub_r, ok), texture(sub_m, ok), integral(ok))
-    integ = [_integral(np.minimum(tex_r, tex_m)), integ_ok]
-    hy, hx = min(size_px, ny) // step, min(size_px, nx) // step
-    cands = []
-    for y0 in _window_starts(ok.shape[0], hy):
-        for x0 in _window_starts(ok.shape[1], hx):
-            t, v = (c[y0 + hy, x0 + hx] - c[y0, x0 + hx] - c[y0 + hy, x0] + c[y0, x0]
-                    for c in integ)
-            enough = v / (hy * hx) >= _MIN_VALID_FRAC
-            # rank mostly-valid windows by texture; failing that, by valid pixels
-            cands.append((enough, t / max(v, 1.0) if enough else v, y0, x0))
-    cands.sort(reverse=True)
-    chosen: list[tuple[int, int]] = []
-    for _, _, y0, x0 in cands:
-        overlap = [max(0, hy - abs(y0 - cy)) * max(0, hx - abs(x0 - cx)) for cy, cx in chosen]
-        if all(o <= _MAX_OVERLAP * hy * hx for o in overlap):
-            chosen.append((y0, x0))
-        if len(chosen) == _MAX_WINDOWS or not cands[0][0]:
-            break
-    hy_full, hx_full = min(size_px, ny), min(size_px, nx)
-    return [(min(y0 * step, ny - hy_full), min(x0 * step, nx - hx_full), hy_full, hx_full)
-            for y0, x0 in chosen]
-
-
-def _combine(results: list[tuple[float, float, float, float]], params: CoregParams) -> CoregResult:
-    """Reduce per-window measurements to one trusted (or untrusted) shift."""
-    strong = [r for r in results if r[3] >= params.min_peak_ratio]
-    if not strong:
-        best = max(results, key=lambda r: r[3])
-        note = (f"weak correlation peak (best ratio {best[3]:.2f} < {params.min_peak_ratio} "
-                f"in {len(results)} windows), shift not applied")
-        warnings.warn(note, PipelineWarning, stacklevel=3)
-        return CoregResult(best[0], best[1], best[2], best[3], applied=False, note=note)
-    dy = float(np.median([r[0] for r in strong]))
-    dx = float(np.median([r[1] for r in strong]))
-    error = float(np.median([r[2] for r in strong]))
-    ratio = float(np.median([r[3] for r in strong]))
-    spread = max(math.hypot(r[0] - dy, r[1] - dx) for r in strong)
-    if spread > _AGREE_PX:
-        note = (f"windows disagree (shifts up to {spread:.2f} px from the median "
-                f"({dy:.2f}, {dx:.2f})), shift not applied")
-        warnings.warn(note, PipelineWarning, stacklevel=3)
-        return CoregResult(dy, dx, error, ratio, applied=False, note=note)
-    note = f"{len(strong)} of {len(results)} windows agree within {spread:.2f} px"
-    return CoregResult(dy, dx, error, ratio, applied=True, note=note)
+    coarse, _, _ = phase_cross_correlation(
+        ref_coarse, mov_coarse, upsample_factor=upsample_factor, space="fourier",
+        normalization=None)
+    return WindowShift(float(shift[0]), float(shift[1]), float(error),
+                       _peak_ratio_np(ref_w, mov_w), float(coarse[0]), float(coarse[1]))
 
 
 def _check_excess(result: CoregResult, params: CoregParams) -> CoregResult:
@@ -264,7 +186,8 @@ def _check_excess(result: CoregResult, params: CoregParams) -> CoregResult:
         raise CoregistrationError(msg)
     warnings.warn(msg + " Shift not applied.", PipelineWarning, stacklevel=3)
     return CoregResult(result.dy, result.dx, result.error, result.peak_ratio, applied=False,
-                       note=f"shift of {size:.2f} px exceeds max_shift_px, not applied")
+                       note=f"shift of {size:.2f} px exceeds max_shift_px, not applied",
+                       uncertainty_px=result.uncertainty_px)
 
 
 def estimate_shift(
@@ -276,13 +199,16 @@ def estimate_shift(
 ) -> CoregResult:
     """Measure the sub-pixel shift that moves ``after`` onto ``before``.
 
-    Up to five half-overlapping windows of ``params.window_px`` (the whole frame if smaller),
-    textured in both dates and at least 75% valid, are registered on the band mean; each is
-    high-passed, soft-clipped, tapered and registered twice, the second time without the blobs
-    of the before window whose normalized difference to the aligned after is a robust outlier
-    (median + 3 MAD). The median shift of the windows whose peak ratio (correlation peak over
-    the best peak more than 4 px away) reaches ``params.min_peak_ratio`` is trusted when they
-    agree within 1 px. ``|shift|`` is the Euclidean length ``hypot(dy, dx)``.
+    Up to five windows of ``params.window_px`` (at most half the frame's shorter side, at
+    least 64 px), textured in both dates, at least 75% valid and overlapping by at most 25%,
+    are registered on the band mean; each is high-passed, soft-clipped, tapered and registered
+    twice, the second time without the blobs of the before window whose normalized difference
+    to the aligned after is a robust outlier (median + 3 MAD), at a fine and a coarse feature
+    scale. The median fine-scale shift of the windows whose peak ratio (correlation peak over
+    the best peak more than 4 px away) reaches ``params.min_peak_ratio`` is applied when at
+    least two and half of the windows have such a peak, their measurements at both scales
+    agree within 1 px, and the shift is longer than its 95% uncertainty
+    (`pipeline.core.coreg_consensus.consensus_shift`). ``|shift|`` is ``hypot(dy, dx)``.
 
     Parameters
     ----------
@@ -297,8 +223,9 @@ def estimate_shift(
     -------
     CoregResult
         A concrete result (window pixels are computed for Dask inputs). ``error`` is
-        scikit-image's normalized RMS error (0 = identical, 1 = unrelated); ``applied`` is False
-        with a ``note`` when disabled, weak, inconsistent or too large (``on_excess="warn"``).
+        scikit-image's normalized RMS error (0 = identical, 1 = unrelated); ``uncertainty_px``
+        the shift's uncertainty; ``applied`` is False with a ``note`` when disabled, weak,
+        inconsistent, within its uncertainty or too large (``on_excess="warn"``).
 
     Raises
     ------
@@ -315,7 +242,7 @@ def estimate_shift(
     if isinstance(exclude, xr.DataArray):
         exclude = exclude.data
     windows = [np.s_[y0 : y0 + h, x0 : x0 + w]
-               for y0, x0, h, w in _select_windows(before, after, exclude, params.window_px)]
+               for y0, x0, h, w in select_windows(before, after, exclude, params.window_px)]
     # all windows in one computation: chunks they share are read once, and each window's
     # steps are tasks on the scheduler's workers (NumPy's FFTs and ndimage release the GIL):
     # both dates' first spectra in parallel, then the second mask, then the second pass;
@@ -325,12 +252,12 @@ def estimate_shift(
     tasks = []
     for win in windows:
         valid = None if exclude is None else ~np.asarray(exclude[win], bool)
-        ref = ref_side(_band_mean(before, *win), valid)
-        mov = mov_side(_band_mean(after, *win))
+        ref = ref_side(band_mean(before, *win), valid)
+        mov = mov_side(band_mean(after, *win))
         ok = second_mask(ref, mov, params.upsample_factor)
         tasks.append(second_pass(ref, mov, ok, params.upsample_factor))
     results = list(dask.compute(*tasks))
-    return _check_excess(_combine(results, params), params)
+    return _check_excess(consensus_shift(results, params), params)
 
 
 def _apply_shift_np(arr: np.ndarray, dy: float, dx: float) -> np.ndarray:
