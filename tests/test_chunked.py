@@ -317,7 +317,7 @@ def test_scene_walls_from_grey_images_equal_from_stacks():
 
 def test_windowed_array_reads_only_what_is_asked():
     """WindowedArray: windows and points as NumPy would give them, each from one window read."""
-    from pipeline.detect.walls_chunked import WindowedArray
+    from pipeline.detect.stored import WindowedArray
 
     data = np.arange(60 * 70).reshape(60, 70)
     reads = []
@@ -345,18 +345,18 @@ def test_grid_stats_equal_whole_image_stats(shape, leaf_px):
     to the bit (NumPy's pairwise float32 sum split the same way; the same scale sample)."""
     import dask.array as da
 
-    from pipeline.detect.walls import _fill_value, robust_scale
-    from pipeline.detect.walls_chunked import _grid_stats
+    from pipeline.detect.stored import grid_stats
+    from pipeline.detect.wall_noise import fill_value, robust_scale
 
     rng = np.random.default_rng(5)
     image = rng.normal(120.0, 40.0, shape).astype(np.float32)
     image[rng.random(shape) < 0.1] = np.nan
     image[:, :30] = np.nan
-    fill, scale = _grid_stats(da.from_array(image, chunks=(64, 128)), scale=True,
+    fill, scale = grid_stats(da.from_array(image, chunks=(64, 128)), scale=True,
                               leaf_px=leaf_px)
-    assert fill == _fill_value(image) and scale == robust_scale(image)
+    assert fill == fill_value(image) and scale == robust_scale(image)
     empty = da.full((40, 50), np.nan, dtype=np.float32, chunks=16)
-    assert _grid_stats(empty, scale=True) == (0.0, 1.0)
+    assert grid_stats(empty, scale=True) == (0.0, 1.0)
 
 
 def test_assess_outlines_in_batches_equal_all_at_once(monkeypatch):

@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 
 __all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX",
-           "BlockWindows", "block_average_np"]
+           "BlockWindows", "block_average_np", "aligned_chunks"]
 
 # Crops (of lazy maps, candidate regions, outlines) are computed and held a batch at a time, of
 # about this many values (128 MB of float32): their number grows with the area.
@@ -119,7 +119,7 @@ def _small_block_sum(blocks: np.ndarray, dtype: Any) -> np.ndarray:
     return total
 
 
-def _aligned(arr: da.Array, factor: int) -> da.Array:
+def aligned_chunks(arr: da.Array, factor: int) -> da.Array:
     """``arr`` rechunked so every chunk but the last of each axis is a multiple of ``factor``."""
     if all(c % factor == 0 for axis in arr.chunks for c in axis[:-1]):
         return arr
@@ -136,7 +136,7 @@ def _block_means_lazy(arrays: Sequence[da.Array], factor: int
     else:
         stacked = []
         for arr in arrays:
-            arr = _aligned(arr, factor)
+            arr = aligned_chunks(arr, factor)
             coarse = tuple(tuple(-(-c // factor) for c in axis) for axis in arr.chunks)
             stacked.append(da.map_blocks(lambda b: np.stack(_block_mean_np(b, factor)), arr,
                                          new_axis=0, chunks=((2,), *coarse), dtype=np.float32))

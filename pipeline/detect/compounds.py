@@ -33,7 +33,8 @@ from pipeline.detect.texture import (
 )
 from pipeline.model import ObjectParams
 
-__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window"]
+__all__ = ["CompoundCandidate", "find_compounds", "evidence_threshold", "outline_window",
+           "corner_candidate"]
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ def find_compounds(
         crops = compute_crops([new_edges(edges, rows, cols) for rows, cols in windows])
         for (angle, px), (rows, cols), crop in zip(fitted, windows, crops, strict=True):
             px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
-            cand = _candidate(px, angle, gain, threshold=threshold, transform=transform,
-                              factor=factor, cell_m=cell_m)
+            cand = corner_candidate(px, angle, gain, threshold=threshold, transform=transform,
+                                    factor=factor, cell_m=cell_m)
             if cand.polygon.area >= params.compound_min_area_m2:
                 found.append(cand)
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
@@ -183,9 +184,11 @@ def _fit_region(
     return angle, px
 
 
-def _candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: float,
-               transform: Affine, factor: int, cell_m: float) -> CompoundCandidate:
-    """The candidate for snapped pixel corners: polygon in the grid CRS and its measures."""
+def corner_candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: float,
+                     transform: Affine, factor: int, cell_m: float) -> CompoundCandidate:
+    """The candidate for four pixel corners ``px`` (``(row, col)``, fractional) at
+    ``angle``: polygon in the grid CRS and its texture measures on the ``gain`` cell grid
+    (``factor`` pixels, ``cell_m`` metres a cell; ``threshold`` = the evidence threshold)."""
     rows, cols = px[:, 0], px[:, 1]
     # the affine map written out: affine's `@` works on arrays, but is typed for scalar pairs
     xs = transform.a * cols + transform.b * rows + transform.c

@@ -20,8 +20,7 @@ import shapely
 from affine import Affine
 
 from pipeline.core.components import Regions
-from pipeline.detect.compounds import CompoundCandidate, find_compounds
-from pipeline.detect.compounds import _candidate as texture_candidate
+from pipeline.detect.compounds import CompoundCandidate, corner_candidate, find_compounds
 from pipeline.detect.grade import SiteAssessment, site_features
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
 from pipeline.detect.region_objects import objects_from_regions
@@ -152,7 +151,7 @@ def _outline_candidate(outline: shapely.Polygon, gain: np.ndarray, gain_threshol
     corners = np.asarray(rect.exterior.coords)[:4]
     cols, rows = ~transform * (corners[:, 0], corners[:, 1])
     factor = max(1, int(round(op.cell_m / res_m)))
-    return texture_candidate(np.column_stack([rows, cols]),
+    return corner_candidate(np.column_stack([rows, cols]),
                              outline_orientation_deg(rect) % 180.0, gain,
                              threshold=gain_threshold, transform=transform, factor=factor,
                              cell_m=factor * res_m)

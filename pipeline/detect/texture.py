@@ -31,7 +31,6 @@ from pipeline.detect.blocks import (
     compute_crops,
     grey,
 )
-from pipeline.detect.blocks import _aligned as _aligned  # walls_chunked imports it from here
 
 __all__ = ["EdgeMaps", "grey", "edge_strength", "block_mean", "edge_maps", "image_scale",
            "texture_gain", "texture_gain_from_edges", "new_edges", "compute_crops"]

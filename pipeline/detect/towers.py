@@ -33,7 +33,8 @@ from pipeline.detect.minmax import (
     square_extreme,
     square_tophat,
 )
-from pipeline.detect.walls import as_grey, noise_sigma, robust_scale
+from pipeline.detect.wall_noise import noise_sigma, robust_scale
+from pipeline.detect.walls import as_grey
 from pipeline.model import TowerParams, WallParams
 
 __all__ = ["TowerParams", "Tower", "find_watchtowers", "outline_orientation_deg"]

@@ -18,8 +18,6 @@ and the grid's transform in, shapely geometries in the grid CRS out; sizes in me
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,12 +30,13 @@ from skimage import morphology
 
 from pipeline.detect.blocks import block_mean
 from pipeline.detect.lines import along_lines, collinear_groups, greedy_hough, merge_collinear
+from pipeline.detect.wall_noise import fill_value, noise_sigma, robust_scale
 from pipeline.model import WallParams
 
 # merge_collinear, collinear_groups: re-exported from lines
 __all__ = ["WallParams", "LineMap", "WallSegment", "new_line_map", "find_wall_segments",
-           "merge_collinear", "collinear_groups", "as_grey", "robust_scale", "noise_sigma",
-           "noise_parts", "sigma_of_spreads", "drop_small"]
+           "merge_collinear", "collinear_groups", "as_grey", "drop_small", "describe_segment",
+           "keep_walls", "tophat_change", "hough_segments", "line_thresholds"]
 
 
 _BAND_ROWS = 512  # rows per band of the line-map kernels (memory, not results)
@@ -91,89 +90,6 @@ def as_grey(image: np.ndarray) -> np.ndarray:
     return a.mean(axis=0) if a.ndim == 3 else a
 
 
-def robust_scale(grey_before: np.ndarray) -> float:
-    """The 2-98 % range of the valid before pixels (1.0 for a flat or empty image)."""
-    v = grey_before[np.isfinite(grey_before)]
-    if v.size == 0:
-        return 1.0
-    lo, hi = np.percentile(v[:: max(1, v.size // 250_000)], [2, 98])
-    return float(hi - lo) if hi > lo else 1.0
-
-
-def noise_sigma(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16,
-                max_blocks: int = 16384) -> float:
-    """Per-date noise level: the calmer quarter of blockwise spreads of the date difference.
-
-    The difference is high-passed (minus its 3 x 3 mean); its robust spread (1.4826 MAD) is
-    taken in blocks of ``block_px`` and the 25th percentile over blocks is kept, so that
-    texture which changed between the dates (trees, crops) does not pass for noise. A scene
-    of more than ``max_blocks`` blocks is sampled on a regular grid of blocks (every k-th
-    block row and column) to about that many; the difference is formed one block row at a
-    time, so memory stays a few rows of the scene.
-    """
-    parts = noise_parts(g_before, g_after, block_px=block_px, max_blocks=max_blocks)
-    return sigma_of_spreads([part() for part in parts])
-
-
-def noise_parts(g_before: np.ndarray, g_after: np.ndarray, *, block_px: int = 16,
-                max_blocks: int = 16384, n_parts: int = 1) -> list[Callable[[], np.ndarray]]:
-    """`noise_sigma`'s work as up to ``n_parts`` independent calls (to run in parallel): each
-    gives the spreads of a run of the sampled block rows; `sigma_of_spreads` of their results,
-    in order, is `noise_sigma`."""
-    height, width = g_before.shape
-    h, w = (max(n // block_px, 1) * block_px for n in (height, width))
-    if h > height or w > width:  # smaller than one block: one spread
-        block_px, h, w = min(height, width), min(height, width), min(height, width)
-    n_rows, n_cols = h // block_px, w // block_px
-    step = max(1, math.ceil(math.sqrt(n_rows * n_cols / max_blocks)))
-
-    def spreads(starts: range) -> np.ndarray:
-        rows = []
-        for i in starts:
-            r0 = i * block_px
-            lo, hi = max(0, r0 - 1), min(height, r0 + block_px + 1)  # the 3 x 3 mean's halo
-            d = g_after[lo:hi] - g_before[lo:hi]
-            d = np.where(np.isfinite(d), d - ndi.uniform_filter(np.nan_to_num(d), 3), np.nan)
-            band = d[r0 - lo:r0 - lo + block_px, :w].reshape(block_px, n_cols, block_px)
-            rows.append(band.transpose(1, 0, 2)[::step].reshape(-1, block_px * block_px))
-        blocks = np.concatenate(rows)
-        blocks = blocks[np.isfinite(blocks).sum(axis=1) >= blocks.shape[1] // 2]  # mostly valid
-        if len(blocks) == 0:
-            return np.zeros(0)
-        med = _nanmedian_rows(blocks)[:, None]
-        spread = 1.4826 * _nanmedian_rows(np.abs(blocks - med))
-        return spread[np.isfinite(spread)]
-
-    starts = range(0, n_rows, step)
-    cuts = np.linspace(0, len(starts), min(n_parts, len(starts)) + 1).round().astype(int)
-    return [functools.partial(spreads, starts[c0:c1])
-            for c0, c1 in itertools.pairwise(cuts.tolist())]
-
-
-def sigma_of_spreads(spreads: Sequence[np.ndarray]) -> float:
-    """`noise_sigma` from the spreads of its parts (`noise_parts`), in order."""
-    found = [x for x in spreads if x.size]  # an empty part must not change the type
-    if not found:
-        return 0.0
-    return float(np.percentile(np.concatenate(found), 25) / math.sqrt(2.0))
-
-
-def _nanmedian_rows(x: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(x, axis=1)``, the same values, faster.
-
-    NumPy takes the median of short rows with NaN through masked arrays (a full sort);
-    rows without NaN (nearly all) take ``np.median`` (a partition): both average the same
-    two middle values in the input's type.
-    """
-    out = np.empty(len(x), dtype=np.result_type(x.dtype, np.float16))
-    has_nan = np.isnan(x).any(axis=1)
-    if not has_nan.all():
-        out[~has_nan] = np.median(x[~has_nan], axis=1)
-    if has_nan.any():
-        out[has_nan] = np.nanmedian(x[has_nan], axis=1)
-    return out
-
-
 def drop_small(mask: np.ndarray, *, min_px: float) -> np.ndarray:
     """``mask`` without its 8-connected components of fewer than ``min_px`` pixels."""
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
@@ -183,11 +99,6 @@ def drop_small(mask: np.ndarray, *, min_px: float) -> np.ndarray:
     keep = sizes >= min_px
     keep[0] = False
     return keep[labels]
-
-
-def _fill_value(g: np.ndarray) -> float:
-    """What stands in for nodata in the morphology: the mean of the valid pixels (or 0)."""
-    return float(np.nanmean(g)) if np.isfinite(g).any() else 0.0
 
 
 def _banded(kernel: Callable[..., tuple[np.ndarray, ...]], inputs: Sequence[np.ndarray], *,
@@ -244,12 +155,12 @@ def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, re
         zero = np.zeros(g_b.shape, np.float32)
         return LineMap(zero, zero > 0, math.inf, transform, res_m)
     scale = robust_scale(g_b)
-    fills = (_fill_value(g_b), _fill_value(g_a))
+    fills = (fill_value(g_b), fill_value(g_a))
 
     def tophats(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, ...]:
         b, a = (np.where(np.isfinite(g), g, f) / scale for g, f in zip((b, a), fills,
                                                                       strict=True))
-        return _tophat_change(b, a, radii)
+        return tophat_change(b, a, radii)
 
     # Band by band (each output pixel sees 2 radii around it): temporaries stay small.
     strength, th_b, th_a = _banded(tophats, [g_b, g_a], halo=2 * max(radii) + 1)
@@ -270,7 +181,7 @@ def new_line_map(before: np.ndarray, after: np.ndarray, *, transform: Affine, re
     return LineMap(strength, seeded[labels], float(threshold), transform, res_m, th_b, th_a)
 
 
-def _tophat_change(b: np.ndarray, a: np.ndarray, radii: list[int]
+def tophat_change(b: np.ndarray, a: np.ndarray, radii: list[int]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(new, before, after)`` thin-line responses: bright lines narrower than a disc of
     ``radii[0]`` (wall tops, fences), dark ones narrower than ``radii[1]`` (shadows)."""
@@ -339,8 +250,8 @@ def find_wall_segments(before: np.ndarray, after: np.ndarray, *, transform: Affi
     rows, cols = np.nonzero(skeleton)
     merged = hough_segments(rows, cols, skeleton.shape, transform=transform, res_m=res_m,
                             params=params)
-    out = [_describe(s, lm, transform, params.existing_tolerance_m) for s in merged]
-    return _keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
+    out = [describe_segment(s, lm, transform, params.existing_tolerance_m) for s in merged]
+    return keep_walls(out, threshold=lm.threshold, res_m=res_m, params=params)
 
 
 def hough_segments(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *,
@@ -361,8 +272,8 @@ def hough_segments(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], *
                            offset_m=max(2 * res_m, 1.5), gap_m=params.gap_m)
 
 
-def _keep_walls(segments: list[WallSegment], *, threshold: float, res_m: float,
-                params: WallParams) -> list[WallSegment]:
+def keep_walls(segments: list[WallSegment], *, threshold: float, res_m: float,
+               params: WallParams) -> list[WallSegment]:
     """The segments that are new, line-like and long enough (alone or with their line)."""
     out = [w for w in segments if w.length_m >= params.min_length_m / 2
            and w.support >= params.min_support and w.before_ratio <= params.max_before_ratio
@@ -402,7 +313,8 @@ def _line_contrast(seg: np.ndarray, image: np.ndarray, transform: Affine,
     return float(vals[: len(near)].max() - np.median(vals[len(near):]))
 
 
-def _describe(seg: np.ndarray, lm: LineMap, transform: Affine, shift_m: float) -> WallSegment:
+def describe_segment(seg: np.ndarray, lm: LineMap, transform: Affine, shift_m: float
+                     ) -> WallSegment:
     """Length, orientation, contrast, support and before ratio of one segment."""
     x0, y0, x1, y1 = seg
     length = float(math.hypot(x1 - x0, y1 - y0))

@@ -2,7 +2,7 @@
 
 The chunked counterpart of `walls.new_line_map` followed by `walls.find_wall_segments` on a Dask
 pair: no wall-grid map is held whole. The grey wall-grid images are stored, and the scene's
-scale and nodata fills read from them band by band to the bit (`_grid_stats`). The top-hat
+scale and nodata fills read from them band by band to the bit (`stored.grid_stats`). The top-hat
 responses and their line averages are made per chunk with a halo that covers everything they
 depend on, so they equal the whole-scene maps pixel for pixel; the scene's thresholds come from
 the same samples. The hysteresis components are labelled chunk by
@@ -11,7 +11,7 @@ seeded, and dropped when small, as a whole; each 8-connected component is skelet
 own window (thinning looks at 3 x 3 neighbourhoods, which never hold another component's
 pixels), and the skeleton pixels vote in one Hough transform over the scene, in raster order.
 Each segment is then described on a crop of the maps around it. Outline grading reads the
-hysteresis mask through `WindowedArray`, which computes only the pixels asked for.
+hysteresis mask through `stored.WindowedArray`, which computes only the pixels asked for.
 
 Same segments and the same line-map values as the whole-scene functions (tests/test_chunked.py);
 the crops' georeferencing is the grid's shifted by whole pixels, exact for the usual
@@ -22,9 +22,8 @@ whole grid's in the last bits).
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import dask
 import dask.array as da
@@ -34,55 +33,26 @@ from scipy import ndimage as ndi
 from skimage import morphology
 
 from pipeline.core.components import Regions, label_regions
-from pipeline.detect.blocks import _aligned, block_average_np, grey
+from pipeline.detect.blocks import aligned_chunks, block_average_np, grey
 from pipeline.detect.lines import along_lines
+from pipeline.detect.stored import StoredBlocks, WindowedArray, pair_stats
+from pipeline.detect.wall_noise import noise_parts, sigma_of_spreads
 from pipeline.detect.walls import (
     LineMap,
     WallSegment,
-    _describe,
-    _keep_walls,
-    _tophat_change,
+    describe_segment,
     hough_segments,
+    keep_walls,
     line_thresholds,
-    noise_parts,
-    sigma_of_spreads,
+    tophat_change,
 )
 from pipeline.model import WallParams
 
-__all__ = ["WindowedArray", "scene_walls_chunked"]
+__all__ = ["scene_walls_chunked", "Persist"]
 
 Persist = Callable[[da.Array], da.Array]
 _NOISE_PARTS = 4  # tasks the noise estimate is split into (speed only, not results)
 _DESCRIBE_BATCH = 16  # segments described per task at most (speed only, not results)
-
-
-class WindowedArray:
-    """A read-only 2-D array whose pixels are computed on demand, window by window.
-
-    Indexing with two slices (steps of 1) or with two integer arrays returns NumPy, computing
-    only the bounding window of what is asked (``read(rows, cols)``). Stands in for a whole map
-    where code reads windows or points of it (`enclosure.measure_enclosure`'s mask).
-    """
-
-    def __init__(self, shape: tuple[int, int], dtype: Any,
-                 read: Callable[[slice, slice], np.ndarray]) -> None:  # noqa: D107
-        self.shape, self.dtype, self.ndim, self._read = shape, np.dtype(dtype), 2, read
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = key
-        if isinstance(rows, slice) and isinstance(cols, slice):
-            (r0, r1, s0), (c0, c1, s1) = rows.indices(self.shape[0]), cols.indices(self.shape[1])
-            if s0 != 1 or s1 != 1:
-                raise IndexError("WindowedArray reads windows with steps of 1")
-            return self._read(slice(r0, max(r0, r1)), slice(c0, max(c0, c1)))
-        r, c = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        if r.size == 0:
-            return np.zeros(r.shape, self.dtype)
-        if r.min() < 0 or c.min() < 0 or r.max() >= self.shape[0] or c.max() >= self.shape[1]:
-            raise IndexError("WindowedArray takes indices inside the array only")
-        r0, c0 = int(r.min()), int(c.min())
-        window = self._read(slice(r0, int(r.max()) + 1), slice(c0, int(c.max()) + 1))
-        return window[r - r0, c - c0]
 
 
 def _wall_grey(stack: da.Array, factor: int) -> da.Array:
@@ -92,132 +62,10 @@ def _wall_grey(stack: da.Array, factor: int) -> da.Array:
     g = grey(stack) if stack.ndim == 3 else stack
     if factor <= 1:
         return g
-    g = _aligned(g, factor)
+    g = aligned_chunks(g, factor)
     coarse = tuple(tuple(-(-c // factor) for c in axis) for axis in g.chunks)
     return da.map_blocks(lambda b: block_average_np(b, factor), g, chunks=coarse,
                          dtype=np.float32)
-
-
-class _Stored:
-    """Windows of a lazy ``(..., y, x)`` array (leading axes one chunk), read block by block.
-
-    Only the blocks a window touches are computed, each through its own small graph (a read of
-    a stored chunk), not through a graph of the whole array, whose cost grows with the number
-    of chunks; the last few blocks are kept (reads cluster).
-    """
-
-    def __init__(self, arr: da.Array, keep: int = 32) -> None:  # noqa: D107
-        self.shape = (int(arr.shape[-2]), int(arr.shape[-1]))
-        self.lead = (0,) * (arr.ndim - 2)
-        self.delayed = arr.to_delayed()
-        self.bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[-2:]]
-        self.keep = keep
-        self.recent: dict[tuple[int, int], np.ndarray] = {}
-        self.lock = threading.Lock()
-
-    def _block(self, i: int, j: int) -> np.ndarray:
-        # thread-safe: outlines are assessed in parallel threads that read the same maps
-        with self.lock:
-            if (i, j) in self.recent:
-                return self.recent[i, j]
-        block = np.asarray(self.delayed[(*self.lead, i, j)].compute(scheduler="synchronous"))
-        with self.lock:
-            if len(self.recent) >= self.keep:
-                self.recent.pop(next(iter(self.recent)))
-            self.recent[i, j] = block
-        return block
-
-    def window(self, rows: slice, cols: slice) -> np.ndarray:
-        """``arr[..., rows, cols]`` (steps of 1, inside the array) as NumPy."""
-        (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
-        parts = []
-        for i in range(np.searchsorted(self.bounds[0], r0, "right") - 1,
-                       np.searchsorted(self.bounds[0], r1, "left")):
-            lo, hi = self.bounds[0][i], self.bounds[0][i + 1]
-            line = []
-            for j in range(np.searchsorted(self.bounds[1], c0, "right") - 1,
-                           np.searchsorted(self.bounds[1], c1, "left")):
-                left, right = self.bounds[1][j], self.bounds[1][j + 1]
-                line.append(self._block(i, j)[..., max(r0, lo) - lo:min(r1, hi) - lo,
-                                              max(c0, left) - left:min(c1, right) - left])
-            parts.append(np.concatenate(line, axis=-1))
-        return np.concatenate(parts, axis=-2)
-
-    def rows(self, rows: slice) -> np.ndarray:
-        """Full-width rows ``arr[..., rows, :]`` as NumPy."""
-        return self.window(rows, slice(0, self.shape[1]))
-
-
-class _Flat:
-    """Ranges of a stored 2-D array's raster-order (flattened) pixels."""
-
-    def __init__(self, arr: _Stored) -> None:  # noqa: D107
-        self.arr, self.width = arr, arr.shape[1]
-
-    def __call__(self, lo: int, hi: int) -> np.ndarray:
-        r0, r1 = lo // self.width, -(-hi // self.width)
-        rows = self.arr.rows(slice(r0, r1)).ravel()
-        return rows[lo - r0 * self.width:hi - r0 * self.width]
-
-
-def _pairwise_sum(read: _Flat, lo: int, hi: int, leaf_px: int) -> np.float32:
-    """``np.sum`` of the NaN-zeroed pixels ``lo..hi`` (raster order), float32, to the bit.
-
-    NumPy sums a contiguous float32 array pairwise: halves (the first a multiple of 8 long)
-    summed alone and added. Ranges above ``leaf_px`` are split the same way, so each range
-    read is summed by NumPy as the same subtree (tests check it against the whole sum).
-    """
-    n = hi - lo
-    if n <= leaf_px:
-        part = read(lo, hi)
-        return np.sum(np.where(np.isnan(part), np.float32(0), part))
-    half = n // 2
-    half -= half % 8
-    return np.float32(_pairwise_sum(read, lo, lo + half, leaf_px)
-                      + _pairwise_sum(read, lo + half, hi, leaf_px))
-
-
-def _grid_stats(g: da.Array, *, scale: bool, leaf_px: int = 1 << 22,
-                counts: tuple[int, int] | None = None) -> tuple[float, float | None]:
-    """`walls._fill_value` and (``scale``) `walls.robust_scale` of a lazy wall-grid image, to
-    the bit, reading ``leaf_px`` pixels or one chunk row at a time (never the whole image).
-    ``counts``: its NaN and finite pixels, when already counted (`_pair_stats`)."""
-    if counts is None:
-        counts = dask.compute(da.isnan(g).sum(), da.isfinite(g).sum())
-    n_nan, n_finite = int(counts[0]), int(counts[1])
-    if n_finite == 0:
-        return 0.0, 1.0 if scale else None
-    stored = _Stored(g)
-    read = _Flat(stored)
-    total = _pairwise_sum(read, 0, g.size, leaf_px)
-    fill = float(np.float32(total / np.intp(g.size - n_nan)))  # `np.nanmean`'s own steps
-    if not scale:
-        return fill, None
-    step = max(1, n_finite // 250_000)  # robust_scale's sample: every step-th valid pixel
-    sample, seen, r0 = [], 0, 0
-    for rows in g.chunks[0]:
-        band = stored.rows(slice(r0, r0 + rows))
-        values = band[np.isfinite(band)]
-        sample.append(values[(-seen) % step::step])
-        seen, r0 = seen + values.size, r0 + rows
-    lo, hi = np.percentile(np.concatenate(sample), [2, 98])
-    return fill, float(hi - lo) if hi > lo else 1.0
-
-
-def _pair_stats(g_b: da.Array, g_a: da.Array) -> tuple[float, float, float]:
-    """``(fill before, fill after, scale of before)``: `_grid_stats` of both wall-grid images,
-    the pixel counts in one pass, then the two images' sums and sample as two parallel tasks
-    on the configured Dask scheduler (each reads its own blocks synchronously)."""
-    counts = dask.compute(*(f(g).sum() for g in (g_b, g_a) for f in (da.isnan, da.isfinite)))
-
-    def stats(g: da.Array, scale: bool, n: tuple[int, int]) -> tuple[float, float | None]:
-        return _grid_stats(g, scale=scale, counts=n)
-
-    # the arrays travel inside closures: a Dask array argument would be computed whole
-    (fill_b, spread), (fill_a, _) = dask.compute(
-        dask.delayed(lambda: stats(g_b, True, counts[:2]), pure=False)(),
-        dask.delayed(lambda: stats(g_a, False, counts[2:]), pure=False)())
-    return fill_b, fill_a, cast(float, spread)
 
 
 def _min_chunks(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
@@ -240,7 +88,7 @@ def _line_block(b: np.ndarray, a: np.ndarray, *, depth: int, scale: float,
     lo = [depth if loc[k] > 0 else 0 for k in range(2)]
     hi = [b.shape[k] - (depth if loc[k] < num[k] - 1 else 0) for k in range(2)]
     bb, aa = (np.where(np.isfinite(g), g, f) / scale for g, f in zip((b, a), fills, strict=True))
-    strength, th_b, th_a = _tophat_change(bb, aa, radii)
+    strength, th_b, th_a = tophat_change(bb, aa, radii)
     bad = ~(np.isfinite(b) & np.isfinite(a))
     if bad.any():
         strength[ndi.binary_dilation(bad, iterations=radii[1])] = 0.0
@@ -249,10 +97,11 @@ def _line_block(b: np.ndarray, a: np.ndarray, *, depth: int, scale: float,
 
 
 class _Rows:
-    """Row bands of a stored 2-D array as NumPy (`walls.noise_sigma` reads full-width bands)."""
+    """Row bands of a stored 2-D array as NumPy (`wall_noise.noise_sigma` reads full-width
+    bands)."""
 
     def __init__(self, arr: da.Array) -> None:  # noqa: D107
-        self.arr = _Stored(arr)
+        self.arr = StoredBlocks(arr)
         self.shape = self.arr.shape
 
     def __getitem__(self, rows: slice) -> np.ndarray:
@@ -305,7 +154,7 @@ def _skeleton_pixels(regions: Regions, keep: np.ndarray) -> tuple[np.ndarray, np
     return px[:, 0], px[:, 1]
 
 
-def _crop_map(maps: _Stored, mask: WindowedArray, lm: LineMap, rows: slice, cols: slice
+def _crop_map(maps: StoredBlocks, mask: WindowedArray, lm: LineMap, rows: slice, cols: slice
               ) -> LineMap:
     """The line map on ``[rows, cols]`` (its transform shifted there)."""
     crop = maps.window(rows, cols)
@@ -314,7 +163,7 @@ def _crop_map(maps: _Stored, mask: WindowedArray, lm: LineMap, rows: slice, cols
                    crop[1], crop[2])
 
 
-def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
+def _segments(maps: StoredBlocks, mask: WindowedArray, lm: LineMap, regions: Regions,
               keep: np.ndarray, params: WallParams) -> list[WallSegment]:
     """`walls.find_wall_segments` on the stored maps: one Hough transform, crops to describe."""
     transform, res_m = lm.transform, lm.res_m
@@ -324,7 +173,8 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
                             params=params)
     if not len(merged):
         return []
-    # a crop holds everything `_describe` reads: the segment, 8 m parallels, shifts, slack
+    # a crop holds everything `walls.describe_segment` reads: the segment, 8 m parallels,
+    # shifts, slack
     margin = int(math.ceil((8.0 + params.existing_tolerance_m) / res_m)) + 4
     cs, rs = ~transform * (merged[:, [0, 2]].T, merged[:, [1, 3]].T)
     boxes = np.column_stack([np.maximum(0, np.floor(rs.min(axis=0)) - margin),
@@ -346,7 +196,8 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
         for k in ks.tolist():
             r0, c0, r1, c1 = (int(v) for v in boxes[k])
             crop = _crop_map(maps, mask, lm, slice(r0, r1), slice(c0, c1))
-            found.append(_describe(merged[k], crop, crop.transform, params.existing_tolerance_m))
+            found.append(describe_segment(merged[k], crop, crop.transform,
+                                          params.existing_tolerance_m))
         return found
 
     out: list[WallSegment | None] = [None] * len(merged)
@@ -354,7 +205,7 @@ def _segments(maps: _Stored, mask: WindowedArray, lm: LineMap, regions: Regions,
     for ks, found in zip(groups, described, strict=True):
         for k, wall in zip(ks.tolist(), found, strict=True):
             out[k] = wall
-    return _keep_walls([w for w in out if w is not None], threshold=lm.threshold, res_m=res_m,
+    return keep_walls([w for w in out if w is not None], threshold=lm.threshold, res_m=res_m,
                        params=params)
 
 
@@ -393,7 +244,7 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         return LineMap(cast(np.ndarray, empty), cast(np.ndarray, empty), math.inf, transform,
                        res_m), []
     g_b, g_a = (keep_lazy(_wall_grey(x, factor)) for x in (before, after))
-    fill_b, fill_a, scale = _pair_stats(g_b, g_a)
+    fill_b, fill_a, scale = pair_stats(g_b, g_a)
     radii = [max(1, int(math.floor(w / (2 * res_m))))
              for w in (params.max_wall_width_m, params.max_shadow_width_m)]
     n_px = max(3, int(round(params.line_average_m / res_m)))
@@ -405,7 +256,7 @@ def scene_walls_chunked(before: da.Array, after: da.Array, *, transform: Affine,
         _line_block, *halo, new_axis=0, chunks=((4,), *chunks), dtype=np.float32, depth=depth,
         scale=scale, fills=(fill_b, fill_a), radii=radii, n_px=n_px))
     strength, along = maps[0], maps[3]
-    stored = _Stored(maps)
+    stored = StoredBlocks(maps)
     # the noise (read from the grey images, in parts) beside the line averages' sample, in
     # parallel on the configured scheduler
     parts = noise_parts(cast(np.ndarray, _Rows(g_b)), cast(np.ndarray, _Rows(g_a)),

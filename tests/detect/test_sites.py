@@ -412,7 +412,7 @@ def test_candidate_measures_equal_the_whole_grid_ones(res_m, factor):
     """A candidate's fill and texture gains, taken on the cells around its outline, equal
     those taken on the whole cell grid: rotated and axis-aligned outlines, sides on cell
     centres, outlines across the grid's edge, NaN cells."""
-    from pipeline.detect.compounds import _candidate
+    from pipeline.detect.compounds import corner_candidate
 
     rng = np.random.default_rng(7)
     gain = rng.normal(0.2, 0.3, (120, 150)).astype(np.float32)
@@ -433,7 +433,7 @@ def test_candidate_measures_equal_the_whole_grid_ones(res_m, factor):
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         px = centre + corners @ rot.T
         kwargs = dict(threshold=0.25, transform=transform, factor=factor, cell_m=cell_m)
-        got = _candidate(px, angle, gain, **kwargs)
+        got = corner_candidate(px, angle, gain, **kwargs)
         want = _candidate_on_whole_grid(px, angle, gain, **kwargs)
         assert got.polygon.equals_exact(want.polygon, 0.0)
         measures = [(c.evidence_fill, c.gain_inside, c.gain_outside) for c in (got, want)]

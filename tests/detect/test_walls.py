@@ -12,7 +12,8 @@ from affine import Affine
 
 from pipeline.detect.enclosure import measure_enclosure
 from pipeline.detect.outlines import outline_from_segments, propose_outlines
-from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map, noise_sigma
+from pipeline.detect.wall_noise import noise_sigma
+from pipeline.detect.walls import find_wall_segments, merge_collinear, new_line_map
 from pipeline.testing import make_field_boundaries, make_road_grid, make_walled_compound
 
 
@@ -210,7 +211,7 @@ def test_noise_sigma_recovers_noise_whole_or_sampled(max_blocks):
 def test_noise_sigma_in_parts_equals_whole(shape, n_parts):
     """The noise estimate from parts (the chunked search's parallel tasks) equals noise_sigma
     exactly, sampled or not, with NaN holes and with a date of NaN only."""
-    from pipeline.detect.walls import noise_parts, sigma_of_spreads
+    from pipeline.detect.wall_noise import noise_parts, sigma_of_spreads
 
     rng = np.random.default_rng(sum(shape) + n_parts)
     b = rng.normal(100, 20, shape).astype(np.float32)
@@ -231,7 +232,7 @@ def test_nanmedian_rows_equals_numpy(n, dtype):
     """Row medians equal np.nanmedian's exactly (NaN rows, even and odd lengths, ties)."""
     import warnings
 
-    from pipeline.detect.walls import _nanmedian_rows
+    from pipeline.detect.wall_noise import nanmedian_rows
 
     rng = np.random.default_rng(n)
     x = rng.normal(size=(300, n)).astype(dtype)
@@ -240,6 +241,6 @@ def test_nanmedian_rows_equals_numpy(n, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN rows of n = 1
         expected = np.nanmedian(x, axis=1)
-        got = _nanmedian_rows(x)
+        got = nanmedian_rows(x)
     assert got.dtype == expected.dtype
     np.testing.assert_array_equal(got, expected)
