@@ -206,7 +206,7 @@ def estimate_shift(
     to the aligned after is a robust outlier (median + 3 MAD), at a fine and a coarse feature
     scale. The median fine-scale shift of the windows whose peak ratio (correlation peak over
     the best peak more than 4 px away) reaches ``params.min_peak_ratio`` is applied when at
-    least two and half of the windows have such a peak, their measurements at both scales
+    least three and half of the windows have such a peak, their measurements at both scales
     agree within 1 px, and the shift is longer than its 95% uncertainty
     (`pipeline.core.coreg_consensus.consensus_shift`). ``|shift|`` is ``hypot(dy, dx)``.
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipeline.core.coreg import coregister, estimate_shift
-from pipeline.core.coreg_consensus import AGREE_PX, WindowShift, consensus_shift
+from pipeline.core.coreg_consensus import AGREE_PX, MIN_WINDOWS, WindowShift, consensus_shift
 from pipeline.core.coreg_windows import MIN_WINDOW_PX, select_windows, window_size_px
 from pipeline.datasets import DEFAULT_DATA_DIR
 from pipeline.errors import PipelineWarning
@@ -76,11 +76,21 @@ def test_consensus_one_clear_window_is_not_enough():
 
 
 def test_consensus_minority_of_clear_windows_not_applied():
-    """Two clear windows out of five are not half of them."""
-    windows = _windows([(1.0, 1.0)] * 2) + _windows([(3.0, -2.0)] * 3, ratio=1.2)
+    """Three clear windows out of seven are not half of them; three of five are."""
+    windows = _windows([(1.0, 1.0)] * MIN_WINDOWS) + _windows([(3.0, -2.0)] * 4, ratio=1.2)
     with pytest.warns(PipelineWarning, match="too few windows"):
         assert not consensus_shift(windows, PARAMS).applied
-    assert consensus_shift(windows[:2] + windows[2:3], PARAMS).applied  # two of three
+    assert consensus_shift(windows[:5], PARAMS).applied
+
+
+def test_consensus_two_agreeing_windows_are_not_enough():
+    """Two clear windows that agree (a LEVIR-CD crop without change on the AOI grid: two of
+    three windows at about -1.4 px) do not prove a shift; a third agreeing one does."""
+    fine, coarse = [(0.2, -1.35), (-0.05, -1.5)], [(0.35, -1.9), (0.2, -1.2)]
+    weak = WindowShift(0.15, -0.75, 0.99, 1.5, 0.15, -0.15)
+    with pytest.warns(PipelineWarning, match="too few windows"):
+        assert not consensus_shift(_windows(fine, coarse) + [weak], PARAMS).applied
+    assert consensus_shift(_windows([(0.1, -1.4)] * MIN_WINDOWS), PARAMS).applied
 
 
 def test_consensus_disagreeing_scales_not_applied():
@@ -138,10 +148,17 @@ def _levir(folder: str, name: str):
 @pytest.mark.parametrize("folder, name", [("levir_cd_tiles", "levircd_test_5"),
                                           ("levir_cd_tiles", "levircd_test_3"),
                                           ("levir_cd_tiles", "levircd_test_1"),
-                                          ("levir_cd", "test_55_0256_0000")])
-def test_registered_real_pair_gets_no_false_shift(folder, name):
-    """A registered real pair with real change (new buildings) is not moved."""
+                                          ("levir_cd", "test_55_0256_0000"),
+                                          ("levir_cd", "train_386_0512_0768")])
+@pytest.mark.parametrize("border_px", [0, 3])
+def test_registered_real_pair_gets_no_false_shift(folder, name, border_px):
+    """A registered real pair with real change (new buildings) is not moved, also with the
+    nodata border a detect run's AOI grid adds around it."""
     before, after = _levir(folder, name)
+    if border_px:
+        before, after = (make_da(np.pad(d.values, ((0, 0), (border_px,) * 2, (border_px,) * 2),
+                                        constant_values=np.nan), res_m=0.5)
+                         for d in (before, after))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PipelineWarning)
         aligned, result = coregister(before, after, params=PARAMS)
