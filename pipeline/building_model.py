@@ -54,10 +54,16 @@ def cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn:
 
     ``after`` is co-registered, not normalized (the network standardises each date itself).
     ``scratch`` is the run's store of intermediate Dask arrays (``keep``/``drop``): chunked,
-    the probability is stored (the smoothing reads it with overlap), and the mask too.
+    inputs not stored yet are stored while the network reads them, the probability is stored
+    (the smoothing reads it with overlap), and the mask too.
     """
     min_area_px = cnn.min_area_at(res_m)
-    prob = scratch.keep(cnn_probability(before.data, after.data, weights=cnn.weights))
+    # the network's tasks read their windows of the inputs one by one: a lazy after (the
+    # co-registration's shift) is stored first, else each window would compute it again
+    inputs = scratch.keep(before, after)
+    added = [x for x, y in zip(inputs, (before, after), strict=True) if x.data is not y.data]
+    prob = scratch.keep(cnn_probability(inputs[0].data, inputs[1].data, weights=cnn.weights))
+    scratch.drop(*added)
     stored: list[Any] = []
 
     def persist(data: Any) -> Any:

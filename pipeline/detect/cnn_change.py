@@ -5,10 +5,11 @@ change vector analysis as the source of the change mask from which new buildings
 extracted: one pass (no mirrored copies), then the decision rule that `make eval` scores
 (`pipeline.detect.learned.change_probability_mask`: Gaussian smoothing, probability above the
 model's threshold, small regions dropped). In memory this is exactly `predict_change_cnn`
-with ``flips=False``; on Dask arrays it runs block by block with the network's tiles and
-margin, each date standardised with whole-scene statistics, so memory stays bounded and the
-result is the in-memory one (the statistics may differ in their last bits). Pure: the
-caller passes the loaded weights.
+with ``flips=False``; on Dask arrays it runs block by block, each block's task reading its
+tiles' windows (the network's tiles and margin, where the in-memory run puts them) one at a
+time, each date standardised with whole-scene statistics, so memory stays bounded whatever
+the grid's size and the result is the in-memory one (the statistics may differ in their last
+bits). Pure: the caller passes the loaded weights.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pipeline.detect.convnet import (
     TILE_PX,
     predict_change_cnn,
     sigmoid,
-    tiled_logits,
+    tile_windows,
+    window_logits,
 )
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError
@@ -97,27 +99,53 @@ def _standardized(image: np.ndarray, valid: np.ndarray, stats: np.ndarray) -> np
     return out
 
 
-def _cnn_block(block: np.ndarray, *, weights: Mapping[str, np.ndarray], stats: np.ndarray,
-               tile_px: int, margin_px: int, block_info: dict | None = None) -> np.ndarray:
-    """Probability of one block's own pixels from its overlapped ``(6, y, x)`` stack."""
-    if block_info is None:
-        raise ValueError("_cnn_block runs as a Dask block: it needs block_info.")
-    loc, n = block_info[0]["chunk-location"], block_info[0]["num-chunks"]
-    top = margin_px if loc[1] > 0 else 0
-    left = margin_px if loc[2] > 0 else 0
-    bottom = block.shape[1] - (margin_px if loc[1] < n[1] - 1 else 0)
-    right = block.shape[2] - (margin_px if loc[2] < n[2] - 1 else 0)
-    a, b = block[:3], block[3:]
-    valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
-    a, b = _standardized(a, valid, stats[0]), _standardized(b, valid, stats[1])
-    prob = sigmoid(tiled_logits(a, b, weights, tile_px, margin_px,
-                                 region=(top, bottom, left, right)))
-    return np.where(valid[top:bottom, left:right], prob, np.float32(np.nan))
+class _Windows:
+    """The two dates as Dask arrays, read one window at a time by the task that needs it.
+
+    Held by a task as a plain object, not a Dask dependency: a window is computed (with the
+    synchronous scheduler, inside the task) only when the task runs and is released with it,
+    so memory holds one tile window a thread however many blocks wait. As a dependency, the
+    threaded scheduler loaded every block's overlapped input ahead of the network's slow
+    tasks (2 GB more at 8192 x 8192, measured).
+    """
+
+    __slots__ = ("a", "b", "stats")
+
+    def __init__(self, a: da.Array, b: da.Array, stats: np.ndarray) -> None:
+        self.a, self.b, self.stats = a, b, stats
+
+    def __dask_tokenize__(self) -> tuple:
+        return (self.a.name, self.b.name, self.stats.tobytes())
+
+    def __call__(self, ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A window's before and after, standardised with the whole-scene statistics, and
+        its pixels valid in both."""
+        a, b = (np.asarray(x, np.float32) for x in dask.compute(
+            self.a[:, ys, xs], self.b[:, ys, xs], scheduler="sync"))
+        valid = np.asarray(np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0))
+        return (_standardized(a, valid, self.stats[0]),
+                _standardized(b, valid, self.stats[1]), valid)
+
+    def valid(self, ys: slice, xs: slice) -> np.ndarray:
+        """Pixels valid in both dates."""
+        a, b = dask.compute(self.a[:, ys, xs], self.b[:, ys, xs], scheduler="sync")
+        return np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+
+
+def _cnn_block(windows: _Windows, region: tuple[int, int, int, int], *,
+               weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int) -> np.ndarray:
+    """Probability of the pixels of ``region`` ``(y0, y1, x0, x1)``, NaN where not valid."""
+    shape = windows.a.shape[1:]
+    prob = sigmoid(window_logits(windows, shape, weights, tile_px, margin_px, region))
+    for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, 0, region):  # tile by tile
+        y, x = y0 - region[0], x0 - region[2]
+        prob[y:y + h, x:x + w][~windows.valid(ys, xs)] = np.nan
+    return prob
 
 
 def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, ...]:
     """Chunks of an axis of ``n``: whole tiles near ``size``; a last piece under the margin
-    joins the chunk before it (an overlap may not be deeper than a chunk)."""
+    joins the chunk before it."""
     size = max(tile_px, (size // tile_px) * tile_px)
     chunks = [size] * (n // size)
     rest = n - sum(chunks)
@@ -126,13 +154,6 @@ def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, 
     elif rest:
         chunks.append(rest)
     return tuple(chunks)
-
-
-def _aligned(x: da.Array, tile_px: int, margin_px: int) -> da.Array:
-    """``x`` ``(band, y, x)`` rechunked so that every chunk but the last of an axis is whole
-    tiles (the tiles then fall where the in-memory run puts them)."""
-    return x.rechunk((x.shape[0], *(_tile_chunks(n, c[0], tile_px, margin_px)
-                                   for n, c in zip(x.shape[1:], x.chunks[1:], strict=True))))
 
 
 def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray],
@@ -151,22 +172,32 @@ def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray
     Returns
     -------
     ``(y, x)`` float32 in [0, 1], NaN where either date is nodata. NumPy in, NumPy out
-    (`predict_change_cnn` with ``flips=False``); Dask in, lazy Dask out, chunked as the
-    input (rechunked to whole tiles if needed), after one computed pass for the whole-scene
-    statistics of each date.
+    (`predict_change_cnn` with ``flips=False``); Dask in, lazy Dask out after one computed
+    pass for the whole-scene statistics of each date, chunked near the input's chunks in
+    whole tiles. Each chunk is one task that reads its tiles' windows from ``before`` and
+    ``after`` itself, one at a time (so give inputs that are cheap to read by windows, e.g.
+    stored ones: a lazy input is computed again for every window that touches a chunk).
     """
     if not isinstance(before, da.Array) and not isinstance(after, da.Array):
         return predict_change_cnn(before, after, weights=weights, flips=False,
                                   tile_px=tile_px, margin_px=margin_px)
-    a = _aligned(da.asarray(before).astype(np.float32), tile_px, margin_px)
-    b = da.asarray(after).astype(np.float32).rechunk(a.chunks)
-    stats = _scene_stats(a, b)
-    stack = da.concatenate([a, b], axis=0).rechunk({0: 6})
-    padded = da.overlap.overlap(stack, depth={0: 0, 1: margin_px, 2: margin_px},
-                                boundary="none")
-    return padded.map_blocks(_cnn_block, weights=dict(weights), stats=stats, tile_px=tile_px,
-                             margin_px=margin_px, drop_axis=0, chunks=a.chunks[1:],
-                             dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    a, b = da.asarray(before), da.asarray(after)
+    if a.shape != b.shape:
+        raise ValueError(f"before {a.shape} and after {b.shape} must be on one grid.")
+    windows = _Windows(a, b, _scene_stats(a, b))
+    rows, cols = (_tile_chunks(n, c[0], tile_px, margin_px)
+                  for n, c in zip(a.shape[1:], a.chunks[1:], strict=True))
+    run = dask.delayed(_cnn_block, pure=True)
+    weights = dict(weights)
+    blocks: list[list[da.Array]] = []
+    for y0, h in zip(np.cumsum((0, *rows[:-1])), rows, strict=True):
+        blocks.append([])
+        for x0, w in zip(np.cumsum((0, *cols[:-1])), cols, strict=True):
+            region = (int(y0), int(y0 + h), int(x0), int(x0 + w))
+            task = run(windows, region, weights=weights, tile_px=tile_px, margin_px=margin_px)
+            blocks[-1].append(da.from_delayed(task, (h, w), dtype=np.float32,
+                                              meta=np.empty((0, 0), np.float32)))
+    return da.block(blocks)
 
 
 def _smooth_block(prob: np.ndarray, *, sigma: float) -> np.ndarray:

@@ -17,7 +17,7 @@ its three mirrorings (left-right, top-bottom, both). Nothing here reads files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import dask
@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 
 __all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward",
-           "tiled_logits"]
+           "tiled_logits", "tile_windows", "window_logits", "WindowReader"]
 
 ENCODER = ("e1", "e2", "e3", "e4")
 DECODER = ("d3", "d2", "d1")
@@ -128,30 +128,69 @@ def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarr
     return forward(np.pad(a, pad, mode=mode), np.pad(b, pad, mode=mode), weights)[:ny, :nx]
 
 
-def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
-                  tile_px: int, margin_px: int,
-                  region: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept.
+WindowReader = Callable[[slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
-    ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
-    its corner; the rest of the arrays is context), as a Dask block with its overlap does.
+
+def tile_windows(shape: tuple[int, int], tile_px: int, margin_px: int,
+                 region: tuple[int, int, int, int] | None = None
+                 ) -> Iterator[tuple[int, int, int, int, slice, slice]]:
+    """The tiles of ``region`` ``(y0, y1, x0, x1)`` of a ``shape`` grid (default: all of it).
+
+    Yields ``(y0, x0, h, w, ys, xs)``: a tile's corner and size (tiles start at the region's
+    corner) and its window with ``margin_px`` of context each side, clipped to the grid.
     """
-    ny, nx = a.shape[1:]
+    ny, nx = shape
     ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
-    logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
     for y0 in range(ry0, ry1, tile_px):
         for x0 in range(rx0, rx1, tile_px):
             ys = slice(max(0, y0 - margin_px), min(ny, y0 + tile_px + margin_px))
             xs = slice(max(0, x0 - margin_px), min(nx, x0 + tile_px + margin_px))
-            out = _padded_forward(a[:, ys, xs], b[:, ys, xs], weights)
-            h, w = min(tile_px, ry1 - y0), min(tile_px, rx1 - x0)
-            logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
-                y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
+            yield y0, x0, min(tile_px, ry1 - y0), min(tile_px, rx1 - x0), ys, xs
+
+
+def window_logits(read: WindowReader, shape: tuple[int, int],
+                  weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
+                  region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """`forward` over the tiles of ``region`` (`tile_windows`), centres kept.
+
+    ``read(ys, xs)`` gives a window's standardised ``(3, h, w)`` before and after and its
+    ``(h, w)`` pixels valid in both (not used yet), so a caller decides where the pixels
+    come from (arrays in memory, or a Dask array read one window at a time, which bounds
+    memory to one window a thread).
+    """
+    ny, nx = shape
+    ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
+    logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
+    for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, margin_px, region):
+        a, b, _ = read(ys, xs)
+        out = _padded_forward(a, b, weights)
+        logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
+            y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
     return logits
 
 
+def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+                  tile_px: int, margin_px: int,
+                  region: tuple[int, int, int, int] | None = None,
+                  valid: np.ndarray | None = None) -> np.ndarray:
+    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept.
+
+    ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
+    its corner; the rest of the arrays is context). ``valid``: pixels valid in both dates
+    (default all), see `window_logits`.
+    """
+    if valid is None:
+        valid = np.ones(a.shape[1:], bool)
+
+    def read(ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return a[:, ys, xs], b[:, ys, xs], valid[ys, xs]
+
+    return window_logits(read, a.shape[1:], weights, tile_px, margin_px, region)
+
+
 def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
-                     tile_px: int, margin_px: int) -> np.ndarray:
+                     tile_px: int, margin_px: int, valid: np.ndarray | None = None
+                     ) -> np.ndarray:
     """`tiled_logits`, one task per tile on the configured Dask scheduler; same values.
 
     Each task computes one tile's centre from the same windows as the loop would (NumPy's
@@ -161,9 +200,10 @@ def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndar
     regions = [(y0, min(ny, y0 + tile_px), x0, min(nx, x0 + tile_px))
                for y0 in range(0, ny, tile_px) for x0 in range(0, nx, tile_px)]
     if len(regions) == 1:
-        return tiled_logits(a, b, weights, tile_px, margin_px)
+        return tiled_logits(a, b, weights, tile_px, margin_px, valid=valid)
     run = dask.delayed(tiled_logits, pure=False)
-    parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r) for r in regions])
+    parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r, valid=valid)
+                           for r in regions])
     logits = np.empty((ny, nx), np.float32)
     for (y0, y1, x0, x1), part in zip(regions, parts, strict=True):
         logits[y0:y1, x0:x1] = part
@@ -226,7 +266,8 @@ def predict_change_cnn(
                 else [(False, False)])
     prob = np.zeros(valid.shape, np.float32)
     for flip in variants:
-        logits = _parallel_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px)
+        logits = _parallel_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px,
+                                  valid=_flip(valid, flip))
         prob += _flip(sigmoid(logits), flip)
     prob /= len(variants)
     return np.where(valid, prob, np.nan).astype(np.float32)

@@ -134,3 +134,33 @@ def test_parallel_tiles_equal_the_tile_loop():
     with dask.config.set(scheduler="threads", num_workers=2):
         got = _parallel_logits(a, b, w, 64, 32)
     assert_array_equal(got, want)
+
+
+def test_cnn_probability_blocks_read_their_windows_when_they_run():
+    """The inputs' chunks are no tasks of the probability's graph (else the scheduler loads
+    every block's input ahead of the slow network tasks); each block reads only its tiles'
+    windows (plus margin), one at a time."""
+    import pipeline.detect.cnn_change as cnn_change
+
+    w = random_cnn_weights()
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(100, 20, (2, 3, 200, 176)).astype(np.float32)
+    lazy_a = da.from_array(a, chunks=(3, 64, 64))
+    lazy_b = da.from_array(b, chunks=(3, 64, 64))
+    prob = cnn_probability(lazy_a, lazy_b, weights=w, tile_px=64, margin_px=32)
+    inputs = set(lazy_a.__dask_graph__()) | set(lazy_b.__dask_graph__())
+    assert not inputs & set(prob.__dask_graph__())
+    assert prob.chunks == ((64, 64, 72), (64, 64, 48))
+    read: list[tuple[int, int]] = []
+    call = cnn_change._Windows.__call__
+
+    def spy(self, ys, xs):
+        read.append((ys.stop - ys.start, xs.stop - xs.start))
+        return call(self, ys, xs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cnn_change._Windows, "__call__", spy)
+        got = prob.compute(scheduler="sync")
+    assert max(read) == (64 + 2 * 32, 64 + 2 * 32) and len(read) == 4 * 3
+    want = predict_change_cnn(a, b, weights=w, flips=False, tile_px=64, margin_px=32)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
