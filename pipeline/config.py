@@ -144,6 +144,14 @@ def _check_ranges(section: str, obj: Any) -> None:
         raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
     if section == "objects" and obj.cell_m <= 0:
         raise ConfigError(f"objects.cell_m: expected a positive number, got {obj.cell_m!r}")
+    if section == "objects" and obj.row_min_buildings < 2:
+        raise ConfigError("objects.row_min_buildings: a row is at least 2 buildings, got "
+                          f"{obj.row_min_buildings!r}")
+    if section == "objects" and not (obj.row_size_tolerance >= 0
+                                     and 0 <= obj.row_angle_tolerance_deg <= 90):
+        raise ConfigError("objects.row_size_tolerance must be >= 0 and "
+                          "objects.row_angle_tolerance_deg between 0 and 90, got "
+                          f"{obj.row_size_tolerance!r} and {obj.row_angle_tolerance_deg!r}")
     if section in ("walls", "towers", "grade", "buildings"):
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)

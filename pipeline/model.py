@@ -178,6 +178,9 @@ class ObjectParams:
     compound_min_fill: float = 0.3
     min_score: float = 0.3
     score_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    row_min_buildings: int = 3
+    row_size_tolerance: float = 0.25
+    row_angle_tolerance_deg: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pipeline.detect.compounds import CompoundCandidate, corner_candidate, find_
 from pipeline.detect.grade import SiteAssessment, site_features
 from pipeline.detect.objects import ChangeObject, extract_objects, is_building_like
 from pipeline.detect.region_objects import objects_from_regions
+from pipeline.detect.regularity import building_layout
 from pipeline.detect.texture import grey
 from pipeline.detect.towers import outline_orientation_deg
 from pipeline.detect.walled import (
@@ -231,6 +232,10 @@ def _site_evidence(sites: list[_Site], make: Callable[..., Evidence], params: De
         measures = {**terms, **_compound_measures(site.cand), "outline_source": site.source,
                     "building_count": len(site.inside),
                     "building_area_m2": float(sum(b.area_m2 for b in site.inside)),
+                    **building_layout([b.polygon for b in site.inside],
+                                      min_in_row=params.objects.row_min_buildings,
+                                      size_tolerance=params.objects.row_size_tolerance,
+                                      angle_tolerance_deg=params.objects.row_angle_tolerance_deg),
                     **site.grade}
         found.append(make("compound", idx, site.cand.polygon, score, measures, sid))
         site_of.update({b.label: sid for b in site.inside})

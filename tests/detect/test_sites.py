@@ -112,6 +112,9 @@ def test_detect_sites_finds_synthetic_compound():
     buildings = [e for e in found if e.kind == "new_building"]
     assert c.measurements["building_count"] == len([b for b in buildings if b.site_id == c.id])
     assert c.measurements["building_count"] >= 10
+    # the blocks stand in 3 rows of 4 (rows and columns of like blocks)
+    assert c.measurements["building_rows"] >= 6
+    assert c.measurements["buildings_in_rows_share"] >= 0.9
 
 
 def test_detect_sites_nothing_on_identical_pair():
@@ -218,7 +221,9 @@ def test_outline_window_holds_polygon_with_margin():
 
 
 COMPOUND_KEYS = {"grade", "grade_reasons", "wall_length_m", "closure_ratio", "double_fence",
-                 "watchtower_count", "building_count", "building_area_m2", "resolution_m"}
+                 "watchtower_count", "building_count", "building_area_m2", "resolution_m",
+                 "building_rows", "buildings_in_rows_share", "building_size_cv",
+                 "building_orientation_spread_deg"}
 
 
 def _iou(a, b) -> float:
