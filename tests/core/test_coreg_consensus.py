@@ -169,9 +169,12 @@ def test_registered_real_pair_gets_no_false_shift(folder, name, border_px):
         assert "not applied" in result.note
 
 
-def test_registered_real_tile_shifted_copy_is_recovered():
-    """The same real tile against a copy shifted by (0.4, -0.3) px: recovered and applied."""
-    before, _ = _levir("levir_cd_tiles", "levircd_test_5")
+@pytest.mark.parametrize("folder, name", [("levir_cd_tiles", "levircd_test_5"),
+                                          ("levir_cd", "test_55_0256_0000")])
+def test_registered_real_image_shifted_copy_is_recovered(folder, name):
+    """The same real image (1024 or 256 px) against a copy shifted by (0.4, -0.3) px:
+    recovered within 0.1 px and applied."""
+    before, _ = _levir(folder, name)
     arr = before.values.astype(np.float64)
     moved = np.stack([ndi.shift(band, (0.4, -0.3), order=3, mode="reflect") for band in arr])
     moved[:, :2, :] = np.nan  # shifted in from outside the frame
