@@ -42,6 +42,7 @@ from pipeline.datasets import (
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluate_detect import DETECT_BUILDINGS, DETECT_MASK, DetectRuns
+from pipeline.evaluate_sites import compounds_on_negatives, dabancheng_iou, read_puerto_rico
 from pipeline.evaluation_doc import fmt_figure as _fmt
 from pipeline.scoring import (
     cva_otsu,
@@ -247,38 +248,6 @@ def _datasets(data_dir: Path) -> list[tuple[str, list[LabelledPair], bool]]:
     ]
 
 
-def dabancheng_iou(data_dir: Path, out_root: Path) -> tuple[float, str]:
-    """IoU of the top-scoring compound of a default ``run_detect`` with the hand-drawn wall."""
-    import json
-
-    import shapely
-    from pyproj import Transformer
-    from shapely.geometry import shape
-
-    from pipeline.aoi import load_sites, parse_aoi
-    from pipeline.config import load_config
-    from pipeline.run import run_detect
-
-    folder = data_dir / "dabancheng"
-    config = load_config(None)
-    sites = load_sites(config.sites_path) if config.sites_path.exists() else {}
-    area = parse_aoi("dabancheng", radius_m=config.radius_m, sites=sites)
-    result = run_detect(area, folder / "dabancheng_2017-03-02.tif",
-                        folder / "dabancheng_2018-10-11.tif", config=config, out_root=out_root)
-    compounds = sorted((e for e in result.evidence if e.kind == "compound"),
-                       key=lambda e: -e.score)
-    if not compounds:
-        return 0.0, "no compound found"
-    features = json.loads((folder / "compound_label.geojson").read_text())["features"]
-    wall = next(f for f in features if f["properties"].get("role") == "main_compound")
-    to_grid = Transformer.from_crs("EPSG:4326", result.grid.crs, always_xy=True)
-    label = shapely.transform(shape(wall["geometry"]), lambda xy: np.column_stack(
-        to_grid.transform(xy[:, 0], xy[:, 1])))
-    top = compounds[0].geometry
-    iou = top.intersection(label).area / top.union(label).area
-    return float(iou), f"top of {len(compounds)} compound(s), score {compounds[0].score:.2f}"
-
-
 def _adjacent_groups(folds: dict, pairs: list[LabelledPair]) -> set[str]:
     """Keys of held-out images whose LEVIR-CD tile is also in their fold's training data."""
     by_key = {f"{p.dataset}/{p.name}": p for p in pairs}
@@ -354,6 +323,9 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                 # the compound stage is others' work in progress: report a failure, go on
                 iou, note = float("nan"), f"run_detect failed: {type(e).__name__}: {e}"
         facts["dabancheng"] = {"compound_iou": iou, "note": note}
+    if dabancheng:  # the same default runs, on fine pairs that hold no walled compound
+        negatives: list[Any] = [*levir, *read_puerto_rico(data_dir)]
+        facts["no_compound_pairs"] = compounds_on_negatives(negatives, progress=progress)
     return rows, facts
 
 
@@ -411,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the network's card (.json); left out if missing")
     parser.add_argument("--markdown", type=Path,
                         default=Path(__file__).resolve().parents[1] / "docs" / "evaluation.md")
-    parser.add_argument("--no-dabancheng", action="store_true", help="skip the run_detect IoU")
+    parser.add_argument("--no-dabancheng", action="store_true",
+                        help="skip the default run_detect checks (Dabancheng IoU, pairs "
+                             "without a compound)")
     parser.add_argument("--no-detect", action="store_true",
                         help="skip the detect runs with the network (its two rows)")
     args = parser.parse_args(argv)
