@@ -51,6 +51,14 @@ def test_consensus_within_uncertainty_not_applied_without_warning():
     assert result.uncertainty_px >= math.hypot(result.dy, result.dx)
 
 
+def test_consensus_few_windows_use_student_t():
+    """Three windows at 0.1, 0.5 and 0.9 px: the 95% interval of a mean of three is
+    t(0.975, 2) = 4.30 standard errors (0.70 px), not 1.96 (0.32 px): 0.5 px is not proven."""
+    result = consensus_shift(_windows([(0.1, 0.0), (0.5, 0.0), (0.9, 0.0)]), PARAMS)
+    assert not result.applied
+    assert result.uncertainty_px == pytest.approx(4.303 * math.sqrt(0.08) / math.sqrt(3), abs=0.01)
+
+
 def test_consensus_scale_bias_not_applied():
     """Windows agree exactly at each scale but the scales differ by 0.8 px (relief,
     shadows: not a rigid shift): the bias is uncertainty, the 0.5 px shift is not applied."""
