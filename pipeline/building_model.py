@@ -86,6 +86,9 @@ def cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn:
         "min_area_m2": cnn.min_area_m2, "min_area_px": min_area_px, "flips": False,
         "standardisation": "per band and date, over the whole scene's pixels valid in both",
         "input": "before and the co-registered after (not normalized)",
+        "nodata_edge": "each tile cut to its valid pixels' bounding box (the network sees the "
+                       "image's edge, as in training); nodata left inside it filled by "
+                       "reflection across the valid border",
         "changed_share": float(changed) / max(1, out.size),
     }
 

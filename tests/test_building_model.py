@@ -63,3 +63,4 @@ def test_cnn_mask_stores_a_lazy_input_while_the_network_reads_it():
     want = cnn_change_mask(prob, threshold=0.5, smooth_sigma_px=1.0, min_area_px=2)
     np.testing.assert_array_equal(got.values, want)
     assert info["changed_share"] == float((want == 1).mean())
+    assert "bounding box" in info["nodata_edge"]

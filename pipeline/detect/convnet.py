@@ -12,7 +12,10 @@ is needed to run it, and the arrays are the whole model.
 Each date is standardised per band over its own valid pixels (zero mean, unit variance), so
 the model sees relative brightness, not the sensor's scale; large images are processed in
 overlapping tiles whose centres are kept, and the probability is averaged over the image and
-its three mirrorings (left-right, top-bottom, both). Nothing here reads files.
+its three mirrorings (left-right, top-bottom, both). Where nodata borders the image (a grid
+larger than the image, an AOI mask), each tile is cut to its valid pixels' bounding box, so
+the network sees the image's edge as in training and not a flat band of nodata
+(`_valid_forward`). Nothing here reads files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Literal
 import dask
 import numpy as np
 import xarray as xr
+from scipy import ndimage as ndi
 
 __all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward",
            "tiled_logits", "tile_windows", "window_logits", "WindowReader"]
@@ -128,6 +132,47 @@ def _padded_forward(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarr
     return forward(np.pad(a, pad, mode=mode), np.pad(b, pad, mode=mode), weights)[:ny, :nx]
 
 
+def _reflect_fill(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``x`` ``(c, y, x)`` with each invalid pixel taken from its mirror image across the
+    valid region's border: ``2q - p`` for ``q`` the nearest valid pixel of ``p``, or ``q``
+    itself where the mirror image is not valid. On a rectangle this is ``np.pad``'s
+    ``reflect``."""
+    nearest = np.asarray(ndi.distance_transform_edt(~valid, return_distances=False,
+                                                    return_indices=True))
+    iy, ix = nearest[0], nearest[1]
+    ny, nx = valid.shape
+    yy, xx = np.ogrid[:ny, :nx]
+    ry, rx = 2 * iy - yy, 2 * ix - xx
+    inside = (ry >= 0) & (ry < ny) & (rx >= 0) & (rx < nx)
+    ry, rx = np.where(inside, ry, iy), np.where(inside, rx, ix)
+    mirrored = valid[ry, rx]
+    return x[:, np.where(mirrored, ry, iy), np.where(mirrored, rx, ix)]
+
+
+def _valid_forward(a: np.ndarray, b: np.ndarray, valid: np.ndarray,
+                   weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """`forward` on a window whose ``valid`` pixels (both dates) may not fill it.
+
+    As in training and in the scoring on whole images, the network sees the image's own
+    edge (its convolutions' zero padding), not nodata: the window is cut to the bounding box
+    of its valid pixels, and the invalid ones left inside it (a mask that is not a
+    rectangle) are filled by reflection across the valid border (`_reflect_fill`). Logits
+    outside the box are 0 (their pixels are nodata).
+    """
+    if valid.all():
+        return _padded_forward(a, b, weights)
+    out = np.zeros(valid.shape, np.float32)
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if rows.size == 0:
+        return out
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    a, b, inner = a[(slice(None), *box)], b[(slice(None), *box)], valid[box]
+    if not inner.all():
+        a, b = _reflect_fill(a, inner), _reflect_fill(b, inner)
+    out[box] = _padded_forward(a, b, weights)
+    return out
+
+
 WindowReader = Callable[[slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -154,16 +199,15 @@ def window_logits(read: WindowReader, shape: tuple[int, int],
     """`forward` over the tiles of ``region`` (`tile_windows`), centres kept.
 
     ``read(ys, xs)`` gives a window's standardised ``(3, h, w)`` before and after and its
-    ``(h, w)`` pixels valid in both (not used yet), so a caller decides where the pixels
-    come from (arrays in memory, or a Dask array read one window at a time, which bounds
-    memory to one window a thread).
+    ``(h, w)`` pixels valid in both (`_valid_forward`: the network sees the valid region's
+    edge, not nodata), so a caller decides where the pixels come from (arrays in memory, or
+    a Dask array read one window at a time, which bounds memory to one window a thread).
     """
     ny, nx = shape
     ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
     logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
     for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, margin_px, region):
-        a, b, _ = read(ys, xs)
-        out = _padded_forward(a, b, weights)
+        out = _valid_forward(*read(ys, xs), weights)
         logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
             y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
     return logits
@@ -239,7 +283,8 @@ def predict_change_cnn(
     ----------
     before, after
         Red-green-blue images ``(3, y, x)`` (NumPy or a ``("band", "y", "x")`` DataArray) on
-        one grid, any scale, NaN nodata; about 0.3-1 m pixels, as in training.
+        one grid, any scale, NaN nodata; about 0.3-1 m pixels, as in training. The network
+        sees the valid pixels' edge, not nodata (`_valid_forward`).
     weights
         The network's folded arrays, e.g. ``pipeline.models.load_cnn(...).weights``.
     flips

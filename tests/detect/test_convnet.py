@@ -150,3 +150,50 @@ def test_flip_average_is_mirror_equivariant():
               predict_change_cnn(a[:, ::-1, ::-1], b[:, ::-1, ::-1], weights=w,
                                  flips=False)[::-1, ::-1]]
     np.testing.assert_allclose(prob, np.mean(passes, axis=0), atol=1e-6)
+
+
+def test_reflect_fill_on_a_rectangle_is_numpy_reflect_padding():
+    """Nodata around a valid rectangle is filled as np.pad's 'reflect' fills it."""
+    from pipeline.detect.convnet import _reflect_fill
+
+    rng = np.random.default_rng(8)
+    core = rng.normal(size=(3, 20, 17)).astype(np.float32)
+    want = np.pad(core, ((0, 0), (5, 3), (4, 6)), mode="reflect")
+    x = np.zeros_like(want)
+    x[:, 5:25, 4:21] = core
+    valid = np.zeros(want.shape[1:], bool)
+    valid[5:25, 4:21] = True
+    np.testing.assert_array_equal(_reflect_fill(x, valid), want)
+
+
+def test_reflect_fill_keeps_valid_pixels_and_fills_from_valid_ones():
+    """Any mask: valid pixels unchanged; every filled value is one of the valid values."""
+    from pipeline.detect.convnet import _reflect_fill
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 40, 40)).astype(np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    valid = (yy - 18) ** 2 + (xx - 22) ** 2 < 15 ** 2  # a disc (a radius AOI)
+    got = _reflect_fill(np.where(valid, x, 0), valid)
+    np.testing.assert_array_equal(got[:, valid], x[:, valid])
+    assert np.isin(got[0, ~valid], x[0, valid]).all()
+
+
+def test_nodata_around_an_image_the_network_sees_the_image_edge():
+    """An image inside a nodata frame (a grid larger than the image): on the image, the same
+    probability as the network on the bare image, as it was trained and scored (one tile
+    here: tiles placed elsewhere on the grid than on the image would differ at their seams)."""
+    w = random_weights(seed=4)
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(100, 20, (2, 3, 44, 52)).astype(np.float32)
+    b[:, 10:20, 30:45] += 50
+    bare = predict_change_cnn(a, b, weights=w, flips=False, tile_px=128, margin_px=16)
+    for frame in ((3, 13), (11, 0), (0, 9)):  # rows above and columns left of the image
+        grid_a = np.full((3, 64, 72), np.nan, np.float32)
+        grid_b = grid_a.copy()
+        box = np.s_[:, frame[0]:frame[0] + 44, frame[1]:frame[1] + 52]
+        grid_a[box], grid_b[box] = a, b
+        got = predict_change_cnn(grid_a, grid_b, weights=w, flips=False, tile_px=128,
+                                 margin_px=16)
+        np.testing.assert_allclose(got[box[1:]], bare, rtol=0, atol=1e-6)
+        assert np.isnan(got).sum() == 64 * 72 - 44 * 52
