@@ -285,6 +285,8 @@ def detect_scenes(
             read_after = after
             after, coreg = coregister(before, after, params=params.coreg)
             info.update(dy_px=coreg.dy, dx_px=coreg.dx, peak_ratio=coreg.peak_ratio,
+                        uncertainty_px=(coreg.uncertainty_px
+                                        if np.isfinite(coreg.uncertainty_px) else None),
                         applied=coreg.applied, note=coreg.note)
         with steps.step("normalize") as info:
             # the network reads the co-registered after as read, not normalized: kept for it

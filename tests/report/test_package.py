@@ -142,6 +142,10 @@ def test_package_manifest_records_provenance(run_dir: Path) -> None:
     assert detection[3]["params"] == {"change": manifest["params"]["change"]}
     assert set(detection[4]["params"]) == {"objects", "walls", "towers", "grade"}
     assert detection[3]["details"]["threshold"] is not None
+    # the shift with its uncertainty, whether it was applied and why
+    coreg = detection[1]["details"]
+    assert {"dy_px", "dx_px", "uncertainty_px", "applied", "note"} <= set(coreg)
+    assert coreg["uncertainty_px"] is None or coreg["uncertainty_px"] > 0
     writes = [s for s in manifest["steps"] if s["name"].startswith("write:")]
     assert [s["name"] for s in writes] == ["write:originals", "write:chips", "write:geojson",
                                            "write:rasters", "write:gis_layers", "write:report"]
