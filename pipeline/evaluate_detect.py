@@ -25,7 +25,7 @@ from rasterio.warp import transform_bounds
 
 from pipeline.datasets import LabelledPair
 
-__all__ = ["DETECT_MASK", "DETECT_BUILDINGS", "DetectRuns"]
+__all__ = ["DETECT_MASK", "DETECT_BUILDINGS", "DetectRuns", "write_pair"]
 
 DETECT_MASK = "detect cnn: change mask"
 DETECT_BUILDINGS = "detect cnn: new_building"
@@ -36,7 +36,7 @@ _ORIGIN = (600000.0, 3400000.0)
 _DATES = ("2012-01-01", "2016-01-01")
 
 
-def _write_pair(pair: LabelledPair, folder: Path) -> tuple[Path, Path, Affine]:
+def write_pair(pair: LabelledPair, folder: Path) -> tuple[Path, Path, Affine]:
     """The pair's red, green and blue bands as two uint8 GeoTIFFs named with their dates."""
     transform = Affine(pair.res_m, 0.0, _ORIGIN[0], 0.0, -pair.res_m, _ORIGIN[1])
     paths = []
@@ -89,7 +89,7 @@ class DetectRuns:
             return self._done[key]
         use = self.fold_for(pair, self.cnn, self.folds)
         with tempfile.TemporaryDirectory(prefix="sitewatch-eval-") as tmp:
-            before, after, transform = _write_pair(pair, Path(tmp))
+            before, after, transform = write_pair(pair, Path(tmp))
             with rasterio.open(before) as src:
                 lonlat = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
             aoi = parse_aoi(",".join(f"{v:.7f}" for v in lonlat))

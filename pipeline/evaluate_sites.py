@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.datasets import LabelledPair
-from pipeline.evaluate_detect import _write_pair
+from pipeline.evaluate_detect import write_pair
 
 __all__ = ["FilePair", "dabancheng_iou", "read_puerto_rico", "compounds_on_negatives"]
 
@@ -123,7 +123,7 @@ def compounds_on_negatives(pairs: Sequence[LabelledPair | FilePair], *,
             per_image[name] = _run(pair.before, pair.after, (pair.before_date, pair.after_date))
             continue
         with tempfile.TemporaryDirectory(prefix="sitewatch-eval-") as tmp:
-            before, after, _ = _write_pair(pair, Path(tmp))
+            before, after, _ = write_pair(pair, Path(tmp))
             per_image[name] = _run(before, after, (None, None))
     keys = ("compounds", "graded", "watchtowers", "new_buildings", "megapixels")
     totals = {k: sum(r[k] for r in per_image.values()) for k in keys}
