@@ -239,8 +239,8 @@ def _negatives_text(neg: dict | None) -> str:
             "of Texas with new houses and roads, and the 0.3 m Puerto Rico tile before and "
             "after Hurricane Maria): a default `run_detect` on each reported "
             f"**{neg['compounds']} compound(s)** ({neg['graded']} of grade 1 or more) and "
-            f"{neg['watchtowers']} watchtower(s), each of which would be false, beside "
-            f"{neg['new_buildings']} new buildings.")
+            f"{neg['watchtowers']} watchtower(s), beside {neg['new_buildings']} new buildings. "
+            "Any compound there would be a false one.")
 
 
 def write_markdown(rows: list, facts: dict, model, folds: dict, path: Path, *, cnn=None,

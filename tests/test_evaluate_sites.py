@@ -72,4 +72,5 @@ def test_the_paragraph_states_the_counts():
     text = _negatives_text({"images": 15, "megapixels": 6.8, "compounds": 2, "graded": 1,
                             "watchtowers": 0, "new_buildings": 40, "per_image": {}})
     assert "15 images" in text and "**2 compound(s)** (1 of grade 1 or more)" in text
+    assert "40 new buildings" in text
     assert "not run" in _negatives_text(None)
