@@ -29,7 +29,6 @@ from pipeline.detect.convnet import (
     TILE_PX,
     predict_change_cnn,
     sigmoid,
-    tile_windows,
     window_logits,
 )
 from pipeline.detect.learned import change_probability_mask
@@ -126,21 +125,13 @@ class _Windows:
         return (_standardized(a, valid, self.stats[0]),
                 _standardized(b, valid, self.stats[1]), valid)
 
-    def valid(self, ys: slice, xs: slice) -> np.ndarray:
-        """Pixels valid in both dates."""
-        a, b = dask.compute(self.a[:, ys, xs], self.b[:, ys, xs], scheduler="sync")
-        return np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
-
 
 def _cnn_block(windows: _Windows, region: tuple[int, int, int, int], *,
                weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int) -> np.ndarray:
-    """Probability of the pixels of ``region`` ``(y0, y1, x0, x1)``, NaN where not valid."""
-    shape = windows.a.shape[1:]
-    prob = sigmoid(window_logits(windows, shape, weights, tile_px, margin_px, region))
-    for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, 0, region):  # tile by tile
-        y, x = y0 - region[0], x0 - region[2]
-        prob[y:y + h, x:x + w][~windows.valid(ys, xs)] = np.nan
-    return prob
+    """Probability of the pixels of ``region`` ``(y0, y1, x0, x1)``, NaN where not valid
+    (each tile's window read once: its validity comes with its pixels)."""
+    return sigmoid(window_logits(windows, windows.a.shape[1:], weights, tile_px, margin_px,
+                                 region))
 
 
 def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, ...]:

@@ -196,7 +196,8 @@ def tile_windows(shape: tuple[int, int], tile_px: int, margin_px: int,
 def window_logits(read: WindowReader, shape: tuple[int, int],
                   weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
                   region: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """`forward` over the tiles of ``region`` (`tile_windows`), centres kept.
+    """`forward` over the tiles of ``region`` (`tile_windows`), centres kept; NaN where a
+    pixel is not valid in both dates.
 
     ``read(ys, xs)`` gives a window's standardised ``(3, h, w)`` before and after and its
     ``(h, w)`` pixels valid in both (`_valid_forward`: the network sees the valid region's
@@ -207,7 +208,8 @@ def window_logits(read: WindowReader, shape: tuple[int, int],
     ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
     logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
     for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, margin_px, region):
-        out = _valid_forward(*read(ys, xs), weights)
+        a, b, valid = read(ys, xs)
+        out = np.where(valid, _valid_forward(a, b, valid, weights), np.float32(np.nan))
         logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
             y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
     return logits
@@ -221,7 +223,7 @@ def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray]
 
     ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
     its corner; the rest of the arrays is context). ``valid``: pixels valid in both dates
-    (default all), see `window_logits`.
+    (default all; logits are NaN off them), see `window_logits`.
     """
     if valid is None:
         valid = np.ones(a.shape[1:], bool)

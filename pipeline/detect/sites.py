@@ -153,9 +153,9 @@ def _outline_candidate(outline: shapely.Polygon, gain: np.ndarray, gain_threshol
     cols, rows = ~transform * (corners[:, 0], corners[:, 1])
     factor = max(1, int(round(op.cell_m / res_m)))
     return corner_candidate(np.column_stack([rows, cols]),
-                             outline_orientation_deg(rect) % 180.0, gain,
-                             threshold=gain_threshold, transform=transform, factor=factor,
-                             cell_m=factor * res_m)
+                            outline_orientation_deg(rect) % 180.0, gain,
+                            threshold=gain_threshold, transform=transform, factor=factor,
+                            cell_m=factor * res_m)
 
 
 def _claim(cand: CompoundCandidate, buildings: list[ChangeObject], claimed: set[int]
