@@ -49,9 +49,12 @@ def network_label(cnn: CnnModel) -> str:
 
 
 def cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn: CnnModel,
-             *, res_m: float, scratch: Any) -> tuple[xr.DataArray, dict[str, Any]]:
+             *, res_m: float, scratch: Any, flips: bool = True
+             ) -> tuple[xr.DataArray, dict[str, Any]]:
     """The network's change mask on ``mask``'s grid and chunks, and what the manifest records.
 
+    ``flips``: the probability averaged over each tile and its three mirrorings
+    (``[buildings] mirrorings``), else one pass.
     ``after`` is co-registered, not normalized (the network standardises each date itself).
     ``scratch`` is the run's store of intermediate Dask arrays (``keep``/``drop``): chunked,
     inputs not stored yet are stored while the network reads them, the probability is stored
@@ -62,7 +65,8 @@ def cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn:
     # co-registration's shift) is stored first, else each window would compute it again
     inputs = scratch.keep(before, after)
     added = [x for x, y in zip(inputs, (before, after), strict=True) if x.data is not y.data]
-    prob = scratch.keep(cnn_probability(inputs[0].data, inputs[1].data, weights=cnn.weights))
+    prob = scratch.keep(cnn_probability(inputs[0].data, inputs[1].data, weights=cnn.weights,
+                                        flips=flips))
     scratch.drop(*added)
     stored: list[Any] = []
 
@@ -83,7 +87,7 @@ def cnn_mask(before: xr.DataArray, after: xr.DataArray, mask: xr.DataArray, cnn:
         "model": "cnn", "model_file": card["model_file"], "model_sha256": card["model_sha256"],
         "card": card.get("name", ""), "decision_rule": card.get("decision_rule", ""),
         "threshold": cnn.threshold, "smooth_sigma_px": cnn.smooth_sigma_px,
-        "min_area_m2": cnn.min_area_m2, "min_area_px": min_area_px, "flips": False,
+        "min_area_m2": cnn.min_area_m2, "min_area_px": min_area_px, "flips": flips,
         "standardisation": "per band and date, over the whole scene's pixels valid in both",
         "input": "before and the co-registered after (not normalized)",
         "nodata_edge": "each tile cut to its valid pixels' bounding box (the network sees the "

@@ -42,7 +42,12 @@ from pipeline.datasets import (
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluate_detect import DETECT_BUILDINGS, DETECT_MASK, DetectRuns
-from pipeline.evaluate_sites import compounds_on_negatives, dabancheng_iou, read_puerto_rico
+from pipeline.evaluate_sites import (
+    FilePair,
+    compounds_on_negatives,
+    dabancheng_iou,
+    read_puerto_rico,
+)
 from pipeline.evaluation_doc import fmt_figure as _fmt
 from pipeline.scoring import (
     cva_otsu,
@@ -324,7 +329,7 @@ def evaluate(data_dir: Path = DEFAULT_DATA_DIR, model=None, folds: dict | None =
                 iou, note = float("nan"), f"run_detect failed: {type(e).__name__}: {e}"
         facts["dabancheng"] = {"compound_iou": iou, "note": note}
     if dabancheng:  # the same default runs, on fine pairs that hold no walled compound
-        negatives: list[Any] = [*levir, *read_puerto_rico(data_dir)]
+        negatives: list[LabelledPair | FilePair] = [*levir, *read_puerto_rico(data_dir)]
         facts["no_compound_pairs"] = compounds_on_negatives(negatives, progress=progress)
     return rows, facts
 

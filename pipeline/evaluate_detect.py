@@ -3,7 +3,8 @@
 `pipeline.evaluate` scores the network itself (four mirrorings, on the bare image). This
 module scores what a user gets from a detect run with the network on: each pair is written as
 a pair of GeoTIFFs on a made-up UTM grid, run through `pipeline.run.run_detect` (AOI, grid,
-co-registration, one pass of the network, the card's rule, objects) with the fold network
+co-registration, the network with its four mirrorings (the default ``buildings.mirrorings``),
+the card's rule, objects) with the fold network
 that never saw it, and two predictions are read back on the image's pixels: the written
 ``change_mask.tif`` and the ``new_building`` features rasterised. Pairs coarser than the
 network's limit (``buildings.max_res_m``: DSIFN, Nanjing) are not applicable (None).

@@ -301,8 +301,9 @@ def detect_scenes(
             info.update(threshold=threshold, method=params.change.threshold_method,
                         changed_share=changed_share)
             if raw is not None and cnn is not None:
-                mask, info["building_model"] = cnn_mask(before, raw[0], mask, cnn,
-                                                        res_m=plan.res_m, scratch=scratch)
+                mask, info["building_model"] = cnn_mask(
+                    before, raw[0], mask, cnn, res_m=plan.res_m, scratch=scratch,
+                    flips=params.buildings.mirrorings)
                 info["cva_changed_share"] = changed_share
                 info["changed_share"] = info["building_model"].pop("changed_share")
                 if after.data is not raw[1].data:  # else it is the normalized after

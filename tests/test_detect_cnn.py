@@ -86,7 +86,8 @@ def cnn_run(crop_pair, tmp_path_factory):
 
 
 def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
-    """The written mask is predict_change_cnn (one pass) + the card's rule on the run's grid."""
+    """The written mask is predict_change_cnn (four mirrorings, the default) + the card's
+    rule on the run's grid."""
     from pipeline.detect.convnet import predict_change_cnn
     from pipeline.detect.learned import change_probability_mask
     from pipeline.inputs import mask_outside
@@ -99,7 +100,7 @@ def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
     assert plan == result.grid
     a, b = (mask_outside(s.data, aoi, plan).values for s in (before, after))
     model = load_cnn()
-    prob = predict_change_cnn(a, b, weights=model.weights, flips=False)
+    prob = predict_change_cnn(a, b, weights=model.weights)
     want = change_probability_mask(prob, threshold=model.threshold,
                                    min_area_px=model.min_area_at(plan.res_m),
                                    smooth_sigma_px=model.smooth_sigma_px)
@@ -107,6 +108,37 @@ def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
     assert_array_equal(mask == 1, want)
     assert_array_equal(mask == 255, np.isnan(prob))
     assert 0.05 < want.mean() < 0.5  # the crop's new buildings are found
+
+
+def test_detect_cnn_one_pass_when_mirrorings_off(crop_pair, cnn_run, tmp_path):
+    """``buildings.mirrorings = false``: the mask of one pass of the network (another mask
+    than the default's), recorded as such in the manifest and the parameters."""
+    from pipeline.detect.convnet import predict_change_cnn
+    from pipeline.detect.learned import change_probability_mask
+    from pipeline.inputs import mask_outside
+    from pipeline.models import load_cnn
+    from pipeline.run import read_local_pair
+
+    config = load_config(overrides={**CNN, "coreg.enabled": False,
+                                    "buildings.mirrorings": False})
+    aoi = _aoi_of(crop_pair[0])
+    result = run_detect(aoi, *crop_pair, config=config, out_root=tmp_path, chunks=None)
+    plan, before, after = read_local_pair(aoi, *crop_pair, config=config, chunks=None)
+    a, b = (mask_outside(s.data, aoi, plan).values for s in (before, after))
+    model = load_cnn()
+    want = change_probability_mask(predict_change_cnn(a, b, weights=model.weights,
+                                                      flips=False),
+                                   threshold=model.threshold,
+                                   min_area_px=model.min_area_at(plan.res_m),
+                                   smooth_sigma_px=model.smooth_sigma_px)
+    mask, _, manifest = _outputs(result.run_dir)
+    assert_array_equal(mask == 1, want)
+    default_mask, _, default_manifest = _outputs(cnn_run[0].run_dir)
+    assert not np.array_equal(mask, default_mask)
+    change = next(s for s in manifest["steps"] if s["name"] == "change")
+    assert change["details"]["building_model"]["flips"] is False
+    assert manifest["params"]["buildings"]["mirrorings"] is False
+    assert manifest["params_hash"] != default_manifest["params_hash"]
 
 
 def test_detect_cnn_records_model_and_method(cnn_run):
@@ -120,9 +152,10 @@ def test_detect_cnn_records_model_and_method(cnn_run):
     used = change["details"]["building_model"]
     assert used["model_file"] == "building_change_cnn.npz"
     assert used["model_sha256"] == card["model_sha256"]
-    assert used["decision_rule"] == card["decision_rule"] and used["flips"] is False
+    assert used["decision_rule"] == card["decision_rule"] and used["flips"] is True
     assert used["threshold"] == 0.5 and used["min_area_px"] == 40  # 10 m2 at 0.5 m
-    assert change["params"]["buildings"] == {"model": "cnn", "max_res_m": 1.5}
+    assert change["params"]["buildings"] == {"model": "cnn", "max_res_m": 1.5,
+                                             "mirrorings": True}
     assert manifest["params"]["buildings"]["model"] == "cnn"
     assert manifest["params_hash"] != params_hash(DetectParams())
     buildings = [f["properties"] for f in features if f["properties"]["kind"] == "new_building"]

@@ -19,7 +19,7 @@ from pipeline.core.components import select_by_area
 from pipeline.errors import GridError, NoValidDataError
 from pipeline.model import ChangeParams, ThresholdMethod
 
-__all__ = ["change_magnitude", "threshold_value", "change_mask", "MASK_NODATA"]
+__all__ = ["change_magnitude", "threshold_value", "change_mask", "require_same_grid", "MASK_NODATA"]
 
 MASK_NODATA = 255
 _N_BINS = 512
@@ -27,7 +27,7 @@ _STRIP_PX = 1 << 18  # pixels per strip in kernels: small temporaries, few page 
 _SMOOTH_TILE_PX = 256  # tiles of `_smoothed_valid_np`: only those near nodata are filtered
 
 
-def _require_same_grid(before: xr.DataArray, after: xr.DataArray) -> None:
+def require_same_grid(before: xr.DataArray, after: xr.DataArray) -> None:
     """Raise GridError unless both rasters share CRS, shape and x/y pixel centres."""
     crs_b, crs_a = before.rio.crs, after.rio.crs
     if crs_b is not None and crs_a is not None and crs_b != crs_a:
@@ -101,7 +101,7 @@ def change_magnitude(before: xr.DataArray, after: xr.DataArray) -> xr.DataArray:
     GridError
         If the rasters are not on the same grid or have different band counts.
     """
-    _require_same_grid(before, after)
+    require_same_grid(before, after)
     if before.sizes["band"] != after.sizes["band"]:
         raise GridError(
             f"'before' has {before.sizes['band']} bands, 'after' has {after.sizes['band']}. "

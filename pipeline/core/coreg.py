@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from scipy.signal.windows import tukey
 from skimage.registration import phase_cross_correlation
 
-from pipeline.core.change import _require_same_grid
+from pipeline.core.change import require_same_grid
 from pipeline.core.coreg_consensus import WindowShift, consensus_shift
 from pipeline.core.coreg_windows import band_mean, select_windows
 from pipeline.errors import CoregistrationError, PipelineWarning
@@ -238,7 +238,7 @@ def estimate_shift(
     """
     if not params.enabled:
         return CoregResult(0.0, 0.0, math.nan, math.nan, applied=False, note="disabled")
-    _require_same_grid(before, after)
+    require_same_grid(before, after)
     if isinstance(exclude, xr.DataArray):
         exclude = exclude.data
     windows = [np.s_[y0 : y0 + h, x0 : x0 + w]

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from scipy.stats import chi2
 
-from pipeline.core.change import _require_same_grid
+from pipeline.core.change import require_same_grid
 from pipeline.errors import GridError, NoValidDataError
 from pipeline.model import NormalizeMethod
 
@@ -328,7 +328,7 @@ def normalize(
         raise ValueError(
             f"Unknown normalize method {method!r}; use 'histogram', 'linear' or 'none'."
         )
-    _require_same_grid(before, after)
+    require_same_grid(before, after)
     if before.sizes["band"] != after.sizes["band"]:
         raise GridError(
             f"'before' has {before.sizes['band']} bands, 'after' has {after.sizes['band']}. "

@@ -2,10 +2,12 @@
 
 With ``[buildings] model = "cnn"`` the network of `pipeline.detect.convnet` replaces the
 change vector analysis as the source of the change mask from which new buildings are
-extracted: one pass (no mirrored copies), then the decision rule that `make eval` scores
+extracted: the network's probability (by default averaged over each tile and its three
+mirrorings, as `make eval` scores it; ``[buildings] mirrorings = false`` for one pass at a
+quarter of the CPU), then the decision rule that `make eval` scores
 (`pipeline.detect.learned.change_probability_mask`: Gaussian smoothing, probability above the
-model's threshold, small regions dropped). In memory this is exactly `predict_change_cnn`
-with ``flips=False``; on Dask arrays it runs block by block, each block's task reading its
+model's threshold, small regions dropped). In memory this is exactly `predict_change_cnn`;
+on Dask arrays it runs block by block, each block's task reading its
 tiles' windows (the network's tiles and margin, where the in-memory run puts them) one at a
 time, each date standardised with whole-scene statistics, so memory stays bounded whatever
 the grid's size and the result is the in-memory one (the statistics may differ in their last
@@ -28,8 +30,7 @@ from pipeline.detect.convnet import (
     MARGIN_PX,
     TILE_PX,
     predict_change_cnn,
-    sigmoid,
-    window_logits,
+    window_probability,
 )
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError
@@ -127,11 +128,12 @@ class _Windows:
 
 
 def _cnn_block(windows: _Windows, region: tuple[int, int, int, int], *,
-               weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int) -> np.ndarray:
+               weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
+               flips: bool) -> np.ndarray:
     """Probability of the pixels of ``region`` ``(y0, y1, x0, x1)``, NaN where not valid
     (each tile's window read once: its validity comes with its pixels)."""
-    return sigmoid(window_logits(windows, windows.a.shape[1:], weights, tile_px, margin_px,
-                                 region))
+    return window_probability(windows, windows.a.shape[1:], weights, tile_px, margin_px,
+                              region, flips=flips)
 
 
 def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, ...]:
@@ -148,8 +150,9 @@ def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, 
 
 
 def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray],
-                    tile_px: int = TILE_PX, margin_px: int = MARGIN_PX) -> Any:
-    """One pass of the network: probability that a building appeared, ``(y, x)`` float32.
+                    flips: bool = True, tile_px: int = TILE_PX,
+                    margin_px: int = MARGIN_PX) -> Any:
+    """The network's probability that a building appeared, ``(y, x)`` float32.
 
     Parameters
     ----------
@@ -157,20 +160,23 @@ def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray
         ``(3, y, x)`` red-green-blue float32 on one grid, NaN nodata; NumPy or Dask.
     weights
         The network's arrays (`pipeline.models.load_cnn`).
+    flips
+        Average each tile's probability over it and its three mirrorings (the rule `make
+        eval` scores), else one pass at a quarter of the work (`predict_change_cnn`).
     tile_px, margin_px
         The network's tiles and their context (`predict_change_cnn`).
 
     Returns
     -------
     ``(y, x)`` float32 in [0, 1], NaN where either date is nodata. NumPy in, NumPy out
-    (`predict_change_cnn` with ``flips=False``); Dask in, lazy Dask out after one computed
+    (`predict_change_cnn`); Dask in, lazy Dask out after one computed
     pass for the whole-scene statistics of each date, chunked near the input's chunks in
     whole tiles. Each chunk is one task that reads its tiles' windows from ``before`` and
     ``after`` itself, one at a time (so give inputs that are cheap to read by windows, e.g.
     stored ones: a lazy input is computed again for every window that touches a chunk).
     """
     if not isinstance(before, da.Array) and not isinstance(after, da.Array):
-        return predict_change_cnn(before, after, weights=weights, flips=False,
+        return predict_change_cnn(before, after, weights=weights, flips=flips,
                                   tile_px=tile_px, margin_px=margin_px)
     a, b = da.asarray(before), da.asarray(after)
     if a.shape != b.shape:
@@ -185,7 +191,8 @@ def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray
         blocks.append([])
         for x0, w in zip(np.cumsum((0, *cols[:-1])), cols, strict=True):
             region = (int(y0), int(y0 + h), int(x0), int(x0 + w))
-            task = run(windows, region, weights=weights, tile_px=tile_px, margin_px=margin_px)
+            task = run(windows, region, weights=weights, tile_px=tile_px, margin_px=margin_px,
+                       flips=flips)
             blocks[-1].append(da.from_delayed(task, (h, w), dtype=np.float32,
                                               meta=np.empty((0, 0), np.float32)))
     return da.block(blocks)

@@ -29,7 +29,7 @@ import xarray as xr
 from scipy import ndimage as ndi
 
 __all__ = ["ENCODER", "DECODER", "LEVELS", "standardize", "predict_change_cnn", "forward",
-           "tiled_logits", "tile_windows", "window_logits", "WindowReader"]
+           "tiled_probability", "tile_windows", "window_probability", "WindowReader"]
 
 ENCODER = ("e1", "e2", "e3", "e4")
 DECODER = ("d3", "d2", "d1")
@@ -193,37 +193,56 @@ def tile_windows(shape: tuple[int, int], tile_px: int, margin_px: int,
             yield y0, x0, min(tile_px, ry1 - y0), min(tile_px, rx1 - x0), ys, xs
 
 
-def window_logits(read: WindowReader, shape: tuple[int, int],
-                  weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
-                  region: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """`forward` over the tiles of ``region`` (`tile_windows`), centres kept; NaN where a
-    pixel is not valid in both dates.
+_MIRRORINGS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def _window_probability(a: np.ndarray, b: np.ndarray, valid: np.ndarray,
+                        weights: Mapping[str, np.ndarray], flips: bool) -> np.ndarray:
+    """Probability of a window (`_valid_forward`, then `sigmoid`); with ``flips`` the mean of
+    the window as is and its three mirrorings (each mapped back). NaN off ``valid``."""
+    variants = _MIRRORINGS if flips else _MIRRORINGS[:1]
+    prob = np.zeros(valid.shape, np.float32)
+    for flip in variants:
+        logits = _valid_forward(_flip(a, flip), _flip(b, flip), _flip(valid, flip), weights)
+        prob += _flip(sigmoid(logits), flip)
+    prob /= len(variants)
+    return np.where(valid, prob, np.float32(np.nan))
+
+
+def window_probability(read: WindowReader, shape: tuple[int, int],
+                       weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
+                       region: tuple[int, int, int, int] | None = None, *,
+                       flips: bool = False) -> np.ndarray:
+    """The network's probability over the tiles of ``region`` (`tile_windows`), centres kept;
+    NaN where a pixel is not valid in both dates.
 
     ``read(ys, xs)`` gives a window's standardised ``(3, h, w)`` before and after and its
     ``(h, w)`` pixels valid in both (`_valid_forward`: the network sees the valid region's
     edge, not nodata), so a caller decides where the pixels come from (arrays in memory, or
     a Dask array read one window at a time, which bounds memory to one window a thread).
+    ``flips``: each window's probability is the mean over it and its three mirrorings
+    (`predict_change_cnn`), four times the work.
     """
     ny, nx = shape
     ry0, ry1, rx0, rx1 = region if region is not None else (0, ny, 0, nx)
-    logits = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
+    prob = np.empty((ry1 - ry0, rx1 - rx0), np.float32)
     for y0, x0, h, w, ys, xs in tile_windows(shape, tile_px, margin_px, region):
         a, b, valid = read(ys, xs)
-        out = np.where(valid, _valid_forward(a, b, valid, weights), np.float32(np.nan))
-        logits[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
+        out = _window_probability(a, b, valid, weights, flips)
+        prob[y0 - ry0:y0 - ry0 + h, x0 - rx0:x0 - rx0 + w] = out[
             y0 - ys.start:y0 - ys.start + h, x0 - xs.start:x0 - xs.start + w]
-    return logits
+    return prob
 
 
-def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
-                  tile_px: int, margin_px: int,
-                  region: tuple[int, int, int, int] | None = None,
-                  valid: np.ndarray | None = None) -> np.ndarray:
-    """`forward` over tiles of ``tile_px`` with ``margin_px`` of context, centres kept.
+def tiled_probability(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+                      tile_px: int, margin_px: int,
+                      region: tuple[int, int, int, int] | None = None,
+                      valid: np.ndarray | None = None, *, flips: bool = False) -> np.ndarray:
+    """`window_probability` of arrays in memory.
 
     ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
     its corner; the rest of the arrays is context). ``valid``: pixels valid in both dates
-    (default all; logits are NaN off them), see `window_logits`.
+    (default all; the probability is NaN off them).
     """
     if valid is None:
         valid = np.ones(a.shape[1:], bool)
@@ -231,13 +250,14 @@ def tiled_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray]
     def read(ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return a[:, ys, xs], b[:, ys, xs], valid[ys, xs]
 
-    return window_logits(read, a.shape[1:], weights, tile_px, margin_px, region)
+    return window_probability(read, a.shape[1:], weights, tile_px, margin_px, region,
+                              flips=flips)
 
 
-def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
-                     tile_px: int, margin_px: int, valid: np.ndarray | None = None
-                     ) -> np.ndarray:
-    """`tiled_logits`, one task per tile on the configured Dask scheduler; same values.
+def _parallel_probability(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
+                          tile_px: int, margin_px: int, valid: np.ndarray | None = None, *,
+                          flips: bool = False) -> np.ndarray:
+    """`tiled_probability`, one task per tile on the configured Dask scheduler; same values.
 
     Each task computes one tile's centre from the same windows as the loop would (NumPy's
     matrix products release the GIL, so threads run tiles side by side).
@@ -246,14 +266,14 @@ def _parallel_logits(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndar
     regions = [(y0, min(ny, y0 + tile_px), x0, min(nx, x0 + tile_px))
                for y0 in range(0, ny, tile_px) for x0 in range(0, nx, tile_px)]
     if len(regions) == 1:
-        return tiled_logits(a, b, weights, tile_px, margin_px, valid=valid)
-    run = dask.delayed(tiled_logits, pure=False)
-    parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r, valid=valid)
-                           for r in regions])
-    logits = np.empty((ny, nx), np.float32)
+        return tiled_probability(a, b, weights, tile_px, margin_px, valid=valid, flips=flips)
+    run = dask.delayed(tiled_probability, pure=False)
+    parts = dask.compute(*[run(a, b, weights, tile_px, margin_px, region=r, valid=valid,
+                               flips=flips) for r in regions])
+    prob = np.empty((ny, nx), np.float32)
     for (y0, y1, x0, x1), part in zip(regions, parts, strict=True):
-        logits[y0:y1, x0:x1] = part
-    return logits
+        prob[y0:y1, x0:x1] = part
+    return prob
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -290,8 +310,10 @@ def predict_change_cnn(
     weights
         The network's folded arrays, e.g. ``pipeline.models.load_cnn(...).weights``.
     flips
-        Average the probabilities of the image as is, mirrored left-right, mirrored top-bottom
-        and turned by 180 degrees (each mapped back): four times the work for a steadier map.
+        Average the probabilities of each tile's window (with its margin) as is, mirrored
+        left-right, mirrored top-bottom and turned by 180 degrees (each mapped back): four
+        times the work for a steadier map. Per window, so a chunked run
+        (`pipeline.detect.cnn_change.cnn_probability`) gives the same values.
     tile_px, margin_px
         Images larger than ``tile_px`` are run in tiles of that size (multiples of 8) with
         ``margin_px`` of context on each side, of which only the centre is kept; the tiles run
@@ -309,12 +331,4 @@ def predict_change_cnn(
         raise ValueError(f"tile_px and margin_px must be positive multiples of {_ALIGN}.")
     valid = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
     a, b = standardize(a, valid), standardize(b, valid)
-    variants = ([(False, False), (False, True), (True, False), (True, True)] if flips
-                else [(False, False)])
-    prob = np.zeros(valid.shape, np.float32)
-    for flip in variants:
-        logits = _parallel_logits(_flip(a, flip), _flip(b, flip), weights, tile_px, margin_px,
-                                  valid=_flip(valid, flip))
-        prob += _flip(sigmoid(logits), flip)
-    prob /= len(variants)
-    return np.where(valid, prob, np.nan).astype(np.float32)
+    return _parallel_probability(a, b, weights, tile_px, margin_px, valid=valid, flips=flips)

@@ -16,7 +16,7 @@ from pipeline.detect.cnn_change import (
     cnn_change_mask,
     cnn_probability,
 )
-from pipeline.detect.convnet import _parallel_logits, predict_change_cnn, tiled_logits
+from pipeline.detect.convnet import _parallel_probability, predict_change_cnn, tiled_probability
 from pipeline.detect.learned import change_probability_mask
 from pipeline.errors import ConfigError, PipelineError
 
@@ -51,10 +51,12 @@ def weights():
     return load_cnn().weights
 
 
-def test_cnn_probability_in_memory_is_one_pass_of_predict_change_cnn(weights):
-    """NumPy input: exactly `predict_change_cnn` without mirrored copies."""
+def test_cnn_probability_in_memory_is_predict_change_cnn(weights):
+    """NumPy input: exactly `predict_change_cnn`, by default with the four mirrorings."""
     a, b = _real_crop(160)
     assert_array_equal(cnn_probability(a, b, weights=weights),
+                       predict_change_cnn(a, b, weights=weights))
+    assert_array_equal(cnn_probability(a, b, weights=weights, flips=False),
                        predict_change_cnn(a, b, weights=weights, flips=False))
 
 
@@ -63,7 +65,7 @@ def test_cnn_probability_chunked_equals_unchunked(weights):
     a, b = _real_crop(400)
     a[:, :50, :70] = np.nan
     b[:, 300:, 390:] = np.nan
-    want = predict_change_cnn(a, b, weights=weights, flips=False, tile_px=128, margin_px=64)
+    want = predict_change_cnn(a, b, weights=weights, tile_px=128, margin_px=64)
     with dask.config.set(scheduler="threads", num_workers=2):
         lazy = cnn_probability(da.from_array(a, chunks=(3, 150, 150)),
                                da.from_array(b, chunks=(3, 150, 150)),
@@ -113,26 +115,32 @@ def test_check_cnn_input_refuses_coarse_grid_and_other_bands():
         check_cnn_input(0.5, 4, max_res_m=1.5)
 
 
-def test_cnn_probability_random_weights_chunked_equals_unchunked():
-    """Any weights, synthetic input, blocks of whole tiles: the in-memory probability."""
+@pytest.mark.parametrize("flips", [False, True])
+def test_cnn_probability_random_weights_chunked_equals_unchunked(flips):
+    """Any weights, synthetic input, blocks of whole tiles: the in-memory probability, with
+    one pass and with the four mirrorings (which differ)."""
     w = random_cnn_weights()
     rng = np.random.default_rng(2)
     a, b = rng.normal(100, 20, (2, 3, 200, 176)).astype(np.float32)
-    want = predict_change_cnn(a, b, weights=w, flips=False, tile_px=64, margin_px=32)
+    want = predict_change_cnn(a, b, weights=w, flips=flips, tile_px=64, margin_px=32)
     got = cnn_probability(da.from_array(a, chunks=(3, 64, 128)),
-                          da.from_array(b, chunks=(3, 64, 128)), weights=w,
+                          da.from_array(b, chunks=(3, 64, 128)), weights=w, flips=flips,
                           tile_px=64, margin_px=32).compute(scheduler="sync")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    other = predict_change_cnn(a, b, weights=w, flips=not flips, tile_px=64, margin_px=32)
+    assert np.abs(other - want).max() > 1e-3
 
 
-def test_parallel_tiles_equal_the_tile_loop():
-    """Tiles as parallel tasks: the loop's logits, to the bit (same windows, same order)."""
+@pytest.mark.parametrize("flips", [False, True])
+def test_parallel_tiles_equal_the_tile_loop(flips):
+    """Tiles as parallel tasks: the loop's probability, to the bit (same windows, same
+    order)."""
     w = random_cnn_weights(seed=3)
     rng = np.random.default_rng(5)
     a, b = rng.normal(0, 1, (2, 3, 200, 176)).astype(np.float32)
-    want = tiled_logits(a, b, w, 64, 32)
+    want = tiled_probability(a, b, w, 64, 32, flips=flips)
     with dask.config.set(scheduler="threads", num_workers=2):
-        got = _parallel_logits(a, b, w, 64, 32)
+        got = _parallel_probability(a, b, w, 64, 32, flips=flips)
     assert_array_equal(got, want)
 
 
@@ -147,7 +155,7 @@ def test_cnn_probability_blocks_read_their_windows_when_they_run():
     a, b = rng.normal(100, 20, (2, 3, 200, 176)).astype(np.float32)
     lazy_a = da.from_array(a, chunks=(3, 64, 64))
     lazy_b = da.from_array(b, chunks=(3, 64, 64))
-    prob = cnn_probability(lazy_a, lazy_b, weights=w, tile_px=64, margin_px=32)
+    prob = cnn_probability(lazy_a, lazy_b, weights=w, flips=False, tile_px=64, margin_px=32)
     inputs = set(lazy_a.__dask_graph__()) | set(lazy_b.__dask_graph__())
     assert not inputs & set(prob.__dask_graph__())
     assert prob.chunks == ((64, 64, 72), (64, 64, 48))
