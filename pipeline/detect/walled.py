@@ -10,6 +10,7 @@ or Dask) and shapely geometries in the grid CRS in, numbers and geometries out.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,7 +160,13 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
     sizes = [2 * math.prod(before.shape[:-2]) * (r.stop - r.start) * (c.stop - c.start)
              for r, c, _ in windows]
     segments = SegmentArrays.of(scene.segments)  # built once: each outline visits its own
-    assess = dask.delayed(assess_site, pure=False)  # not hashed: the crops are large
+    # the shared objects are bound to the function, not passed as a task's arguments: Dask
+    # walks the arguments of every call (dataclasses and tuples included), which for the
+    # scene's segments cost time in proportion to their number, once per outline
+    shared = functools.partial(assess_site, res_m=res_m, walls=params.walls,
+                               towers=params.towers, grades=params.grade,
+                               line_map=scene.line_map, segments=segments)
+    assess = dask.delayed(shared, pure=False)  # not hashed: the crops are large
     out: list[SiteAssessment] = []
     for part in crop_batches(sizes, GRADE_BATCH_PX):
         crops = compute_crops([x[..., rows, cols] for rows, cols, _ in windows[part.start:part.stop]
@@ -167,10 +174,7 @@ def assess_outlines(before: Any, after: Any, outlines: Sequence[shapely.Polygon]
         # the outlines of a batch in parallel, on the configured Dask scheduler (each
         # assessment is independent; the shared maps' chunk caches are thread-safe)
         out += dask.compute(*(assess(crops[2 * (k - part.start)], crops[2 * (k - part.start) + 1],
-                                     outlines[k], transform=windows[k][2], res_m=res_m,
-                                     walls=params.walls, towers=params.towers,
-                                     grades=params.grade, line_map=scene.line_map,
-                                     segments=segments) for k in part))
+                                     outlines[k], transform=windows[k][2]) for k in part))
         del crops
     return out
 
