@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import zlib
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +110,10 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
         against the run's (the preserved originals); the windows are read from the copy and
         the input is not hashed again.
     threads
-        PNG encoding threads (Pillow's encoder releases the GIL), besides the thread reading
-        the windows; None: as many as Dask's (``report.workers.dask_threads``). With 1, the
-        chips are read and encoded one after the other on the calling thread.
+        Threads that read the windows (each with its own file handles) and encode the PNGs
+        (GDAL's reads and Pillow's encoder release the GIL); None: as many as Dask's
+        (``report.workers.dask_threads``). With 1, the chips are read and encoded one after
+        the other on the calling thread.
 
     Raises
     ------
@@ -123,25 +124,29 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     if not targets:
         return {}
     first = targets[0].evidence
-    with ExitStack() as stack:
+    paths: dict[str, str | Path] = {}
+    if images is None:
+        for role, ref in (("before", first.before), ("after", first.after)):
+            if not ref.path:
+                notes.append(f"no chips: the {role} image {ref.item_id} was fetched, not "
+                             "read from a local file, and its pixels were not handed to "
+                             "the writer")
+                log.warning("%s", notes[-1])
+                return {}
+            path = (checked_copies or {}).get(str(Path(ref.path)))
+            if path is None:
+                _check_unchanged(ref, role)
+            paths[role] = path or ref.path
+
+    def open_readers(stack: ExitStack) -> dict[str, Reader]:
+        """Window readers of both dates (a file's is not thread-safe: one per thread)."""
         if images is not None:
-            read = {role: _window_reader(images[role]) for role in ("before", "after")}
-        else:
-            read = {}
-            for role, ref in (("before", first.before), ("after", first.after)):
-                if not ref.path:
-                    notes.append(f"no chips: the {role} image {ref.item_id} was fetched, not "
-                                 "read from a local file, and its pixels were not handed to "
-                                 "the writer")
-                    log.warning("%s", notes[-1])
-                    return {}
-                path = (checked_copies or {}).get(str(Path(ref.path)))
-                if path is None:
-                    _check_unchanged(ref, role)
-                read[role] = stack.enter_context(
-                    GridWindows(path or ref.path, plan, resampling=resampling)).read
-        done = _render_all(stage, targets, evidence, read, plan=plan,
-                           threads=threads or dask_threads())
+            return {role: _window_reader(images[role]) for role in ("before", "after")}
+        return {role: stack.enter_context(GridWindows(path, plan, resampling=resampling)).read
+                for role, path in paths.items()}
+
+    done = _render_all(stage, targets, evidence, open_readers, plan=plan,
+                       threads=threads or dask_threads())
     written: dict[str, dict[str, str]] = {}
     for target in targets:  # in the targets' order, whatever the order of reading
         if done[target.evidence.id]:
@@ -151,38 +156,44 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     return written
 
 
+Reader = Callable[[tuple[int, int, int, int]], np.ndarray]
+
+
 def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence],
-                read: Mapping[str, Callable[[tuple[int, int, int, int]], np.ndarray]], *,
+                open_readers: Callable[[ExitStack], Mapping[str, Reader]], *,
                 plan: GridPlan, threads: int) -> dict[str, dict[str, str]]:
-    """Read each target's windows (in grid-block order) and render them on ``threads``
-    encoding threads (on this one when 1); the windows of at most ``threads + 1`` targets
-    are held at once."""
+    """Read each target's windows and render them, in grid-block order, on ``threads``
+    threads (on this one when 1); each thread reads with its own readers (``open_readers``,
+    closed at the end), so reading runs in parallel too, and the windows of at most
+    ``threads`` targets are held at once."""
     def block(target: ChipTarget) -> tuple[int, int]:
         r0, c0, rows, cols = target.window
         return (r0 + rows // 2) // READ_ORDER_PX, (c0 + cols // 2) // READ_ORDER_PX
 
     north_deg = _north_deg(plan)
     (stage / CHIPS_DIR).mkdir(exist_ok=True)
-    done: dict[str, dict[str, str]] = {}
     ordered = sorted(targets, key=block)
-    if threads <= 1:
-        for target in ordered:
+    with ExitStack() as stack:
+        local, lock = threading.local(), threading.Lock()
+
+        def render(target: ChipTarget) -> dict[str, str]:
+            read = getattr(local, "read", None)
+            if read is None:
+                with lock:  # the stack is shared by the threads
+                    read = local.read = open_readers(stack)
             windows = [read[role](target.window) for role in ("before", "after")]
-            done[target.evidence.id] = _write_target(stage, target, windows, evidence,
-                                                     plan=plan, north_deg=north_deg)
-        return done
-    pending: deque[tuple[ChipTarget, Future[dict[str, str]]]] = deque()
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sitewatch-chips") as pool:
-        for target in ordered:
-            windows = [read[role](target.window) for role in ("before", "after")]
-            pending.append((target, pool.submit(_write_target, stage, target, windows,
-                                                evidence, plan=plan, north_deg=north_deg)))
-            while len(pending) > threads:
-                finished, job = pending.popleft()
-                done[finished.evidence.id] = job.result()
-        for finished, job in pending:
-            done[finished.evidence.id] = job.result()
-    return done
+            return _write_target(stage, target, windows, evidence, plan=plan,
+                                 north_deg=north_deg)
+
+        if threads <= 1:
+            return {t.evidence.id: render(t) for t in ordered}
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sitewatch-chips") as pool:
+            jobs = [(t, pool.submit(render, t)) for t in ordered]
+            try:
+                return {t.evidence.id: job.result() for t, job in jobs}
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the others are not started
+                raise
 
 
 def _window_reader(da: xr.DataArray) -> Callable[[tuple[int, int, int, int]], np.ndarray]:

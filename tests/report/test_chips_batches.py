@@ -76,3 +76,45 @@ def test_stretch_pair_equals_the_plain_formula() -> None:
                 expected[..., channel] = np.nan_to_num(np.round(scaled), nan=0.0).astype(np.uint8)
             expected[~np.isfinite(image[bands]).all(axis=0)] = NODATA_RGB
             assert_array_equal(rgb, expected)
+
+
+def test_each_thread_reads_with_its_own_files_and_all_are_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two threads the windows are read on the pool's threads, each reader (a file
+    handle, not thread-safe) by one thread only, and every reader is closed at the end;
+    with one thread, one reader per date on the caller."""
+    before, after, plan = _pair(tmp_path)
+    found = [_evidence(f"compound-{k:04d}", "compound", _block(4 * k, 4 * k, 4 * k + 12,
+                                                               4 * k + 14), (before, after))
+             for k in range(1, 7)]
+    readers: list[dict] = []
+    original = chipset.GridWindows
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **k) -> None:
+            super().__init__(*a, **k)
+            self.log = {"threads": set(), "closed": False}
+            readers.append(self.log)
+
+        def read(self, window):
+            self.log["threads"].add(threading.current_thread().name)
+            return super().read(window)
+
+        def close(self) -> None:
+            self.log["closed"] = True
+            super().close()
+
+    monkeypatch.setattr(chipset, "GridWindows", Spy)
+    for name, threads in (("one", 1), ("two", 2)):
+        readers.clear()
+        (tmp_path / name).mkdir()
+        written = write_chips(tmp_path / name, chip_targets(found, plan), found, plan=plan,
+                              threads=threads)
+        assert len(written) == 6
+        assert all(r["closed"] and len(r["threads"]) == 1 for r in readers)
+        used = set().union(*(r["threads"] for r in readers))
+        if threads == 1:
+            assert len(readers) == 2 and used == {threading.current_thread().name}
+        else:
+            assert threading.current_thread().name not in used
+            assert len(readers) == 2 * len(used) and 1 <= len(used) <= 2
