@@ -212,7 +212,7 @@ def _window_probability(a: np.ndarray, b: np.ndarray, valid: np.ndarray,
 def window_probability(read: WindowReader, shape: tuple[int, int],
                        weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
                        region: tuple[int, int, int, int] | None = None, *,
-                       flips: bool = False) -> np.ndarray:
+                       flips: bool = True) -> np.ndarray:
     """The network's probability over the tiles of ``region`` (`tile_windows`), centres kept;
     NaN where a pixel is not valid in both dates.
 
@@ -237,7 +237,7 @@ def window_probability(read: WindowReader, shape: tuple[int, int],
 def tiled_probability(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
                       tile_px: int, margin_px: int,
                       region: tuple[int, int, int, int] | None = None,
-                      valid: np.ndarray | None = None, *, flips: bool = False) -> np.ndarray:
+                      valid: np.ndarray | None = None, *, flips: bool = True) -> np.ndarray:
     """`window_probability` of arrays in memory.
 
     ``region`` ``(y0, y1, x0, x1)``: only those rows and columns are computed (tiles start at
@@ -256,7 +256,7 @@ def tiled_probability(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.nda
 
 def _parallel_probability(a: np.ndarray, b: np.ndarray, weights: Mapping[str, np.ndarray],
                           tile_px: int, margin_px: int, valid: np.ndarray | None = None, *,
-                          flips: bool = False) -> np.ndarray:
+                          flips: bool = True) -> np.ndarray:
     """`tiled_probability`, one task per tile on the configured Dask scheduler; same values.
 
     Each task computes one tile's centre from the same windows as the loop would (NumPy's
