@@ -403,6 +403,35 @@ def test_assess_outlines_in_threads_equal_one_by_one(monkeypatch):
     assert len(outlines) >= 2 and threaded == alone * 3
 
 
+def test_assess_outlines_tasks_do_not_carry_the_scene_segments(monkeypatch):
+    """Each outline's task gets its crops, outline and transform only: the scene's segments
+    and line map are bound to the function once. Dask walks every argument of every call,
+    so passing the segments cost time in proportion to their number for each outline
+    (quadratic in the area); without a timed test, the arguments are checked."""
+    import sys
+
+    import pipeline.detect.walled as walled
+    from pipeline.detect.enclosure import SegmentArrays
+    from pipeline.model import DetectParams
+
+    before, after = _walled_pair((500, 520), 1.0)
+    kwargs = dict(transform=from_origin(*ORIGIN, 1.0, 1.0), res_m=1.0, params=DetectParams())
+    scene = walled.scene_walls(before, after, **kwargs)
+    outlines = walled.wall_outlines(scene, params=kwargs["params"])
+    walked: list[type] = []
+    delayed_module = sys.modules["dask.delayed"]  # `dask.delayed` is also the function
+    original = delayed_module.unpack_collections
+
+    def spy(expr, *args, **kw):  # called on each argument, and again on what it holds
+        walked.append(type(expr))
+        return original(expr, *args, **kw)
+
+    monkeypatch.setattr(delayed_module, "unpack_collections", spy)
+    found = walled.assess_outlines(before, after, outlines, scene=scene, **kwargs)
+    assert len(found) == len(outlines) >= 2 and walked
+    assert SegmentArrays not in walked and type(scene.line_map) not in walked
+
+
 def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     """Compound candidates found a batch of crops at a time (lazy pair) are those found with
     every crop at once (NumPy pair)."""
