@@ -85,25 +85,31 @@ def cnn_run(crop_pair, tmp_path_factory):
                       chunks=None), config
 
 
-def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
-    """The written mask is predict_change_cnn (four mirrorings, the default) + the card's
-    rule on the run's grid."""
+def _direct_mask(crop_pair, config, *, flips: bool):
+    """The run's grid, and predict_change_cnn + the card's rule on it (probability too)."""
     from pipeline.detect.convnet import predict_change_cnn
     from pipeline.detect.learned import change_probability_mask
     from pipeline.inputs import mask_outside
     from pipeline.models import load_cnn
     from pipeline.run import read_local_pair
 
-    result, config = cnn_run
     aoi = _aoi_of(crop_pair[0])
     plan, before, after = read_local_pair(aoi, *crop_pair, config=config, chunks=None)
-    assert plan == result.grid
     a, b = (mask_outside(s.data, aoi, plan).values for s in (before, after))
     model = load_cnn()
-    prob = predict_change_cnn(a, b, weights=model.weights)
-    want = change_probability_mask(prob, threshold=model.threshold,
+    prob = predict_change_cnn(a, b, weights=model.weights, flips=flips)
+    mask = change_probability_mask(prob, threshold=model.threshold,
                                    min_area_px=model.min_area_at(plan.res_m),
                                    smooth_sigma_px=model.smooth_sigma_px)
+    return plan, prob, mask
+
+
+def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
+    """The written mask is predict_change_cnn (four mirrorings, the default) + the card's
+    rule on the run's grid."""
+    result, config = cnn_run
+    plan, prob, want = _direct_mask(crop_pair, config, flips=True)
+    assert plan == result.grid
     mask, _, _ = _outputs(result.run_dir)
     assert_array_equal(mask == 1, want)
     assert_array_equal(mask == 255, np.isnan(prob))
@@ -113,24 +119,11 @@ def test_detect_cnn_mask_equals_direct_network(crop_pair, cnn_run):
 def test_detect_cnn_one_pass_when_mirrorings_off(crop_pair, cnn_run, tmp_path):
     """``buildings.mirrorings = false``: the mask of one pass of the network (another mask
     than the default's), recorded as such in the manifest and the parameters."""
-    from pipeline.detect.convnet import predict_change_cnn
-    from pipeline.detect.learned import change_probability_mask
-    from pipeline.inputs import mask_outside
-    from pipeline.models import load_cnn
-    from pipeline.run import read_local_pair
-
     config = load_config(overrides={**CNN, "coreg.enabled": False,
                                     "buildings.mirrorings": False})
-    aoi = _aoi_of(crop_pair[0])
-    result = run_detect(aoi, *crop_pair, config=config, out_root=tmp_path, chunks=None)
-    plan, before, after = read_local_pair(aoi, *crop_pair, config=config, chunks=None)
-    a, b = (mask_outside(s.data, aoi, plan).values for s in (before, after))
-    model = load_cnn()
-    want = change_probability_mask(predict_change_cnn(a, b, weights=model.weights,
-                                                      flips=False),
-                                   threshold=model.threshold,
-                                   min_area_px=model.min_area_at(plan.res_m),
-                                   smooth_sigma_px=model.smooth_sigma_px)
+    result = run_detect(_aoi_of(crop_pair[0]), *crop_pair, config=config, out_root=tmp_path,
+                        chunks=None)
+    _, _, want = _direct_mask(crop_pair, config, flips=False)
     mask, _, manifest = _outputs(result.run_dir)
     assert_array_equal(mask == 1, want)
     default_mask, _, default_manifest = _outputs(cnn_run[0].run_dir)

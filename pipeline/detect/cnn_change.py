@@ -16,6 +16,7 @@ bits). Pure: the caller passes the loaded weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -127,15 +128,6 @@ class _Windows:
                 _standardized(b, valid, self.stats[1]), valid)
 
 
-def _cnn_block(windows: _Windows, region: tuple[int, int, int, int], *,
-               weights: Mapping[str, np.ndarray], tile_px: int, margin_px: int,
-               flips: bool) -> np.ndarray:
-    """Probability of the pixels of ``region`` ``(y0, y1, x0, x1)``, NaN where not valid
-    (each tile's window read once: its validity comes with its pixels)."""
-    return window_probability(windows, windows.a.shape[1:], weights, tile_px, margin_px,
-                              region, flips=flips)
-
-
 def _tile_chunks(n: int, size: int, tile_px: int, margin_px: int) -> tuple[int, ...]:
     """Chunks of an axis of ``n``: whole tiles near ``size``; a last piece under the margin
     joins the chunk before it."""
@@ -184,15 +176,17 @@ def cnn_probability(before: Any, after: Any, *, weights: Mapping[str, np.ndarray
     windows = _Windows(a, b, _scene_stats(a, b))
     rows, cols = (_tile_chunks(n, c[0], tile_px, margin_px)
                   for n, c in zip(a.shape[1:], a.chunks[1:], strict=True))
-    run = dask.delayed(_cnn_block, pure=True)
-    weights = dict(weights)
+    # one task per output chunk; what the tasks share is bound once (Dask walks and hashes
+    # a task's arguments at every call); each task reads its tiles' windows itself
+    run = dask.delayed(functools.partial(window_probability, windows, a.shape[1:],
+                                         dict(weights), tile_px, margin_px, flips=flips),
+                       pure=True)
     blocks: list[list[da.Array]] = []
     for y0, h in zip(np.cumsum((0, *rows[:-1])), rows, strict=True):
         blocks.append([])
         for x0, w in zip(np.cumsum((0, *cols[:-1])), cols, strict=True):
             region = (int(y0), int(y0 + h), int(x0), int(x0 + w))
-            task = run(windows, region, weights=weights, tile_px=tile_px, margin_px=margin_px,
-                       flips=flips)
+            task = run(region)
             blocks[-1].append(da.from_delayed(task, (h, w), dtype=np.float32,
                                               meta=np.empty((0, 0), np.float32)))
     return da.block(blocks)

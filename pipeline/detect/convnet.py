@@ -282,12 +282,13 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def _flip(x: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
-    """``x`` mirrored along y and/or x (its own inverse)."""
+    """``x`` mirrored along y and/or x (its own inverse): a view, no copy (the network's
+    padding copies each window anyway)."""
     if flip[0]:
         x = x[..., ::-1, :]
     if flip[1]:
         x = x[..., ::-1]
-    return np.ascontiguousarray(x)
+    return x
 
 
 def predict_change_cnn(

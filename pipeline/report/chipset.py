@@ -49,6 +49,7 @@ OWN_CHIP_EXCLUDED = ("new_building", "wall", "watchtower", "tower")
 MAX_DISPLAY_PX = 800
 MIN_DISPLAY_PX = 400
 READ_ORDER_PX = 2048  # targets are read in the order of these blocks of the grid
+Reader = Callable[[tuple[int, int, int, int]], np.ndarray]  # grid window -> (band, y, x)
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,6 @@ def write_chips(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
     return written
 
 
-Reader = Callable[[tuple[int, int, int, int]], np.ndarray]
-
-
 def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[Evidence],
                 open_readers: Callable[[ExitStack], Mapping[str, Reader]], *,
                 plan: GridPlan, threads: int) -> dict[str, dict[str, str]]:
@@ -196,7 +194,7 @@ def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                 raise
 
 
-def _window_reader(da: xr.DataArray) -> Callable[[tuple[int, int, int, int]], np.ndarray]:
+def _window_reader(da: xr.DataArray) -> Reader:
     """Windows of pixels handed in (NumPy, or Dask computed window by window) as float32."""
     def read(window: tuple[int, int, int, int]) -> np.ndarray:
         r0, c0, rows, cols = window
