@@ -41,7 +41,13 @@ from pipeline.detect.cnn_change import check_cnn_input
 from pipeline.detect.sites import detect_sites
 from pipeline.errors import OutputError, PipelineWarning
 from pipeline.fetch.base import Scene
-from pipeline.fetch.local import common_resolution, describe_raster, grid_chunks, read_to_grid
+from pipeline.fetch.local import (
+    chunk_origin,
+    common_resolution,
+    describe_raster,
+    grid_chunks,
+    read_to_grid,
+)
 from pipeline.files import is_disk_full
 from pipeline.inputs import check_dates, check_validity, mask_outside, validity
 from pipeline.model import (
@@ -165,11 +171,14 @@ def read_local_pair(
     infos = [describe_raster(p) for p in paths]
     plan = plan_grid(aoi, config.res_m or common_resolution(infos))
     chunk_px = grid_chunks(plan) if chunks == "auto" else chunks
+    # chunk borders on the files' tiles when both are on the plan's pixel grid
+    origin = chunk_origin([str(p) for p in paths], plan, chunk_px) if chunk_px else (0, 0)
     scenes = []
     for path, role, when in zip(paths, ("before", "after"), (before_date, after_date), strict=True):
         # a chunked read is checked for valid pixels by detect_scenes, in its own single pass
         data, ref = read_to_grid(path, plan, role=role, acquired=when, resampling=config.resampling,
-                                 chunks=chunk_px, check_nodata=chunk_px is None)
+                                 chunks=chunk_px, check_nodata=chunk_px is None,
+                                 chunk_origin=origin)
         scenes.append(Scene(data=data, refs=[ref], acquired=ref.acquired, info={"path": str(path)}))
     warn_if_identical(scenes[0], scenes[1])
     return plan, scenes[0], scenes[1]

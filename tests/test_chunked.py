@@ -15,6 +15,7 @@ from rasterio.warp import transform_bounds
 
 from pipeline.aoi import parse_aoi
 from pipeline.config import load_config
+from pipeline.fetch.local import chunk_origin
 from pipeline.run import run_detect
 from pipeline.testing import make_pair
 
@@ -104,7 +105,10 @@ def test_run_detect_chunked_equals_in_memory(pair, tmp_path):
     eager, eager_features, eager_mask, eager_mag = _run(pair, tmp_path / "eager", None)
     lazy, lazy_features, lazy_mask, lazy_mag = _run(pair, tmp_path / "lazy", 512)
     read_eager, read_lazy = eager.steps[0]["details"], lazy.steps[0]["details"]
-    assert read_eager["chunks"] is None and read_lazy["chunks"] == [512, 512]
+    # the lazy chunks start on the files' tile borders (both on the grid, tiles lined up)
+    origin = chunk_origin([str(p) for p in pair], lazy.grid, 512)
+    assert origin != (0, 0)
+    assert read_eager["chunks"] is None and read_lazy["chunks"] == [512 + o for o in origin]
     assert eager.grid.shape[0] > 512 and eager.grid.shape[1] > 512  # several chunks a side
     assert eager.coreg == lazy.coreg and eager.coreg.applied
     assert lazy.threshold == eager.threshold

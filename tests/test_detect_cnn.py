@@ -18,6 +18,7 @@ from pipeline.aoi import parse_aoi
 from pipeline.cli import cli
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.fetch.local import chunk_origin
 from pipeline.model import DetectParams, params_hash
 from pipeline.run import run_detect
 
@@ -190,13 +191,16 @@ def test_default_params_hash_is_that_of_the_sections_before_buildings():
 
 
 def test_detect_cnn_chunked_equals_in_memory(tmp_path):
-    """A chunked run (2 x 2 blocks of 512, the network's tiles) gives the in-memory evidence."""
+    """A chunked run (2 x 2 blocks of about 512, the network's tiles) gives the in-memory
+    evidence."""
     pair = _levir("levir_cd_tiles", "levircd_test_5", slice(320, 1024), slice(320, 1024))
     paths = _write_pair(tmp_path / "in", pair)
     aoi, config = _aoi_of(paths[0]), load_config(overrides=CNN)
     eager = run_detect(aoi, *paths, config=config, out_root=tmp_path / "eager", chunks=None)
     lazy = run_detect(aoi, *paths, config=config, out_root=tmp_path / "lazy", chunks=512)
-    assert lazy.steps[0]["details"]["chunks"] == [512, 512]
+    # blocks of 512 from the files' tile borders (both on the grid)
+    origin = chunk_origin([str(p) for p in paths], lazy.grid, 512)
+    assert lazy.steps[0]["details"]["chunks"] == [512 + o for o in origin]
     assert min(eager.grid.shape) > 512 + 64  # the last blocks are more than the margin
     assert eager.coreg == lazy.coreg
     e_mask, e_features, e_manifest = _outputs(eager.run_dir)

@@ -42,7 +42,8 @@ from pipeline.files import sha256_file
 from pipeline.model import GridPlan, SourceRef
 
 __all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution",
-           "grid_chunks", "CHUNK_PX", "CHUNKED_MIN_PX", "WARP_TILE_PX", "READ_ERRORS",
+           "grid_chunks", "chunk_origin", "CHUNK_PX", "CHUNKED_MIN_PX", "WARP_TILE_PX",
+           "READ_ERRORS",
            # the building blocks of read_to_grid, shared with readers that must give its
            # values window by window (report.chipread, fetch.xyz)
            "inspect_raster", "resampling_method", "read_window", "grid_offset", "read_direct",
@@ -160,6 +161,7 @@ def read_to_grid(
     resampling: str = "bilinear",
     chunks: int | None = None,
     check_nodata: bool = True,
+    chunk_origin: tuple[int, int] = (0, 0),
 ) -> tuple[xr.DataArray, SourceRef]:
     """Warp a local raster onto the plan's grid (or read it directly when already on it).
 
@@ -182,6 +184,11 @@ def read_to_grid(
     check_nodata
         Raise when every pixel under the plan is nodata. For a lazy read this reads the whole
         window once more; pass False when the caller checks validity on its own pass.
+    chunk_origin
+        ``(row, col)`` of the lazy read's chunk grid (from :func:`chunk_origin`): the chunk
+        borders fall at ``origin + k * chunks``, the first chunk taking the rows or columns
+        before them. Used only when the file is read without the warper (warped reads keep
+        their tiles' grid); the values are the same either way.
 
     Returns
     -------
@@ -213,7 +220,8 @@ def read_to_grid(
         data = read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
         has_data = not bool(np.isnan(data).all())
     else:
-        data = _read_lazy(info.path, plan, method, bands, chunks)
+        origin = chunk_origin if _reads_directly(info.path, plan) else (0, 0)
+        data = _read_lazy(info.path, plan, method, bands, chunks, origin)
         # Reads the window once more, but the user gets the error now, not mid-computation.
         has_data = not check_nodata or not bool(dask.array.isnan(data).all().compute())
     if not has_data:
@@ -234,6 +242,42 @@ def grid_chunks(plan: GridPlan) -> int | None:
     Small grids are fastest in memory; large ones must be chunked for memory to stay bounded.
     """
     return CHUNK_PX if plan.width * plan.height > CHUNKED_MIN_PX else None
+
+
+def chunk_origin(paths: list[str | Path], plan: GridPlan, chunks: int) -> tuple[int, int]:
+    """``(row, col)`` for `read_to_grid`'s ``chunk_origin``: chunk borders on the files' tiles.
+
+    When every file is read without the warper (`grid_offset`) and their tiles line up on
+    the plan, a lazy read whose chunk borders fall on tile borders decodes each tile once;
+    otherwise the tiles along each border are decoded by both chunks (measured on the 8192
+    px bench pair, offset 125 and 127 px from its 512 px tiles: 1.6 CPU s to read a date in
+    2048 px chunks, 1.2 s aligned). ``(0, 0)`` (the plan's own chunk grid) when a file needs
+    the warper, cannot be opened, or the files' tiles do not line up with each other.
+    """
+    step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
+    origins = set()
+    for path in paths:
+        try:
+            with rasterio.open(path) as src:
+                offset = grid_offset(src, plan)
+                block_rows, block_cols = src.block_shapes[0]
+        except READ_ERRORS:
+            return 0, 0
+        if offset is None:
+            return 0, 0
+        # an axis whose tile size does not divide the chunk size keeps the plan's grid
+        origins.add(tuple((-o) % b if step % b == 0 else 0
+                          for o, b in ((offset[1], block_rows), (offset[0], block_cols))))
+    return origins.pop() if len(origins) == 1 else (0, 0)  # type: ignore[return-value]
+
+
+def _reads_directly(path: str, plan: GridPlan) -> bool:
+    """Whether `read_window` reads ``path`` on the plan without the warper."""
+    try:
+        with rasterio.open(path) as src:
+            return grid_offset(src, plan) is not None
+    except READ_ERRORS:
+        return False
 
 
 def common_resolution(infos: list[RasterInfo]) -> float:
@@ -560,21 +604,31 @@ def warp_tile(src: Any, plan: GridPlan, method: Resampling, bands: list[int], ti
 
 
 def _read_lazy(
-    path: str, plan: GridPlan, method: Resampling, bands: list[int], chunks: int
+    path: str, plan: GridPlan, method: Resampling, bands: list[int], chunks: int,
+    origin: tuple[int, int] = (0, 0),
 ) -> dask.array.Array:
-    """Dask array of the plan whose tasks each warp their own window (nothing big in the graph)."""
+    """Dask array of the plan whose tasks each warp their own window (nothing big in the graph).
+
+    Chunk borders at ``origin + k * step`` along each axis (`read_to_grid`'s ``chunk_origin``).
+    """
     step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
     read = dask.delayed(read_window, pure=True)
+    row_cuts, col_cuts = (_cuts(n, step, o) for n, o in zip(plan.shape, origin, strict=True))
     rows = []
-    for row in range(0, plan.height, step):
-        height = min(step, plan.height - row)
+    for row, row_end in zip(row_cuts[:-1], row_cuts[1:], strict=True):
+        height = row_end - row
         blocks = []
-        for col in range(0, plan.width, step):
-            width = min(step, plan.width - col)
+        for col, col_end in zip(col_cuts[:-1], col_cuts[1:], strict=True):
+            width = col_end - col
             task = read(path, plan, method, bands, (col, row, width, height))
             blocks.append(dask.array.from_delayed(task, (len(bands), height, width), np.float32))
         rows.append(blocks)
     return dask.array.block(rows)
+
+
+def _cuts(n: int, step: int, origin: int) -> list[int]:
+    """Chunk borders along an axis of ``n`` pixels: 0, ``origin + k * step`` (k >= 1), ``n``."""
+    return [0, *range(origin % step + step, n, step), n] if n > 0 else [0]
 
 
 def _to_dataarray(data: Any, plan: GridPlan, role: str, path: str, when: date) -> xr.DataArray:

@@ -419,6 +419,39 @@ def test_read_to_grid_direct_only_when_on_grid(tmp_path: Path):
                                                       4800000.0), 2.0)) is None
 
 
+def test_chunk_origin_puts_lazy_chunk_borders_on_source_tiles(tmp_path: Path):
+    """Files on the plan's grid with their tiles lined up: the lazy read's chunk borders fall
+    on tile borders (each tile decoded by one task), with the same values; the plan's own
+    chunk grid when a file needs the warper or the files' tiles do not line up."""
+    import pipeline.fetch.local as local
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(1, 256, (3, 1100, 1000), dtype=np.uint8)
+    a = _write(tmp_path / "a_2017-03-02.tif", data, from_origin(*ORIGIN, 2, 2))  # 256 px tiles
+    b = _write(tmp_path / "b_2018-10-11.tif", data[::-1].copy(), from_origin(*ORIGIN, 2, 2),
+               block=512)
+    # the plan starts 40 columns west and 30 rows north of the images (NaN there)
+    plan = GridPlan(UTM, (ORIGIN[0] - 80, ORIGIN[1] - 2200, ORIGIN[0] + 1920, ORIGIN[1] + 60), 2.0)
+    origin = local.chunk_origin([str(a), str(b)], plan, 512)
+    assert origin == (30, 40)
+    eager, _ = read_to_grid(a, plan, role="before")
+    lazy, _ = read_to_grid(a, plan, role="before", chunks=512, chunk_origin=origin)
+    assert lazy.data.chunks[1:] == ((542, 512, 76), (552, 448))
+    for cuts, o in zip(lazy.data.chunks[1:], origin, strict=True):
+        assert all((border - o) % 256 == 0 for border in np.cumsum(cuts)[:-1])
+    assert np.isnan(eager.values).any()
+    assert_array_equal(lazy.values, eager.values)
+
+    coarse = _write(tmp_path / "c_2018-10-11.tif", data[:, ::2, ::2].copy(),
+                    from_origin(*ORIGIN, 4, 4))  # needs the warper on a 2 m plan
+    shifted = _write(tmp_path / "d_2018-10-11.tif", data, from_origin(ORIGIN[0] + 20, ORIGIN[1],
+                                                                      2, 2))
+    assert local.chunk_origin([str(a), str(coarse)], plan, 512) == (0, 0)
+    assert local.chunk_origin([str(a), str(shifted)], plan, 512) == (0, 0)
+    warped, _ = read_to_grid(coarse, plan, role="after", chunks=512, chunk_origin=origin)
+    assert warped.data.chunks[1:] == ((512, 512, 106), (512, 488))  # the warper's tile grid
+
+
 @pytest.mark.parametrize("chunks", [None, 512])
 def test_read_to_grid_infinite_float_pixels_are_nan_integer_sources_skip_the_pass(
         tmp_path: Path, monkeypatch, chunks):
