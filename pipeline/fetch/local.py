@@ -255,7 +255,7 @@ def chunk_origin(paths: list[str | Path], plan: GridPlan, chunks: int) -> tuple[
     the warper, cannot be opened, or the files' tiles do not line up with each other.
     """
     step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
-    origins = set()
+    origins: set[tuple[int, int]] = set()
     for path in paths:
         try:
             with rasterio.open(path) as src:
@@ -266,9 +266,10 @@ def chunk_origin(paths: list[str | Path], plan: GridPlan, chunks: int) -> tuple[
         if offset is None:
             return 0, 0
         # an axis whose tile size does not divide the chunk size keeps the plan's grid
-        origins.add(tuple((-o) % b if step % b == 0 else 0
-                          for o, b in ((offset[1], block_rows), (offset[0], block_cols))))
-    return origins.pop() if len(origins) == 1 else (0, 0)  # type: ignore[return-value]
+        row, col = ((-o) % b if step % b == 0 else 0
+                    for o, b in ((offset[1], block_rows), (offset[0], block_cols)))
+        origins.add((row, col))
+    return origins.pop() if len(origins) == 1 else (0, 0)
 
 
 def _reads_directly(path: str, plan: GridPlan) -> bool:
