@@ -172,7 +172,7 @@ def read_local_pair(
     plan = plan_grid(aoi, config.res_m or common_resolution(infos))
     chunk_px = grid_chunks(plan) if chunks == "auto" else chunks
     # chunk borders on the files' tiles when both are on the plan's pixel grid
-    origin = chunk_origin([str(p) for p in paths], plan, chunk_px) if chunk_px else (0, 0)
+    origin = chunk_origin(paths, plan, chunk_px) if chunk_px else (0, 0)
     scenes = []
     for path, role, when in zip(paths, ("before", "after"), (before_date, after_date), strict=True):
         # a chunked read is checked for valid pixels by detect_scenes, in its own single pass

@@ -753,11 +753,18 @@ def _speedup(size: int, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str,
     return runs
 
 
+def _pairs(runs: list[dict[str, Any]]) -> dict[int, dict[int, dict[str, Any]]]:
+    """``{pair: {Dask threads: run}}`` (results without pairs are one pair, 0)."""
+    pairs: dict[int, dict[int, dict[str, Any]]] = {}
+    for run in runs:
+        pairs.setdefault(run.get("pair", 0), {})[run["threads"]] = run
+    return pairs
+
+
 def _pair_gains(runs: list[dict[str, Any]]) -> list[float]:
     """Each pair's speed-up: its 1-thread wall seconds / its 2-thread wall seconds."""
     gains = []
-    for index in sorted({run.get("pair", 0) for run in runs}):
-        pair = {run["threads"]: run for run in runs if run.get("pair", 0) == index}
+    for _, pair in sorted(_pairs(runs).items()):
         one, two = pair.get(1), pair.get(SPEEDUP_THREADS)
         if one and two and not one["problem"] and not two["problem"] and two["seconds"]:
             gains.append(one["seconds"] / two["seconds"])
@@ -770,12 +777,13 @@ def speedup_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             "same findings", "load at start / end (1 thread)"]]
     for r in rows:
         runs = r.get("speedup") or []
+        pairs = _pairs(runs)
         for run in runs:
-            same_pair = [x for x in runs if x.get("pair", 0) == run.get("pair", 0)]
-            base = next((x["seconds"] for x in same_pair if x["threads"] == 1), math.nan)
+            index = run.get("pair", 0)
+            base = pairs[index].get(1, {}).get("seconds", math.nan)
             gain = base / run["seconds"] if run["seconds"] else math.nan
             out.append([
-                str(r["size"]), str(run.get("pair", 0) + 1), str(run["threads"]),
+                str(r["size"]), str(index + 1), str(run["threads"]),
                 _fmt(run["seconds"], 1) if not run["problem"] else run["problem"],
                 _fmt(run["cpu_s"], 1), _fmt(gain, 2),
                 ("yes" if run.get("same_counts") else "no") if "same_counts" in run else "-",

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -220,7 +221,9 @@ def read_to_grid(
         data = read_window(info.path, plan, method, bands, (0, 0, plan.width, plan.height))
         has_data = not bool(np.isnan(data).all())
     else:
-        origin = chunk_origin if _reads_directly(info.path, plan) else (0, 0)
+        # a warped read keeps its tiles' grid: the origin is for files read directly
+        direct = _tile_origin(info.path, plan, chunks) is not None
+        origin = chunk_origin if direct else (0, 0)
         data = _read_lazy(info.path, plan, method, bands, chunks, origin)
         # Reads the window once more, but the user gets the error now, not mid-computation.
         has_data = not check_nodata or not bool(dask.array.isnan(data).all().compute())
@@ -244,7 +247,7 @@ def grid_chunks(plan: GridPlan) -> int | None:
     return CHUNK_PX if plan.width * plan.height > CHUNKED_MIN_PX else None
 
 
-def chunk_origin(paths: list[str | Path], plan: GridPlan, chunks: int) -> tuple[int, int]:
+def chunk_origin(paths: Sequence[str | Path], plan: GridPlan, chunks: int) -> tuple[int, int]:
     """``(row, col)`` for `read_to_grid`'s ``chunk_origin``: chunk borders on the files' tiles.
 
     When every file is read without the warper (`grid_offset`) and their tiles line up on
@@ -255,30 +258,26 @@ def chunk_origin(paths: list[str | Path], plan: GridPlan, chunks: int) -> tuple[
     the warper, cannot be opened, or the files' tiles do not line up with each other.
     """
     step = -(-chunks // WARP_TILE_PX) * WARP_TILE_PX
-    origins: set[tuple[int, int]] = set()
-    for path in paths:
-        try:
-            with rasterio.open(path) as src:
-                offset = grid_offset(src, plan)
-                block_rows, block_cols = src.block_shapes[0]
-        except READ_ERRORS:
-            return 0, 0
-        if offset is None:
-            return 0, 0
-        # an axis whose tile size does not divide the chunk size keeps the plan's grid
-        row, col = ((-o) % b if step % b == 0 else 0
-                    for o, b in ((offset[1], block_rows), (offset[0], block_cols)))
-        origins.add((row, col))
-    return origins.pop() if len(origins) == 1 else (0, 0)
+    origins = {_tile_origin(str(path), plan, step) for path in paths}
+    found = origins.pop() if len(origins) == 1 else None
+    return found if found is not None else (0, 0)
 
 
-def _reads_directly(path: str, plan: GridPlan) -> bool:
-    """Whether `read_window` reads ``path`` on the plan without the warper."""
+def _tile_origin(path: str, plan: GridPlan, step: int) -> tuple[int, int] | None:
+    """``(row, col)`` of the first tile border of ``path`` on the plan (an axis whose tile
+    size does not divide ``step`` gives 0); None when the file needs the warper or cannot
+    be opened."""
     try:
         with rasterio.open(path) as src:
-            return grid_offset(src, plan) is not None
+            offset = grid_offset(src, plan)
+            block_rows, block_cols = src.block_shapes[0]
     except READ_ERRORS:
-        return False
+        return None
+    if offset is None:
+        return None
+    row, col = ((-o) % b if step % b == 0 else 0
+                for o, b in ((offset[1], block_rows), (offset[0], block_cols)))
+    return row, col
 
 
 def common_resolution(infos: list[RasterInfo]) -> float:
