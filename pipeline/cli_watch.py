@@ -35,7 +35,8 @@ Exit codes (for cron, systemd, CI):
   4  some sites failed (retried next run; the others ran), no new findings
   5  some sites failed, and others have new findings
   2  configuration error (sites file, config, options); nothing ran
-  1  could not start (another run holds the lock, data folder unwritable)"""
+  1  could not start or go on (another run holds the lock, data folder unwritable, Dask
+     cluster not started or not reachable)"""
 
 
 class _ConfigProblem(click.ClickException):
@@ -112,9 +113,11 @@ def watch(sites_path: Path | None, out_root: Path, scheduler: str, force: bool, 
     """
     from pipeline.config import load_sources
     from pipeline.watch import load_watch_sites, run_watch
+    from pipeline.watch.pools import check_scheduler
     from pipeline.watch.summary import format_table
 
     try:
+        check_scheduler(scheduler)
         config = load_config(config_path)
         sources = load_sources(sources_path(config.config_path))
         invalid: list[str] | None = [] if skip_invalid else None

@@ -17,6 +17,7 @@ __all__ = [
     "NoValidDataError",
     "CoregistrationError",
     "OutputError",
+    "ClusterError",
     "PipelineWarning",
     "ProvenanceWarning",
 ]
@@ -56,6 +57,10 @@ class CoregistrationError(PipelineError, ValueError):
 
 class OutputError(PipelineError, OSError):
     """An output cannot be written (unwritable folder, would overwrite evidence)."""
+
+
+class ClusterError(PipelineError, OSError):
+    """The Dask cluster of a watch run could not be started or reached."""
 
 
 class PipelineWarning(UserWarning):

@@ -21,11 +21,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["TaskPool", "open_pool", "LIST_THREADS"]
+from pipeline.errors import ClusterError, ConfigError
+
+__all__ = ["TaskPool", "open_pool", "check_scheduler", "LIST_THREADS", "START_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 
 LIST_THREADS = 4
+# a local worker process or a remote scheduler that has not answered by then is an error
+# (ClusterError), not a weekly run that hangs; sporadic start-up hangs of LocalCluster are
+# known upstream (dask/distributed#1628)
+START_TIMEOUT_S = 60
 Task = Callable[[Any], Any]
 
 
@@ -89,20 +95,53 @@ class TaskPool:
 
         # the workers log at this process's level: -q quiets them too
         level = logging.getLogger("pipeline").getEffectiveLevel()
-        if self.scheduler == "local":
-            workers = max(1, min(os.cpu_count() or 1, self.n_sites))
-            # ":0": the scheduler's HTTP server runs even without a dashboard; 8787 may be taken
-            cluster = self._stack.enter_context(LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True,
-                dashboard_address=":0", host="127.0.0.1",
-                silence_logs=max(level, logging.WARNING)))
-            self._client = self._stack.enter_context(Client(cluster))
-            log.info("Dask LocalCluster of %d worker process(es)", workers)
-        else:
-            self._client = self._stack.enter_context(Client(self.scheduler, timeout="20s"))
-            log.info("Dask cluster at %s", self.scheduler)
-        self._client.register_plugin(_worker_log_level(level), name="sitewatch-log-level")
+        timeout = f"{START_TIMEOUT_S}s"
+        try:
+            if self.scheduler == "local":
+                workers = max(1, min(os.cpu_count() or 1, self.n_sites))
+                # ":0": the scheduler's HTTP server runs even without a dashboard; 8787 may
+                # be taken. death_timeout bounds each worker process's start.
+                cluster = self._stack.enter_context(LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True,
+                    dashboard_address=":0", host="127.0.0.1", death_timeout=timeout,
+                    silence_logs=max(level, logging.WARNING)))
+                client = self._stack.enter_context(Client(cluster, timeout=timeout))
+                log.info("Dask LocalCluster of %d worker process(es)", workers)
+            else:
+                client = self._stack.enter_context(Client(self.scheduler, timeout=timeout))
+                log.info("Dask cluster at %s", self.scheduler)
+            client.register_plugin(_worker_log_level(level), name="sitewatch-log-level")
+        except (OSError, TimeoutError, ValueError, TypeError) as e:
+            where = ("a Dask LocalCluster could not be started"
+                     if self.scheduler == "local" else
+                     f"the Dask scheduler at {self.scheduler} could not be reached")
+            fix = ("run again (the analyses left pending are resumed), or use --scheduler sync "
+                   "to run in this process" if self.scheduler == "local" else
+                   "check that the scheduler is running (`dask scheduler`) at that address and "
+                   "port, or use --scheduler local")
+            raise ClusterError(f"The watch run stopped: {where} ({type(e).__name__}: {e}). "
+                               f"Fix: {fix}.") from e
+        self._client = client
         return self._client
+
+
+def check_scheduler(scheduler: str) -> str:
+    """``scheduler`` if it is ``"local"``, ``"sync"`` or a Dask address, else a ConfigError."""
+    if scheduler in ("local", "sync"):
+        return scheduler
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    try:
+        scheme, location = parse_address(scheduler, strict=False)
+        if scheme not in backends or scheme == "inproc":
+            raise ValueError(f"unknown scheme {scheme!r}")
+        parse_host_port(location)
+    except ValueError as e:
+        raise ConfigError(
+            f"--scheduler {scheduler!r} is neither 'local', 'sync' nor a Dask scheduler address "
+            f"({e}). Write an address as tcp://host:port, e.g. tcp://10.0.0.5:8786.") from None
+    return scheduler
 
 
 def _worker_log_level(level: int) -> Any:

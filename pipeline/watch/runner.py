@@ -36,7 +36,7 @@ from pipeline.model import params_hash
 from pipeline.report.rundir import check_out_root
 from pipeline.watch.imagery import Imagery, choose_pair
 from pipeline.watch.lock import StateLock
-from pipeline.watch.pools import TaskPool, open_pool
+from pipeline.watch.pools import TaskPool, check_scheduler, open_pool
 from pipeline.watch.sites import WatchSite
 from pipeline.watch.state import STATE_NAME, WatchState, utc_text
 from pipeline.watch.summary import SiteReport, WatchSummary
@@ -95,11 +95,17 @@ def run_watch(sites: Sequence[WatchSite], *, config: RunConfig,
 
     Raises
     ------
+    ConfigError
+        ``scheduler`` is not ``"local"``, ``"sync"`` or an address.
+    ClusterError
+        The Dask cluster could not be started or reached (the run's pending analyses are
+        resumed by the next run).
     LockHeldError
         Another run holds the lock.
     OutputError
         ``out_root`` is not writable.
     """
+    check_scheduler(scheduler)
     out = check_out_root(out_root)
     now = now or datetime.now(UTC)
     with StateLock(out / LOCK_NAME) as lock, WatchState(out / STATE_NAME) as state:

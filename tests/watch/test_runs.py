@@ -220,7 +220,86 @@ def test_quiet_local_cluster_run_keeps_stderr_empty(setup, tmp_path):
     sites = sites_geojson(tmp_path / "one.geojson", ["alpha"])
     args = ["watch", "--sites", str(sites), "--config", str(setup["config"]),
             "--out", str(tmp_path / "out"), "--scheduler", "local", "--force", "-q"]
-    child = subprocess.run([sys.executable, "-m", "pipeline", *args], env=_child_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert child.returncode == 3, child.stderr[-2000:]
-    assert child.stdout.strip() and child.stderr == ""
+    returncode, stdout, stderr = _run_child(args)
+    assert returncode == 3, stderr[-2000:]
+    assert stdout.strip() and stderr == ""
+
+
+def _run_child(args: list[str], timeout: float = 300) -> tuple[int, str, str]:
+    """``python -m pipeline *args``'s exit code, stdout and stderr. A child still running after
+    ``timeout`` is stopped with SIGABRT, which makes it print every thread's stack
+    (PYTHONFAULTHANDLER): the failure then shows where it hung."""
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", *args],
+                             env={**_child_env(), "PYTHONFAULTHANDLER": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGABRT)
+        stdout, stderr = child.communicate()
+        pytest.fail(f"sitewatch {' '.join(args)} still ran after {timeout} s; its threads "
+                    f"were at:\n{stderr[-8000:]}")
+    return child.returncode, stdout, stderr
+
+
+def test_unreachable_scheduler_is_a_clear_error_and_the_next_run_resumes(setup, tmp_path,
+                                                                         monkeypatch):
+    """A scheduler address where nothing listens stops the run with a ClusterError naming the
+    address and the fix (no traceback from the CLI); the analysis it left pending is done by
+    the next run, which ends with the findings of an uninterrupted run."""
+    import socket
+
+    from pipeline.errors import ClusterError
+    from pipeline.watch import pools
+
+    monkeypatch.setattr(pools, "START_TIMEOUT_S", 2)
+    with socket.socket() as s:  # a port that was free a moment ago: connections are refused
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    sites = sites_geojson(tmp_path / "one.geojson", ["alpha"])
+    out = tmp_path / "out"
+    with pytest.raises(ClusterError, match=f"scheduler at {address} could not be reached.*"
+                                           "Fix: check that the scheduler is running"):
+        _run(setup, out, sites=sites, scheduler=address)
+    result = CliRunner().invoke(cli, _cli_args(setup, tmp_path / "cli", sites)
+                                + ["--scheduler", address])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: The watch run stopped: the Dask scheduler at {address}" in result.output
+    with WatchState(out / "watch.db") as state:
+        assert state.pending("alpha")  # left for the next run
+    resumed = _run(setup, out, sites=sites)
+    assert resumed.exit_code == 3
+    _run(setup, tmp_path / "reference", sites=sites)
+    assert _findings(out) == _findings(tmp_path / "reference")
+
+
+def test_local_cluster_that_fails_to_start_is_a_clear_error(setup, tmp_path, monkeypatch):
+    """A LocalCluster whose worker processes time out starting (death_timeout) is reported as
+    a ClusterError that says to run again or use --scheduler sync."""
+    import dask.distributed
+
+    from pipeline.errors import ClusterError
+
+    seen: dict[str, object] = {}
+
+    def failing_cluster(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise TimeoutError("Nanny failed to start in 60 seconds")
+
+    monkeypatch.setattr(dask.distributed, "LocalCluster", failing_cluster)
+    sites = sites_geojson(tmp_path / "one.geojson", ["alpha"])
+    with pytest.raises(ClusterError, match="a Dask LocalCluster could not be started "
+                                           r"\(TimeoutError: Nanny failed.*--scheduler sync"):
+        _run(setup, tmp_path / "out", sites=sites, scheduler="local")
+    assert seen["death_timeout"] == "60s"
+
+
+@pytest.mark.parametrize("scheduler", ["foo", "http://host:8786", "tcp://host", ""])
+def test_malformed_scheduler_is_refused_before_the_run_starts(setup, tmp_path, scheduler):
+    """A --scheduler that is no address is a configuration error (exit 2): nothing runs."""
+    result = CliRunner().invoke(cli, _cli_args(setup, tmp_path / "out", setup["sites"])
+                                + ["--scheduler", scheduler])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"--scheduler {scheduler!r} is neither 'local', 'sync' nor a Dask scheduler " \
+           "address" in result.output and "tcp://host:port" in result.output
+    assert not (tmp_path / "out" / "watch.db").exists()
