@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,19 @@ def test_detect_rejects_non_raster_and_corrupt_files(tmp_path):
         assert result.exit_code == 1, result.output
         assert str(bad.name) in result.stderr
         assert "Traceback" not in result.output
+
+
+def test_detect_fifo_input_is_refused_not_read(tmp_path):
+    """A named pipe as --before is a clear error at once (GDAL would block on it for ever)."""
+    fifo = tmp_path / "pipe_2017-01-01.tif"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "detect", "--aoi", "88.2821,43.383",
+                           "--radius-m", "150", "--before", str(fifo), "--after", SEEDS[1],
+                           "--out", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    assert _run_dirs(tmp_path / "out") == []
 
 
 def test_detect_all_nodata_window(tmp_path):

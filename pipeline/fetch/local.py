@@ -346,13 +346,16 @@ def _existing_file(path: str | Path) -> Path:
     """Absolute path of an existing regular file, else FetchError."""
     src_path = Path(path).expanduser()
     try:
-        exists, is_dir = src_path.exists(), src_path.is_dir()
+        exists, is_dir, is_file = src_path.exists(), src_path.is_dir(), src_path.is_file()
     except OSError as e:  # e.g. a name too long for the file system
         raise FetchError(f"Raster path {str(path)[:200]!r} cannot be checked: {e}") from e
     if not exists:
         raise FetchError(f"Raster {src_path} does not exist; check the path.")
     if is_dir:
         raise FetchError(f"Raster {src_path} is a directory; give the path of a GeoTIFF.")
+    if not is_file:  # a fifo or device: GDAL would block on it or read it without end
+        raise FetchError(f"Raster {src_path} is not a regular file (a pipe, device or socket); "
+                         "give the path of a GeoTIFF file.")
     return src_path.resolve()
 
 
