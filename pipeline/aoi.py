@@ -30,6 +30,7 @@ from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from pipeline.errors import AoiError, ConfigError, GridError
+from pipeline.files import is_utf8
 from pipeline.model import GridPlan
 
 __all__ = ["Aoi", "parse_aoi", "load_sites", "load_site_records", "utm_crs", "plan_grid",
@@ -100,6 +101,9 @@ def parse_aoi(
         return site
     if not stripped:
         raise fail("it is empty")
+    if not is_utf8(stripped):  # GDAL and the evidence files (UTF-8) cannot carry it
+        raise fail("it is not UTF-8 text (a file name in another encoding?); rename the file "
+                   "to a UTF-8 (e.g. ASCII) name")
     if _is_file(stripped):
         return _aoi_from_file(stripped, stripped, fail)
     if "," in stripped:

@@ -22,6 +22,7 @@ from pipeline.cli_options import (
     quiet_opt,
     sources_path,
     stderr_is_terminal,
+    utf8_path,
     verbose_opt,
 )
 from pipeline.cli_watch import sites, watch
@@ -96,7 +97,8 @@ def cli() -> None:
 @click.option("--radius-m", type=float, default=None,
               help="Radius around a 'lon,lat' AOI in metres [default: aoi.radius_m, 1000].")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("out"), show_default=True, help="Evidence folder root.")
+              default=Path("out"), show_default=True, callback=utf8_path,
+              help="Evidence folder root.")
 @click.option("--res-m", type=float, default=None,
               help="Working-grid pixel size in metres [default: the coarser input].")
 @click.option("--threshold", type=float, default=None,

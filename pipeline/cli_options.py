@@ -17,9 +17,10 @@ from typing import Any
 import click
 
 from pipeline.errors import PipelineError, PipelineWarning
+from pipeline.files import is_utf8
 
 __all__ = ["config_opt", "configure_logging", "handle_errors", "quiet_opt", "sources_path",
-           "stderr_is_terminal", "verbose_opt"]
+           "stderr_is_terminal", "utf8_path", "verbose_opt"]
 
 verbose_opt = click.option("-v", "--verbose", count=True,
                            help="More log detail on stderr (-vv: debug).")
@@ -28,6 +29,16 @@ config_opt = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="TOML config file [default: configs/default.toml].",
 )
+
+
+def utf8_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Option callback: refuse a path that is not UTF-8 before any work (GDAL cannot open it
+    and the UTF-8 manifest cannot name it; the run would fail only when writing)."""
+    if value is not None and not is_utf8(str(value.resolve())):
+        raise click.BadParameter(f"{str(value.resolve())!r} is not a UTF-8 path; rename the "
+                                 "folders on it to UTF-8 (e.g. ASCII) names or choose another.",
+                                 ctx, param)
+    return value
 
 
 def configure_logging(verbosity: int) -> None:

@@ -21,6 +21,7 @@ from pipeline.cli_options import (
     quiet_opt,
     sources_path,
     stderr_is_terminal,
+    utf8_path,
     verbose_opt,
 )
 from pipeline.config import load_config
@@ -72,7 +73,7 @@ class _SiteBar:
               default=None, help="Watch file, GeoJSON or GeoPackage [default: aoi.sites of "
                                  "the config, configs/sites.geojson].")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("out"), show_default=True,
+              default=Path("out"), show_default=True, callback=utf8_path,
               help="Data folder: evidence per site, state in watch.db.")
 @click.option("--scheduler", default="local", show_default=True,
               envvar="DASK_SCHEDULER_ADDRESS",

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pipeline.errors import ConfigError
 from pipeline.fetch.base import SourceConfig
+from pipeline.files import is_utf8
 from pipeline.model import (
     BuildingParams,
     ChangeParams,
@@ -176,6 +177,9 @@ def _check_resolutions(params: DetectParams) -> None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if not is_utf8(str(path.resolve())):  # the manifest (UTF-8 JSON) records its full path
+        raise ConfigError(f"Config file path {str(path.resolve())!r} is not UTF-8; rename the "
+                          "file or the folders on its path to UTF-8 (e.g. ASCII) names.")
     if not path.is_file():
         default_path = PROJECT_ROOT / "configs" / "default.toml"
         raise ConfigError(f"Config file {path} does not exist. Pass --config with an existing "

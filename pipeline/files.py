@@ -12,12 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["sha256_file", "atomic_path", "atomic_write_bytes", "atomic_write_text",
-           "is_disk_full"]
+           "is_disk_full", "is_utf8"]
 
 _CHUNK = 1 << 20
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # GDAL (through rasterio) reports a full disk in its message text only, without an errno
 _DISK_FULL_TEXTS = ("No space left", "disk space")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a path holding bytes that are not (Python keeps them
+    as lone surrogates) cannot be passed to GDAL nor written into the UTF-8 manifest."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sha256_file(path: str | Path) -> str:

@@ -180,6 +180,35 @@ def test_detect_fifo_input_is_refused_not_read(tmp_path):
     assert _run_dirs(tmp_path / "out") == []
 
 
+_NOT_UTF8 = b"\xff".decode("utf-8", "surrogateescape")  # a Latin-1 byte in a UTF-8 locale
+
+
+def _small_detect(tmp_path, *args):
+    return _run(["detect", "--aoi", "88.2821,43.383", "--radius-m", "150", "--before", SEEDS[0],
+                 "--after", SEEDS[1], "--out", str(tmp_path / "out"), "-q", *args])
+
+
+def test_detect_non_utf8_paths_are_refused_before_any_work(tmp_path):
+    """An image, AOI, config or OUT whose name is not UTF-8 (GDAL and the manifest cannot take
+    it) is a message naming it, not a traceback after the whole run; nothing is written."""
+    image = tmp_path / f"b{_NOT_UTF8}_2017-03-02.tif"
+    image.write_bytes(SEED_BEFORE.read_bytes())
+    config = tmp_path / f"c{_NOT_UTF8}.toml"
+    config.write_text((ROOT / "configs" / "default.toml").read_text())
+    aoi = tmp_path / f"a{_NOT_UTF8}.geojson"
+    aoi.write_text((ROOT / "docs" / "examples" / "dabancheng_facility.geojson").read_text())
+    cases = [(["--before", str(image)], 1, "not UTF-8"), (["--config", str(config)], 1,
+             "not UTF-8"), (["--aoi", str(aoi)], 1, "not UTF-8"),
+             (["--out", str(tmp_path / f"o{_NOT_UTF8}")], 2, "not a UTF-8 path")]
+    for args, code, phrase in cases:
+        result = _small_detect(tmp_path, *args)
+        assert result.exit_code == code, (args, result.output)
+        assert phrase in result.stderr and "rename" in result.stderr, result.stderr
+        assert "Traceback" not in result.output
+    assert not (tmp_path / f"o{_NOT_UTF8}").exists()
+    assert _run_dirs(tmp_path / "out") == []
+
+
 def test_detect_all_nodata_window(tmp_path):
     """An all-nodata window is a NoValidDataError naming the problem."""
     a, b = _nodata_pair(tmp_path)

@@ -39,7 +39,7 @@ from rasterio.windows import Window
 from shapely.geometry import box
 
 from pipeline.errors import ConfigError, FetchError, GridError, NoValidDataError, ProvenanceWarning
-from pipeline.files import sha256_file
+from pipeline.files import is_utf8, sha256_file
 from pipeline.model import GridPlan, SourceRef
 
 __all__ = ["RasterInfo", "describe_raster", "acquisition_date", "read_to_grid", "common_resolution",
@@ -356,7 +356,12 @@ def _existing_file(path: str | Path) -> Path:
     if not is_file:  # a fifo or device: GDAL would block on it or read it without end
         raise FetchError(f"Raster {src_path} is not a regular file (a pipe, device or socket); "
                          "give the path of a GeoTIFF file.")
-    return src_path.resolve()
+    resolved = src_path.resolve()
+    if not is_utf8(str(resolved)):
+        raise FetchError(f"Raster path {str(resolved)!r} is not UTF-8 (GDAL cannot open it); "
+                         "rename the file or the folders on its path to UTF-8 (e.g. ASCII) "
+                         "names.")
+    return resolved
 
 
 def _check_georeferencing(src: Any, path: Path) -> None:

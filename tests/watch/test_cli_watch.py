@@ -47,6 +47,23 @@ def test_watch_bad_sites_file_is_exit_2_naming_the_feature(setup):
     assert not setup["out"].exists()
 
 
+def test_watch_non_utf8_out_or_config_is_exit_2(setup):
+    """An OUT or config path that is not UTF-8 is a configuration error before anything runs
+    (it was a failed site at every run, 'UnicodeEncodeError', with the state written)."""
+    bad = b"\xff".decode("utf-8", "surrogateescape")
+    setup["out"] = setup["out"].with_name(f"out{bad}")
+    result = _watch(setup)
+    assert result.exit_code == 2 and "not a UTF-8 path" in result.stderr, result.output
+    assert not setup["out"].exists()
+    config = setup["config"].with_name(f"config{bad}.toml")
+    config.write_bytes(setup["config"].read_bytes())
+    setup["config"] = config
+    setup["out"] = setup["out"].with_name("out")
+    result = _watch(setup)
+    assert result.exit_code == 2 and "not UTF-8" in result.stderr, result.output
+    assert not setup["out"].exists()
+
+
 def test_watch_refuses_while_another_run_holds_the_lock(setup):
     """A second run while the first holds the lock exits 1 naming the holder."""
     setup["out"].mkdir()
