@@ -85,6 +85,17 @@ def test_detect_source_needs_dates(fake, tmp_path):
     assert "--after-date" in result.stderr
 
 
+def test_detect_source_dates_at_the_calendar_ends(fake, tmp_path):
+    """A date of 0001-01-01 or 9999-12-31 is searched +-45 days within the calendar (it was an
+    OverflowError traceback): the run compares two different releases."""
+    result = _detect(_config(fake, tmp_path), tmp_path / "out", "--before-date", "0001-01-01",
+                     "--after-date", "9999-12-31")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(next((tmp_path / "out").glob("*/*/manifest.json")).read_text())
+    releases = {i["role"]: i["release"] for i in manifest["inputs"]}
+    assert releases["before:0"] != releases["after:0"], releases
+
+
 def stac_detect(server, surface, tmp_path: Path, out: Path) -> Path:
     """`sitewatch detect` from the loopback STAC API over a 3 km AOI, 2020-06-02 against
     2020-06-07 (the fixtures of tests/fetch/test_stac.py); returns the run folder."""

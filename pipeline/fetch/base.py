@@ -50,7 +50,9 @@ class DateWindow:
         except ValueError as e:
             raise ConfigError(f"Date {text!r} is not a real calendar date: {e}.") from e
         if not m.group(2) and pad_days:
-            start, end = start - timedelta(days=pad_days), end + timedelta(days=pad_days)
+            # clamped to the calendar's ends: 0001-01-01 and 9999-12-31 are parsed, not padded
+            start -= timedelta(days=min(pad_days, (start - date.min).days))
+            end += timedelta(days=min(pad_days, (date.max - end).days))
         return cls(start, end)
 
     @property
