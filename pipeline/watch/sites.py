@@ -84,14 +84,20 @@ def parse_every(value: Any) -> timedelta:
     """
     text = str(value).strip()
     iso = _ISO.match(text.upper())
-    if iso and any(iso.groups()):
-        weeks, days, hours, minutes, seconds = (int(g or 0) for g in iso.groups())
-        result = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
-    elif short := _SHORT.match(text.lower()):
-        result = timedelta(seconds=float(short.group(1)) * _SHORT_UNITS[short.group(2)])
-    else:
-        raise ValueError(f"'every' {value!r} is not a duration; write e.g. 'P30D', 'PT12H', "
-                         "'P1W' (ISO 8601) or '30d', '12h', '2w'")
+    short = _SHORT.match(text.lower())
+    try:
+        if iso and any(iso.groups()):
+            weeks, days, hours, minutes, seconds = (int(g or 0) for g in iso.groups())
+            result = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes,
+                               seconds=seconds)
+        elif short:
+            result = timedelta(seconds=float(short.group(1)) * _SHORT_UNITS[short.group(2)])
+        else:
+            raise ValueError(f"'every' {value!r} is not a duration; write e.g. 'P30D', "
+                             "'PT12H', 'P1W' (ISO 8601) or '30d', '12h', '2w'")
+    except OverflowError:
+        raise ValueError(f"'every' {value!r} is too long (at most 999999999 days); write a "
+                         "shorter duration, e.g. 'P365D'") from None
     if result <= timedelta(0):
         raise ValueError(f"'every' {value!r} must be longer than zero")
     return result

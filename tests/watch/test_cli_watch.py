@@ -64,6 +64,21 @@ def test_watch_non_utf8_out_or_config_is_exit_2(setup):
     assert not setup["out"].exists()
 
 
+def test_watch_and_import_huge_every_is_exit_2(setup, tmp_path):
+    """An 'every' too long for a timedelta is a configuration error (exit 2), not a traceback."""
+    data = json.loads(setup["sites"].read_text())
+    data["features"][1]["properties"]["every"] = "P99999999999W"
+    setup["sites"].write_text(json.dumps(data))
+    result = _watch(setup)
+    assert result.exit_code == 2, result.output
+    assert "feature 1" in result.stderr and "too long" in result.stderr
+    assert not setup["out"].exists()
+    result = CliRunner().invoke(cli, ["sites", "import", str(SEEDS / "CampDataset_v1.csv"),
+                                      "-o", str(tmp_path / "w.geojson"), "--every", "9" * 20 + "d"])
+    assert result.exit_code == 2 and "too long" in result.stderr, result.output
+    assert not (tmp_path / "w.geojson").exists()
+
+
 def test_watch_refuses_while_another_run_holds_the_lock(setup):
     """A second run while the first holds the lock exits 1 naming the holder."""
     setup["out"].mkdir()

@@ -44,6 +44,14 @@ def test_parse_every_rejects(text):
         parse_every(text)
 
 
+@pytest.mark.parametrize("text", ["P99999999999W", "99999999999999999999d", "P1000000000D"])
+def test_parse_every_too_long_is_a_valueerror(text):
+    """A duration beyond timedelta's range is a ValueError saying so (was an OverflowError,
+    a traceback from `sites import --every` and from `watch` reading such a site file)."""
+    with pytest.raises(ValueError, match="too long"):
+        parse_every(text)
+
+
 def test_parse_sources_list_text_and_resolution():
     """A list or comma text of name[@res_m]."""
     assert parse_sources(["esri-wayback", "earth-search@10"]) == (
