@@ -164,6 +164,9 @@ def load_site_records(path: str | Path, *, invalid: list[str] | None = None
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a folder, pipe or device: reading a pipe would block
+            raise ConfigError(f"Site file {path} is not a regular file (a folder, pipe or "
+                              "device); give the path of a GeoJSON or GeoPackage file.")
         raise ConfigError(f"Site file {path} does not exist; check the path or create it.")
     frame = _read_vector(path, ConfigError, f"Site file {path}")
     if len(frame) == 0:

@@ -176,14 +176,17 @@ def _check_resolutions(params: DetectParams) -> None:
                           "searched; set it to at most towers.max_res_m.")
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, *, named_by: str = "--config") -> dict[str, Any]:
     if not is_utf8(str(path.resolve())):  # the manifest (UTF-8 JSON) records its full path
         raise ConfigError(f"Config file path {str(path.resolve())!r} is not UTF-8; rename the "
                           "file or the folders on its path to UTF-8 (e.g. ASCII) names.")
     if not path.is_file():
         default_path = PROJECT_ROOT / "configs" / "default.toml"
-        raise ConfigError(f"Config file {path} does not exist. Pass --config with an existing "
-                          f"TOML file, or omit it to use {default_path}.")
+        problem = ("is not a regular file (a folder, pipe or device)" if path.exists() else
+                   "does not exist")
+        fix = (f"Set {named_by} to an existing TOML file, or unset it" if named_by.startswith("$")
+               else f"Pass {named_by} with an existing TOML file, or omit it")
+        raise ConfigError(f"Config file {path} {problem}. {fix} to use {default_path}.")
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -216,7 +219,8 @@ def load_config(path: str | Path | None = None, *,
         out of range; the message names the key path.
     """
     config_path = Path(path) if path is not None else default_config_path()
-    data = _read_toml(config_path)
+    from_env = path is None and bool(os.environ.get("SITEWATCH_CONFIG"))
+    data = _read_toml(config_path, named_by="$SITEWATCH_CONFIG" if from_env else "--config")
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)

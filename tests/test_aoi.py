@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -234,6 +235,15 @@ def test_load_sites_missing_file_raises_configerror(tmp_path: Path):
     path = tmp_path / "nope.geojson"
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         load_sites(path)
+
+
+def test_load_sites_folder_or_pipe_is_not_a_regular_file(tmp_path: Path):
+    """A folder or a named pipe as the site file is named as such, not as missing."""
+    pipe = tmp_path / "sites.geojson"
+    os.mkfifo(pipe)
+    for path in (tmp_path, pipe):
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_sites(path)
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,16 @@ def test_load_config_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_load_config_folder_or_env_named_as_such(tmp_path, monkeypatch):
+    """A folder (or pipe) is 'not a regular file', not 'does not exist'; a bad
+    $SITEWATCH_CONFIG is named as the thing to fix, not --config."""
+    with pytest.raises(ConfigError, match="is not a regular file.*Pass --config"):
+        load_config(tmp_path)
+    monkeypatch.setenv("SITEWATCH_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match=r"does not exist\. Set \$SITEWATCH_CONFIG"):
+        load_config()
+
+
 def test_load_sources_rejects_non_http_and_missing_keys(tmp_path):
     """Sources need their type's keys and http(s) URLs only."""
     path = tmp_path / "s.toml"
