@@ -17,12 +17,12 @@ import click
 
 from pipeline import __version__
 from pipeline.cli_options import (
+    OutFolder,
     config_opt,
     handle_errors,
     quiet_opt,
     sources_path,
     stderr_is_terminal,
-    utf8_path,
     verbose_opt,
 )
 from pipeline.cli_watch import sites, watch
@@ -96,8 +96,7 @@ def cli() -> None:
               help="Use only what is in the download cache; say what is missing.")
 @click.option("--radius-m", type=float, default=None,
               help="Radius around a 'lon,lat' AOI in metres [default: aoi.radius_m, 1000].")
-@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("out"), show_default=True, callback=utf8_path,
+@click.option("--out", "out_root", type=OutFolder(), default=Path("out"), show_default=True,
               help="Evidence folder root.")
 @click.option("--res-m", type=float, default=None,
               help="Working-grid pixel size in metres [default: the coarser input].")

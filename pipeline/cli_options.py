@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.files import is_utf8
 
 __all__ = ["config_opt", "configure_logging", "handle_errors", "quiet_opt", "sources_path",
-           "stderr_is_terminal", "utf8_path", "verbose_opt"]
+           "stderr_is_terminal", "verbose_opt", "OutFolder"]
 
 verbose_opt = click.option("-v", "--verbose", count=True,
                            help="More log detail on stderr (-vv: debug).")
@@ -31,14 +32,24 @@ config_opt = click.option(
 )
 
 
-def utf8_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    """Option callback: refuse a path that is not UTF-8 before any work (GDAL cannot open it
-    and the UTF-8 manifest cannot name it; the run would fail only when writing)."""
-    if value is not None and not is_utf8(str(value.resolve())):
-        raise click.BadParameter(f"{str(value.resolve())!r} is not a UTF-8 path; rename the "
-                                 "folders on it to UTF-8 (e.g. ASCII) names or choose another.",
-                                 ctx, param)
-    return value
+class OutFolder(click.Path):
+    """``--out``: a folder path that is neither empty text (an unset variable, ``make detect
+    OUT=``, would write into the current folder) nor a path that is not UTF-8 (GDAL cannot
+    open it and the UTF-8 manifest cannot name it; the run would fail only when writing)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("the folder name is empty; give the folder to write into (e.g. --out "
+                      "out, or OUT=out for make).", param, ctx)
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        if not is_utf8(str(path.resolve())):
+            self.fail(f"{str(path.resolve())!r} is not a UTF-8 path; rename the folders on it "
+                      "to UTF-8 (e.g. ASCII) names or choose another.", param, ctx)
+        return path
 
 
 def configure_logging(verbosity: int) -> None:

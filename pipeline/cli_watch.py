@@ -16,12 +16,12 @@ from typing import Any
 import click
 
 from pipeline.cli_options import (
+    OutFolder,
     config_opt,
     handle_errors,
     quiet_opt,
     sources_path,
     stderr_is_terminal,
-    utf8_path,
     verbose_opt,
 )
 from pipeline.config import load_config
@@ -72,8 +72,7 @@ class _SiteBar:
 @click.option("--sites", "sites_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Watch file, GeoJSON or GeoPackage [default: aoi.sites of "
                                  "the config, configs/sites.geojson].")
-@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("out"), show_default=True, callback=utf8_path,
+@click.option("--out", "out_root", type=OutFolder(), default=Path("out"), show_default=True,
               help="Data folder: evidence per site, state in watch.db.")
 @click.option("--scheduler", default="local", show_default=True,
               envvar="DASK_SCHEDULER_ADDRESS",

@@ -188,9 +188,10 @@ def _small_detect(tmp_path, *args):
                  "--after", SEEDS[1], "--out", str(tmp_path / "out"), "-q", *args])
 
 
-def test_detect_non_utf8_paths_are_refused_before_any_work(tmp_path):
+def test_detect_non_utf8_paths_are_refused_before_any_work(tmp_path, monkeypatch):
     """An image, AOI, config or OUT whose name is not UTF-8 (GDAL and the manifest cannot take
-    it) is a message naming it, not a traceback after the whole run; nothing is written."""
+    it) is a message naming it, not a traceback after the whole run; nothing is written. An
+    empty --out (`make detect OUT=`) is refused too, not a run into the current folder."""
     image = tmp_path / f"b{_NOT_UTF8}_2017-03-02.tif"
     image.write_bytes(SEED_BEFORE.read_bytes())
     config = tmp_path / f"c{_NOT_UTF8}.toml"
@@ -199,13 +200,15 @@ def test_detect_non_utf8_paths_are_refused_before_any_work(tmp_path):
     aoi.write_text((ROOT / "docs" / "examples" / "dabancheng_facility.geojson").read_text())
     cases = [(["--before", str(image)], 1, "not UTF-8"), (["--config", str(config)], 1,
              "not UTF-8"), (["--aoi", str(aoi)], 1, "not UTF-8"),
-             (["--out", str(tmp_path / f"o{_NOT_UTF8}")], 2, "not a UTF-8 path")]
+             (["--out", str(tmp_path / f"o{_NOT_UTF8}")], 2, "not a UTF-8 path"),
+             (["--out", ""], 2, "empty")]
+    monkeypatch.chdir(tmp_path)  # where an empty --out wrote before
     for args, code, phrase in cases:
         result = _small_detect(tmp_path, *args)
         assert result.exit_code == code, (args, result.output)
-        assert phrase in result.stderr and "rename" in result.stderr, result.stderr
+        assert phrase in result.stderr, result.stderr
         assert "Traceback" not in result.output
-    assert not (tmp_path / f"o{_NOT_UTF8}").exists()
+    assert not (tmp_path / f"o{_NOT_UTF8}").exists() and not list(tmp_path.glob("pt-*"))
     assert _run_dirs(tmp_path / "out") == []
 
 

@@ -68,6 +68,18 @@ def test_make_watch_sites_is_quoted(tmp_path: Path) -> None:
     assert result.returncode != 0 and "does not exist" in result.stderr, result.stderr
 
 
+@_NEEDS_MAKE
+@pytest.mark.parametrize("target", ["detect", "watch"])
+def test_make_empty_out_is_a_usage_error(target: str, tmp_path: Path) -> None:
+    """`make detect OUT=` (an empty variable) is refused (exit 2, 'empty'), not a run that
+    writes into the project folder; the missing input would stop it later in any case."""
+    extra = ({"BEFORE": str(tmp_path / "a.tif"), "AFTER": str(tmp_path / "b.tif")}
+             if target == "detect" else {"SITES": str(tmp_path / "none.geojson")})
+    result = _make(target, tmp_path, OUT="", **extra)
+    assert result.returncode == 2, result.stderr
+    assert "'--out': the folder name is empty" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("location", ["ftp://127.0.0.1/a.png", "file:///etc/passwd",
                                       "gopher://127.0.0.1/", "data:image/png;base64,iVBORw0K",
                                       "javascript:alert(1)", "FILE:///etc/passwd"])
