@@ -52,6 +52,10 @@ def check_body(url: str, body: bytes, content_type: str, *, expect: Expect) -> N
         except (ValueError, UnicodeDecodeError) as e:
             raise FetchError(f"{url} did not return valid JSON: got "
                              f"{describe_body(body, content_type)} ({e}).") from e
+        except RecursionError as e:  # "[[[[..." deeper than the interpreter's stack
+            raise FetchError(f"{url} did not return usable JSON: got "
+                             f"{describe_body(body, content_type)}, nested too deeply to "
+                             "parse. The server may be failing or the URL may be wrong.") from e
         return
     raise ValueError(f"expect must be 'json', 'image' or 'any', got {expect!r}")
 
@@ -79,7 +83,7 @@ def retry_after_s(resp: requests.Response) -> float | None:
     value = resp.headers.get("Retry-After", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²": str.isdigit takes any digit
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

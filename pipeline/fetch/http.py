@@ -278,8 +278,7 @@ class HttpClient:
             reason = f"server answered {status}" + (" (too many requests)" if status == 429 else "")
             raise _Retryable(reason, "status", retry_after_s=retry_after_s(resp))
         if status >= 400 or not 200 <= status < 300:
-            snippet = describe_body(resp.raw.read(2048, decode_content=True) or b"",
-                                resp.headers.get("Content-Type", ""))
+            snippet = _error_snippet(resp)
             raise FetchError(f"Could not fetch {url}: server answered {status} "
                              f"({resp.reason}); got {snippet}. {status_hint(status)}")
         body = self._read_body(resp)
@@ -295,6 +294,12 @@ class HttpClient:
                     raise FetchError(f"Could not fetch {resp.url}: the body is larger than "
                                      f"{self.max_body_bytes >> 20} MiB; refusing it.")
                 chunks.append(chunk)
+        except requests.exceptions.ContentDecodingError as e:
+            encoding = resp.headers.get("Content-Encoding", "")
+            raise FetchError(f"Could not fetch {resp.url}: the server labelled the body "
+                             f"Content-Encoding {encoding!r} but it does not decode as that "
+                             f"({_short(e)}); the server is misconfigured. Try again later, or "
+                             "report it to the source.") from e
         except requests.exceptions.ChunkedEncodingError as e:
             # urllib3 drops the chunk it was reading, so ``size`` only counts whole chunks
             got = f" ({size} bytes arrived before the cut)" if size else ""
@@ -306,7 +311,7 @@ class HttpClient:
         body = b"".join(chunks)
         declared = resp.headers.get("Content-Length", "")
         identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
-        if identity and declared.isdigit() and int(declared) != len(body):
+        if identity and declared.isascii() and declared.isdigit() and int(declared) != len(body):
             raise _Retryable(f"the body was cut off: got {len(body)} of {declared} bytes",
                              "truncated")
         return body
@@ -344,6 +349,15 @@ def map_concurrent(func: Callable[[T], R], items: Iterable[T], *, max_workers: i
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return results
+
+
+def _error_snippet(resp: requests.Response) -> str:
+    """The start of an error answer's body, described; never fails (the status is the news)."""
+    try:
+        head = resp.raw.read(2048, decode_content=True) or b""
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        return f"a body that could not be read ({type(e).__name__})"
+    return describe_body(head, resp.headers.get("Content-Type", ""))
 
 
 def _give_up_message(url: str, error: _Retryable, attempts: int, timeout_s: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import FetchError
 from pipeline.fetch.base import FetchContext
+from pipeline.fetch.cache import cache_paths, fetch_cached
 from pipeline.fetch.http import HttpClient, NotFound, check_body, check_url, get_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -293,3 +295,84 @@ def test_server_serves_geotiff_to_gdal(tmp_path: Path) -> None:
             np.testing.assert_array_equal(remote.read(), local.read())
         assert any("Range" in headers for _, headers in s.headers_seen)
         assert s.count("/scene.tif") >= 1
+
+
+@contextlib.contextmanager
+def _raw_server(answer: bytes, *, hold_s: float = 0.0) -> Iterator[str]:
+    """A server that sends ``answer`` verbatim to every request, then holds the connection
+    open ``hold_s`` seconds before closing it (for answers servers.py cannot send)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(answer)
+                stop.wait(hold_s)
+
+    def loop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_fetch_body_that_does_not_gunzip(server: LoopbackServer, tmp_path: Path) -> None:
+    """A body labelled gzip that is not gzip is a FetchError naming the encoding (it was a
+    requests ContentDecodingError traceback), and stays out of the cache."""
+    server.route("/gz.json", lambda r: (200, {"Content-Type": "application/json",
+                                              "Content-Encoding": "gzip"}, b"not gzip at all"))
+    url = server.url("/gz.json")
+    with pytest.raises(FetchError, match="Content-Encoding 'gzip' but it does not decode"):
+        _client(tmp_path).get_json(url)
+    context = _context(tmp_path)
+    with pytest.raises(FetchError, match="misconfigured"):
+        fetch_cached(url, context=context, client=_client(tmp_path), expect="json")
+    assert not any(p.is_file() for p in cache_paths(url, context=context))
+
+
+@pytest.mark.parametrize("answer, hold_s, seen", [
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nabc", 2.0, "ReadTimeoutError"),
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nabc", 0.0, "ProtocolError"),
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Encoding: gzip\r\nContent-Length: 8\r\n\r\nnot gzip",
+     0.0, "DecodeError"),
+])
+def test_fetch_error_status_with_unreadable_body(tmp_path: Path, answer: bytes, hold_s: float,
+                                                 seen: str) -> None:
+    """A 403 whose body stalls, is cut off or does not decode still ends in the 403 message
+    (these were raw urllib3 tracebacks from reading the error page's first bytes)."""
+    with _raw_server(answer, hold_s=hold_s) as base:
+        start = time.monotonic()
+        with pytest.raises(FetchError, match=f"403.*could not be read \\({seen}\\).*refused"):
+            _client(tmp_path, timeout_s=0.3).get_bytes(base + "/a.png")
+        assert time.monotonic() - start < 1.5
+
+
+def test_fetch_non_ascii_digits_in_headers(server: LoopbackServer, tmp_path: Path) -> None:
+    """A Retry-After or Content-Length of "²" (str.isdigit says yes, float/int say no) is
+    ignored, not a ValueError traceback."""
+    server.route("/busy.png", lambda r: (503, {"Retry-After": "\u00b2"}, b"busy"))
+    with pytest.raises(FetchError, match="server answered 503 twice"):
+        _client(tmp_path, max_retries=1).get_bytes(server.url("/busy.png"))
+    with _raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n"
+                     + PNG) as base:
+        assert _client(tmp_path).get_bytes(base + "/a.png", expect="image") == PNG
+
+
+def test_fetch_json_nested_too_deeply(server: LoopbackServer, tmp_path: Path) -> None:
+    """JSON nested deeper than Python's stack is a FetchError (it was a RecursionError)."""
+    server.add("/deep.json", b"[" * 100_000, "application/json")
+    with pytest.raises(FetchError, match="nested too deeply"):
+        _client(tmp_path).get_json(server.url("/deep.json"))
