@@ -384,8 +384,9 @@ def _no_items_message(profile: SensorProfile, source: SourceConfig, window: Date
     text = (f"No {profile.name} scene in {source.name} for {window} with cloud cover <= "
             f"{options.max_cloud:g} % over the AOI: widen the window or raise max_cloud")
     if skipped:
-        text += (f" ({len(skipped)} item(s) were found but lack needed assets, e.g. "
-                 f"{skipped[0]}; check the assets table of sources.{source.name})")
+        text += (f" ({len(skipped)} item(s) were found but cannot be used, e.g. "
+                 f"{skipped[0]}; if assets are missing, check the assets table of "
+                 f"sources.{source.name})")
     return text + "."
 
 

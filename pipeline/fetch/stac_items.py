@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
 
 from pipeline.errors import ConfigError, ProvenanceWarning
 
@@ -138,15 +139,20 @@ def prepare_items(raws: Sequence[Mapping[str, Any]], profile: SensorProfile,
                   bands: Sequence[str]) -> tuple[list[ItemBands], list[str]]:
     """Resolve assets and scaling of each item, sorted by ``(datetime, id)``.
 
-    Items must share one set of asset keys (the first item's): odc-stac loads by key.
+    Items must share one set of asset keys (the first item's): odc-stac loads by key. A search
+    result without an id, properties, a readable datetime or assets, or whose needed assets have
+    no http(s) href (relative hrefs resolved against its self link), is skipped, never read.
 
     Returns
     -------
     tuple
         ``(items, skipped)``: usable items, and one message per skipped item.
     """
-    ordered = sorted(raws, key=lambda r: (_when(r), str(r.get("id"))))
-    items, skipped, keys = [], [], None
+    checked = [(raw, _malformed(raw)) for raw in raws]
+    skipped = [problem for _, problem in checked if problem is not None]
+    readable = [raw for raw, problem in checked if problem is None]
+    ordered = sorted(readable, key=lambda r: (_when(r), str(r.get("id"))))
+    items, keys = [], None
     for raw in ordered:
         found = _keys(raw, profile, bands)
         if isinstance(found, str):
@@ -156,10 +162,32 @@ def prepare_items(raws: Sequence[Mapping[str, Any]], profile: SensorProfile,
         if found != keys:
             skipped.append(f"{raw['id']}: asset keys {found} differ from {keys}")
             continue
-        items.append(_item_bands(raw, profile, found))
+        try:
+            items.append(_item_bands(raw, profile, found))
+        except (TypeError, ValueError) as e:
+            skipped.append(f"{raw['id']}: unreadable raster:bands scale, offset or nodata ({e})")
     for message in skipped:
         log.warning("Skipping STAC item %s", message)
     return items, skipped
+
+
+def _malformed(raw: Any) -> str | None:
+    """What makes a search result unusable as an item (a message), or None."""
+    if not isinstance(raw, Mapping):
+        return f"a search result that is not a JSON object ({type(raw).__name__})"
+    item_id, props = raw.get("id"), raw.get("properties")
+    if not isinstance(item_id, str) or not item_id:
+        return f"an item without an id (got {item_id!r})"
+    if not isinstance(props, Mapping):
+        return f"{item_id}: no properties object"
+    if not isinstance(raw.get("assets", {}), Mapping):
+        return f"{item_id}: its assets are not a JSON object"
+    try:
+        _when(raw)
+    except (TypeError, ValueError, OverflowError):
+        return (f"{item_id}: its datetime {props.get('datetime')!r} is not an ISO 8601 date "
+                "and time")
+    return None
 
 
 def _when(raw: Mapping[str, Any]) -> datetime:
@@ -186,7 +214,35 @@ def _keys(raw: Mapping[str, Any], profile: SensorProfile,
             keys[band] = key
     if missing:
         return f"{raw.get('id')}: no asset for {', '.join(missing)}"
+    for key in keys.values():
+        problem = _href_problem(raw, key)
+        if problem:
+            return f"{raw.get('id')}: asset {key} {problem}"
     return keys
+
+
+def _href_problem(raw: Mapping[str, Any], key: str) -> str | None:
+    """Why asset ``key``'s href cannot be read over http(s) (pystac resolves a relative href
+    against the item's self link), or None."""
+    asset = raw["assets"][key]
+    href = asset.get("href") if isinstance(asset, Mapping) else None
+    if not isinstance(href, str) or not href:
+        return "has no href"
+    if urlsplit(_absolute_href(raw, href)).scheme.lower() not in ("http", "https"):
+        return (f"href {href!r} is not an http(s) URL; only http(s) assets are read (no local "
+                "files, no s3:// or other schemes)")
+    return None
+
+
+def _absolute_href(raw: Mapping[str, Any], href: str) -> str:
+    """``href`` resolved against the item's self link when it is relative."""
+    if urlsplit(href).scheme:
+        return href
+    links = raw.get("links")
+    self_href = next((lk.get("href") for lk in links if isinstance(lk, Mapping)
+                      and lk.get("rel") == "self" and isinstance(lk.get("href"), str)),
+                     None) if isinstance(links, list) else None
+    return urljoin(self_href, href) if self_href else href
 
 
 def _raster_band(asset: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -212,7 +268,7 @@ def _item_bands(raw: Mapping[str, Any], profile: SensorProfile,
             offset[band] = _s2_offset(raw, band, rb, scale[band], when)
         else:
             offset[band] = float(rb.get("offset", profile.offset))
-    hrefs = {band: str(assets[key]["href"]) for band, key in keys.items()}
+    hrefs = {band: _absolute_href(raw, str(assets[key]["href"])) for band, key in keys.items()}
     return ItemBands(item_id=str(raw["id"]), when=when, raw=raw,
                      keys={b: k for b, k in keys.items() if b != "mask"}, hrefs=hrefs,
                      scale=scale, offset=offset, nodata=nodata, mask_key=keys.get("mask"),

@@ -475,3 +475,61 @@ def test_fetch_cog_failure_is_fetch_error_without_token(api, plan, tmp_path, cap
             FetchError, match=r"S2B_45TXK_20200607_0_L2A/nir.tif\?<query removed> failed") as err:
         stac.fetch(plan, WINDOW, source, role="before", context=_context(tmp_path))
     assert "secret" not in str(err.value) and "secret" not in caplog.text
+
+
+def _serve_search(server: LoopbackServer, features: list) -> None:
+    """Answer every /search with these features (no filtering, no paging)."""
+    body = json.dumps({"type": "FeatureCollection", "features": features, "links": []}).encode()
+    server.route("/search", lambda r: (200, {"Content-Type": "application/geo+json"}, body))
+
+
+def _set_red(key: str, value: object):
+    return lambda item: item["assets"]["red"].__setitem__(key, value) or item
+
+
+MALFORMED_ITEMS = {
+    "not an object": (lambda item: 7, "not a JSON object"),
+    "no id": (lambda item: item.pop("id") and item, "without an id"),
+    "properties null": (lambda item: item.update(properties=None) or item, "no properties"),
+    "assets null": (lambda item: item.update(assets=None) or item, "assets are not a JSON"),
+    "no datetime": (lambda item: item["properties"].pop("datetime") and item,
+                    "datetime None is not an ISO 8601"),
+    "bad datetime": (lambda item: item["properties"].update(datetime="yesterday") or item,
+                     "datetime 'yesterday' is not"),
+    "no href": (lambda item: item["assets"]["red"].pop("href") and item, "asset red has no href"),
+    "file href": (_set_red("href", "file:///etc/hostname"), "'file:///etc/hostname' is not an "
+                  "http"),
+    "s3 href": (_set_red("href", "s3://bucket/red.tif"), "'s3://bucket/red.tif' is not an http"),
+    "bad scale": (_set_red("raster:bands", [{"scale": "x"}]), "unreadable raster:bands"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ITEMS))
+def test_fetch_skips_malformed_items(api, plan, tmp_path, caplog, case):
+    """A search result that is not a usable item (no id, datetime, assets or href, an href of
+    another scheme, a raster:bands scale that is no number) is skipped with a warning naming
+    why, and the other items are used; these were TypeError/KeyError/ValueError tracebacks,
+    and file:// or s3:// hrefs were handed to GDAL."""
+    server, stac_api = api
+    bad, good = (stac_api._absolute(i) for i in stac_api.items[:2])
+    mutate, reason = MALFORMED_ITEMS[case]
+    _serve_search(server, [mutate(bad), good])
+    with caplog.at_level(logging.WARNING, "pipeline.fetch.stac_items"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PipelineWarning)
+        scene = stac.fetch(plan, WINDOW, _source(server), role="before",
+                           context=_context(tmp_path))
+    assert [r.item_id for r in scene.refs] == [good["id"]]
+    assert scene.info["items_found"] == 1 and reason in scene.info["items_skipped"][0]
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+def test_fetch_only_malformed_items_says_why(api, plan, tmp_path):
+    """When every item is unusable, NoValidDataError gives the first reason."""
+    server, stac_api = api
+    items = [stac_api._absolute(i) for i in stac_api.items[:2]]
+    for item in items:
+        item["assets"]["red"]["href"] = "s3://bucket/red.tif"
+    _serve_search(server, items)
+    with pytest.raises(NoValidDataError, match=r"2 item\(s\) were found but cannot be used, "
+                       r"e\.g\. S2A.*'s3://bucket/red.tif' is not an http\(s\) URL"):
+        stac.fetch(plan, WINDOW, _source(server), role="before", context=_context(tmp_path))
