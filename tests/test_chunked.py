@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from numpy.testing import assert_allclose, assert_array_equal
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
@@ -445,13 +446,7 @@ def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     import pipeline.detect.compounds as compounds
     from pipeline.model import DetectParams
 
-    with rasterio.open(pair[0]) as b, rasterio.open(pair[1]) as a:
-        before, after = (src.read().astype(np.float32) for src in (b, a))
-        transform = b.transform
-    after[:, :, :40] = np.nan
-    for r in range(30, 120, 30):  # a second block of new buildings: two candidate regions
-        for c in range(470, 600, 38):
-            after[:, r:r + 14, c:c + 24] = 205.0
+    before, after, transform = _two_compound_pair(pair)
     params = DetectParams().objects
     whole = compounds.find_compounds(before, after, transform=transform, res_m=RES_M,
                                      params=params)
@@ -463,6 +458,40 @@ def test_find_compounds_in_batches_equal_all_at_once(pair, monkeypatch):
     assert lazy[1].shape == whole[1].shape and lazy[2] == whole[2]
     assert list(blocks.crop_batches([5, 1, 1, 9, 2], 7)) == [range(0, 3), range(3, 4),
                                                                 range(4, 5)]
+
+
+def _two_compound_pair(pair) -> tuple[np.ndarray, np.ndarray, Affine]:
+    """The test pair with an edge of nodata and a second block of new buildings (two
+    candidate regions): ``(before, after, transform)``."""
+    with rasterio.open(pair[0]) as b, rasterio.open(pair[1]) as a:
+        before, after = (src.read().astype(np.float32) for src in (b, a))
+        transform = b.transform
+    after[:, :, :40] = np.nan
+    for r in range(30, 120, 30):
+        for c in range(470, 600, 38):
+            after[:, r:r + 14, c:c + 24] = 205.0
+    return before, after, transform
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_find_compounds_in_threads_equal_one_by_one(pair, chunked):
+    """The regions fitted and snapped in parallel threads give the candidates, in the same
+    order, of one region at a time (the synchronous scheduler)."""
+    import dask
+    import dask.array as da
+
+    import pipeline.detect.compounds as compounds
+    from pipeline.model import DetectParams
+
+    before, after, transform = _two_compound_pair(pair)
+    if chunked:
+        before, after = (da.from_array(x, chunks=(3, 200, 200)) for x in (before, after))
+    kwargs = dict(transform=transform, res_m=RES_M, params=DetectParams().objects)
+    with dask.config.set(scheduler="synchronous"):
+        alone = compounds.find_compounds(before, after, **kwargs)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        threaded = compounds.find_compounds(before, after, **kwargs)
+    assert len(alone[0]) >= 2 and threaded[0] == alone[0] and threaded[2] == alone[2]
 
 
 @pytest.mark.parametrize("case", ["overlap", "disjoint", "before_empty", "after_empty"])

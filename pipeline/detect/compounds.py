@@ -7,10 +7,12 @@ the maximum-evidence rectangle in the site's dominant orientation (``rectfit``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 import shapely
 from affine import Affine
@@ -109,6 +111,15 @@ def find_compounds(
     search_px = 2 * params.site_sigma_m / res_m
     regions = [r for r in measure.regionprops(labels) if r.area >= min_cells]
     boxes = [_cell_box(r.bbox, margin, gain.shape) for r in regions]
+    # the regions of a batch are fitted, then snapped, in parallel on the configured Dask
+    # scheduler (each region is independent; the shared maps are bound to the functions, not
+    # passed as arguments Dask would walk); results come back in order
+    fit = dask.delayed(functools.partial(
+        _fit_region, gain, labels, threshold=threshold, factor=factor,
+        edges_shape=edges.after.shape, search_px=search_px), pure=False)
+    snap = dask.delayed(functools.partial(
+        _snap_candidate, gain, threshold=threshold, transform=transform, factor=factor,
+        cell_m=cell_m, search_px=search_px), pure=False)
     found = []
     # a batch of regions at a time: only one batch of crops is held (their number grows
     # with the area)
@@ -116,17 +127,14 @@ def find_compounds(
                              CROP_BATCH_PX):
         fines = compute_crops([grey_after[r0 * factor:r1 * factor, c0 * factor:c1 * factor]
                                for r0, c0, r1, c1 in (boxes[k] for k in part)])
-        fits = [_fit_region(gain, labels, regions[k], boxes[k], fine, threshold=threshold,
-                            factor=factor) for k, fine in zip(part, fines, strict=True)]
+        fits = dask.compute(*(fit(regions[k], boxes[k], fine)
+                              for k, fine in zip(part, fines, strict=True)))
+        del fines
         fitted = [f for f in fits if f is not None]
-        windows = [snap_window(px, edges.after.shape, search_px=search_px) for _, px in fitted]
-        crops = compute_crops([new_edges(edges, rows, cols) for rows, cols in windows])
-        for (angle, px), (rows, cols), crop in zip(fitted, windows, crops, strict=True):
-            px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
-            cand = corner_candidate(px, angle, gain, threshold=threshold, transform=transform,
-                                    factor=factor, cell_m=cell_m)
-            if cand.polygon.area >= params.compound_min_area_m2:
-                found.append(cand)
+        crops = compute_crops([new_edges(edges, rows, cols) for _, _, (rows, cols) in fitted])
+        cands = dask.compute(*(snap(angle, px, window, crop)
+                               for (angle, px, window), crop in zip(fitted, crops, strict=True)))
+        found += [c for c in cands if c.polygon.area >= params.compound_min_area_m2]
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
 
@@ -167,8 +175,11 @@ def _fit_region(
     *,
     threshold: float,
     factor: int,
-) -> tuple[float, np.ndarray] | None:
-    """``(orientation, pixel corners)`` of a region's evidence rectangle, or None."""
+    edges_shape: tuple[int, int],
+    search_px: float,
+) -> tuple[float, np.ndarray, tuple[slice, slice]] | None:
+    """``(orientation, pixel corners, snap window)`` of a region's evidence rectangle (the
+    window of the ``edges_shape`` edge maps that `snap_sides` reads for it), or None."""
     r0, c0, r1, c1 = box
     # Evidence above threshold counts up to +1 per cell, below it down to -1.
     crop = np.clip(np.nan_to_num(gain[r0:r1, c0:c1] - threshold, nan=-1.0), -1.0, 1.0)
@@ -181,7 +192,19 @@ def _fit_region(
     _, corners = fit
     # Cell-index corners (cell i spans i-0.5..i+0.5) to pixel corners.
     px = np.column_stack([(corners[:, 0] + 0.5 + r0) * factor, (corners[:, 1] + 0.5 + c0) * factor])
-    return angle, px
+    return angle, px, snap_window(px, edges_shape, search_px=search_px)
+
+
+def _snap_candidate(gain: np.ndarray, angle: float, px: np.ndarray,
+                    window: tuple[slice, slice], crop: np.ndarray, *, threshold: float,
+                    transform: Affine, factor: int, cell_m: float, search_px: float
+                    ) -> CompoundCandidate:
+    """The candidate of a fitted rectangle once its sides are snapped onto the new edges of
+    ``crop`` (the edge maps' ``window``)."""
+    rows, cols = window
+    px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
+    return corner_candidate(px, angle, gain, threshold=threshold, transform=transform,
+                            factor=factor, cell_m=cell_m)
 
 
 def corner_candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: float,
