@@ -17,7 +17,7 @@ import json
 import logging
 import statistics
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, get_args
@@ -28,6 +28,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from pystac_client import Client
 from pystac_client.conformance import ConformanceClasses
+from pystac_client.errors import ClientTypeError
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from rasterio.warp import transform_bounds
@@ -142,13 +143,37 @@ class _CachedStacIO(StacApiIO):
             url = requests.Request("GET", href, params=parameters or {}).prepare().url or href
             body = fetch_cached(url, context=self.context, client=self.client, expect="json",
                                 max_age_s=self.max_age_s)
+            _check_object(url, body.content)
             self._note_page(url, body.sha256, body.content)
             return body.content.decode("utf-8")
         if self.context.offline:
             raise FetchError(f"offline and {href} needs a POST request, which is never cached; "
                              "run once online first.")
-        return self.client.fetch(href, expect="json", method="POST", json_body=parameters,
-                                 headers=headers).content.decode("utf-8")
+        content = self.client.fetch(href, expect="json", method="POST", json_body=parameters,
+                                    headers=headers).content
+        _check_object(href, content)
+        return content.decode("utf-8")
+
+    def get_pages(self, url: str, method: str | None = None,
+                  parameters: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """pystac-client's paging, with each page's shape checked and a ``next`` link that
+        comes back (a paging loop) ending the search instead of repeating it forever."""
+        seen: set[str] = set()
+        for page in super().get_pages(url, method, parameters):
+            features, links = page.get("features", []), page.get("links", [])
+            if not isinstance(features, list) or not isinstance(links, list) or not all(
+                    isinstance(link, dict) for link in links):
+                raise FetchError(f"A search page from {url} is not a STAC FeatureCollection "
+                                 "(its features or links are not lists of objects); check url "
+                                 "in configs/sources.toml.")
+            yield page
+            following = next((link for link in links if link.get("rel") == "next"), None)
+            key = json.dumps(following, sort_keys=True)
+            if following is not None and key in seen:
+                log.warning("STAC search at %s: the next link %s came back; stopping there",
+                            url, following.get("href"))
+                return
+            seen.add(key)
 
 
     def _note_page(self, url: str, sha256: str, content: bytes) -> None:
@@ -160,6 +185,14 @@ class _CachedStacIO(StacApiIO):
         if isinstance(doc, dict) and isinstance(doc.get("features"), list):
             ids = [f.get("id") for f in doc["features"] if isinstance(f, dict)]
             self.pages.append({"url": url, "sha256": sha256, "ids": ids})
+
+
+def _check_object(url: str, content: bytes) -> None:
+    """FetchError unless ``content`` is a JSON object (a list or a string is no STAC document)."""
+    doc = json.loads(content)
+    if not isinstance(doc, dict):
+        raise FetchError(f"{url} answered JSON that is not an object ({type(doc).__name__}), "
+                         "so it is no STAC API document; check url in configs/sources.toml.")
 
 
 def search_items(plan: GridPlan, window: DateWindow, options: StacOptions, *,
@@ -208,18 +241,38 @@ def search_items(plan: GridPlan, window: DateWindow, options: StacOptions, *,
         raws = list(search.items_as_dicts())
         if pages is not None:
             pages += stac_io.pages
-    except (APIError, NotImplementedError, ValueError, KeyError) as e:
+    except (APIError, ClientTypeError, NotImplementedError, ValueError, KeyError) as e:
         raise FetchError(f"The STAC API at {options.url} could not be searched: {e}. Check "
                          "url and collection in configs/sources.toml.") from e
+    unique: dict[str, Any] = {}
+    for raw in raws:  # a paging loop or a sloppy API lists an item twice: keep the first
+        unique.setdefault(_item_key(raw), raw)
+    raws = list(unique.values())
     if not has_query:
-        raws = [r for r in raws
-                if float(r.get("properties", {}).get("eo:cloud_cover", 100.0)) <= max_cloud]
+        raws = [r for r in raws if _cloud_cover(r) <= max_cloud]
     log.info("STAC search %s %s %s: %d items", options.url, options.collection, window, len(raws))
     if len(raws) >= options.max_items:
         warnings.warn(f"The STAC search returned max_items = {options.max_items} items; later "
                       "ones were left out. Narrow the window or raise max_items.",
                       PipelineWarning, stacklevel=2)
     return raws
+
+
+def _item_key(raw: Any) -> str:
+    """Identity of a search result for de-duplication: its id, else its JSON."""
+    if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        return raw["id"]
+    return json.dumps(raw, sort_keys=True, default=str)
+
+
+def _cloud_cover(raw: Any) -> float:
+    """An item's eo:cloud_cover, 100 when missing or not a number."""
+    props = raw.get("properties") if isinstance(raw, dict) else None
+    value = props.get("eo:cloud_cover", 100.0) if isinstance(props, dict) else 100.0
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 100.0
 
 
 def fetch(plan: GridPlan, window: DateWindow, source: SourceConfig, *, role: str,

@@ -533,3 +533,50 @@ def test_fetch_only_malformed_items_says_why(api, plan, tmp_path):
     with pytest.raises(NoValidDataError, match=r"2 item\(s\) were found but cannot be used, "
                        r"e\.g\. S2A.*'s3://bucket/red.tif' is not an http\(s\) URL"):
         stac.fetch(plan, WINDOW, _source(server), role="before", context=_context(tmp_path))
+
+
+def _search(server: LoopbackServer, plan: GridPlan, tmp_path: Path) -> list:
+    context = _context(tmp_path)
+    options = stac.StacOptions.from_source(_source(server))
+    return stac.search_items(plan, WINDOW, options, context=context,
+                             client=HttpClient(context, backoff_s=0.01))
+
+
+@pytest.mark.parametrize("next_href", ["/search?page=1", None])
+def test_search_next_link_that_loops_back_ends(api, plan, tmp_path, caplog, next_href):
+    """A next link that comes back (to a fixed page, or to the page itself) ends the search
+    with each item once; it re-read the same page until max_items = 100 copies."""
+    server, stac_api = api
+    features = [stac_api._absolute(i) for i in stac_api.items[:2]]
+
+    def looping(request):
+        href = server.url(next_href or f"/search?{request.query}")
+        body = {"type": "FeatureCollection", "features": features,
+                "links": [{"rel": "next", "href": href, "type": "application/geo+json"}]}
+        return 200, {"Content-Type": "application/geo+json"}, json.dumps(body).encode()
+
+    server.route("/search", looping)
+    with caplog.at_level(logging.WARNING, "pipeline.fetch.stac"):
+        raws = _search(server, plan, tmp_path)
+    assert [r["id"] for r in raws] == [f["id"] for f in features]
+    assert server.count("/search") <= 3
+    assert any("came back" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/", b"[]", "answered JSON that is not an object \\(list\\)"),
+    ("/", b'"hello"', "answered JSON that is not an object \\(str\\)"),
+    ("/", b'{"type": "Feature"}', "could not be searched: Could not open Client"),
+    ("/search", b"null", "answered JSON that is not an object \\(NoneType\\)"),
+    ("/search", b'{"type": "FeatureCollection", "features": [{}], "links": "x"}',
+     "not a STAC FeatureCollection"),
+    ("/search", b'{"type": "FeatureCollection", "features": {"a": 1}}',
+     "not a STAC FeatureCollection"),
+])
+def test_search_json_of_the_wrong_shape(api, plan, tmp_path, path, body, message):
+    """A landing page or search page that parses but is no STAC document is a FetchError
+    naming the URL (these were AttributeError, TypeError or ClientTypeError tracebacks)."""
+    server, _ = api
+    server.route(path, lambda r: (200, {"Content-Type": "application/json"}, body))
+    with pytest.raises(FetchError, match=message):
+        _search(server, plan, tmp_path)
