@@ -8,6 +8,8 @@ loopback relay (``http://127.0.0.1:<port>/<n>/<file name>``). The relay forwards
 own retry rules apply, as before), answers GDAL with the server's status, headers and body,
 and stores every successful body in the download cache under the key
 ``<unsigned href>#bytes=<Content-Range>``, with its SHA-256. Nothing is decoded or changed.
+A server that answers a range request with the whole file (200) is refused unread: the fetch
+fails with a FetchError saying the server ignores Range requests.
 
 Each body is stored (written, fsynced, hashed) *before* GDAL gets it, on purpose: a body the
 cache cannot keep is never turned into pixels (GDAL gets a 502 and the read fails with the
@@ -152,7 +154,17 @@ class RangeRecorder:
         href = self._hrefs[n]
         try:
             resp = self._session.request(method, self._signed(href), headers=dict(headers),
-                                         timeout=self.context.timeout_s)
+                                         timeout=self.context.timeout_s, stream=True)
+            if method == "GET" and "Range" in headers and resp.status_code == 200:
+                resp.close()  # the whole file is coming: never read it into memory or the cache
+                self.error = FetchError(
+                    f"{href} answered a byte-range request with the whole file (HTTP 200, "
+                    f"Content-Length {resp.headers.get('Content-Length', 'unknown')}): the server "
+                    "ignores Range requests, so the AOI window of this COG cannot be read from "
+                    "it. Use a source whose server supports range requests, or download the "
+                    "files and pass them with --before/--after.")
+                return 502, {}, b""
+            resp.content  # noqa: B018 (read the body now, inside the error handling)
         except requests.RequestException as e:
             log.debug("COG relay: %s %s failed: %s", method, href, type(e).__name__)
             return 502, {}, b""

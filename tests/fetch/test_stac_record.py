@@ -87,6 +87,23 @@ def test_fetch_cache_disk_error_names_the_cache(api, plan, tmp_path, monkeypatch
     assert not list(Path(tmp_path / "cache").glob("stac/*/*.tif"))
 
 
+def test_fetch_server_ignoring_ranges_is_refused_unread(api, plan, tmp_path, monkeypatch):
+    """A COG server that answers range requests with 200 and the whole file is a FetchError
+    saying so; the relay never reads the file into memory nor keeps it in the cache (it read
+    every whole file, stored it under #bytes=all, then GDAL failed with 'Range downloading not
+    supported'). The next run against a server that honours ranges works."""
+    monkeypatch.setattr("fetch.servers._parse_ranges", lambda header, size: None)
+    server, _ = api
+    context = _context(tmp_path)
+    with pytest.raises(FetchError, match=r"answered a byte-range request with the whole file "
+                       r"\(HTTP 200.*ignores Range requests"):
+        stac.fetch(plan, WINDOW, _source(server), role="after", context=context)
+    cached = [p for p in (tmp_path / "cache").rglob("*.json") if ".tif#" in p.read_text()]
+    assert not cached and not list((tmp_path / "cache").glob("stac/*/*.tif"))
+    monkeypatch.undo()
+    assert stac.fetch(plan, WINDOW, _source(server), role="after", context=context).refs
+
+
 def _relay_get(url: str, first: int, last: int) -> requests.Response:
     return requests.get(url, headers={"Range": f"bytes={first}-{last}"}, timeout=5,
                         proxies={"http": "", "https": ""})
