@@ -21,6 +21,7 @@ from pipeline.cli_options import (
     config_opt,
     handle_errors,
     quiet_opt,
+    regular_files,
     sources_path,
     stderr_is_terminal,
     verbose_opt,
@@ -193,7 +194,8 @@ def verify(run_dir: Path, verbose: int, quiet: int) -> None:
 
 
 @cli.command(short_help="Check a GeoJSON file against RFC 7946.")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                callback=regular_files)
 @verbose_opt
 @quiet_opt
 @handle_errors

@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.files import is_utf8
 
 __all__ = ["config_opt", "configure_logging", "handle_errors", "quiet_opt", "sources_path",
-           "stderr_is_terminal", "verbose_opt", "OutFolder"]
+           "regular_files", "stderr_is_terminal", "verbose_opt", "OutFolder"]
 
 verbose_opt = click.option("-v", "--verbose", count=True,
                            help="More log detail on stderr (-vv: debug).")
@@ -50,6 +50,16 @@ class OutFolder(click.Path):
             self.fail(f"{str(path.resolve())!r} is not a UTF-8 path; rename the folders on it "
                       "to UTF-8 (e.g. ASCII) names or choose another.", param, ctx)
         return path
+
+
+def regular_files(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of file arguments (one path or a tuple): a pipe or device is refused, since
+    reading it would block (click's ``exists=True, dir_okay=False`` lets them through)."""
+    for path in value if isinstance(value, tuple) else (value,):
+        if path is not None and not Path(path).is_file():
+            raise click.BadParameter(f"{path} is not a regular file (a pipe or device); give "
+                                     "the path of a file.", ctx, param)
+    return value
 
 
 def configure_logging(verbosity: int) -> None:

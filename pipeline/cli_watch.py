@@ -20,6 +20,7 @@ from pipeline.cli_options import (
     config_opt,
     handle_errors,
     quiet_opt,
+    regular_files,
     sources_path,
     stderr_is_terminal,
     verbose_opt,
@@ -156,7 +157,7 @@ def sites() -> None:
 
 
 @sites.command("import", short_help="Turn ASPI / OpenStreetMap site lists into a watch file.")
-@click.argument("lists", nargs=-1, required=True,
+@click.argument("lists", nargs=-1, required=True, callback=regular_files,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "output_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
@@ -186,12 +187,19 @@ def import_lists(lists: tuple[Path, ...], output_path: Path, radius_m: float,
             -o osm.geojson --before 2017-01-01/2017-12-31
     """
     from pipeline.aoi import load_site_records
-    from pipeline.files import atomic_write_text
+    from pipeline.fetch.base import DateWindow
+    from pipeline.files import atomic_write_text, is_disk_full
     from pipeline.watch.importer import dumps, import_sites
-    from pipeline.watch.sites import parse_every
+    from pipeline.watch.sites import parse_every, parse_sources
 
-    try:
+    if not 0 < radius_m <= 100_000:  # NaN included: the file would hold null radii
+        raise click.BadParameter(f"{radius_m!r} is not a radius; give metres, > 0 and at most "
+                                 "100000.", param_hint="--radius-m")
+    try:  # the options as `watch` reads them from every feature
         parse_every(every)
+        parse_sources(list(source_names))
+        if before is not None:
+            DateWindow.parse(before)
         collection = import_sites(lists, radius_m=radius_m, sources=source_names, every=every,
                                   before=before)
     except ValueError as e:  # ConfigError included
@@ -207,5 +215,11 @@ def import_lists(lists: tuple[Path, ...], output_path: Path, radius_m: float,
             count = len(load_site_records(probe))
         except (ConfigError, AoiError) as e:
             raise _ConfigProblem(f"The imported list is not a valid watch file: {e}") from None
-    atomic_write_text(output_path, text, overwrite=overwrite)
+    try:
+        atomic_write_text(output_path, text, overwrite=overwrite)
+    except OSError as e:
+        fix = ("The disk is full: free some space there or choose another --output."
+               if is_disk_full(e) else "Choose another --output, or create its folder.")
+        raise click.ClickException(f"Cannot write {output_path}: {e.strerror or e}. {fix}"
+                                   ) from None
     click.echo(f"{count}\t{output_path}")

@@ -276,3 +276,12 @@ def test_validate_command_flags_rfc7946_errors(default_run, tmp_path):
     (tmp_path / "bad.geojson").write_text(json.dumps(bad))
     result = _run(["validate", str(tmp_path / "bad.geojson")])
     assert result.exit_code == 1 and "crs" in result.stdout
+
+
+def test_validate_refuses_a_pipe(tmp_path):
+    """`validate` of a named pipe is a usage error at once (reading it blocked for ever)."""
+    pipe = tmp_path / "changes.geojson"
+    os.mkfifo(pipe)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(pipe)],
+                          capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,31 @@ def test_sites_import_real_lists(tmp_path):
     assert len({s.id for s in sites}) == 490
     again = CliRunner().invoke(cli, ["sites", "import", str(aspi), "-o", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+
+def test_sites_import_bad_options_pipes_and_folders_are_clean_errors(tmp_path):
+    """Options that would make a watch file `watch` refuses (or null radii) are exit 2 before
+    anything is written; a pipe as a list is refused (reading it blocked for ever); an output
+    in a missing folder is exit 1 naming it (was a FileNotFoundError traceback)."""
+    aspi = str(SEEDS / "CampDataset_v1.csv")
+    out = tmp_path / "w.geojson"
+    pipe = tmp_path / "list.csv"
+    os.mkfifo(pipe)
+    cases = [(["--radius-m", "nan"], 2, "--radius-m"), (["--radius-m", "0"], 2, "--radius-m"),
+             (["--source", ""], 2, "source name"), (["--source", "earth-search@-1"], 2, "'@'"),
+             (["--before", "2018-01-01/2017-01-01"], 2, "ends before it starts"),
+             (["--before", "2017"], 2, "not a date")]
+    for extra, code, phrase in cases:
+        result = CliRunner().invoke(cli, ["sites", "import", aspi, "-o", str(out), *extra])
+        assert result.exit_code == code and phrase in result.stderr, (extra, result.output)
+        assert not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "sites", "import", str(pipe), "-o",
+                           str(out)], capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr
+    missing = tmp_path / "no" / "w.geojson"
+    result = CliRunner().invoke(cli, ["sites", "import", aspi, "-o", str(missing)])
+    assert result.exit_code == 1 and f"Cannot write {missing}" in result.stderr, result.output
+    assert "Traceback" not in result.output
 
 
 def test_seed_watch_files_are_current(tmp_path):
