@@ -326,8 +326,11 @@ def _decode(content: bytes, url: str, context: FetchContext, tile_size: int) -> 
         raise FetchError(f"Tile {url} could not be decoded as an image: {e}. It was removed "
                          "from the cache; run again to fetch it anew.") from e
     if data.dtype != np.uint8 or data.shape[1:] != (tile_size, tile_size):
+        evict(url, context=context)  # a one-off placeholder must not stick: fetch it anew
         raise FetchError(f"Tile {url} is {data.shape[2]}x{data.shape[1]} px {data.dtype}, expected "
-                         f"{tile_size}x{tile_size} px 8-bit; set tile_size for this source.")
+                         f"{tile_size}x{tile_size} px 8-bit; set tile_size for this source if "
+                         "all its tiles are that size, else run again (it was removed from the "
+                         "cache).")
     return _to_rgba(data, interp, cmap)
 
 

@@ -14,6 +14,7 @@ import pytest
 from fetch.servers import LoopbackServer, render_tiles, serve, write_synthetic_scene
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.io import MemoryFile
 
 from pipeline.aoi import parse_aoi, plan_grid
 from pipeline.errors import ConfigError, FetchError, NoValidDataError, ProvenanceWarning
@@ -268,3 +269,21 @@ def test_tiles_for_plan_cover_bounds() -> None:
     west, north = mercantile.ul(min(t.x for t in tiles), min(t.y for t in tiles), 15)
     assert west < 88.29 - 400 / (111320 * math.cos(math.radians(43.384)))
     assert north > 43.384 + 400 / 111320
+
+
+def test_fetch_wrong_size_tile_evicted_next_run_recovers(site: TileSite, tmp_path: Path) -> None:
+    """A tile of the wrong size (a 1x1 placeholder) fails with the sizes, is not kept in the
+    cache, and the next run fetches it anew (it stayed cached and failed every run)."""
+    tile = xyz.tiles_for_plan(site.plan, site.zoom)[0]
+    path = site.tile_path(tile.z, tile.x, tile.y)
+    good, kind = site.server.files[path]
+    with MemoryFile() as mem:
+        with mem.open(driver="PNG", width=1, height=1, count=3, dtype="uint8") as dst:
+            dst.write(np.full((3, 1, 1), 9, np.uint8))
+        site.server.add(path, mem.read(), kind)
+    context = _context(tmp_path)
+    with pytest.raises(FetchError, match="is 1x1 px uint8, expected 256x256"):
+        _fetch(site, context)
+    assert not any(p.exists() for p in cache_paths(site.server.url(path), context=context))
+    site.server.add(path, good, kind)
+    assert np.isfinite(_fetch(site, context).data.values).any()
