@@ -285,3 +285,19 @@ def test_validate_refuses_a_pipe(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(pipe)],
                           capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
     assert proc.returncode == 2 and "not a regular file" in proc.stderr, proc.stderr
+
+
+def test_verify_refuses_a_pipe_for_the_manifest_or_its_digest(tmp_path):
+    """A named pipe as manifest.json or manifest.json.sha256 is an error line and exit 1 at
+    once (reading it blocked for ever)."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        run.mkdir()
+    os.mkfifo(runs[0] / "manifest.json")
+    (runs[1] / "manifest.json").write_text('{"outputs": []}')
+    os.mkfifo(runs[1] / "manifest.json.sha256")
+    for run, name in zip(runs, ["manifest.json", "manifest.json.sha256"], strict=True):
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "verify", str(run)],
+                              capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert f"{name}: not a regular file" in proc.stdout and "Traceback" not in proc.stderr

@@ -199,6 +199,9 @@ def verify_manifest(run_dir: str | Path) -> tuple[bool, list[str], list[str]]:
     run_dir = Path(run_dir)
     errors: list[str] = []
     warnings: list[str] = []
+    if (run_dir / MANIFEST_NAME).exists() and not (run_dir / MANIFEST_NAME).is_file():
+        # a pipe or device: reading it would block
+        return False, [f"{run_dir / MANIFEST_NAME}: not a regular file"], []
     try:
         manifest = json.loads((run_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         entries = list(manifest["outputs"])
@@ -238,6 +241,9 @@ def _verify_digest(run_dir: Path, errors: list[str]) -> None:
     """Compare the manifest with its digest file, when there is one."""
     path = run_dir / DIGEST_NAME
     if not path.exists():  # runs written before the digest existed
+        return
+    if not path.is_file():  # a pipe or device: reading it would block
+        errors.append(f"{DIGEST_NAME}: not a regular file")
         return
     try:
         recorded = path.read_text(encoding="utf-8").split()[0]
