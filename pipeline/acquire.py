@@ -58,7 +58,8 @@ def fetch_context(config: RunConfig, *, offline: bool = False,
                   progress: object = None) -> FetchContext:
     """The fetch settings of a run: cache folder, offline mode, timeouts, retries."""
     return FetchContext(cache_dir=config.cache_dir, offline=offline, progress=progress,
-                        timeout_s=config.timeout_s, max_retries=config.max_retries,
+                        timeout_s=config.timeout_s, deadline_s=config.deadline_s,
+                        max_retries=config.max_retries,
                         max_concurrency=config.max_concurrency)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pipeline.errors import ConfigError
-from pipeline.fetch.base import SourceConfig
+from pipeline.fetch.base import SourceConfig, resolve_deadline_s
 from pipeline.files import is_utf8
 from pipeline.model import (
     BuildingParams,
@@ -66,6 +66,7 @@ class RunConfig:
     timeout_s: float = 30.0
     max_retries: int = 4
     max_concurrency: int = 4
+    deadline_s: float | None = None  # None: DEADLINE_PER_TIMEOUT * timeout_s
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data, as written to the manifest."""
@@ -74,6 +75,7 @@ class RunConfig:
             "grid": {"res_m": self.res_m, "resampling": self.resampling},
             "aoi": {"radius_m": self.radius_m, "sites": str(self.sites_path)},
             "fetch": {"cache_dir": str(self.cache_dir), "timeout_s": self.timeout_s,
+                      "deadline_s": resolve_deadline_s(self.deadline_s, self.timeout_s),
                       "max_retries": self.max_retries, "max_concurrency": self.max_concurrency},
             **self.params.to_dict(),
         }
@@ -272,7 +274,8 @@ def load_config(path: str | Path | None = None, *,
 
 def _fetch_settings(fetch: dict[str, Any]) -> dict[str, Any]:
     """The [fetch] table: cache folder ($SITEWATCH_CACHE wins), timeouts, retries, concurrency."""
-    known = {"cache_dir": str, "timeout_s": float, "max_retries": int, "max_concurrency": int}
+    known = {"cache_dir": str, "timeout_s": float, "deadline_s": float, "max_retries": int,
+             "max_concurrency": int}
     for key in fetch:
         if key not in known:
             raise ConfigError(f"fetch.{key}: unknown key. Known keys: {', '.join(known)}.")
@@ -282,7 +285,7 @@ def _fetch_settings(fetch: dict[str, Any]) -> dict[str, Any]:
         out["cache_dir"] = Path(env or out["cache_dir"]).expanduser()
     else:
         out.pop("cache_dir", None)
-    for key in ("timeout_s", "max_retries", "max_concurrency"):
+    for key in ("timeout_s", "deadline_s", "max_retries", "max_concurrency"):
         if key in out and out[key] <= 0:
             raise ConfigError(f"fetch.{key}: expected a positive number, got {out[key]!r}")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.acquire import fetch_context
 from pipeline.config import load_config, load_sources
 from pipeline.errors import ConfigError
 from pipeline.model import DetectParams, params_hash
@@ -114,4 +115,19 @@ def test_load_config_detector_errors_name_the_key(tmp_path, text, phrase):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=phrase.replace(".", r"\.").replace("(", r"\(")):
+        load_config(path)
+
+
+def test_load_config_fetch_deadline(tmp_path):
+    """[fetch] deadline_s is read and checked; left out, it is 4 x timeout_s (manifest too)."""
+    assert load_config().deadline_s == 4 * load_config().timeout_s
+    path = tmp_path / "c.toml"
+    path.write_text("[fetch]\ntimeout_s = 10.0\n")
+    cfg = load_config(path)
+    assert cfg.deadline_s is None and cfg.to_dict()["fetch"]["deadline_s"] == 40.0
+    assert fetch_context(cfg).request_deadline_s == 40.0
+    path.write_text("[fetch]\ntimeout_s = 10.0\ndeadline_s = 300\n")
+    assert fetch_context(load_config(path)).request_deadline_s == 300.0
+    path.write_text("[fetch]\ndeadline_s = 0\n")
+    with pytest.raises(ConfigError, match="fetch.deadline_s: expected a positive number"):
         load_config(path)

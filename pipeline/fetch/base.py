@@ -18,9 +18,12 @@ import xarray as xr
 from pipeline.errors import ConfigError
 from pipeline.model import GridPlan, SourceRef
 
-__all__ = ["SourceType", "DateWindow", "SourceConfig", "Scene", "FetchContext", "Fetch"]
+__all__ = ["SourceType", "DateWindow", "SourceConfig", "Scene", "FetchContext", "Fetch",
+           "DEADLINE_PER_TIMEOUT", "resolve_deadline_s"]
 
 SourceType = Literal["stac", "xyz", "wayback", "local"]
+#: Without a configured deadline_s, one request may take this many times timeout_s in all.
+DEADLINE_PER_TIMEOUT = 4.0
 _WINDOW = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})\s*(?:/\s*(\d{4}-\d{2}-\d{2})\s*)?$")
 
 
@@ -94,7 +97,12 @@ class Scene:
 
 @dataclass(frozen=True)
 class FetchContext:
-    """What every fetch shares: the on-disk cache, offline mode and progress reporting."""
+    """What every fetch shares: the on-disk cache, offline mode and progress reporting.
+
+    ``timeout_s`` bounds connecting and each read (a stall); ``deadline_s`` bounds one whole
+    request, headers and body, however steadily bytes arrive (``None``: ``request_deadline_s``
+    derives it from ``timeout_s``).
+    """
 
     cache_dir: Any  # pathlib.Path of the cache root
     offline: bool = False
@@ -103,6 +111,18 @@ class FetchContext:
     timeout_s: float = 30.0
     max_retries: int = 4
     max_concurrency: int = 4
+    deadline_s: float | None = None
+
+    @property
+    def request_deadline_s(self) -> float:
+        """Seconds one request may take in all: ``deadline_s``, else ``DEADLINE_PER_TIMEOUT``
+        times ``timeout_s``."""
+        return resolve_deadline_s(self.deadline_s, self.timeout_s)
+
+
+def resolve_deadline_s(deadline_s: float | None, timeout_s: float) -> float:
+    """The configured deadline, or ``DEADLINE_PER_TIMEOUT * timeout_s`` when none is set."""
+    return float(deadline_s) if deadline_s is not None else DEADLINE_PER_TIMEOUT * timeout_s
 
 
 class Fetch(Protocol):

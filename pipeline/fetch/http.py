@@ -1,12 +1,21 @@
 """pipeline.fetch.http: a small, strict HTTP client for tiles, JSON documents and catalogues.
 
 One ``HttpClient`` wraps a ``requests.Session`` with the run's User-Agent, connect/read
-timeouts and a request counter. Retries are done with **tenacity** (not urllib3's ``Retry``,
-which cannot cap ``Retry-After`` or retry a body cut off mid-read): connection errors,
-timeouts, bodies shorter than their ``Content-Length``, 429 and 5xx answers are retried
-``FetchContext.max_retries`` times with exponential backoff, or after the server's
+timeouts, a total deadline per request and a request counter. Retries are done with
+**tenacity** (not urllib3's ``Retry``, which cannot cap ``Retry-After`` or retry a body cut
+off mid-read): connection errors, timeouts, bodies shorter than their ``Content-Length``, 429
+and 5xx answers are retried ``FetchContext.max_retries`` times with exponential backoff, or
+after the server's
 ``Retry-After`` (capped at ``RETRY_AFTER_MAX_S``). Other 4xx answers are not retried.
 404, 410 and 204 raise ``NotFound``, a ``FetchError`` the caller can treat as nodata.
+
+``timeout_s`` bounds each read, so a server that keeps sending a byte now and then would never
+time out; every attempt (its redirect hops included) therefore also runs under a
+``pipeline.fetch.deadline.Deadline`` of ``FetchContext.request_deadline_s``, which shuts the
+socket down when it expires, while the headers or the body are still arriving. An overrun is
+a FetchError at once, not retried: bytes were arriving, only too slowly, and each retry would
+cost another whole deadline. So one URL takes at most ``max_retries + 1`` deadlines plus the
+backoff waits. Nothing partial is returned, so nothing partial reaches the cache.
 
 Bodies are checked against what the caller expects (``"json"``, ``"image"`` or ``"any"``), so
 an HTML error page served with status 200 never reaches a decoder or the cache. Only http and
@@ -25,7 +34,6 @@ from typing import Any, TypeVar
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from pipeline.errors import FetchError
@@ -39,6 +47,7 @@ from pipeline.fetch.checks import (
     retry_after_s,
     status_hint,
 )
+from pipeline.fetch.deadline import Deadline, DeadlineAdapter, response_socket
 
 __all__ = ["Expect", "NotFound", "Response", "HttpClient", "get_bytes", "check_url",
            "check_body", "map_concurrent"]
@@ -102,8 +111,8 @@ class HttpClient:
     Parameters
     ----------
     context
-        Supplies ``user_agent``, ``timeout_s`` (connect and read), ``max_retries`` and
-        ``max_concurrency``.
+        Supplies ``user_agent``, ``timeout_s`` (connect and each read),
+        ``request_deadline_s`` (one whole attempt), ``max_retries`` and ``max_concurrency``.
     session
         A ``requests.Session`` to use (one is created otherwise).
     backoff_s
@@ -130,7 +139,7 @@ class HttpClient:
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = context.user_agent
         pool = max(10, int(context.max_concurrency))
-        adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=0)
+        adapter = DeadlineAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self._lock = threading.Lock()
@@ -170,6 +179,7 @@ class HttpClient:
             On 404, 410 or 204 (not retried).
         FetchError
             Any other failure, after retries where they make sense; chained to the cause.
+            An attempt that outlasts ``context.request_deadline_s`` fails at once.
         """
         check_url(url)
         attempts = max(0, int(self.context.max_retries)) + 1
@@ -245,7 +255,14 @@ class HttpClient:
 
     def _attempt(self, url: str, method: str, json_body: Any,
                  headers: dict[str, str] | None) -> Response:
-        """One attempt, following redirects by hand so each hop's scheme is checked."""
+        """One attempt under one deadline, following redirects by hand so each hop's scheme
+        is checked."""
+        with Deadline(self.context.request_deadline_s) as deadline:
+            return self._hops(url, method, json_body, headers, deadline)
+
+    def _hops(self, url: str, method: str, json_body: Any, headers: dict[str, str] | None,
+              deadline: Deadline) -> Response:
+        """The requests of one attempt: each redirect hop, then the answer read."""
         current = url
         for _ in range(MAX_REDIRECTS + 1):
             self._count()
@@ -253,23 +270,33 @@ class HttpClient:
             try:
                 resp = self.session.request(method, current, json=json_body, headers=headers,
                                             timeout=timeout, stream=True, allow_redirects=False)
-            except requests.Timeout as e:
-                raise _Retryable(f"no answer within {self.context.timeout_s:g} s", "timeout") from e
-            except requests.ConnectionError as e:
-                raise _Retryable(f"could not connect ({_short(e)})", "connection") from e
             except requests.RequestException as e:
-                raise FetchError(f"Could not fetch {url}: {e}") from e
+                if deadline.expired:
+                    raise _overrun(url, deadline, "the status line and headers were still "
+                                   "incomplete") from e
+                raise _request_failure(url, e, self.context.timeout_s) from e
             with resp:
+                deadline.attach(response_socket(resp.raw))
+                if deadline.expired:  # http.client takes the end of the stream as the headers' end
+                    raise _overrun(url, deadline, "the status line and headers were still "
+                                   "incomplete")
                 if resp.status_code in _REDIRECT_STATUS and resp.headers.get("Location"):
                     current = redirect_target(url, current, resp.headers["Location"])
                     if resp.status_code == 303:
                         method, json_body = "GET", None
                     continue
-                return self._read(url, current, resp)
+                try:
+                    return self._read(url, current, resp, deadline)
+                finally:
+                    # detach before the connection goes back to the pool, where another
+                    # request may take it; one shut down at the last moment is not reused
+                    if deadline.stop():
+                        resp.raw.close()
         raise FetchError(f"Could not fetch {url}: more than {MAX_REDIRECTS} redirects; "
                          "check the URL in configs/sources.toml.")
 
-    def _read(self, url: str, final_url: str, resp: requests.Response) -> Response:
+    def _read(self, url: str, final_url: str, resp: requests.Response,
+              deadline: Deadline) -> Response:
         """Turn a non-redirect answer into a Response, NotFound, FetchError or _Retryable."""
         status = resp.status_code
         if status in MISSING_STATUS:
@@ -281,12 +308,13 @@ class HttpClient:
             snippet = _error_snippet(resp)
             raise FetchError(f"Could not fetch {url}: server answered {status} "
                              f"({resp.reason}); got {snippet}. {status_hint(status)}")
-        body = self._read_body(resp)
+        body = self._read_body(url, resp, deadline)
         return Response(url, final_url, status, body, resp.headers.get("Content-Type", ""))
 
-    def _read_body(self, resp: requests.Response) -> bytes:
-        """Read the whole body, refusing oversized ones and detecting truncation."""
+    def _read_body(self, url: str, resp: requests.Response, deadline: Deadline) -> bytes:
+        """Read the whole body, refusing oversized ones and detecting truncation and overrun."""
         chunks, size = [], 0
+        declared = resp.headers.get("Content-Length", "")
         try:
             for chunk in resp.iter_content(_CHUNK):
                 size += len(chunk)
@@ -294,27 +322,37 @@ class HttpClient:
                     raise FetchError(f"Could not fetch {resp.url}: the body is larger than "
                                      f"{self.max_body_bytes >> 20} MiB; refusing it.")
                 chunks.append(chunk)
-        except requests.exceptions.ContentDecodingError as e:
-            encoding = resp.headers.get("Content-Encoding", "")
-            raise FetchError(f"Could not fetch {resp.url}: the server labelled the body "
-                             f"Content-Encoding {encoding!r} but it does not decode as that "
-                             f"({_short(e)}); the server is misconfigured. Try again later, or "
-                             "report it to the source.") from e
-        except requests.exceptions.ChunkedEncodingError as e:
-            # urllib3 drops the chunk it was reading, so ``size`` only counts whole chunks
-            got = f" ({size} bytes arrived before the cut)" if size else ""
-            raise _Retryable(f"the body was cut off mid-read{got}", "truncated") from e
-        except requests.ConnectionError as e:
-            if isinstance(e.args[0] if e.args else None, urllib3.exceptions.ReadTimeoutError):
-                raise _Retryable(f"no data within {self.context.timeout_s:g} s", "timeout") from e
-            raise _Retryable(f"connection lost ({_short(e)})", "connection") from e
+        except requests.RequestException as e:
+            if deadline.expired:
+                raise _overrun(url, deadline, _received(resp, size, declared)) from e
+            raise self._body_failure(resp, e, size) from e
+        if deadline.expired:  # without a Content-Length the shut-down socket reads as the end
+            raise _overrun(url, deadline, _received(resp, size, declared))
         body = b"".join(chunks)
-        declared = resp.headers.get("Content-Length", "")
         identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
         if identity and declared.isascii() and declared.isdigit() and int(declared) != len(body):
             raise _Retryable(f"the body was cut off: got {len(body)} of {declared} bytes",
                              "truncated")
         return body
+
+    def _body_failure(self, resp: requests.Response, e: requests.RequestException,
+                      size: int) -> Exception:
+        """The FetchError or _Retryable for a body read that failed (not by the deadline)."""
+        if isinstance(e, requests.exceptions.ContentDecodingError):
+            encoding = resp.headers.get("Content-Encoding", "")
+            return FetchError(f"Could not fetch {resp.url}: the server labelled the body "
+                              f"Content-Encoding {encoding!r} but it does not decode as that "
+                              f"({_short(e)}); the server is misconfigured. Try again later, or "
+                              "report it to the source.")
+        if isinstance(e, requests.exceptions.ChunkedEncodingError):
+            # urllib3 drops the chunk it was reading, so ``size`` only counts whole chunks
+            got = f" ({size} bytes arrived before the cut)" if size else ""
+            return _Retryable(f"the body was cut off mid-read{got}", "truncated")
+        if isinstance(e, requests.ConnectionError):
+            if isinstance(e.args[0] if e.args else None, urllib3.exceptions.ReadTimeoutError):
+                return _Retryable(f"no data within {self.context.timeout_s:g} s", "timeout")
+            return _Retryable(f"connection lost ({_short(e)})", "connection")
+        return FetchError(f"Could not fetch {resp.url}: {_short(e)}")
 
 
 def get_bytes(url: str, *, context: FetchContext, expect: Expect = "any",
@@ -349,6 +387,35 @@ def map_concurrent(func: Callable[[T], R], items: Iterable[T], *, max_workers: i
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return results
+
+
+def _request_failure(url: str, e: requests.RequestException, timeout_s: float) -> Exception:
+    """The _Retryable (timeout, connection) or FetchError for a request that got no answer."""
+    if isinstance(e, requests.Timeout):
+        return _Retryable(f"no answer within {timeout_s:g} s", "timeout")
+    if isinstance(e, requests.ConnectionError):
+        return _Retryable(f"could not connect ({_short(e)})", "connection")
+    return FetchError(f"Could not fetch {url}: {e}")
+
+
+def _received(resp: requests.Response, size: int, declared: str) -> str:
+    """How much of an answer had arrived, for the overrun message."""
+    try:  # urllib3 counts the bytes off the wire, a cut-off read's included
+        size = max(size, int(resp.raw.tell()))
+    except (AttributeError, TypeError, ValueError, OSError):
+        pass
+    of = f" of {declared}" if declared.isascii() and declared.isdigit() else ""
+    return f"the headers and {size}{of} bytes of the body had arrived"
+
+
+def _overrun(url: str, deadline: Deadline, received: str) -> FetchError:
+    """The FetchError for an attempt that outlasted its deadline (not retried)."""
+    return FetchError(
+        f"Could not fetch {url}: the answer did not complete within the {deadline.seconds:g} s "
+        f"deadline for one request ({received} after {deadline.elapsed_s:.1f} s); the server "
+        "is sending too slowly or not at all. Raise deadline_s in the [fetch] table of the "
+        "config if the source is just slow, or check the server; try again later or use "
+        "--offline with a cache.")
 
 
 def _error_snippet(resp: requests.Response) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -376,3 +378,109 @@ def test_fetch_json_nested_too_deeply(server: LoopbackServer, tmp_path: Path) ->
     server.add("/deep.json", b"[" * 100_000, "application/json")
     with pytest.raises(FetchError, match="nested too deeply"):
         _client(tmp_path).get_json(server.url("/deep.json"))
+
+
+@contextlib.contextmanager
+def _drip_server(head: bytes, body: bytes = b"", *, every_s: float = 0.05,
+                 drip_head: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A server that sends ``head`` then ``body`` one byte every ``every_s`` seconds (the head
+    at once unless ``drip_head``), until told to answer normally: ``state["answer"]`` set to
+    a whole response. ``state["connections"]`` counts the requests that reached it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    state: dict[str, Any] = {"answer": None, "connections": 0}
+
+    def one(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(5)
+            conn.recv(65536)
+            state["connections"] += 1
+            if isinstance(state["answer"], bytes):
+                conn.sendall(state["answer"])
+                return
+            if not drip_head:
+                conn.sendall(head)
+            for byte in (head if drip_head else b"") + body:
+                if stop.wait(every_s):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def loop() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", state
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def _fetch_guarded(url: str, context: FetchContext, client: HttpClient,
+                   guard_s: float) -> tuple[BaseException | None, float]:
+    """fetch_cached on a thread joined with a timeout, so a hang fails the test instead of
+    holding pytest; returns what it raised and how long it took."""
+    outcome: dict[str, BaseException | None] = {"error": None}
+
+    def run() -> None:
+        try:
+            fetch_cached(url, context=context, client=client, expect="any")
+        except BaseException as e:  # handed to the test thread
+            outcome["error"] = e
+
+    start = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=guard_s)
+    if worker.is_alive():
+        pytest.fail(f"fetching {url} still ran after {guard_s} s: the deadline did not end it")
+    return outcome["error"], time.monotonic() - start
+
+
+_WHOLE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("drip_head, received", [
+    (False, r"the headers and \d+ of 100000 bytes of the body had arrived after 1\.\d s"),
+    (True, r"the status line and headers were still incomplete after 1\.\d s"),
+], ids=["body", "headers"])
+def test_fetch_drip_ends_at_deadline(tmp_path: Path, drip_head: bool, received: str) -> None:
+    """A server that drips its body (or its headers) a byte at a time, each byte well within
+    timeout_s, ends in a FetchError at deadline_s naming the URL, the deadline, what arrived
+    and the fix; not retried, nothing cached, and the next fetch of the URL succeeds."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    if drip_head:
+        head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 100_000
+    cache = tmp_path / "cache"
+    context = _context(cache, timeout_s=0.3, deadline_s=1.0, max_retries=2)
+    client = HttpClient(context, backoff_s=0.01)
+    with _drip_server(head, b"x" * 100_000, drip_head=drip_head) as (base, state):
+        url = base + "/slow.bin"
+        error, took_s = _fetch_guarded(url, context, client, guard_s=5.0)
+        assert isinstance(error, FetchError), error
+        assert 1.0 <= took_s < 2.0
+        message = str(error)
+        assert url in message and "within the 1 s deadline" in message
+        assert re.search(received, message), message
+        assert "Raise deadline_s in the [fetch] table" in message and "check the server" in message
+        assert state["connections"] == 1  # an overrun is not retried
+        assert not [p for p in cache.rglob("*") if p.is_file()]
+        assert not [t for t in threading.enumerate() if t.name == "sitewatch-deadline"]
+        state["answer"] = _WHOLE
+        assert fetch_cached(url, context=context, client=client).content == b"hello"
+        assert all(p.is_file() for p in cache_paths(url, context=context))
+
+
+def test_fetch_deadline_spares_a_slow_but_timely_answer(tmp_path: Path) -> None:
+    """A body that drips but ends within deadline_s arrives whole (the deadline, not each
+    read, is what grew); deadline_s defaults to 4 x timeout_s."""
+    assert _context(tmp_path, timeout_s=0.3).request_deadline_s == pytest.approx(1.2)
+    context = _context(tmp_path, timeout_s=0.3, deadline_s=5.0, max_retries=0)
+    with _drip_server(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n", b"y" * 20) as (base, _):
+        assert HttpClient(context).get_bytes(base + "/slow.bin") == b"y" * 20
