@@ -13,9 +13,10 @@ thread-local), and by the caller for the response's socket. When the timer fires
 ``shutdown(SHUT_RDWR)`` on them (never ``close``, which would race with the reading thread
 over the file descriptor), so the blocked ``recv`` returns at once with end-of-file or an
 error; the caller then sees ``expired`` and reports the overrun instead of a cut-off body.
-``stop()`` cancels and joins the timer and detaches the sockets *before* the connection goes
-back to the pool, so a late timer can never shut down a connection another request reuses,
-and no timer thread outlives its request.
+A connection going back to the pool (urllib3 does that as soon as the body's last byte is read)
+is detached first, so a timer firing late cannot shut down a connection another request has
+taken from the pool meanwhile; one it shut down before that is seen as dropped by urllib3 and
+not reused. ``stop()`` cancels and joins the timer, so no timer thread outlives its request.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class Deadline:
             if self._expired:
                 _shutdown(sock)
 
+    def detach(self, sock: socket.socket | None) -> None:
+        """Leave ``sock`` alone from now on (its connection goes back to the pool)."""
+        with self._lock:
+            self._sockets = [s for s in self._sockets if s is not sock]
+
     def _expire(self) -> None:
         """Timer thread: mark expired and unblock every read on the attached sockets."""
         with self._lock:
@@ -168,11 +174,21 @@ class _HTTPSConnection(_DeadlineMixin, HTTPSConnection):
     pass
 
 
-class _HTTPPool(HTTPConnectionPool):
+class _PoolMixin:
+    """Detaches a connection's socket from the thread's deadline as it goes back to the pool."""
+
+    def _put_conn(self, conn: Any) -> None:
+        deadline = active_deadline()
+        if deadline is not None and conn is not None:
+            deadline.detach(getattr(conn, "sock", None))
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _HTTPPool(_PoolMixin, HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(HTTPSConnectionPool):
+class _HTTPSPool(_PoolMixin, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 

@@ -288,8 +288,8 @@ class HttpClient:
                 try:
                     return self._read(url, current, resp, deadline)
                 finally:
-                    # detach before the connection goes back to the pool, where another
-                    # request may take it; one shut down at the last moment is not reused
+                    # the pool detached the socket on release; one the timer shut down
+                    # at the last moment is closed here rather than kept for reuse
                     if deadline.stop():
                         resp.raw.close()
         raise FetchError(f"Could not fetch {url}: more than {MAX_REDIRECTS} redirects; "

@@ -44,6 +44,7 @@ from pipeline.core.composite import (
 from pipeline.errors import FetchError
 from pipeline.fetch.base import FetchContext
 from pipeline.fetch.stac_items import ItemBands, SensorProfile
+from pipeline.fetch.stac_record import cog_read_limit_s
 from pipeline.model import GridPlan
 
 __all__ = ["CompositeMethod", "CompositeResult", "gdal_options", "rasterio_env", "geobox_of",
@@ -83,7 +84,9 @@ def gdal_options(context: FetchContext) -> dict[str, Any]:
         "GDAL_INGESTED_BYTES_AT_OPEN": 65536,
         "GDAL_HTTP_MAX_RETRY": max(0, int(context.max_retries)),
         "GDAL_HTTP_RETRY_DELAY": 0.5,
-        "GDAL_HTTP_TIMEOUT": max(1, math.ceil(context.timeout_s)),
+        # curl's limit on one whole transfer (not per read), so a server that drips bytes
+        # cannot hold a read; the relay of stac_record stops its upstream read at the same
+        "GDAL_HTTP_TIMEOUT": cog_read_limit_s(context),
         "GDAL_HTTP_CONNECTTIMEOUT": max(1, math.ceil(context.timeout_s)),
         "GDAL_HTTP_USERAGENT": context.user_agent,
     }

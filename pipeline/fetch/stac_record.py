@@ -24,12 +24,18 @@ read, not stored again; different bytes mean the file changed during the read, a
 etag, last_modified}``); the composite's cache entry keeps that list so a rerun served from
 the cache preserves the same bytes. Signed URLs (SAS tokens) never reach the cache, the list
 or the logs: only the unsigned href is recorded.
+
+Each forwarded request runs under a ``Deadline`` of GDAL's own whole-transfer limit
+(``GDAL_HTTP_TIMEOUT``, ``cog_read_limit_s``): GDAL gives up on the relay then anyway, and
+without it a server dripping bytes within the per-read timeout kept the relay's thread
+reading after GDAL had given up, one more thread for each of GDAL's retries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -43,9 +49,10 @@ import requests
 from pipeline.errors import FetchError
 from pipeline.fetch.base import FetchContext
 from pipeline.fetch.cache import store_body
+from pipeline.fetch.deadline import Deadline, DeadlineAdapter, response_socket
 from pipeline.fetch.http import Response
 
-__all__ = ["RangeRecorder", "read_key"]
+__all__ = ["RangeRecorder", "read_key", "cog_read_limit_s"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,11 @@ class _NoQueries(logging.Filter):
         if "?" in text:
             record.msg, record.args = _ANY_QUERY.sub("?<query removed>", text), ()
         return True
+
+
+def cog_read_limit_s(context: FetchContext) -> int:
+    """Whole seconds one COG read may take in all: GDAL_HTTP_TIMEOUT, and the relay's."""
+    return max(1, math.ceil(context.timeout_s))
 
 
 def read_key(href: str, content_range: str | None) -> str:
@@ -91,6 +103,8 @@ class RangeRecorder:
         self._lock = threading.Lock()
         self._session = requests.Session()
         self._session.headers["User-Agent"] = context.user_agent
+        self._session.mount("http://", DeadlineAdapter())
+        self._session.mount("https://", DeadlineAdapter())
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._port = 0  # the relay's, from __enter__
@@ -152,21 +166,31 @@ class RangeRecorder:
         if not 0 <= n < len(self._hrefs):
             return 404, {}, b""
         href = self._hrefs[n]
+        resp: requests.Response | None = None
+        deadline = Deadline(cog_read_limit_s(self.context))
         try:
-            resp = self._session.request(method, self._signed(href), headers=dict(headers),
-                                         timeout=self.context.timeout_s, stream=True)
-            if method == "GET" and "Range" in headers and resp.status_code == 200:
-                resp.close()  # the whole file is coming: never read it into memory or the cache
-                self.error = FetchError(
-                    f"{href} answered a byte-range request with the whole file (HTTP 200, "
-                    f"Content-Length {resp.headers.get('Content-Length', 'unknown')}): the server "
-                    "ignores Range requests, so the AOI window of this COG cannot be read from "
-                    "it. Use a source whose server supports range requests, or download the "
-                    "files and pass them with --before/--after.")
-                return 502, {}, b""
-            resp.content  # noqa: B018 (read the body now, inside the error handling)
+            with deadline:
+                resp = self._session.request(method, self._signed(href), headers=dict(headers),
+                                             timeout=self.context.timeout_s, stream=True)
+                deadline.attach(response_socket(resp.raw))
+                if method == "GET" and "Range" in headers and resp.status_code == 200:
+                    resp.close()  # the whole file is coming: never read it into memory or cache
+                    self.error = FetchError(
+                        f"{href} answered a byte-range request with the whole file (HTTP 200, "
+                        f"Content-Length {resp.headers.get('Content-Length', 'unknown')}): the "
+                        "server ignores Range requests, so the AOI window of this COG cannot be "
+                        "read from it. Use a source whose server supports range requests, or "
+                        "download the files and pass them with --before/--after.")
+                    return 502, {}, b""
+                resp.content  # noqa: B018 (read the body now, inside the error handling)
         except requests.RequestException as e:
             log.debug("COG relay: %s %s failed: %s", method, href, type(e).__name__)
+            if not deadline.expired:
+                return 502, {}, b""
+        if deadline.expired:  # a body cut short by the deadline may look whole: never keep it
+            self.error = _overrun(href, headers.get("Range"), deadline, resp)
+            return 502, {}, b""
+        if resp is None:
             return 502, {}, b""
         out = {k: resp.headers[k] for k in _RELAYED_HEADERS if k in resp.headers}
         if method == "GET" and resp.status_code in (200, 206):
@@ -206,6 +230,22 @@ class RangeRecorder:
                 f"back with SHA-256 {digest[:12]}..., earlier in this read {first[:12]}...; the "
                 "composite would mix two versions of the file. Run again once the source is "
                 "stable.")
+
+
+def _overrun(href: str, span: str | None, deadline: Deadline,
+             resp: requests.Response | None) -> FetchError:
+    """The FetchError for a COG read that outlasted GDAL's whole-transfer limit."""
+    got = "the status line and headers were still incomplete"
+    if resp is not None:
+        try:
+            got = f"the headers and {int(resp.raw.tell())} bytes of the body had arrived"
+        except (AttributeError, TypeError, ValueError, OSError):
+            got = "the headers had arrived"
+    return FetchError(
+        f"{href} did not answer the read of {span or 'the file'} within {deadline.seconds:g} s, "
+        f"the limit for one COG read ({got}); the server is sending too slowly or not at all. "
+        "Raise timeout_s in the [fetch] table of the config if the source is just slow (GDAL "
+        "takes it as its whole-transfer limit, GDAL_HTTP_TIMEOUT), or check the server.")
 
 
 class _QuietServer(ThreadingHTTPServer):

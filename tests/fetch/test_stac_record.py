@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import rasterio
 import requests
 from fetch.servers import serve
+from fetch.test_http import _drip_server
 from fetch.test_stac import COLLECTION, WINDOW, _context, _source
+from rasterio.errors import RasterioIOError
 
 from pipeline.errors import FetchError
 from pipeline.fetch import stac
+from pipeline.fetch.base import FetchContext
 from pipeline.fetch.cache import cache_paths, store_body
+from pipeline.fetch.stac_load import gdal_options
 from pipeline.fetch.stac_record import RangeRecorder, read_key
 
 
@@ -147,3 +156,58 @@ def test_relay_same_range_twice_stored_once_changed_file_refused(tmp_path, monke
     assert changed.status_code == 502 and changed.content == b""
     assert isinstance(relay.error, FetchError)
     assert "a.tif changed while it was being read: bytes 16-99" in str(relay.error)
+
+
+def _guarded(call: Callable[[], Any], guard_s: float) -> tuple[Any, float]:
+    """Run ``call`` on a thread joined with a timeout (a hang fails the test); its result or
+    exception and the seconds it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = call()
+        except Exception as e:  # handed to the test thread
+            out["result"] = e
+
+    start = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=guard_s)
+    if worker.is_alive():
+        pytest.fail(f"still running after {guard_s} s: no whole-transfer limit ended it")
+    return out["result"], time.monotonic() - start
+
+
+def test_relay_drip_ends_at_gdal_limit(tmp_path: Path) -> None:
+    """A COG server dripping a range's body, each byte within timeout_s, is cut off by the relay
+    at GDAL's whole-transfer limit (1 s): GDAL gets a 502, the error names the href and the
+    fix, nothing is cached (the relay's thread kept reading after GDAL gave up)."""
+    context = FetchContext(cache_dir=tmp_path / "cache", timeout_s=0.3, max_retries=0)
+    head = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-99999/200000\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    with _drip_server(head, b"x" * 100_000) as (base, _), RangeRecorder(context) as relay:
+        href = base + "/cogs/a.tif"
+        relay.patch_url(href)
+        answer, took_s = _guarded(lambda: relay.forward(0, "GET", {"Range": "bytes=0-99999"}),
+                                  guard_s=5.0)
+    assert answer[0] == 502 and 1.0 <= took_s < 2.0
+    assert isinstance(relay.error, FetchError)
+    assert href in str(relay.error) and "within 1 s" in str(relay.error)
+    assert "bytes of the body had arrived" in str(relay.error)
+    assert "Raise timeout_s" in str(relay.error) and "check the server" in str(relay.error)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert relay.reads() == {}
+
+
+def test_gdal_options_bound_a_dripping_cog_read(tmp_path: Path) -> None:
+    """GDAL_HTTP_TIMEOUT, as gdal_options sets it, is curl's whole-transfer limit: /vsicurl/
+    gives up on a server dripping its headers a byte every 0.05 s after 1 s."""
+    context = FetchContext(cache_dir=tmp_path, timeout_s=0.3, max_retries=0)
+    head = b"HTTP/1.1 206 Partial Content\r\nX-Pad: " + b"a" * 100_000
+    with _drip_server(head, drip_head=True) as (base, _):
+        def read() -> Any:
+            with rasterio.Env(**gdal_options(context)):
+                return rasterio.open("/vsicurl/" + base + "/a.tif").close()
+        error, took_s = _guarded(read, guard_s=5.0)
+    assert isinstance(error, RasterioIOError) and "timed out" in str(error)
+    assert took_s < 2.0
