@@ -41,6 +41,9 @@ MAX_RADIUS_M = 100_000.0
 # Largest working grid (about 32768 x 32768 px): a 100 km radius at 0.1 m would otherwise plan
 # 4 x 10^12 px and run for days; the largest supported inputs (20000 x 20000) fit well below.
 MAX_GRID_PX = 1 << 30
+# Narrowest working grid: co-registration needs 16 valid pixels and a circle AOI of 5 x 5 px
+# has fewer; a --res-m coarser than the AOI (1 x 1 px) planned a grid far larger than the AOI.
+MIN_GRID_SIDE_PX = 8
 UTM_MIN_LAT = -80.0
 UTM_MAX_LAT = 84.0
 _CIRCLE_QUAD_SEGS = 16  # 64 segments around the circle
@@ -237,7 +240,8 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
     ------
     GridError
         If ``res_m`` is not a positive number, ``crs`` is unknown, not projected or not metric,
-        or the grid would exceed ``MAX_GRID_PX`` pixels.
+        the grid would exceed ``MAX_GRID_PX`` pixels, or the AOI is fewer than
+        ``MIN_GRID_SIDE_PX`` pixels across.
     """
     if not (isinstance(res_m, int | float) and math.isfinite(res_m) and res_m > 0):
         raise GridError(f"Grid resolution must be a positive number of metres, got {res_m!r}.")
@@ -248,6 +252,13 @@ def plan_grid(aoi: Aoi, res_m: float, *, crs: str | None = None) -> GridPlan:
     if not all(math.isfinite(v) for v in bounds):
         raise GridError(f"AOI '{aoi.id}' cannot be projected to {target}; choose another crs.")
     minx, miny, maxx, maxy = (float(v) for v in bounds)
+    side_m = min(maxx - minx, maxy - miny)
+    if side_m / res_m < MIN_GRID_SIDE_PX:
+        raise GridError(
+            f"AOI '{aoi.id}' ({maxx - minx:.0f} x {maxy - miny:.0f} m) at {res_m:g} m is fewer "
+            f"than {MIN_GRID_SIDE_PX} px across; give a finer resolution (--res-m; at most "
+            f"{side_m / MIN_GRID_SIDE_PX:.3g} m here) or a larger AOI."
+        )
     plan = GridPlan.snapped(target, (minx, miny, maxx, maxy), float(res_m))
     if plan.width * plan.height > MAX_GRID_PX:
         raise GridError(

@@ -18,8 +18,9 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hardening._inputs import assert_clean_outcome, invoke
-from pipeline.aoi import MAX_GRID_PX, load_sites, parse_aoi, plan_grid
+from hardening._inputs import assert_clean_outcome, detect_args, invoke
+from pipeline.aoi import MAX_GRID_PX, MIN_GRID_SIDE_PX, load_sites, parse_aoi, plan_grid
+from pipeline.cli import SEED_BEFORE
 from pipeline.config import PROJECT_ROOT, RunConfig, load_config, load_sources
 from pipeline.errors import GridError, PipelineError
 from pipeline.watch.sites import load_watch_sites
@@ -272,14 +273,16 @@ def test_cli_config_fuzz(data: dict[str, Any], tmp_path: Path) -> None:
 @FUZZ
 @given(radius=st.floats(1, 100_000), res=st.floats(0.01, 5000))
 def test_plan_grid_is_bounded_or_refused(radius: float, res: float) -> None:
-    """Any AOI and resolution plan a grid of at most MAX_GRID_PX pixels or raise GridError."""
+    """Any AOI and resolution plan a grid of at most MAX_GRID_PX pixels and at least
+    MIN_GRID_SIDE_PX across, or raise GridError naming the fix."""
     aoi = parse_aoi("88.29,43.38", radius_m=radius)
     try:
         plan = plan_grid(aoi, res)
     except GridError as e:
-        assert "Gpx" in str(e) and "coarser --res-m" in str(e)
+        assert ("Gpx" in str(e) and "coarser --res-m" in str(e)) or "finer resolution" in str(e)
         return
     assert 0 < plan.width * plan.height <= MAX_GRID_PX
+    assert min(plan.width, plan.height) >= MIN_GRID_SIDE_PX
 
 
 def test_cli_huge_grid_refused_before_reading(tmp_path: Path) -> None:
@@ -288,6 +291,15 @@ def test_cli_huge_grid_refused_before_reading(tmp_path: Path) -> None:
                      "--out", str(tmp_path / "out"), "-q"])
     assert_clean_outcome(result, allow_success=False)
     assert result.exit_code == 1 and "Gpx" in result.output, result.output
+
+
+@pytest.mark.parametrize("res_m", ["1e300", "100"])
+def test_cli_grid_coarser_than_the_aoi_refused(res_m: str, tmp_path: Path) -> None:
+    """A --res-m coarser than the AOI is refused naming the finest that works: 1e300 was a GEOS
+    traceback, 100 m (a 305 m AOI) a co-registration error about pixels that do not overlap."""
+    result = invoke(detect_args(SEED_BEFORE, tmp_path / "out") + ["--res-m", res_m])
+    assert_clean_outcome(result, allow_success=False)
+    assert result.exit_code == 1 and "at most 38.1 m" in result.output, result.output
 
 
 _option_numbers = st.one_of(st.floats(), st.integers(-10**30, 10**30),
