@@ -301,3 +301,26 @@ def test_verify_refuses_a_pipe_for_the_manifest_or_its_digest(tmp_path):
                               capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
         assert proc.returncode == 1, proc.stderr
         assert f"{name}: not a regular file" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_detect_sigterm_removes_the_unfinished_run_and_scratch(tmp_path):
+    """SIGTERM during the write stage (the COGs being written on their own thread) ends like
+    Ctrl-C (exit 1, "Aborted!"): the staging folder under OUT and the scratch folder in TMPDIR
+    are removed (they were left behind)."""
+    import signal
+    import time
+
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "detect", "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/.*.partial/originals")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never reached its write stage"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Aborted!" in err, (proc.returncode, err)
+    assert list(out.rglob("*.partial")) == [] and _run_dirs(out) == []
+    assert list(scratch.iterdir()) == []

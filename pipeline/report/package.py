@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -218,7 +219,19 @@ class _Beside:
                  trace: TracebackType | None) -> None:
         if self._pool is None or self._future is None:
             return
+        interrupted: KeyboardInterrupt | None = None
+        # Ctrl-C or SIGTERM meanwhile must not leave the job writing into a folder being
+        # removed: wait on, and raise it once the job has ended. The wait is on the future: an
+        # interrupted Thread.join (pool shutdown) takes the thread for stopped on Python 3.11.
+        while True:
+            try:
+                wait_futures([self._future])
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
         self._pool.shutdown(wait=True)
+        if interrupted is not None and error is None:
+            raise interrupted
         failed = self._future.exception()
         if error is None and failed is not None:
             raise failed

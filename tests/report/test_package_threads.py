@@ -206,3 +206,26 @@ def test_beside_failure_stops_the_callers_steps_early() -> None:
                 time.sleep(0.01)
             reached_end.append(True)
     assert not reached_end
+
+
+def test_beside_interrupted_while_waiting_waits_for_the_job() -> None:
+    """A Ctrl-C (or SIGTERM, which the detect command turns into one) while the caller waits
+    for the rasters' thread is raised only once that thread has ended, so nothing writes into
+    the staging folder after its removal began (the wait used to end at once)."""
+    import signal
+
+    done = threading.Event()
+
+    def job() -> None:
+        time.sleep(0.5)
+        done.set()
+
+    # a real signal (SIGUSR1 standing in for SIGINT, so pytest's own handler stays out of it)
+    previous = signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    try:
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(KeyboardInterrupt), package._Beside(job, on_thread=True):
+            pass
+        assert done.is_set()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
