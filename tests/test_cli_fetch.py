@@ -96,6 +96,21 @@ def test_detect_source_dates_at_the_calendar_ends(fake, tmp_path):
     assert releases["before:0"] != releases["after:0"], releases
 
 
+def test_detect_cache_folder_that_is_a_file(fake, tmp_path):
+    """A download cache that is a file (or under one) is exit 1 naming it and the setting to
+    change, online and offline (it was a NotADirectoryError traceback)."""
+    config = _config(fake, tmp_path)
+    (tmp_path / "cache").write_text("not a folder")
+    dates = ["--before-date", "2017-03-01/2017-06-30", "--after-date", "2018-10-01/2018-12-31"]
+    for extra in ([], ["--offline"]):
+        result = CliRunner().invoke(cli, ["detect", *AOI, "--source", "test-wayback", "--config",
+                                          str(config), "--out", str(tmp_path / "out"), "-q",
+                                          *dates, *extra])
+        assert result.exit_code == 1, result.output
+        assert f"{tmp_path / 'cache'} is a file" in result.stderr and "cache_dir" in result.stderr
+    assert fake.server.total_requests == 0
+
+
 def stac_detect(server, surface, tmp_path: Path, out: Path) -> Path:
     """`sitewatch detect` from the loopback STAC API over a 3 km AOI, 2020-06-02 against
     2020-06-07 (the fixtures of tests/fetch/test_stac.py); returns the run folder."""

@@ -84,9 +84,22 @@ class _Missing:
 
 def cache_paths(url: str, *, context: FetchContext) -> tuple[Path, Path]:
     """``(body_path, sidecar_path)`` of ``url``'s entry (two-level fan-out by URL hash)."""
+    _check_cache_root(Path(context.cache_dir))
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()
     folder = Path(context.cache_dir) / "http" / key[:2] / key[2:4]
     return folder / f"{key}.body", folder / f"{key}.json"
+
+
+def _check_cache_root(root: Path) -> None:
+    """FetchError when the cache folder, or the nearest existing folder above it, is a file
+    (every read and write under it would fail with NotADirectoryError)."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise FetchError(
+                    f"The download cache {root} cannot be a folder: {path} is a file. Set "
+                    "[fetch] cache_dir (or $SITEWATCH_CACHE) to a folder, or move that file.")
+            return
 
 
 def fetch_cached(url: str, *, context: FetchContext, client: HttpClient, expect: Expect = "any",
