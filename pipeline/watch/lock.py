@@ -16,7 +16,7 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import OutputError, PipelineError
 
 __all__ = ["LockHeldError", "StateLock"]
 
@@ -48,6 +48,9 @@ class StateLock:
             Another process holds it.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_file():  # a folder, pipe or device
+            raise OutputError(f"The watch lock {self.path} is not a regular file; remove it "
+                              "(a run recreates it) or choose another --out.")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

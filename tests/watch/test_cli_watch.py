@@ -98,6 +98,23 @@ def test_watch_refuses_while_another_run_holds_the_lock(setup):
     assert f"pid {holder.pid}" in result.stderr and "holds" in result.stderr
 
 
+def test_watch_lock_that_is_a_folder_or_pipe_is_exit_1(setup):
+    """OUT/watch.lock as a folder or a named pipe: exit 1 naming it and the fix (it was an
+    IsADirectoryError / ftruncate OSError traceback)."""
+    lock = setup["out"] / "watch.lock"
+    setup["out"].mkdir()
+    for make in (lambda: lock.mkdir(), lambda: os.mkfifo(lock)):
+        make()
+        result = _watch(setup, "-q")
+        assert result.exit_code == 1, result.output
+        assert f"{lock} is not a regular file" in result.stderr, result.output
+        assert not (setup["out"] / "watch.db").exists()
+        if lock.is_dir():
+            lock.rmdir()
+        else:
+            lock.unlink()
+
+
 def test_sites_import_real_lists(tmp_path):
     """The ASPI list and the OSM outlines become valid watch files with attribution."""
     aspi, osm = SEEDS / "CampDataset_v1.csv", SEEDS / "reedcamps_osm_overpass_2021-03-15.osm"
