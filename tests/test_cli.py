@@ -243,6 +243,17 @@ def test_detect_unwritable_out(tmp_path):
     assert "--out" in result.stderr
 
 
+def test_detect_aoi_folder_that_is_a_file(tmp_path):
+    """OUT/<aoi-id> being a file is named as such (it was blamed on a staging folder of the
+    same run id, with a hint for programmers)."""
+    blocker = tmp_path / "out" / "pt-43.383n-88.2821e-r150"
+    blocker.parent.mkdir()
+    blocker.write_text("x")
+    result = _small_detect(tmp_path)
+    assert result.exit_code == 1, result.output
+    assert f"{blocker} is a file" in result.stderr and "--out" in result.stderr, result.stderr
+
+
 def test_detect_bad_date_flag_is_usage_error():
     """A malformed --before-date is a usage error (exit 2) with the expected form."""
     result = _run(["detect", "--before-date", "03/02/2017"])

@@ -190,6 +190,9 @@ def _make_partial(aoi_dir: Path, final: Path, partial: Path) -> None:
             f"Run folder {final} already exists; not overwriting evidence. "
             "Use unique_run_dir_name() for a fresh run id."
         )
+    if aoi_dir.exists() and not aoi_dir.is_dir():  # mkdir's FileExistsError would blame the run
+        raise OutputError(f"{aoi_dir} is a file, not the AOI's folder of run folders; move it "
+                          "or choose another --out.")
     try:
         aoi_dir.mkdir(exist_ok=True)
         partial.mkdir()
