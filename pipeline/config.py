@@ -44,6 +44,11 @@ _SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "obj
 _FRACTIONS = {"min_contrast", "max_line_share", "min_support", "max_before_ratio",
               "double_min_share", "internal_min_span", "min_closure_ratio"}
 _RESAMPLING = ("nearest", "bilinear", "cubic", "average")
+# Upper bounds of the kernel sizes (pixels, metres), far above any useful value.
+_MOST: dict[str, dict[str, float]] = {
+    "change": {"smooth_sigma_px": 50, "opening_radius_px": 50},
+    "objects": {"site_sigma_m": 10_000, "site_gap_m": 10_000},
+}
 
 
 def default_config_path() -> Path:
@@ -143,6 +148,12 @@ def _check_ranges(section: str, obj: Any) -> None:
             raise ConfigError(f"{section}.{f.name}: expected a value >= 0, got {v!r}")
         if f.name.endswith(("_score", "_fill", "_solidity", "_rectangularity")) and not 0 <= v <= 1:
             raise ConfigError(f"{section}.{f.name}: expected 0 <= x <= 1, got {v!r}")
+    # Kernels wider than any building or site make no sense and do not fit in memory
+    # (smooth_sigma_px = 1e12 asked numpy for 58 TiB): refuse them with the key named.
+    for name, most in _MOST.get(section, {}).items():
+        if getattr(obj, name) > most:
+            raise ConfigError(f"{section}.{name}: expected at most {most:g}, got "
+                              f"{getattr(obj, name)!r}")
     if section == "change" and obj.threshold is not None and obj.threshold <= 0:
         raise ConfigError(f"change.threshold: expected a positive number, got {obj.threshold!r}")
     if section == "objects" and obj.cell_m <= 0:

@@ -41,6 +41,10 @@ def test_load_config_overrides_win(tmp_path):
         ("[colour]\nx = 1\n", "colour: unknown section"),
         ("[change\n", "not valid TOML"),
         ("[objects]\nscore_weights = [1, 2]\n", "objects.score_weights"),
+        # kernels that asked numpy for terabytes (a MemoryError traceback mid-run)
+        ("[change]\nsmooth_sigma_px = 1e12\n", "change.smooth_sigma_px: expected at most 50"),
+        ("[change]\nopening_radius_px = 100000\n", "change.opening_radius_px: expected at most"),
+        ("[objects]\nsite_sigma_m = 1e12\n", "objects.site_sigma_m: expected at most 10000"),
     ],
 )
 def test_load_config_errors_name_the_key(tmp_path, text, phrase):
