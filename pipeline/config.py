@@ -44,10 +44,12 @@ _SECTIONS: dict[str, type] = {"coreg": CoregParams, "change": ChangeParams, "obj
 _FRACTIONS = {"min_contrast", "max_line_share", "min_support", "max_before_ratio",
               "double_min_share", "internal_min_span", "min_closure_ratio"}
 _RESAMPLING = ("nearest", "bilinear", "cubic", "average")
-# Upper bounds of the kernel sizes (pixels, metres), far above any useful value.
+# Upper bounds of kernel and cell sizes and of the sub-pixel upsampling, far above any useful
+# value.
 _MOST: dict[str, dict[str, float]] = {
+    "coreg": {"upsample_factor": 1000},
     "change": {"smooth_sigma_px": 50, "opening_radius_px": 50},
-    "objects": {"site_sigma_m": 10_000, "site_gap_m": 10_000},
+    "objects": {"site_sigma_m": 10_000, "site_gap_m": 10_000, "cell_m": 1000},
 }
 
 

@@ -45,6 +45,8 @@ def test_load_config_overrides_win(tmp_path):
         ("[change]\nsmooth_sigma_px = 1e12\n", "change.smooth_sigma_px: expected at most 50"),
         ("[change]\nopening_radius_px = 100000\n", "change.opening_radius_px: expected at most"),
         ("[objects]\nsite_sigma_m = 1e12\n", "objects.site_sigma_m: expected at most 10000"),
+        ("[objects]\ncell_m = 1e9\n", "objects.cell_m: expected at most 1000"),
+        ("[coreg]\nupsample_factor = 1000000000\n", "coreg.upsample_factor: expected at most"),
     ],
 )
 def test_load_config_errors_name_the_key(tmp_path, text, phrase):
