@@ -47,6 +47,7 @@ def test_load_config_overrides_win(tmp_path):
         ("[objects]\nsite_sigma_m = 1e12\n", "objects.site_sigma_m: expected at most 10000"),
         ("[objects]\ncell_m = 1e9\n", "objects.cell_m: expected at most 1000"),
         ("[coreg]\nupsample_factor = 1000000000\n", "coreg.upsample_factor: expected at most"),
+        ("[objects]\nmin_texture_gain = -1\n", "objects.min_texture_gain: expected a gain"),
     ],
 )
 def test_load_config_errors_name_the_key(tmp_path, text, phrase):
