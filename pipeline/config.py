@@ -156,6 +156,9 @@ def _check_ranges(section: str, obj: Any) -> None:
         if getattr(obj, name) > most:
             raise ConfigError(f"{section}.{name}: expected at most {most:g}, got "
                               f"{getattr(obj, name)!r}")
+    if section == "coreg" and obj.upsample_factor < 1:
+        raise ConfigError("coreg.upsample_factor: expected a whole number >= 1 (1: whole "
+                          f"pixels, 20: 1/20 px), got {obj.upsample_factor!r}")
     if section == "objects" and not obj.min_texture_gain > -1:  # its floor is log1p(gain)
         raise ConfigError("objects.min_texture_gain: expected a gain above -1 (0.25 is 25 % "
                           f"more edge density after than before), got {obj.min_texture_gain!r}")

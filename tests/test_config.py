@@ -48,6 +48,7 @@ def test_load_config_overrides_win(tmp_path):
         ("[objects]\ncell_m = 1e9\n", "objects.cell_m: expected at most 1000"),
         ("[coreg]\nupsample_factor = 1000000000\n", "coreg.upsample_factor: expected at most"),
         ("[objects]\nmin_texture_gain = -1\n", "objects.min_texture_gain: expected a gain"),
+        ("[coreg]\nupsample_factor = 0\n", "coreg.upsample_factor: expected a whole number"),
     ],
 )
 def test_load_config_errors_name_the_key(tmp_path, text, phrase):
