@@ -49,6 +49,18 @@ def test_detect_default_writes_evidence_folder(default_run):
                      "report.html"}
     assert result.stdout.splitlines()[0] == f"wrote {run_dir}"
     assert "compound-0001\tcompound" in result.stdout
+    assert result.stderr == ""  # -q: no progress, no warning (none is due on this pair)
+
+
+def test_detect_default_quiet_process_writes_nothing_on_stderr(tmp_path):
+    """``sitewatch detect -q`` as its own process (the warnings filters as a user has them,
+    not pytest's): findings on stdout, nothing on stderr. Rasterizing outlines on several
+    threads at once once made rasterio warn about a dataset without a transform."""
+    child = subprocess.run([sys.executable, "-m", "pipeline", "detect", "-q", "--out",
+                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "compound-0001\tcompound" in child.stdout and child.stderr == ""
 
 
 def test_detect_default_geojson_is_rfc7946(default_run):

@@ -117,9 +117,7 @@ def find_compounds(
     fit = dask.delayed(functools.partial(
         _fit_region, gain, labels, threshold=threshold, factor=factor,
         edges_shape=edges.after.shape, search_px=search_px), pure=False)
-    snap = dask.delayed(functools.partial(
-        _snap_candidate, gain, threshold=threshold, transform=transform, factor=factor,
-        cell_m=cell_m, search_px=search_px), pure=False)
+    snap = dask.delayed(functools.partial(_snap, search_px=search_px), pure=False)
     found = []
     # a batch of regions at a time: only one batch of crops is held (their number grows
     # with the area)
@@ -132,8 +130,13 @@ def find_compounds(
         del fines
         fitted = [f for f in fits if f is not None]
         crops = compute_crops([new_edges(edges, rows, cols) for _, _, (rows, cols) in fitted])
-        cands = dask.compute(*(snap(angle, px, window, crop)
-                               for (angle, px, window), crop in zip(fitted, crops, strict=True)))
+        snapped = dask.compute(*(snap(px, window, crop)
+                                 for (_, px, window), crop in zip(fitted, crops, strict=True)))
+        # on this thread: rasterio's rasterize, run on several threads at once, warned
+        # (NotGeoreferencedWarning) about a dataset without a transform, with equal masks
+        cands = [corner_candidate(px, angle, gain, threshold=threshold, transform=transform,
+                                  factor=factor, cell_m=cell_m)
+                 for (angle, _, _), px in zip(fitted, snapped, strict=True)]
         found += [c for c in cands if c.polygon.area >= params.compound_min_area_m2]
     found.sort(key=lambda c: -(c.gain_inside - c.gain_outside) * c.polygon.area)
     return found, gain, threshold
@@ -195,16 +198,12 @@ def _fit_region(
     return angle, px, snap_window(px, edges_shape, search_px=search_px)
 
 
-def _snap_candidate(gain: np.ndarray, angle: float, px: np.ndarray,
-                    window: tuple[slice, slice], crop: np.ndarray, *, threshold: float,
-                    transform: Affine, factor: int, cell_m: float, search_px: float
-                    ) -> CompoundCandidate:
-    """The candidate of a fitted rectangle once its sides are snapped onto the new edges of
+def _snap(px: np.ndarray, window: tuple[slice, slice], crop: np.ndarray, *,
+          search_px: float) -> np.ndarray:
+    """A fitted rectangle's corners ``px`` with its sides snapped onto the new edges of
     ``crop`` (the edge maps' ``window``)."""
     rows, cols = window
-    px = snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
-    return corner_candidate(px, angle, gain, threshold=threshold, transform=transform,
-                            factor=factor, cell_m=cell_m)
+    return snap_sides(px, crop, search_px=search_px, origin=(rows.start, cols.start))
 
 
 def corner_candidate(px: np.ndarray, angle: float, gain: np.ndarray, *, threshold: float,
