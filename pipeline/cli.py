@@ -155,7 +155,6 @@ def detect(aoi: str, before_path: Path | None, after_path: Path | None,
     from pipeline.aoi import load_sites, parse_aoi
     from pipeline.run import detect_scenes
 
-
     config = load_config(config_path, overrides={
         "aoi.radius_m": radius_m, "grid.res_m": res_m, "change.threshold": threshold,
         "change.threshold_method": threshold_method, "change.normalize": normalize_method,

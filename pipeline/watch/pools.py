@@ -136,7 +136,9 @@ def check_scheduler(scheduler: str) -> str:
         scheme, location = parse_address(scheduler, strict=False)
         if scheme not in backends or scheme == "inproc":
             raise ValueError(f"unknown scheme {scheme!r}")
-        parse_host_port(location)
+        _, port = parse_host_port(location)
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} is out of range 1-65535")
     except ValueError as e:
         raise ConfigError(
             f"--scheduler {scheduler!r} is neither 'local', 'sync' nor a Dask scheduler address "

@@ -294,7 +294,8 @@ def test_local_cluster_that_fails_to_start_is_a_clear_error(setup, tmp_path, mon
     assert seen["death_timeout"] == "60s"
 
 
-@pytest.mark.parametrize("scheduler", ["foo", "http://host:8786", "tcp://host", ""])
+@pytest.mark.parametrize("scheduler", ["foo", "http://host:8786", "tcp://host", "",
+                                       "tcp://127.0.0.1:99999"])
 def test_malformed_scheduler_is_refused_before_the_run_starts(setup, tmp_path, scheduler):
     """A --scheduler that is no address is a configuration error (exit 2): nothing runs."""
     result = CliRunner().invoke(cli, _cli_args(setup, tmp_path / "out", setup["sites"])
