@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import rasterio
 from affine import Affine
 
@@ -82,3 +87,23 @@ def assert_folds_hold_out_each_image_once(shipped_card: dict, fold_cards: list[d
             == set(card["held_out_tiles"])
         held += card["held_out"]
     assert sorted(held) == sorted(shipped_card["trained_on"])
+
+
+def run_guarded(call: Callable[[], Any], guard_s: float) -> tuple[Any, float]:
+    """Run ``call`` on a thread joined with a timeout, so a hang fails the test instead of
+    holding pytest: its result (or the exception it raised) and the seconds it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = call()
+        except Exception as e:  # handed to the test thread
+            out["result"] = e
+
+    start = time.monotonic()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=guard_s)
+    if worker.is_alive():
+        pytest.fail(f"still running after {guard_s} s: no time limit ended it")
+    return out["result"], time.monotonic() - start

@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 import requests
+from _helpers import run_guarded
 from fetch.servers import LoopbackServer, Request, serve, write_synthetic_scene
 from hypothesis import given
 from hypothesis import strategies as st
@@ -300,26 +301,18 @@ def test_server_serves_geotiff_to_gdal(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _raw_server(answer: bytes, *, hold_s: float = 0.0) -> Iterator[str]:
-    """A server that sends ``answer`` verbatim to every request, then holds the connection
-    open ``hold_s`` seconds before closing it (for answers servers.py cannot send)."""
+def _socket_server(one: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A loopback server that hands each connection to ``one(conn, stop)`` on a thread of its
+    own (for answers servers.py cannot send); yields its base URL, and sets ``stop`` at the end."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
     stop = threading.Event()
-
-    def one(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            with contextlib.suppress(OSError):
-                conn.recv(65536)
-                conn.sendall(answer)
-                stop.wait(hold_s)
 
     def loop() -> None:
         while not stop.is_set():
             with contextlib.suppress(OSError):
                 conn, _ = listener.accept()
-                threading.Thread(target=one, args=(conn,), daemon=True).start()
+                threading.Thread(target=one, args=(conn, stop), daemon=True).start()
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -329,6 +322,22 @@ def _raw_server(answer: bytes, *, hold_s: float = 0.0) -> Iterator[str]:
         stop.set()
         thread.join(timeout=5)
         listener.close()
+
+
+@contextlib.contextmanager
+def _raw_server(answer: bytes, *, hold_s: float = 0.0) -> Iterator[str]:
+    """A server that sends ``answer`` verbatim to every request, then holds the connection
+    open ``hold_s`` seconds before closing it."""
+    def one(conn: socket.socket, stop: threading.Event) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(answer)
+                stop.wait(hold_s)
+
+    with _socket_server(one) as url:
+        yield url
 
 
 def test_fetch_body_that_does_not_gunzip(server: LoopbackServer, tmp_path: Path) -> None:
@@ -386,12 +395,9 @@ def _drip_server(head: bytes, body: bytes = b"", *, every_s: float = 0.05,
     """A server that sends ``head`` then ``body`` one byte every ``every_s`` seconds (the head
     at once unless ``drip_head``), until told to answer normally: ``state["answer"]`` set to
     a whole response. ``state["connections"]`` counts the requests that reached it."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.05)
-    stop = threading.Event()
     state: dict[str, Any] = {"answer": None, "connections": 0}
 
-    def one(conn: socket.socket) -> None:
+    def one(conn: socket.socket, stop: threading.Event) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(5)
             conn.recv(65536)
@@ -406,41 +412,8 @@ def _drip_server(head: bytes, body: bytes = b"", *, every_s: float = 0.05,
                     return
                 conn.sendall(bytes([byte]))
 
-    def loop() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                conn, _ = listener.accept()
-                threading.Thread(target=one, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", state
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
-
-
-def _fetch_guarded(url: str, context: FetchContext, client: HttpClient,
-                   guard_s: float) -> tuple[BaseException | None, float]:
-    """fetch_cached on a thread joined with a timeout, so a hang fails the test instead of
-    holding pytest; returns what it raised and how long it took."""
-    outcome: dict[str, BaseException | None] = {"error": None}
-
-    def run() -> None:
-        try:
-            fetch_cached(url, context=context, client=client, expect="any")
-        except BaseException as e:  # handed to the test thread
-            outcome["error"] = e
-
-    start = time.monotonic()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=guard_s)
-    if worker.is_alive():
-        pytest.fail(f"fetching {url} still ran after {guard_s} s: the deadline did not end it")
-    return outcome["error"], time.monotonic() - start
+    with _socket_server(one) as url:
+        yield url, state
 
 
 _WHOLE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
@@ -462,7 +435,8 @@ def test_fetch_drip_ends_at_deadline(tmp_path: Path, drip_head: bool, received: 
     client = HttpClient(context, backoff_s=0.01)
     with _drip_server(head, b"x" * 100_000, drip_head=drip_head) as (base, state):
         url = base + "/slow.bin"
-        error, took_s = _fetch_guarded(url, context, client, guard_s=5.0)
+        error, took_s = run_guarded(
+            lambda: fetch_cached(url, context=context, client=client, expect="any"), 5.0)
         assert isinstance(error, FetchError), error
         assert 1.0 <= took_s < 2.0
         message = str(error)

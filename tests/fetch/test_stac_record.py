@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import rasterio
 import requests
+from _helpers import run_guarded
 from fetch.servers import serve
 from fetch.test_http import _drip_server
 from fetch.test_stac import COLLECTION, WINDOW, _context, _source
@@ -158,26 +156,6 @@ def test_relay_same_range_twice_stored_once_changed_file_refused(tmp_path, monke
     assert "a.tif changed while it was being read: bytes 16-99" in str(relay.error)
 
 
-def _guarded(call: Callable[[], Any], guard_s: float) -> tuple[Any, float]:
-    """Run ``call`` on a thread joined with a timeout (a hang fails the test); its result or
-    exception and the seconds it took."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = call()
-        except Exception as e:  # handed to the test thread
-            out["result"] = e
-
-    start = time.monotonic()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout=guard_s)
-    if worker.is_alive():
-        pytest.fail(f"still running after {guard_s} s: no whole-transfer limit ended it")
-    return out["result"], time.monotonic() - start
-
-
 def test_relay_drip_ends_at_gdal_limit(tmp_path: Path) -> None:
     """A COG server dripping a range's body, each byte within timeout_s, is cut off by the relay
     at GDAL's whole-transfer limit (1 s): GDAL gets a 502, the error names the href and the
@@ -188,7 +166,7 @@ def test_relay_drip_ends_at_gdal_limit(tmp_path: Path) -> None:
     with _drip_server(head, b"x" * 100_000) as (base, _), RangeRecorder(context) as relay:
         href = base + "/cogs/a.tif"
         relay.patch_url(href)
-        answer, took_s = _guarded(lambda: relay.forward(0, "GET", {"Range": "bytes=0-99999"}),
+        answer, took_s = run_guarded(lambda: relay.forward(0, "GET", {"Range": "bytes=0-99999"}),
                                   guard_s=5.0)
     assert answer[0] == 502 and 1.0 <= took_s < 2.0
     assert isinstance(relay.error, FetchError)
@@ -208,6 +186,6 @@ def test_gdal_options_bound_a_dripping_cog_read(tmp_path: Path) -> None:
         def read() -> Any:
             with rasterio.Env(**gdal_options(context)):
                 return rasterio.open("/vsicurl/" + base + "/a.tif").close()
-        error, took_s = _guarded(read, guard_s=5.0)
+        error, took_s = run_guarded(read, guard_s=5.0)
     assert isinstance(error, RasterioIOError) and "timed out" in str(error)
     assert took_s < 2.0
