@@ -26,6 +26,10 @@ JSON      ?=
 BENCH_WATCH_ARGS ?=
 export AOI OUT BEFORE AFTER RADIUS_M CONFIG SOURCE BEFORE_DATE AFTER_DATE OFFLINE
 export SITES SCHEDULER FORCE JSON
+# $(call switch,NAME,--flag): --flag when NAME is set to anything but empty, 0, no, false or
+# off (lower case, Capitalized or UPPER); only the literal flag reaches the shell, never the value
+OFF_WORDS = 0 n N no No NO false False FALSE off Off OFF
+switch = $(if $(filter-out $(OFF_WORDS),$(strip $($(1)))),$(2))
 
 .PHONY: setup detect test check lint typecheck bench bench-coreg eval train train-cnn clean watch bench-watch
 
@@ -42,13 +46,13 @@ detect: $(STAMP)
 	  $${BEFORE:+--before "$$BEFORE"} $${AFTER:+--after "$$AFTER"} \
 	  $${RADIUS_M:+--radius-m "$$RADIUS_M"} $${CONFIG:+--config "$$CONFIG"} \
 	  $${SOURCE:+--source "$$SOURCE"} $${BEFORE_DATE:+--before-date "$$BEFORE_DATE"} \
-	  $${AFTER_DATE:+--after-date "$$AFTER_DATE"} $${OFFLINE:+--offline}
+	  $${AFTER_DATE:+--after-date "$$AFTER_DATE"} $(call switch,OFFLINE,--offline)
 
 # Exit codes: 0 nothing new, 3 new findings, 4 some sites failed, 5 both, 2 config error.
 watch: $(STAMP)
 	@$(BIN)/sitewatch watch --out "$$OUT" $${SITES:+--sites "$$SITES"} \
 	  $${CONFIG:+--config "$$CONFIG"} $${SCHEDULER:+--scheduler "$$SCHEDULER"} \
-	  $${FORCE:+--force} $${OFFLINE:+--offline} $${JSON:+--json}
+	  $(call switch,FORCE,--force) $(call switch,OFFLINE,--offline) $(call switch,JSON,--json)
 
 bench-watch: $(STAMP)
 	$(BIN)/python scripts/bench_watch.py $(BENCH_WATCH_ARGS)

@@ -106,3 +106,20 @@ def test_config_url_other_schemes_refused(url: str, tmp_path: Path) -> None:
     path.write_text(f"[sources.x]\ntype = 'xyz'\nurl = '{url}'\n")
     with pytest.raises(ConfigError, match="only http"):
         load_sources(path)
+
+
+@_NEEDS_MAKE
+@pytest.mark.parametrize(("value", "on"), [("", False), ("0", False), ("no", False),
+                                           ("False", False), ("OFF", False), ("1", True),
+                                           ("yes", True), ("1; touch pwned", True)])
+def test_make_switches_are_off_for_0_no_false_off(value: str, on: bool, tmp_path: Path) -> None:
+    """OFFLINE=0 (no, false, off) leaves --offline out of the command make runs, as FORCE and
+    JSON do theirs; any other value turns it on, and only the literal flag reaches the shell
+    (make -n: the commands are printed, not run)."""
+    for target, names in (("detect", ["OFFLINE"]), ("watch", ["FORCE", "OFFLINE", "JSON"])):
+        printed = subprocess.run(
+            [MAKE or "make", "-n", "-o", STAMP, target, *(f"{n}={value}" for n in names)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+        for name in names:
+            assert (f"--{name.lower()}" in printed) is on, printed
+        assert "pwned" not in printed
