@@ -186,15 +186,15 @@ def import_lists(lists: tuple[Path, ...], output_path: Path, radius_m: float,
       $ sitewatch sites import seeds/sites/reedcamps_osm_overpass_2021-03-15.osm \\
             -o osm.geojson --before 2017-01-01/2017-12-31
     """
-    from pipeline.aoi import load_site_records
+    from pipeline.aoi import MAX_RADIUS_M, load_site_records
     from pipeline.fetch.base import DateWindow
     from pipeline.files import atomic_write_text, is_disk_full
     from pipeline.watch.importer import dumps, import_sites
     from pipeline.watch.sites import parse_every, parse_sources
 
-    if not 0 < radius_m <= 100_000:  # NaN included: the file would hold null radii
+    if not 0 < radius_m <= MAX_RADIUS_M:  # NaN included: the file would hold null radii
         raise click.BadParameter(f"{radius_m!r} is not a radius; give metres, > 0 and at most "
-                                 "100000.", param_hint="--radius-m")
+                                 f"{MAX_RADIUS_M:g}.", param_hint="--radius-m")
     try:  # the options as `watch` reads them from every feature
         parse_every(every)
         parse_sources(list(source_names))

@@ -31,7 +31,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
-__all__ = ["Deadline", "DeadlineAdapter", "response_socket"]
+__all__ = ["Deadline", "DeadlineAdapter", "arrived", "response_socket"]
 
 _active = threading.local()
 
@@ -137,6 +137,21 @@ def response_socket(raw: Any) -> socket.socket | None:
     connection = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
     sock = getattr(connection, "sock", None)
     return sock if isinstance(sock, socket.socket) else None
+
+
+def arrived(resp: Any, size: int = 0) -> str:
+    """How much of an answer (a ``requests.Response``, or None before its headers) had
+    arrived when its deadline expired, for the overrun message; ``size``: body bytes counted
+    by the caller."""
+    if resp is None:
+        return "the status line and headers were still incomplete"
+    try:  # urllib3 counts the bytes off the wire, a cut-off read's included
+        size = max(size, int(resp.raw.tell()))
+    except (AttributeError, TypeError, ValueError, OSError):
+        pass
+    declared = resp.headers.get("Content-Length", "")
+    of = f" of {declared}" if declared.isascii() and declared.isdigit() else ""
+    return f"the headers and {size}{of} bytes of the body had arrived"
 
 
 def _shutdown(sock: socket.socket) -> None:

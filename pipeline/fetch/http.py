@@ -47,7 +47,7 @@ from pipeline.fetch.checks import (
     retry_after_s,
     status_hint,
 )
-from pipeline.fetch.deadline import Deadline, DeadlineAdapter, response_socket
+from pipeline.fetch.deadline import Deadline, DeadlineAdapter, arrived, response_socket
 
 __all__ = ["Expect", "NotFound", "Response", "HttpClient", "get_bytes", "check_url",
            "check_body", "map_concurrent"]
@@ -324,10 +324,10 @@ class HttpClient:
                 chunks.append(chunk)
         except requests.RequestException as e:
             if deadline.expired:
-                raise _overrun(url, deadline, _received(resp, size, declared)) from e
+                raise _overrun(url, deadline, arrived(resp, size)) from e
             raise self._body_failure(resp, e, size) from e
         if deadline.expired:  # without a Content-Length the shut-down socket reads as the end
-            raise _overrun(url, deadline, _received(resp, size, declared))
+            raise _overrun(url, deadline, arrived(resp, size))
         body = b"".join(chunks)
         identity = resp.headers.get("Content-Encoding", "identity").lower() == "identity"
         if identity and declared.isascii() and declared.isdigit() and int(declared) != len(body):
@@ -396,16 +396,6 @@ def _request_failure(url: str, e: requests.RequestException, timeout_s: float) -
     if isinstance(e, requests.ConnectionError):
         return _Retryable(f"could not connect ({_short(e)})", "connection")
     return FetchError(f"Could not fetch {url}: {e}")
-
-
-def _received(resp: requests.Response, size: int, declared: str) -> str:
-    """How much of an answer had arrived, for the overrun message."""
-    try:  # urllib3 counts the bytes off the wire, a cut-off read's included
-        size = max(size, int(resp.raw.tell()))
-    except (AttributeError, TypeError, ValueError, OSError):
-        pass
-    of = f" of {declared}" if declared.isascii() and declared.isdigit() else ""
-    return f"the headers and {size}{of} bytes of the body had arrived"
 
 
 def _overrun(url: str, deadline: Deadline, received: str) -> FetchError:

@@ -85,7 +85,7 @@ def gdal_options(context: FetchContext) -> dict[str, Any]:
         "GDAL_HTTP_MAX_RETRY": max(0, int(context.max_retries)),
         "GDAL_HTTP_RETRY_DELAY": 0.5,
         # curl's limit on one whole transfer (not per read), so a server that drips bytes
-        # cannot hold a read; the relay of stac_record stops its upstream read at the same
+        # cannot hold a read; the relay of stac_record stops its upstream read at the same limit
         "GDAL_HTTP_TIMEOUT": cog_read_limit_s(context),
         "GDAL_HTTP_CONNECTTIMEOUT": max(1, math.ceil(context.timeout_s)),
         "GDAL_HTTP_USERAGENT": context.user_agent,

@@ -49,7 +49,7 @@ import requests
 from pipeline.errors import FetchError
 from pipeline.fetch.base import FetchContext
 from pipeline.fetch.cache import store_body
-from pipeline.fetch.deadline import Deadline, DeadlineAdapter, response_socket
+from pipeline.fetch.deadline import Deadline, DeadlineAdapter, arrived, response_socket
 from pipeline.fetch.http import Response
 
 __all__ = ["RangeRecorder", "read_key", "cog_read_limit_s"]
@@ -235,12 +235,7 @@ class RangeRecorder:
 def _overrun(href: str, span: str | None, deadline: Deadline,
              resp: requests.Response | None) -> FetchError:
     """The FetchError for a COG read that outlasted GDAL's whole-transfer limit."""
-    got = "the status line and headers were still incomplete"
-    if resp is not None:
-        try:
-            got = f"the headers and {int(resp.raw.tell())} bytes of the body had arrived"
-        except (AttributeError, TypeError, ValueError, OSError):
-            got = "the headers had arrived"
+    got = arrived(resp)
     return FetchError(
         f"{href} did not answer the read of {span or 'the file'} within {deadline.seconds:g} s, "
         f"the limit for one COG read ({got}); the server is sending too slowly or not at all. "
