@@ -22,6 +22,8 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2lab
 from skimage.segmentation import watershed
 
+from pipeline.core.quantiles import sorted_quantiles
+
 __all__ = ["FEATURE_NAMES", "N_FEATURES", "pixel_features", "feature_stack"]
 
 _EPS = 1e-6
@@ -103,8 +105,8 @@ def _match(src: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if not valid.any():
             out[i] = src[i]
             continue
-        qs = np.quantile(src[i][valid][::step], levels)
-        qr = np.quantile(ref[i][valid][::step], levels)
+        qs = sorted_quantiles(src[i][valid][::step], levels)
+        qr = sorted_quantiles(ref[i][valid][::step], levels)
         xp, inverse = np.unique(qs, return_inverse=True)
         fp = np.bincount(inverse, weights=qr) / np.bincount(inverse)
         out[i] = np.interp(src[i], xp, fp) if xp.size > 1 else fp[0]

@@ -20,6 +20,8 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.core.quantiles import linear_quantiles
+
 __all__ = ["Outline", "stretch_pair", "compose_chip", "nice_length_m", "NODATA_RGB"]
 
 NODATA_RGB = (255, 0, 255)  # magenta: unmistakably not image
@@ -127,8 +129,8 @@ def _counted_percentiles(codes: _Codes, percentiles: tuple[float, float], dtype:
     """``np.percentile`` of the finite values of both windows (its 'linear' method), from the
     counts of their integer values: the same numbers (a test compares them).
 
-    The order statistics come from the counts; the interpolation is NumPy's, step by step
-    (``_get_indexes``, ``_get_gamma``, ``_lerp`` of numpy.lib._function_base_impl).
+    The order statistics come from the counts; the interpolation is NumPy's
+    (`pipeline.core.quantiles.linear_quantiles`).
     """
     counts = sum(np.bincount(c.ravel() if finite.all() else c[finite], minlength=1 << 16)
                  for c, finite in codes)
@@ -138,18 +140,9 @@ def _counted_percentiles(codes: _Codes, percentiles: tuple[float, float], dtype:
         return 0.0, 1.0
     if not 0 <= min(percentiles) <= max(percentiles) <= 100:
         np.percentile(np.zeros(1, dtype), percentiles)  # NumPy's own error
-    virtual = (n - 1) * np.true_divide(np.asarray(percentiles, np.float64), 100)
-    previous = np.floor(virtual)
-    above = virtual >= n - 1  # NumPy takes the last value (index -1) there
-    prev_i = np.where(above, -1, previous).astype(np.intp)
-    next_i = np.where(above, -1, previous + 1).astype(np.intp)
-    a = np.searchsorted(ends, prev_i % n, side="right").astype(dtype)
-    b = np.searchsorted(ends, next_i % n, side="right").astype(dtype)
-    gamma = np.asanyarray(virtual - prev_i)
-    diff_b_a = b - a
-    result = np.add(a, diff_b_a * gamma)
-    np.subtract(b, diff_b_a * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe",
-                dtype=result.dtype)
+    q = np.true_divide(np.asarray(percentiles, np.float64), 100)
+    result = linear_quantiles(
+        n, q, lambda i: np.searchsorted(ends, i % n, side="right").astype(dtype))
     return result[0], result[1]
 
 
