@@ -9,6 +9,7 @@ Same objects, labels and measurements as `extract_objects` on the whole mask.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import dask
@@ -18,6 +19,7 @@ from affine import Affine
 from skimage import measure
 
 from pipeline.core.components import Regions
+from pipeline.detect.blocks import crop_batches
 from pipeline.detect.objects import (
     ChangeObject,
     _label_sums_np,
@@ -26,6 +28,8 @@ from pipeline.detect.objects import (
 )
 
 __all__ = ["objects_from_regions"]
+
+_OBJECT_BATCHES = 16  # tasks measuring the objects: enough to share among threads
 
 
 def _region_means(regions: Regions, kept: np.ndarray, arrays: list[Any]) -> list[np.ndarray]:
@@ -91,14 +95,32 @@ def objects_from_regions(
     kept = np.zeros(regions.n + 1, np.int32)
     kept[keep] = keep
     mean_mag, mean_delta = _region_means(regions, kept, [magnitude, brightness_delta])
-    objects = []
-    for label in keep.tolist():
+    # the objects' windows are read and measured in batches of about equal window area (an
+    # object's cost grows with it), in parallel on the configured Dask scheduler (regions
+    # read their chunks thread-safely); the order stays the labels'
+    labels = keep.tolist()
+    boxes = regions.bbox[keep - 1].astype(np.int64)
+    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
+    # (bound by partial: a Regions argument would be unpacked, its lazy labels computed whole)
+    measure_batch = dask.delayed(functools.partial(_measure_batch, regions, transform=transform),
+                                 pure=False)
+    limit = -(-sum(areas) // _OBJECT_BATCHES)
+    batches = [labels[part.start:part.stop] for part in crop_batches(areas, limit)]
+    measured = dask.compute(*(measure_batch(batch) for batch in batches))
+    return [change_object(label, polygon, area_m2=float(regions.area_px[label - 1] * pixel_m2),
+                          solidity=solidity, mean_magnitude=mean_mag[label - 1],
+                          brightness_change=mean_delta[label - 1], threshold=threshold)
+            for batch, shapes in zip(batches, measured, strict=True)
+            for label, (polygon, solidity) in zip(batch, shapes, strict=True)]
+
+
+def _measure_batch(regions: Regions, labels: list[int], *, transform: Affine
+                   ) -> list[tuple[Any, float]]:
+    """``(polygon, solidity)`` of each label, from its bounding-box window of the labels."""
+    out = []
+    for label in labels:
         r0, c0, r1, c1 = (int(v) for v in regions.bbox[label - 1])
         image = regions.window(slice(r0, r1), slice(c0, c1)) == label
-        objects.append(change_object(
-            label, _polygons_by_label(image, transform * Affine.translation(c0, r0))[1],
-            area_m2=float(regions.area_px[label - 1] * pixel_m2),
-            solidity=float(measure.regionprops(image.astype(np.uint8))[0].solidity),
-            mean_magnitude=mean_mag[label - 1], brightness_change=mean_delta[label - 1],
-            threshold=threshold))
-    return objects
+        out.append((_polygons_by_label(image, transform * Affine.translation(c0, r0))[1],
+                    float(measure.regionprops(image.astype(np.uint8))[0].solidity)))
+    return out
