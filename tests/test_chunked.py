@@ -222,12 +222,16 @@ def test_acquire_pair_reads_large_grids_chunked(pair, tmp_path, monkeypatch):
     assert_array_equal(lazy_a.data.values, whole_a.data.values)
 
 
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
 @pytest.mark.parametrize("chunks", [(16, 16), (7, 23), (64, 5)])
-def test_objects_from_regions_equal_extract_objects(chunks):
-    """Objects read window by window from chunked regions equal those of the whole mask."""
+def test_objects_from_regions_equal_extract_objects(chunks, scheduler, monkeypatch):
+    """Objects read window by window from chunked regions equal those of the whole mask, their
+    batches measured one after the other or in parallel threads."""
+    import dask
     import dask.array as da
     import shapely
 
+    import pipeline.core.components as components
     from pipeline.core.components import label_regions
     from pipeline.detect.objects import extract_objects
     from pipeline.detect.region_objects import objects_from_regions
@@ -248,8 +252,10 @@ def test_objects_from_regions_equal_extract_objects(chunks):
     expected = extract_objects(mask, da.from_array(magnitude, chunks=chunks),
                                da.from_array(delta, chunks=chunks), **kwargs)
     regions = label_regions(da.from_array(mask, chunks=chunks) == 1, connectivity=2)
-    got = objects_from_regions(regions, da.from_array(magnitude, chunks=chunks),
-                               da.from_array(delta, chunks=chunks), **kwargs)
+    monkeypatch.setattr(components, "_RECENT_BLOCKS", 1)  # every read evicts: races show
+    with dask.config.set(scheduler=scheduler, num_workers=4):
+        got = objects_from_regions(regions, da.from_array(magnitude, chunks=chunks),
+                                   da.from_array(delta, chunks=chunks), **kwargs)
     assert len(expected) > 5 and [o.label for o in got] == [o.label for o in expected]
     for e, g in zip(expected, got, strict=True):
         assert shapely.equals_exact(e.polygon, g.polygon, tolerance=0), e.label
