@@ -79,8 +79,8 @@ def write_cog(
     tags
         Dataset tags (``GDAL_METADATA``); ``TIFFTAG_SOFTWARE`` is set to the Sitewatch version.
     threads
-        GDAL's compression threads (the same bytes with any number); None: as many as Dask's
-        (``report.workers.dask_threads``). A Dask-backed ``da`` is computed on Dask's
+        GDAL's compression and overview threads (the same bytes with any number); None: as
+        many as Dask's (``report.workers.dask_threads``). A Dask-backed ``da`` is computed on Dask's
         configured scheduler.
 
     Returns
@@ -139,9 +139,12 @@ def write_cog(
                     dst.write(values)
                 dst.descriptions = descriptions
                 dst.update_tags(**all_tags)
-            with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO", **COPY_CONFIG):
-                rasterio.shutil.copy(src_path, tmp, driver="COG",
-                                     **_cog_options(dtype, threads or dask_threads()))
+            n = threads or dask_threads()
+            # GDAL_NUM_THREADS: the overviews computed on n threads too (the same bytes; the
+            # 8446 px bench magnitude's copy took 2.5-2.9 s on two instead of 3.2 s)
+            with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO", GDAL_NUM_THREADS=str(n),
+                              **COPY_CONFIG):
+                rasterio.shutil.copy(src_path, tmp, driver="COG", **_cog_options(dtype, n))
     return path
 
 

@@ -247,3 +247,18 @@ def test_write_cog_temporary_overview_level_keeps_the_bytes(
         assert ds.overviews(1) == [2, 4]
     assert sha256_file(fast) == sha256_file(default)
     assert validate_cog(fast)[0]
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("float32", float("nan")), ("uint8", 255)])
+def test_write_cog_same_bytes_on_any_number_of_threads(tmp_path: Path, dtype: str,
+                                                       nodata: float) -> None:
+    """Tiles compressed and overviews computed on one thread or on four: the same file."""
+    rng = np.random.default_rng(4)
+    values = (rng.gamma(2.0, 3.0, (1391, 1203)) if dtype == "float32"
+              else rng.integers(0, 2, (1391, 1203))).astype("float32")
+    values[:100, :70] = np.nan
+    paths = [write_cog(_grid_array(values), tmp_path / f"{n}.tif", dtype=dtype, nodata=nodata,
+                       threads=n) for n in (1, 4)]
+    with rasterio.open(paths[1]) as ds:
+        assert ds.overviews(1) == [2, 4]
+    assert sha256_file(paths[0]) == sha256_file(paths[1])
