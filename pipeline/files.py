@@ -8,11 +8,11 @@ import hashlib
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["sha256_file", "atomic_path", "atomic_write_bytes", "atomic_write_text",
-           "is_disk_full", "is_utf8"]
+           "sync_files", "is_disk_full", "is_utf8"]
 
 _CHUNK = 1 << 20
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -40,13 +40,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, overwrite: bool = False, durable: bool = True
+                ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The temporary file lives in the same folder (same file system), so the final
     ``os.replace`` is atomic: readers see the old file or the whole new one, never a part.
     With ``overwrite=False`` an existing ``path`` raises ``FileExistsError`` before anything
-    is written.
+    is written. The file is flushed to disk (fsync) before the rename; with
+    ``durable=False`` it is not, and the caller flushes it (`sync_files`) before anything
+    depends on its surviving a crash (e.g. inside a staged run folder, before publishing).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -60,14 +63,21 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            sync_files([tmp])
         if not overwrite and path.exists():
             raise FileExistsError(f"{path} appeared while writing; refusing to overwrite it")
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def sync_files(paths: Iterable[str | Path]) -> None:
+    """Flush each file's bytes to disk (fsync); an OSError (e.g. EIO) propagates."""
+    for path in paths:
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:

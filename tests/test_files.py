@@ -1,4 +1,4 @@
-"""pipeline.files: the one full-disk test every writer uses."""
+"""pipeline.files: the one full-disk test every writer uses; atomic writes and their flush."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import files
 from pipeline.errors import FetchError
-from pipeline.files import is_disk_full
+from pipeline.files import atomic_path, is_disk_full, sync_files
 
 
 def _sqlite_error(tmp_path: Path, *, fill: bool) -> sqlite3.Error:
@@ -65,3 +66,31 @@ def test_is_disk_full_message_without_errno() -> None:
 def test_is_disk_full_errno_wins_over_text() -> None:
     """An OS error with another errno is not a full disk because its text mentions space."""
     assert not is_disk_full(OSError(errno.EACCES, "disk space reserved for root"))
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_path_flushes_before_the_rename_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:
+    """The temporary file is flushed (fsync) before it takes the final name; with
+    durable=False it is not (the caller flushes it later)."""
+    flushed: list[tuple[str, bool]] = []
+    target = tmp_path / "out.txt"
+
+    def record(paths: list[Path]) -> None:
+        flushed.extend((Path(p).name, target.exists()) for p in paths)
+
+    monkeypatch.setattr(files, "sync_files", record)
+    with atomic_path(target, durable=durable) as tmp:
+        tmp.write_text("evidence")
+    assert target.read_text() == "evidence"
+    assert flushed == ([(tmp.name, False)] if durable else [])
+
+
+def test_sync_files_flushes_read_only_files_and_raises_for_missing(tmp_path: Path) -> None:
+    """Read-only copies (as the originals are) can be flushed; a missing file is an error."""
+    copy = tmp_path / "copy.tif"
+    copy.write_bytes(b"bytes")
+    copy.chmod(0o444)
+    sync_files([copy])
+    with pytest.raises(FileNotFoundError):
+        sync_files([tmp_path / "gone.tif"])

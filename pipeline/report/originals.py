@@ -37,10 +37,10 @@ from typing import Any
 from pipeline.errors import OutputError
 from pipeline.fetch.base import FetchContext
 from pipeline.fetch.cache import cache_paths
-from pipeline.files import atomic_path, sha256_file
+from pipeline.files import atomic_path, sha256_file, sync_files
 from pipeline.model import SourceRef
 
-__all__ = ["ORIGINALS_DIR", "LINK_MIN_BYTES", "preserve_originals"]
+__all__ = ["ORIGINALS_DIR", "LINK_MIN_BYTES", "preserve_originals", "copied"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ LINK_MIN_BYTES = 1 << 30  # from 1 GiB, hard-link instead of copying (same file 
 
 def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
                        link_min_bytes: int = LINK_MIN_BYTES,
-                       cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                       cache_dir: str | Path | None = None,
+                       durable: bool = True) -> list[dict[str, Any]]:
     """Copy (or hard-link) every local input into ``stage/originals``; describe each input.
 
     Parameters
@@ -63,6 +64,9 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
         Files of at least this size are hard-linked when on the same file system.
     cache_dir
         The download cache the run fetched through; tiles are copied from it.
+    durable
+        Flush the copies to disk (fsync) before returning. With False the caller flushes
+        `copied` files itself (`pipeline.files.sync_files`), e.g. while it writes on.
 
     Returns
     -------
@@ -92,7 +96,15 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
                             "source_path": None, "source_url": ref.url,
                             "note": "the bytes read were not recorded (or no cache was "
                                     "given); fetch again from source_url"})
+    if durable:
+        sync_files(copied(stage, entries))
     return entries
+
+
+def copied(stage: Path, entries: list[dict[str, Any]]) -> list[Path]:
+    """The files `preserve_originals` copied into ``stage`` (not its hard links: those are
+    the source's own bytes)."""
+    return [stage / e["path"] for e in entries if e["path"] and e["how"] != "hardlink"]
 
 
 def _unread_assets(key: str, ref: SourceRef) -> list[dict[str, Any]]:
@@ -209,8 +221,9 @@ def _same_device(a: Path, b: Path) -> bool:
 
 
 def _copy_read_only(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` atomically and make the copy read-only."""
-    with atomic_path(target) as tmp:
+    """Copy ``source`` to ``target`` atomically and make the copy read-only (flushed to disk
+    by `preserve_originals`)."""
+    with atomic_path(target, durable=False) as tmp:
         shutil.copyfile(source, tmp)
     target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 

@@ -12,13 +12,14 @@ import pytest
 from pipeline.errors import OutputError
 from pipeline.files import sha256_file
 from pipeline.model import DetectParams, SourceRef
+from pipeline.report import originals
 from pipeline.report.manifest import (
     build_manifest,
     verify_manifest,
     write_manifest,
     write_manifest_digest,
 )
-from pipeline.report.originals import preserve_originals
+from pipeline.report.originals import copied, preserve_originals
 
 START = datetime(2026, 11, 25, 10, 46, 22, tzinfo=UTC)
 
@@ -56,6 +57,24 @@ def test_preserve_originals_hard_links_large_files(tmp_path: Path) -> None:
     (entry,) = preserve_originals(stage, {"after:0": ref}, link_min_bytes=50)
     assert entry["how"] == "hardlink"
     assert os.stat(stage / entry["path"]).st_ino == os.stat(str(ref.path)).st_ino
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_preserve_originals_flushes_its_copies_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:
+    """The copies (not the hard links: the source's own bytes) are flushed to disk before
+    preserve_originals returns; with durable=False they are left to the caller, and `copied`
+    names them."""
+    flushed: list[list[Path]] = []
+    monkeypatch.setattr(originals, "sync_files", lambda paths: flushed.append(list(paths)))
+    stage = tmp_path / "run"
+    stage.mkdir()
+    inputs = {"before:0": _source(tmp_path, "small.tif", b"x" * 10),
+              "after:0": _source(tmp_path, "large.tif", b"y" * 100)}
+    entries = preserve_originals(stage, inputs, link_min_bytes=50, durable=durable)
+    assert [e["how"] for e in entries] == ["copy", "hardlink"]
+    assert copied(stage, entries) == [stage / "originals" / "before-0_small.tif"]
+    assert flushed == ([copied(stage, entries)] if durable else [])
 
 
 def test_preserve_originals_refuses_a_changed_input(tmp_path: Path) -> None:

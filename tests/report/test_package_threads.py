@@ -199,7 +199,7 @@ def test_beside_failure_stops_the_callers_steps_early() -> None:
 
     reached_end = []
     with pytest.raises(OSError, match="rasters failed"):
-        with package._Beside(job, on_thread=True) as beside:
+        with package._Beside(job, on_thread=True, name="a job") as beside:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 beside.check()
@@ -224,8 +224,49 @@ def test_beside_interrupted_while_waiting_waits_for_the_job() -> None:
     previous = signal.signal(signal.SIGUSR1, signal.default_int_handler)
     try:
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
-        with pytest.raises(KeyboardInterrupt), package._Beside(job, on_thread=True):
+        with pytest.raises(KeyboardInterrupt), package._Beside(job, on_thread=True, name="a job"):
             pass
         assert done.is_set()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("mode", ["one", "two"])
+def test_write_package_flushes_the_copied_originals_beside_the_chips(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The copied inputs are flushed to disk on a thread of their own, once, and done before
+    write_package returns (and so before the manifest), whatever Dask's setting."""
+    args, kwargs = _arguments(tmp_path)
+    calls: list[tuple[list[Path], str]] = []
+    done = threading.Event()
+
+    def flush(paths: Any) -> None:
+        calls.append((list(paths), threading.current_thread().name))
+        time.sleep(0.3)  # longer than the small package's other steps
+        done.set()
+
+    monkeypatch.setattr(package, "sync_files", flush)
+    with dask.config.set(DASK_SETTINGS[mode]):
+        result = write_package(tmp_path, *args, **kwargs)
+    assert done.is_set()
+    ((paths, thread),) = calls
+    copies = [tmp_path / o["path"] for o in result.originals if o["how"] == "copy"]
+    assert len(copies) == 2 and paths == copies
+    assert thread != threading.current_thread().name
+
+
+def test_write_package_failed_flush_leaves_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that fails (an I/O error of the disk) fails the package: an OutputError, and
+    nothing under OUT."""
+    args, kwargs = _arguments(tmp_path)
+
+    def flush(_: Any) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(package, "sync_files", flush)
+    out = tmp_path / "out"
+    with dask.config.set(DASK_SETTINGS["two"]), pytest.raises(OutputError, match="error"):
+        with staged_run_dir(out, "site", "run") as stage:
+            write_package(stage, *args, **kwargs)
+    assert [p for p in out.rglob("*") if p.is_file()] == []
