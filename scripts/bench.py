@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -739,18 +740,49 @@ def _speedup(size: int, pair: dict[str, Any], cfg: argparse.Namespace, aoi: str,
             log.info("size %d: detect again with %d Dask threads (speed-up, pair %d); load %.1f",
                      size, SPEEDUP_THREADS, index + 1, _load())
             det = run_child("detect", pair, cfg, aoi, threads=SPEEDUP_THREADS)
+        ceiling = machine_ceiling()
         load = _load()
-        log.info("size %d: detect again with 1 Dask thread (speed-up, pair %d); load %.1f",
-                 size, index + 1, load)
+        log.info("size %d: detect again with 1 Dask thread (speed-up, pair %d); load %.1f; "
+                 "machine ceiling: sort %.2f, stream %.2f", size, index + 1, load,
+                 ceiling["sort"], ceiling["stream"])
         one = run_child("detect", pair, cfg, aoi, threads=1)
         runs.append({"pair": index, "threads": 1, "seconds": one.data.get("seconds", math.nan),
                      "cpu_s": one.data.get("cpu_s", math.nan), "problem": one.problem,
-                     "load": [load, _load()],
+                     "load": [load, _load()], "ceiling": ceiling,
                      "same_counts": one.data.get("counts") == det.data.get("counts")})
         runs.append({"pair": index, "threads": SPEEDUP_THREADS,
                      "seconds": det.data.get("seconds", math.nan),
                      "cpu_s": det.data.get("cpu_s", math.nan), "problem": det.problem})
     return runs
+
+
+def machine_ceiling(threads: int = SPEEDUP_THREADS) -> dict[str, float]:
+    """This machine's speed-up at this moment for work with no serial part: ``threads``
+    threads against 1 on NumPy jobs that release the GIL, one compute-bound (sorting) and
+    one memory-bound (scaling large arrays in place). A detect cannot scale better."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.random(4_000_000) for _ in range(4 * threads)]  # 32 MB each
+
+    def sort(a: np.ndarray) -> None:
+        for _ in range(3):
+            np.sort(a)
+
+    def stream(a: np.ndarray) -> None:
+        for _ in range(20):
+            np.multiply(a, 1.0001, out=a)
+
+    found = {}
+    for name, job in (("sort", sort), ("stream", stream)):
+        start = time.perf_counter()
+        for a in arrays:
+            job(a)
+        alone = time.perf_counter() - start
+        with ThreadPoolExecutor(threads) as pool:
+            start = time.perf_counter()
+            list(pool.map(job, arrays))
+            together = time.perf_counter() - start
+        found[name] = alone / together
+    return found
 
 
 def _pairs(runs: list[dict[str, Any]]) -> dict[int, dict[int, dict[str, Any]]]:
@@ -774,7 +806,8 @@ def _pair_gains(runs: list[dict[str, Any]]) -> list[float]:
 def speedup_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Detect with 1 Dask thread and with 2, pair by pair: wall and CPU seconds, speed-up."""
     out = [["size", "pair", "Dask threads", "detect s", "detect CPU s", "speed-up (wall)",
-            "same findings", "load at start / end (1 thread)"]]
+            "same findings", "load at start / end (1 thread)",
+            "machine ceiling: sort / stream"]]
     for r in rows:
         runs = r.get("speedup") or []
         pairs = _pairs(runs)
@@ -787,7 +820,9 @@ def speedup_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 _fmt(run["seconds"], 1) if not run["problem"] else run["problem"],
                 _fmt(run["cpu_s"], 1), _fmt(gain, 2),
                 ("yes" if run.get("same_counts") else "no") if "same_counts" in run else "-",
-                " / ".join(_fmt(v, 1) for v in run.get("load", [])) or "-"])
+                " / ".join(_fmt(v, 1) for v in run.get("load", [])) or "-",
+                " / ".join(_fmt(run["ceiling"][k], 2) for k in ("sort", "stream"))
+                if run.get("ceiling") else "-"])
     return out
 
 
@@ -804,6 +839,16 @@ def speedup_summary(rows: list[dict[str, Any]]) -> str:
             f"{median:.2f} of {len(gains)} pair{'s' if len(gains) > 1 else ''} "
             f"({min(gains):.2f}-{max(gains):.2f}); target >= {TARGET_SPEEDUP:g}: "
             f"{_met(median >= TARGET_SPEEDUP)}.")
+        ceilings = [run["ceiling"] for run in r.get("speedup") or [] if run.get("ceiling")]
+        if ceilings:
+            parts = []
+            for kind in ("sort", "stream"):
+                values = [c[kind] for c in ceilings]
+                parts.append(f"{kind} median {statistics.median(values):.2f} "
+                             f"({min(values):.2f}-{max(values):.2f})")
+            lines.append(
+                f"The machine's own ceiling measured before each pair's 1-thread run (work with "
+                f"no serial part, {SPEEDUP_THREADS} threads over 1): " + ", ".join(parts) + ".")
     return "\n".join(lines)
 
 
@@ -1112,7 +1157,9 @@ The same detect with one Dask worker thread and with {SPEEDUP_THREADS} (the issu
 in pairs of runs back to back (load from other users affects them differently; CPU seconds
 show the work done). A pair's speed-up = its wall seconds with 1 thread / its wall seconds
 with {SPEEDUP_THREADS}; one run's wall time varies by 15 % or more here, so the figure is the
-median of the pairs.
+median of the pairs. "Machine ceiling" is the same ratio for NumPy work with no serial part
+(`machine_ceiling`: sorting, compute-bound; scaling arrays in place, memory-bound), measured
+just before the pair's 1-thread run: a detect cannot scale better than the machine does.
 
 {md_table(speedup_rows(rows))}
 
