@@ -5,7 +5,9 @@ that costs several times a full sort (measured on 10^6 float64 values: 69 ms aga
 for ``np.sort``). The functions here take the order statistics from a sorted array (or from
 value counts, ``pipeline.report.chips``) and interpolate between them step by step as NumPy
 does (``_get_indexes``, ``_get_gamma``, ``_lerp`` of ``numpy.lib._function_base_impl``), so
-the numbers are NumPy's to the bit; tests compare them.
+the numbers are NumPy's to the bit; tests compare them. One exception: where the values hold
+both 0.0 and -0.0, a sort and a partition may order them differently, so a zero result may
+carry the other sign (equal as numbers).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def linear_quantiles(n: int, q: np.ndarray, order_statistic: Callable[[np.ndarra
 def sorted_quantiles(values: np.ndarray, q: np.ndarray) -> np.ndarray:
     """``np.quantile(values, q)`` of a 1-D array without NaN, by one sort.
 
-    Equal to NumPy's default ('linear') method bit for bit; several times faster when
-    ``q`` holds many levels. An empty array raises NumPy's IndexError.
+    Equal to NumPy's default ('linear') method bit for bit (a zero's sign aside, see the
+    module); several times faster when ``q`` holds many levels. An empty array raises
+    NumPy's IndexError.
     """
     ordered = np.sort(values)
     return linear_quantiles(ordered.size, q, ordered.__getitem__)

@@ -40,7 +40,7 @@ from pipeline.fetch.cache import cache_paths
 from pipeline.files import atomic_path, sha256_file, sync_files
 from pipeline.model import SourceRef
 
-__all__ = ["ORIGINALS_DIR", "LINK_MIN_BYTES", "preserve_originals", "copied"]
+__all__ = ["ORIGINALS_DIR", "LINK_MIN_BYTES", "preserve_originals", "copied", "flush_copies"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
         The download cache the run fetched through; tiles are copied from it.
     durable
         Flush the copies to disk (fsync) before returning. With False the caller flushes
-        `copied` files itself (`pipeline.files.sync_files`), e.g. while it writes on.
+        them itself (`flush_copies`), e.g. while it writes on.
 
     Returns
     -------
@@ -79,7 +79,8 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
     Raises
     ------
     OutputError
-        A local input's bytes changed since the run read it, or it cannot be copied.
+        A local input's bytes changed since the run read it, or it cannot be copied or
+        flushed to disk.
     """
     entries = []
     for key, ref in inputs.items():
@@ -97,7 +98,7 @@ def preserve_originals(stage: Path, inputs: Mapping[str, SourceRef], *,
                             "note": "the bytes read were not recorded (or no cache was "
                                     "given); fetch again from source_url"})
     if durable:
-        sync_files(copied(stage, entries))
+        flush_copies(stage, entries)
     return entries
 
 
@@ -105,6 +106,22 @@ def copied(stage: Path, entries: list[dict[str, Any]]) -> list[Path]:
     """The files `preserve_originals` copied into ``stage`` (not its hard links: those are
     the source's own bytes)."""
     return [stage / e["path"] for e in entries if e["path"] and e["how"] != "hardlink"]
+
+
+def flush_copies(stage: Path, entries: list[dict[str, Any]]) -> None:
+    """Flush the `copied` files to disk (fsync), one by one.
+
+    Raises
+    ------
+    OutputError
+        A flush failed (an I/O error, or a full disk or quota on file systems that report it
+        only then), naming the copy.
+    """
+    for path in copied(stage, entries):
+        try:
+            sync_files([path])
+        except OSError as e:
+            raise _cannot_preserve(f"the copy {path.name}", path.parent, e) from e
 
 
 def _unread_assets(key: str, ref: SourceRef) -> list[dict[str, Any]]:

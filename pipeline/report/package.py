@@ -33,13 +33,13 @@ from typing import Any
 
 import xarray as xr
 
-from pipeline.files import atomic_write_text, sync_files
+from pipeline.files import atomic_write_text
 from pipeline.model import Evidence, GridPlan, SourceRef
 from pipeline.report.chipset import chip_targets, write_chips
 from pipeline.report.geojson import evidence_to_features, write_geojson
 from pipeline.report.gpkg import layer_geometries, write_gpkg
 from pipeline.report.html import REPORT_NAME, write_report
-from pipeline.report.originals import copied, preserve_originals
+from pipeline.report.originals import flush_copies, preserve_originals
 from pipeline.report.rasters import write_cog
 from pipeline.report.style import aoi_qml, findings_qml
 from pipeline.report.workers import dask_threads
@@ -146,7 +146,7 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
         # The copies are flushed to disk on a thread of their own while the steps below
         # write on (an fsync waits for the disk: on the 8446 px bench pair the originals step
         # took 1.1 to 3.1 s with its flush, 0.65 s without in one run); before the manifest.
-        with _Beside(functools.partial(sync_files, copied(stage, originals)), on_thread=True,
+        with _Beside(functools.partial(flush_copies, stage, originals), on_thread=True,
                      name="the originals' flush") as flush:
             with steps.step("write:chips") as info:
                 chips = _chips(stage, evidence, info, plan=plan, resampling=resampling,

@@ -43,3 +43,14 @@ def test_sorted_quantiles_of_nothing_raise_as_numpy_does():
         np.quantile(np.zeros(0), LEVELS)
     with pytest.raises(IndexError):
         sorted_quantiles(np.zeros(0), LEVELS)
+
+
+def test_sorted_quantiles_with_both_zeros_equal_numpy_as_numbers():
+    """With 0.0 and -0.0 among the values a sort and a partition may order them differently:
+    a zero result may differ in sign only, never in value."""
+    rng = np.random.default_rng(5)
+    values = np.concatenate([np.zeros(400), -np.zeros(400), rng.normal(0.0, 1.0, 201)])
+    rng.shuffle(values)
+    got, want = sorted_quantiles(values, LEVELS), np.quantile(values, LEVELS)
+    assert (got == want).all()
+    assert (got[np.signbit(got) != np.signbit(want)] == 0).all()

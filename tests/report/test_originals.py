@@ -19,7 +19,7 @@ from pipeline.report.manifest import (
     write_manifest,
     write_manifest_digest,
 )
-from pipeline.report.originals import copied, preserve_originals
+from pipeline.report.originals import copied, flush_copies, preserve_originals
 
 START = datetime(2026, 11, 25, 10, 46, 22, tzinfo=UTC)
 
@@ -75,6 +75,28 @@ def test_preserve_originals_flushes_its_copies_unless_told(
     assert [e["how"] for e in entries] == ["copy", "hardlink"]
     assert copied(stage, entries) == [stage / "originals" / "before-0_small.tif"]
     assert flushed == ([copied(stage, entries)] if durable else [])
+
+
+def test_copied_names_copies_of_files_and_cache_entries_only(tmp_path: Path) -> None:
+    """Copies of local files and of cache entries are flushed; hard links (the source's own
+    bytes) and what was not preserved are not."""
+    entries = [{"path": "originals/a.tif", "how": "copy"},
+               {"path": "originals/b.tif", "how": "hardlink"},
+               {"path": "originals/c.bin", "how": "copy of cache entry"},
+               {"path": None, "how": "not preserved"}]
+    assert copied(tmp_path, entries) == [tmp_path / "originals/a.tif",
+                                         tmp_path / "originals/c.bin"]
+
+
+def test_flush_copies_names_the_copy_that_failed(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush that fails is an OutputError naming the copy, as a failed copy is."""
+    def flush(paths: list[Path]) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(originals, "sync_files", flush)
+    with pytest.raises(OutputError, match=r"Cannot preserve the copy a\.tif in .*originals"):
+        flush_copies(tmp_path, [{"path": "originals/a.tif", "how": "copy"}])
 
 
 def test_preserve_originals_refuses_a_changed_input(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from shapely.geometry import box
 
 from pipeline.errors import OutputError
 from pipeline.model import GridPlan
-from pipeline.report import package
+from pipeline.report import originals, package
 from pipeline.report.package import WRITE_STEPS, write_package
 from pipeline.report.rundir import staged_run_dir
 from report.test_chips import _block, _evidence, _pair
@@ -238,35 +238,34 @@ def test_write_package_flushes_the_copied_originals_beside_the_chips(
     write_package returns (and so before the manifest), whatever Dask's setting."""
     args, kwargs = _arguments(tmp_path)
     calls: list[tuple[list[Path], str]] = []
-    done = threading.Event()
 
     def flush(paths: Any) -> None:
+        time.sleep(0.2)  # together longer than the small package's other steps
         calls.append((list(paths), threading.current_thread().name))
-        time.sleep(0.3)  # longer than the small package's other steps
-        done.set()
 
-    monkeypatch.setattr(package, "sync_files", flush)
+    monkeypatch.setattr(originals, "sync_files", flush)
     with dask.config.set(DASK_SETTINGS[mode]):
         result = write_package(tmp_path, *args, **kwargs)
-    assert done.is_set()
-    ((paths, thread),) = calls
     copies = [tmp_path / o["path"] for o in result.originals if o["how"] == "copy"]
-    assert len(copies) == 2 and paths == copies
-    assert thread != threading.current_thread().name
+    assert len(copies) == 2
+    assert [p for paths, _ in calls for p in paths] == copies  # all done on return
+    assert {thread for _, thread in calls} != {threading.current_thread().name}
+    assert len({thread for _, thread in calls}) == 1
 
 
 def test_write_package_failed_flush_leaves_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A flush that fails (an I/O error of the disk) fails the package: an OutputError, and
-    nothing under OUT."""
+    """A flush that fails (an I/O error of the disk) fails the package: an OutputError naming
+    the copy, and nothing under OUT."""
     args, kwargs = _arguments(tmp_path)
 
     def flush(_: Any) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(package, "sync_files", flush)
+    monkeypatch.setattr(originals, "sync_files", flush)
     out = tmp_path / "out"
-    with dask.config.set(DASK_SETTINGS["two"]), pytest.raises(OutputError, match="error"):
+    with dask.config.set(DASK_SETTINGS["two"]), pytest.raises(
+            OutputError, match=r"Cannot preserve the copy before-0_.*Input/output error"):
         with staged_run_dir(out, "site", "run") as stage:
             write_package(stage, *args, **kwargs)
     assert [p for p in out.rglob("*") if p.is_file()] == []
