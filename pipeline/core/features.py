@@ -22,7 +22,7 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2lab
 from skimage.segmentation import watershed
 
-from pipeline.core.quantiles import sorted_quantiles
+from pipeline.core.quantiles import quantile_table
 
 __all__ = ["FEATURE_NAMES", "N_FEATURES", "pixel_features", "feature_stack"]
 
@@ -105,10 +105,7 @@ def _match(src: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if not valid.any():
             out[i] = src[i]
             continue
-        qs = sorted_quantiles(src[i][valid][::step], levels)
-        qr = sorted_quantiles(ref[i][valid][::step], levels)
-        xp, inverse = np.unique(qs, return_inverse=True)
-        fp = np.bincount(inverse, weights=qr) / np.bincount(inverse)
+        xp, fp = quantile_table(src[i][valid][::step], ref[i][valid][::step], levels)
         out[i] = np.interp(src[i], xp, fp) if xp.size > 1 else fp[0]
     return out
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["linear_quantiles", "sorted_quantiles"]
+__all__ = ["linear_quantiles", "sorted_quantiles", "quantile_table"]
 
 
 def linear_quantiles(n: int, q: np.ndarray, order_statistic: Callable[[np.ndarray], Any]
@@ -50,3 +50,13 @@ def sorted_quantiles(values: np.ndarray, q: np.ndarray) -> np.ndarray:
     """
     ordered = np.sort(values)
     return linear_quantiles(ordered.size, q, ordered.__getitem__)
+
+
+def quantile_table(values: np.ndarray, onto: np.ndarray, levels: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Quantile mapping table ``(xp, fp)`` sending ``values`` onto ``onto`` (1-D, no NaN):
+    ``xp`` the distinct quantiles of ``values`` at ``levels`` (increasing), ``fp`` those of
+    ``onto``; tied ``values`` quantiles (integer data) map to the mean of theirs."""
+    xp, inverse = np.unique(sorted_quantiles(values, levels), return_inverse=True)
+    fp = np.bincount(inverse, weights=sorted_quantiles(onto, levels)) / np.bincount(inverse)
+    return xp, fp

@@ -18,7 +18,7 @@ import xarray as xr
 from scipy.stats import chi2
 
 from pipeline.core.change import require_same_grid
-from pipeline.core.quantiles import sorted_quantiles
+from pipeline.core.quantiles import quantile_table
 from pipeline.errors import GridError, NoValidDataError
 from pipeline.model import NormalizeMethod
 
@@ -52,12 +52,7 @@ def _sample(before: xr.DataArray, after: xr.DataArray, exclude) -> tuple[np.ndar
 
 def _quantile_table_np(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Quantile mapping table ``(xp, fp)`` sending the values ``a`` onto the values ``b``."""
-    levels = np.linspace(0.0, 1.0, _N_QUANTILES)
-    qa, qb = sorted_quantiles(a, levels), sorted_quantiles(b, levels)
-    # tied after-quantiles (integer data) map to the mean of their before-quantiles
-    xp, inverse = np.unique(qa, return_inverse=True)
-    fp = np.bincount(inverse, weights=qb) / np.bincount(inverse)
-    return xp, fp
+    return quantile_table(a, b, np.linspace(0.0, 1.0, _N_QUANTILES))
 
 
 @dataclass(frozen=True)
