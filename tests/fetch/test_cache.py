@@ -190,3 +190,29 @@ def test_evict_removes_entry(server: LoopbackServer, context: FetchContext) -> N
     evict(url, context=context)
     evict(url, context=context)
     assert not any(p.exists() for p in cache_paths(url, context=context))
+
+
+def test_cache_root_is_checked_until_found_good(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache root that is a file is refused at every call; one found good is not walked
+    again (the walk cost half of cache_paths' time, once per tile)."""
+    root = tmp_path / "cache"
+    root.write_text("not a folder")
+    context = FetchContext(cache_dir=root)
+    for _ in range(2):
+        with pytest.raises(FetchError, match="is a file"):
+            cache_paths("https://example.test/a.png", context=context)
+    root.unlink()
+    walks: list[Path] = []
+    real_exists = Path.exists
+
+    def counting(self: Path, *args: object, **kwargs: object) -> bool:
+        walks.append(self)
+        return real_exists(self)
+
+    monkeypatch.setattr(Path, "exists", counting)
+    first = cache_paths("https://example.test/a.png", context=context)
+    walked = len(walks)
+    assert walked >= 1
+    assert cache_paths("https://example.test/b.png", context=context) != first
+    assert len(walks) == walked
