@@ -839,7 +839,10 @@ def speedup_summary(rows: list[dict[str, Any]]) -> str:
             f"{median:.2f} of {len(gains)} pair{'s' if len(gains) > 1 else ''} "
             f"({min(gains):.2f}-{max(gains):.2f}); target >= {TARGET_SPEEDUP:g}: "
             f"{_met(median >= TARGET_SPEEDUP)}.")
-        ceilings = [run["ceiling"] for run in r.get("speedup") or [] if run.get("ceiling")]
+        # the ceilings of the pairs whose speed-up counts (both runs without a problem)
+        ceilings = [pair[1]["ceiling"] for pair in _pairs(r.get("speedup") or []).values()
+                    if pair.get(1, {}).get("ceiling") and pair.get(SPEEDUP_THREADS)
+                    and not pair[1]["problem"] and not pair[SPEEDUP_THREADS]["problem"]]
         if ceilings:
             parts = []
             for kind in ("sort", "stream"):

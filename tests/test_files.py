@@ -6,6 +6,7 @@ import errno
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,11 +87,22 @@ def test_atomic_path_flushes_before_the_rename_unless_told(
     assert flushed == ([(tmp.name, False)] if durable else [])
 
 
-def test_sync_files_flushes_read_only_files_and_raises_for_missing(tmp_path: Path) -> None:
-    """Read-only copies (as the originals are) can be flushed; a missing file is an error."""
+def test_sync_files_flushes_read_only_files_and_raises_for_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-only copies (as the originals are) can be flushed: the file is opened for reading
+    only (root may open a 0444 file for writing, so the mode is checked, not just the call);
+    a missing file is an error."""
     copy = tmp_path / "copy.tif"
     copy.write_bytes(b"bytes")
     copy.chmod(0o444)
+    modes: list[str] = []
+
+    def recording_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        modes.append(mode)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", recording_open, raising=False)
     sync_files([copy])
+    assert modes == ["rb"]
     with pytest.raises(FileNotFoundError):
         sync_files([tmp_path / "gone.tif"])

@@ -99,7 +99,7 @@ def objects_from_regions(
     # object's cost grows with it), in parallel on the configured Dask scheduler (regions
     # read their chunks thread-safely); the order stays the labels'
     labels = keep.tolist()
-    boxes = regions.bbox[keep - 1].astype(np.int64)
+    boxes = regions.bbox[keep - 1]  # int64
     areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
     # (bound by partial: a Regions argument would be unpacked, its lazy labels computed whole)
     measure_batch = dask.delayed(functools.partial(_measure_batch, regions, transform=transform),
