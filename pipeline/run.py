@@ -8,6 +8,7 @@ recorded in the manifest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -331,14 +332,15 @@ def detect_scenes(
             info["seconds_by_part"] = timings
             info["scratch_peak_mb"] = round(scratch.peak_bytes / 2**20, 1)
         del before, after, changes  # only the magnitude and the mask are written from here
-        # the other stored rasters' files are deleted while the evidence is written (at 8446
-        # px their removal took 1.85 s after the write, on this thread)
-        scratch.drop_all_but(magnitude, mask)
         run_id = unique_run_dir_name(out / aoi.id, new_run_id(started, params_hash(params)))
         with steps.step("write"), staged_run_dir(out, aoi.id, run_id) as stage:
             _write_outputs(stage, evidence, mask, magnitude, config=config, run_id=run_id,
                            aoi=aoi, plan=plan, inputs=inputs, steps=steps.records,
-                           started=started, caught=caught, images=as_read, cnn=cnn)
+                           started=started, caught=caught, images=as_read, cnn=cnn,
+                           # the other stored rasters' files are deleted while the chips and
+                           # rasters are written (at 8446 px their removal took 1.85-3.1 s
+                           # after the write, on this thread)
+                           release=functools.partial(scratch.drop_all_but, magnitude, mask))
         del as_read
     shown = [w for w in caught
              if not issubclass(w.category, DeprecationWarning | PendingDeprecationWarning)]
@@ -634,19 +636,21 @@ def _write_outputs(stage: Path, evidence: list[Evidence], mask: xr.DataArray,
                    plan: GridPlan, inputs: dict[str, SourceRef], steps: list[dict[str, Any]],
                    started: datetime, caught: list[warnings.WarningMessage],
                    images: dict[str, xr.DataArray] | None = None,
-                   cnn: CnnModel | None = None) -> None:
+                   cnn: CnnModel | None = None,
+                   release: Callable[[], None] | None = None) -> None:
     """Write the evidence package and, last, the manifest that hashes it (and its digest).
 
     ``images`` (``{"before": da, "after": da}`` on ``plan``, as read, before normalization)
     gives the chips their pixels; without it they are read again from the input files, so a
     run from fetched sources gets no chips (the manifest's write:chips step says so).
+    ``release`` is called once the inputs are copied (`write_package`'s ``after_originals``).
     """
     aoi_dict = {"id": aoi.id, "label": aoi.label, "geometry": aoi.geometry.__geo_interface__}
     notes = [str(w.message) for w in caught if issubclass(w.category, PipelineWarning)]
     package = write_package(stage, evidence, mask, magnitude, method=_method_label(config, cnn),
                             plan=plan, aoi=aoi_dict, inputs=inputs, resampling=config.resampling,
                             run_id=run_id, notes=notes, images=images,
-                            cache_dir=config.cache_dir)
+                            cache_dir=config.cache_dir, after_originals=release)
     manifest = build_manifest(
         run_id=run_id, run_dir=stage, aoi=aoi_dict, inputs=inputs, outputs=package.outputs,
         originals=package.originals, config=config.to_dict(), params=config.params,

@@ -556,3 +556,43 @@ def test_nan_outside_blocks_inside_the_polygon_are_not_rasterized(monkeypatch):
     assert_array_equal(got, expected)
     assert 0 < len(calls) < lazy.npartitions
     assert_array_equal(image, np.random.default_rng(8).random((2, 500, 700)).astype(np.float32))
+
+
+def test_run_detect_deletes_its_scratch_after_the_copies_and_before_the_chips(
+        pair, tmp_path, monkeypatch):
+    """A chunked run deletes every stored raster but the magnitude and the mask once the
+    inputs are copied (deleting during the copies slowed them), before the chips are drawn;
+    the two rasters are still written whole (the chunked = in-memory tests above), and
+    nothing is left in TMPDIR."""
+    import pipeline.report.package as package
+    import pipeline.run as run
+
+    order: list = []
+    real_preserve, real_chips = package.preserve_originals, package._chips
+    real_drop = run._Scratch.drop_all_but
+
+    def preserve(*args, **kwargs):
+        result = real_preserve(*args, **kwargs)
+        order.append("originals")
+        return result
+
+    def chips(*args, **kwargs):
+        order.append("chips")
+        return real_chips(*args, **kwargs)
+
+    def drop_all_but(self, *items):
+        order.append(("stored", len(self.files)))
+        real_drop(self, *items)
+        order.append(("kept", sorted(self.files) == sorted(i.data.name for i in items)))
+
+    monkeypatch.setattr(package, "preserve_originals", preserve)
+    monkeypatch.setattr(package, "_chips", chips)
+    monkeypatch.setattr(run._Scratch, "drop_all_but", drop_all_but)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    result, features, mask, _ = _run(pair, tmp_path / "out", 512)
+    assert order[0] == "originals" and order[3] == "chips", order
+    assert order[1][0] == "stored" and order[1][1] > 2  # others than the two were stored
+    assert order[2] == ("kept", True)
+    assert features and (mask == 1).any()
+    assert list((tmp_path / "tmp").iterdir()) == []

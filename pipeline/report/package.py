@@ -92,7 +92,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
                   resampling: str = "bilinear", run_id: str = "",
                   notes: Sequence[str] = (),
                   images: Mapping[str, xr.DataArray] | None = None,
-                  cache_dir: str | Path | None = None) -> Package:
+                  cache_dir: str | Path | None = None,
+                  after_originals: Callable[[], None] | None = None) -> Package:
     """Write the evidence files of one run into its staging folder.
 
     Parameters
@@ -120,6 +121,10 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
         None reads them again from the input files (local inputs only).
     cache_dir
         The download cache of the run, from which fetched tiles are preserved.
+    after_originals
+        Called once the inputs are copied, before the chips: a chunked run deletes its
+        scratch files there (deleting them during the copies slowed the copies, from 7 s to
+        18 and 30 s at 20000 px, measured).
 
     Returns
     -------
@@ -142,6 +147,8 @@ def write_package(stage: Path, evidence: Sequence[Evidence], mask: xr.DataArray,
             originals = preserve_originals(stage, inputs, cache_dir=cache_dir, durable=False)
             info.update(preserved=sum(o["path"] is not None for o in originals),
                         not_preserved=sum(o["path"] is None for o in originals))
+        if after_originals is not None:
+            after_originals()
         beside.check()
         # The copies are flushed to disk on a thread of their own while the steps below
         # write on (an fsync waits for the disk: on the 8446 px bench pair the originals step
