@@ -167,7 +167,6 @@ class SegmentArrays:
     direction: np.ndarray  # (n, 2) unit vectors from p to q
     mid: np.ndarray  # (n, 2) midpoints
     simple: np.ndarray  # (n,) lines of two points (p-q); the others are measured by GEOS
-    half_chord: float  # half the longest p-q distance (0 without segments)
 
     @classmethod
     def of(cls, segments: Sequence[WallSegment] | SegmentArrays) -> SegmentArrays:
@@ -180,27 +179,10 @@ class SegmentArrays:
         counts = np.bincount(index, minlength=len(items))
         last = np.cumsum(counts) - 1
         p, q = coords[last - counts + 1], coords[last]
-        chord = np.hypot(*(q - p).T)
-        direction = (q - p) / np.maximum(chord, 1e-9)[:, None]
+        direction = (q - p) / np.maximum(np.hypot(*(q - p).T), 1e-9)[:, None]
         return cls(items, p, q, np.array([s.contrast * s.support for s in items], float),
                    lines, segment_units(items), shapely.STRtree(lines), direction, (p + q) / 2,
-                   counts == 2, float(chord.max()) / 2 if len(chord) else 0.0)
-
-    def near_side(self, a: np.ndarray, b: np.ndarray, search_m: float) -> np.ndarray:
-        """Ascending indices of the segments whose bounding box comes within
-        ``search_m + half_chord * sin(PARALLEL_DEG)`` (and 1 m) of side ``a-b``'s.
-
-        A superset of the segments parallel to the side within `PARALLEL_DEG`, whose chord
-        overlaps it along its length and whose chord midpoint lies within ``search_m`` of its
-        line: such a chord has a point above the side, at most ``search_m`` plus half its
-        length times the angle's sine from it, and the line's box holds its chord. Found in
-        the spatial index: a side costs what its neighbourhood holds, not the whole scene.
-        """
-        if not self.items:
-            return np.zeros(0, np.intp)
-        reach = search_m + self.half_chord * math.sin(math.radians(PARALLEL_DEG)) + 1.0
-        lo, hi = np.minimum(a, b) - reach, np.maximum(a, b) + reach
-        return np.sort(self.tree.query(shapely.box(lo[0], lo[1], hi[0], hi[1])))
+                   counts == 2)
 
     def backing(self, pts: np.ndarray, tangents: np.ndarray, tol: float) -> np.ndarray:
         """`segment_backing` of these segments: each run of `_RUN_PX` consecutive points is

@@ -41,17 +41,16 @@ def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentA
     """
     length = float(np.hypot(*(b - a)))
     u = (b - a) / length
-    near = segs.near_side(a, b, search_m)  # the others cannot pass `ok`: same result
-    p, q, v, mid = segs.p[near], segs.q[near], segs.direction[near], segs.mid[near]
-    along = _dots(v, u)
-    offset = _dots(mid - a, outward)
-    tp, tq = _dots(p - a, u), _dots(q - a, u)
+    p, q, v, mid = segs.p, segs.q, segs.direction, segs.mid
+    along = v @ u
+    offset = (mid - a) @ outward
+    tp, tq = (p - a) @ u, (q - a) @ u
     overlap = np.minimum(np.maximum(tp, tq), length) - np.maximum(np.minimum(tp, tq), 0.0)
     ok = ((np.abs(along) >= math.cos(math.radians(PARALLEL_DEG)))
           & (np.abs(offset) <= search_m) & (overlap > 0))
     if not ok.any():
         return None
-    weight = overlap[ok] * segs.weight[near][ok]
+    weight = overlap[ok] * segs.weight[ok]
     strong = weight >= 0.5 * weight.max()
     outer = offset[ok][strong].max()
     chosen = strong & (offset[ok] >= outer - tol)
@@ -60,13 +59,6 @@ def _side_line(a: np.ndarray, b: np.ndarray, outward: np.ndarray, segs: SegmentA
     dirs = v[ok][chosen] * np.where(along[ok][chosen] > 0, 1.0, -1.0)[:, None]
     direction = _weighted_mean(dirs, w)
     return anchor, direction / np.hypot(*direction), float(w.sum())
-
-
-def _dots(x: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Row by row dot products of ``(n, 2)`` ``x`` with ``u``, each rounded the same way
-    whatever ``n`` (``x @ u`` is not: BLAS rounds a row differently in arrays of other
-    lengths, so a side's choice would depend on which other segments were near)."""
-    return x[:, 0] * u[0] + x[:, 1] * u[1]
 
 
 def _weighted_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:

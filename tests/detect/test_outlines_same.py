@@ -50,17 +50,10 @@ def _old_weighted_mean(x, w):
     return np.average(x, axis=0, weights=w)
 
 
-def _all_segments(self: SegmentArrays, a, b, search_m) -> np.ndarray:
-    """SegmentArrays.near_side before it existed: a side was matched against every segment."""
-    return np.arange(len(self.items))
-
-
 def _old_propose(segments, monkeypatch, **kw):
-    """propose_outlines before: old backing and snapping (every segment tried for each side),
-    all found x kept intersections."""
+    """propose_outlines before: old backing and snapping, all found x kept intersections."""
     with monkeypatch.context() as m:
         m.setattr(SegmentArrays, "backing", _old_backing)
-        m.setattr(SegmentArrays, "near_side", _all_segments)
         m.setattr(outlines, "_weighted_mean", _old_weighted_mean)
         # every outline found, unfiltered: min_closure etc. as asked, nesting done below
         found = _found(segments, **kw)
@@ -154,59 +147,6 @@ def test_propose_outlines_same_as_before(seed, monkeypatch):
     old = _old_propose(segs, monkeypatch, res_m=res_m)
     assert len(new) >= 2  # walled rectangles were found, so outlines were compared
     _same(new, old)
-
-
-def test_side_snapping_same_as_with_every_segment():
-    """`_side_line` on the segments near a side (`SegmentArrays.near_side`) chooses what it
-    chose among all of them, to the last bit: sides of every length and direction, across a
-    scene with long segments (the near-side margin grows with the longest), at several
-    search distances."""
-    rng = np.random.default_rng(21)
-    found = missed = 0
-    for _ in range(12):
-        segs = _scene(rng, int(rng.integers(2, 9)), 2000.0, multi=True)
-        origin = np.array([480000.0, 4800000.0])
-        segs += [_segment(p, p + rng.uniform(-900, 900, 2), rng)  # long lines
-                 for p in origin + rng.uniform(0, 2000, (3, 2))]
-        arrays = SegmentArrays.of(segs)
-        near = 0
-        for _ in range(60):
-            a = origin + rng.uniform(-100, 2100, 2)
-            if rng.random() < 0.5:  # along a segment: a side that finds walls
-                seg = arrays.items[int(rng.integers(len(arrays.items)))]
-                a = np.asarray(seg.line.coords[0]) + rng.normal(0, 10, 2)
-                b = a + (np.asarray(seg.line.coords[-1]) - a) * rng.uniform(0.3, 1.5)
-            else:
-                b = a + rng.uniform(-600, 600, 2)
-            u = (b - a) / np.hypot(*(b - a))
-            outward = np.array([u[1], -u[0]]) * rng.choice([-1.0, 1.0])
-            search_m, tol = float(rng.choice([5.0, 30.0, 80.0])), float(rng.uniform(1, 6))
-            new = outlines._side_line(a, b, outward, arrays, search_m, tol)
-            old = outlines._side_line(a, b, outward, _Every(arrays), search_m, tol)
-            near += len(arrays.near_side(a, b, search_m))
-            if old is None:
-                assert new is None
-                missed += 1
-                continue
-            found += 1
-            np.testing.assert_array_equal(new[0], old[0])
-            np.testing.assert_array_equal(new[1], old[1])
-            assert new[2] == old[2]
-        assert near < 60 * len(arrays.items)  # the index did leave segments out
-    assert found > 100 and missed > 100
-
-
-class _Every:
-    """SegmentArrays whose `near_side` gives every segment (how sides were matched before)."""
-
-    def __init__(self, arrays: SegmentArrays) -> None:
-        self._arrays = arrays
-
-    def __getattr__(self, name):
-        return getattr(self._arrays, name)
-
-    def near_side(self, a, b, search_m):
-        return _all_segments(self._arrays, a, b, search_m)
 
 
 def test_nesting_filter_keeps_the_same_outlines():
