@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import subprocess
 from datetime import date
@@ -184,9 +185,13 @@ def test_evidence_to_features_empty() -> None:
 
 
 def test_evidence_to_features_rejects_duplicate_ids(evidence: list[Evidence]) -> None:
-    """Repeated evidence ids are an error."""
+    """Repeated evidence ids are an error naming each repeated id once, sorted."""
     with pytest.raises(ValueError, match="unique"):
         evidence_to_features([*evidence, evidence[0]], method=METHOD)
+    twice = [evidence[-1], *evidence, evidence[0], evidence[0]]
+    expected = sorted({evidence[0].id, evidence[-1].id})
+    with pytest.raises(ValueError, match=re.escape(f"repeated: {expected}")):
+        evidence_to_features(twice, method=METHOD)
 
 
 @pytest.mark.parametrize(
