@@ -15,6 +15,7 @@ the same components but reduces only their pixel counts, for filters that need n
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,6 +151,15 @@ def _reduce(tables: list[_ChunkTable], row_of: np.ndarray, n: int
         return area, bbox, sums / area[:, None]
 
 
+def _overlapping(bounds: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """``(first, stop)`` of the chunks between ``bounds`` (ascending borders) that overlap
+    ``[lo, hi)``; an empty range when it is empty."""
+    if hi <= lo:
+        return 0, 0
+    return (int(np.searchsorted(bounds, lo, "right")) - 1,
+            int(np.searchsorted(bounds, hi, "left")))
+
+
 def _relabel_block(block: np.ndarray, luts: dict[tuple[int, ...], np.ndarray],
                    block_info: dict | None = None) -> np.ndarray:
     """One chunk of local labels through its own lookup table."""
@@ -239,6 +249,11 @@ class Regions:
             self._recent[index] = block
         return block
 
+    @functools.cached_property
+    def _bounds(self) -> list[np.ndarray]:
+        """Chunk borders along each axis: ``0``, the cumulative chunk sizes."""
+        return [np.concatenate([[0], np.cumsum(c)]) for c in self.chunks]
+
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The global int32 labels of ``[rows, cols]`` (steps of 1), computed.
 
@@ -247,10 +262,12 @@ class Regions:
         """
         (r0, r1, _), (c0, c1, _) = rows.indices(self.shape[0]), cols.indices(self.shape[1])
         out = np.zeros((max(0, r1 - r0), max(0, c1 - c0)), np.int32)
-        bounds = [np.concatenate([[0], np.cumsum(c)]) for c in self.chunks]
-        for i in range(len(self.chunks[0])):
+        bounds = self._bounds
+        # only the chunks the window overlaps (visiting every chunk cost each window time in
+        # proportion to the scene's area: 37 us at 4 chunks, 166 us at 100)
+        for i in range(*_overlapping(bounds[0], r0, r1)):
             lo_r, hi_r = max(r0, bounds[0][i]), min(r1, bounds[0][i + 1])
-            for j in range(len(self.chunks[1])):
+            for j in range(*_overlapping(bounds[1], c0, c1)):
                 lo_c, hi_c = max(c0, bounds[1][j]), min(c1, bounds[1][j + 1])
                 if lo_r >= hi_r or lo_c >= hi_c:
                     continue

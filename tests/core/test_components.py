@@ -108,6 +108,41 @@ def test_label_regions_window_equals_slice(chunks):
         assert_array_equal(regions.window(rows, cols), expected[rows, cols])
 
 
+def test_label_regions_window_reads_only_the_chunks_it_overlaps(monkeypatch):
+    """Random windows (on chunk borders, one pixel, empty, clipped at the edges) of uneven
+    chunks equal the in-memory labels' slice, and only the chunks a window overlaps are read."""
+    from pipeline.core.components import Regions
+
+    rng = np.random.default_rng(8)
+    mask = rng.random((61, 47)) < 0.45
+    regions = label_regions(da.from_array(mask, chunks=((9, 20, 1, 31), (16, 5, 26))),
+                            connectivity=2)
+    expected = measure.label(mask, connectivity=2)
+    rows_at, cols_at = np.cumsum([0, 9, 20, 1, 31]), np.cumsum([0, 16, 5, 26])
+    read: list[tuple[int, int]] = []
+    real = Regions._block
+
+    def block(self, index):
+        read.append(index)
+        return real(self, index)
+
+    monkeypatch.setattr(Regions, "_block", block)
+    windows = [(np.s_[9:10], np.s_[21:22]), (np.s_[29:30], np.s_[0:47]), (np.s_[5:5], np.s_[3:9]),
+               (np.s_[40:70], np.s_[-3:]), (np.s_[0:61], np.s_[0:47])]
+    for _ in range(200):
+        r0, c0 = int(rng.integers(0, 62)), int(rng.integers(0, 48))
+        windows.append((slice(r0, r0 + int(rng.integers(0, 30))),
+                        slice(c0, c0 + int(rng.integers(0, 30)))))
+    for rows, cols in windows:
+        read.clear()
+        assert_array_equal(regions.window(rows, cols), expected[rows, cols])
+        (r0, r1, _), (c0, c1, _) = rows.indices(61), cols.indices(47)
+        wanted = {(i, j) for i in range(4) for j in range(3)
+                  if r0 < min(r1, rows_at[i + 1]) and max(r0, rows_at[i]) < r1
+                  and c0 < min(c1, cols_at[j + 1]) and max(c0, cols_at[j]) < c1}
+        assert set(read) == wanted, (rows, cols)
+
+
 def test_label_regions_relabel_maps_every_pixel():
     """relabel(values) gives values[label] per pixel, e.g. a keep-by-size mask."""
     mask = np.random.default_rng(4).random((30, 30)) < 0.5
