@@ -169,6 +169,7 @@ def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
         return (r0 + rows // 2) // READ_ORDER_PX, (c0 + cols // 2) // READ_ORDER_PX
 
     north_deg = _north_deg(plan)
+    parts = _site_parts(evidence)
     (stage / CHIPS_DIR).mkdir(exist_ok=True)
     ordered = sorted(targets, key=block)
     with ExitStack() as stack:
@@ -180,7 +181,7 @@ def _render_all(stage: Path, targets: Sequence[ChipTarget], evidence: Sequence[E
                 with lock:  # the stack is shared by the threads
                     read = local.read = open_readers(stack)
             windows = [read[role](target.window) for role in ("before", "after")]
-            return _write_target(stage, target, windows, evidence, plan=plan,
+            return _write_target(stage, target, windows, parts, plan=plan,
                                  north_deg=north_deg)
 
         if threads <= 1:
@@ -216,10 +217,10 @@ def _check_unchanged(ref: SourceRef, role: str) -> None:
 
 
 def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
-                  evidence: Sequence[Evidence], *, plan: GridPlan, north_deg: float
-                  ) -> dict[str, str]:
-    """The four PNGs of one finding from its ``[before, after]`` windows; ``{}`` when its
-    window has no valid pixel."""
+                  parts: Mapping[str, Sequence[Evidence]], *, plan: GridPlan,
+                  north_deg: float) -> dict[str, str]:
+    """The four PNGs of one finding from its ``[before, after]`` windows (``parts``: from
+    `_site_parts`); ``{}`` when its window has no valid pixel."""
     _, _, rows, cols = target.window
     if not all(np.isfinite(w).any() for w in windows):
         log.warning("No chips for %s: no valid pixel in its window", target.evidence.id)
@@ -227,7 +228,7 @@ def _write_target(stage: Path, target: ChipTarget, windows: list[np.ndarray],
     factor = _display_factor(rows, cols)
     rgbs = [_resize(rgb, factor) for rgb in stretch_pair(*windows)]
     metres_per_px = plan.res_m / factor
-    outlines = _outlines(target, evidence, plan, factor)
+    outlines = _outlines(target, parts.get(target.evidence.id, ()), plan, factor)
     e = target.evidence
     paths = {}
     for role, rgb, ref in (("before", rgbs[0], e.before), ("after", rgbs[1], e.after)):
@@ -284,9 +285,9 @@ def _resize(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
-def _outlines(target: ChipTarget, evidence: Sequence[Evidence], plan: GridPlan,
+def _outlines(target: ChipTarget, parts: Sequence[Evidence], plan: GridPlan,
               factor: float) -> list[Outline]:
-    """The finding (yellow) and its parts (buildings cyan, walls and towers magenta)."""
+    """The finding (yellow) and its ``parts`` (buildings cyan, walls and towers magenta)."""
     row0, col0 = target.window[:2]
     x0 = plan.bounds[0] + col0 * plan.res_m
     y0 = plan.bounds[3] - row0 * plan.res_m
@@ -296,10 +297,21 @@ def _outlines(target: ChipTarget, evidence: Sequence[Evidence], plan: GridPlan,
         return shapely.transform(geom, lambda xy: np.column_stack(
             [(xy[:, 0] - x0) * scale, (y0 - xy[:, 1]) * scale]))
 
-    site = target.evidence.id
-    parts = [Outline(to_px(e.geometry), PART_COLOURS[e.kind], 1) for e in evidence
-             if site_of(e) == site and e.id != site and e.kind in PART_COLOURS]
-    return [*parts, Outline(to_px(target.evidence.geometry), FINDING_COLOUR, 2)]
+    drawn = [Outline(to_px(e.geometry), PART_COLOURS[e.kind], 1) for e in parts]
+    return [*drawn, Outline(to_px(target.evidence.geometry), FINDING_COLOUR, 2)]
+
+
+def _site_parts(evidence: Sequence[Evidence]) -> dict[str, list[Evidence]]:
+    """Per site id, in ``evidence``'s order, the findings drawn on its outlined chips: those
+    of a kind in `PART_COLOURS` that belong to it (`site_of`), the site itself left out.
+    Grouped once for all chips (each chip scanning every finding cost the chips time in
+    proportion to chips x findings)."""
+    parts: dict[str, list[Evidence]] = {}
+    for e in evidence:
+        site = site_of(e)
+        if site is not None and e.id != site and e.kind in PART_COLOURS:
+            parts.setdefault(site, []).append(e)
+    return parts
 
 
 def _png_text(image: Any) -> PngInfo:

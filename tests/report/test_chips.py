@@ -240,3 +240,29 @@ def test_chip_targets_limits_change_regions() -> None:
     assert len(chip_targets([*many, *changes], plan, max_change=3)) == 40 + 3
     row0, col0, rows, cols = targets[0].window
     assert row0 >= 0 and col0 >= 0 and row0 + rows <= plan.height and col0 + cols <= plan.width
+
+
+def test_site_parts_are_what_each_chip_drew_before(tmp_path: Path) -> None:
+    """Grouped once, each site's parts are what the per-chip scan of every finding chose:
+    the site's buildings, walls and towers in the findings' order, not the site itself, not
+    other sites' parts, nor kinds without a part colour (change regions, compounds)."""
+    from pipeline.report.chipset import PART_COLOURS, _site_parts, site_of
+
+    before, after, _ = _pair(tmp_path)
+    rng = np.random.default_rng(5)
+    sites = [f"compound-{i:04d}" for i in range(1, 6)]
+    kinds = ["new_building", "wall", "watchtower", "change", "compound"]
+    evidence = [_evidence(site, "compound", _block(0, 0, 10, 10), (before, after), site=site)
+                for site in sites]
+    for i in range(300):
+        kind = str(rng.choice(kinds))
+        site = str(rng.choice([*sites, "none"]))
+        evidence.append(_evidence(f"{kind}-{i:04d}", kind, _block(1, 1, 5, 5), (before, after),
+                                  site=None if site == "none" else site))
+    evidence = [evidence[i] for i in rng.permutation(len(evidence))]
+    parts = _site_parts(evidence)
+    for site in [*sites, "compound-0099"]:
+        scanned = [e for e in evidence
+                   if site_of(e) == site and e.id != site and e.kind in PART_COLOURS]
+        assert [e.id for e in parts.get(site, [])] == [e.id for e in scanned]
+    assert sum(len(v) for v in parts.values()) > 100
