@@ -445,3 +445,46 @@ def test_candidate_measures_equal_the_whole_grid_ones(res_m, factor):
         assert_array_equal(*measures)  # to the bit (NaN where a ring has no valid cell)
         filled += want.evidence_fill > 0
     assert filled >= 10
+
+
+def test_claimed_buildings_are_those_every_building_was_tested_for():
+    """The centroid index finds, for any outline, the buildings whose centroid it contains
+    (as testing each building did), in the buildings' order, never a claimed one: convex and
+    concave outlines, outlines with holes, centroids on an outline's edge, empty lists."""
+    from types import SimpleNamespace
+
+    import shapely
+
+    from pipeline.detect.sites import _Centroids, _claim
+
+    rng = np.random.default_rng(9)
+    buildings = []
+    for label in range(1, 400):
+        x, y = rng.uniform(0, 1000, 2)
+        w, h = rng.uniform(4, 40, 2)
+        buildings.append(SimpleNamespace(label=label, polygon=shapely.box(x, y, x + w, y + h)))
+    # centroids exactly on an outline's edge (contains leaves the boundary out)
+    buildings.append(SimpleNamespace(label=400, polygon=shapely.box(90, 90, 110, 110)))
+    centroids = _Centroids(buildings)  # type: ignore[arg-type]
+    outlines = [shapely.box(100, 0, 300, 300), shapely.box(0, 0, 1000, 1000),
+                shapely.Polygon([(0, 0), (600, 0), (600, 600), (300, 200), (0, 600)]),
+                shapely.box(0, 0, 800, 800).difference(shapely.box(200, 200, 600, 600)),
+                shapely.box(2000, 2000, 2100, 2100)]
+    for _ in range(30):
+        x, y = rng.uniform(-100, 900, 2)
+        outlines.append(shapely.affinity.rotate(shapely.box(x, y, x + rng.uniform(50, 400),
+                                                            y + rng.uniform(50, 400)),
+                                                float(rng.uniform(0, 90))))
+    found = 0
+    for outline in outlines:
+        claimed = {int(v) for v in rng.integers(1, 401, 50)}
+        cand = SimpleNamespace(polygon=outline)
+        expected = [b for b in buildings
+                    if b.label not in claimed and outline.contains(b.polygon.centroid)]
+        got = _claim(cand, centroids, claimed)  # type: ignore[arg-type]
+        assert [b.label for b in got] == [b.label for b in expected]
+        found += len(got)
+    assert found > 300
+    assert all(b.label != 400 for b in _claim(SimpleNamespace(polygon=outlines[0]),  # type: ignore[arg-type]
+                                              centroids, set()))
+    assert _Centroids([]).inside(outlines[1]) == []
