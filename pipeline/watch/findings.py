@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import shapely
 from pyproj import Transformer
 from shapely.geometry import shape
@@ -81,14 +82,19 @@ def match_findings(new: Sequence[Finding], known: Sequence[KnownFinding], *,
     new_geoms = [to_metric(f.geometry) for f in new]
     known_geoms = [to_metric(k.geometry) for k in known]
     pairs = []
-    for i, (finding, geom) in enumerate(zip(new, new_geoms, strict=True)):
-        for j, (other, other_geom) in enumerate(zip(known, known_geoms, strict=True)):
-            if other.kind != finding.kind or not geom.intersects(other_geom):
-                continue
-            smaller = min(geom.area, other_geom.area)
-            overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
-            if overlap >= MIN_OVERLAP:
-                pairs.append((-overlap, -(finding.score or 0.0), i, j))
+    # the intersecting pairs from a spatial index of the known findings (testing every pair
+    # grew with new x known, and the known list grows with every analysis); the pairs are
+    # ranked by a total order below, so the order they are found in does not matter
+    hits = (shapely.STRtree(known_geoms).query(new_geoms, predicate="intersects")
+            if new_geoms and known_geoms else np.zeros((2, 0), np.intp))
+    for i, j in zip(hits[0].tolist(), hits[1].tolist(), strict=True):
+        finding, geom, other_geom = new[i], new_geoms[i], known_geoms[j]
+        if known[j].kind != finding.kind:
+            continue
+        smaller = min(geom.area, other_geom.area)
+        overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
+        if overlap >= MIN_OVERLAP:
+            pairs.append((-overlap, -(finding.score or 0.0), i, j))
     result: list[str | None] = [None] * len(new)
     taken: set[int] = set()
     for _, _, i, j in sorted(pairs):

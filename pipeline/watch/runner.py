@@ -298,8 +298,9 @@ class _Coordinator:
         rows = self.state.db.execute(
             "SELECT finding_id, feature_id FROM finding_events WHERE analysis_id = ?",
             (outcome.analysis_id,)).fetchall()
+        wanted = set(new_ids)
         for row in rows:
-            if row["finding_id"] not in new_ids or row["feature_id"] not in by_feature:
+            if row["finding_id"] not in wanted or row["feature_id"] not in by_feature:
                 continue
             finding = by_feature[row["feature_id"]]
             point = shape(finding.geometry).representative_point()

@@ -40,6 +40,58 @@ def test_match_by_overlap_and_kind():
     assert match_findings(new, known, crs=CRS) == [None, "s-0001", None, None]
 
 
+def _match_every_pair(new, known, *, crs):
+    """match_findings as it was: every new finding tested against every known one."""
+    from pipeline.watch.findings import MIN_OVERLAP, _project
+
+    new_geoms = [_project(f.geometry, crs=crs) for f in new]
+    known_geoms = [_project(k.geometry, crs=crs) for k in known]
+    pairs = []
+    for i, (finding, geom) in enumerate(zip(new, new_geoms, strict=True)):
+        for j, (other, other_geom) in enumerate(zip(known, known_geoms, strict=True)):
+            if other.kind != finding.kind or not geom.intersects(other_geom):
+                continue
+            smaller = min(geom.area, other_geom.area)
+            overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
+            if overlap >= MIN_OVERLAP:
+                pairs.append((-overlap, -(finding.score or 0.0), i, j))
+    result: list = [None] * len(new)
+    taken: set[int] = set()
+    for _, _, i, j in sorted(pairs):
+        if result[i] is None and j not in taken:
+            result[i] = known[j].id
+            taken.add(j)
+    return result
+
+
+def test_match_same_as_testing_every_pair():
+    """Matched through the spatial index as by testing every pair: many overlapping
+    findings of three kinds, ties of score, touching squares, no known or no new ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(12)
+    kinds = ["compound", "new_building", "change"]
+
+    def squares(n, prefix):
+        out = []
+        for k in range(n):
+            lon, lat = 88.0 + rng.uniform(0, 0.02), 43.0 + rng.uniform(0, 0.02)
+            size = float(rng.choice([0.001, 0.002, 0.0005]))
+            out.append((f"{prefix}{k}", str(rng.choice(kinds)), _square(lon, lat, size)))
+        out.append((f"{prefix}edge", "compound", _square(88.05, 43.05)))  # touching squares
+        return out
+
+    known = [KnownFinding(i, kind, g) for i, kind, g in squares(300, "k")]
+    new = [_finding(i, kind, g, score=float(rng.choice([0.5, 0.7])))
+           for i, kind, g in squares(200, "n")]
+    new.append(_finding("touch", "compound", _square(88.051, 43.05)))
+    expected = _match_every_pair(new, known, crs=CRS)
+    assert match_findings(new, known, crs=CRS) == expected
+    assert sum(e is not None for e in expected) > 20
+    assert match_findings(new, [], crs=CRS) == [None] * len(new)
+    assert match_findings([], known, crs=CRS) == []
+
+
 def _site() -> WatchSite:
     return WatchSite(parse_aoi("88.29,43.38", radius_m=500), (SiteSource("src"),))
 
