@@ -52,3 +52,38 @@ def test_a_traced_part_of_a_synthetic_compound_is_a_part():
     assert ring.enclosure.closure_ratio > part.enclosure.closure_ratio
     assert parts_of_rings([ring, part]) == {1}
     assert parts_of_rings([part]) == set()
+
+
+def test_overlaps_same_as_intersecting_every_outline():
+    """`walled.overlaps` with its bounding-box test answers as intersecting every other
+    outline did: disjoint, touching, nested, crossing, rotated, empty and zero-area outlines."""
+    import numpy as np
+
+    from pipeline.detect.walled import overlaps
+
+    def every(outline, others):
+        return any(shapely.intersection(outline, o).area >= 0.5 * min(outline.area, o.area)
+                   for o in others)
+
+    rng = np.random.default_rng(4)
+
+    def outline():
+        pick = rng.random()
+        if pick < 0.03:
+            return shapely.Polygon()
+        if pick < 0.06:  # zero area
+            x = float(rng.uniform(0, 1000))
+            return shapely.Polygon([(x, 0), (x + 10, 0), (x + 20, 0)])
+        x, y = rng.uniform(0, 1000, 2)
+        box = shapely.box(x, y, x + rng.uniform(20, 300), y + rng.uniform(20, 300))
+        return shapely.affinity.rotate(box, float(rng.choice([0.0, rng.uniform(0, 90)])))
+
+    answers = []
+    for _ in range(400):
+        kept = [outline() for _ in range(int(rng.integers(0, 12)))]
+        kept += [shapely.box(0, 0, 100, 100), shapely.box(100, 0, 200, 100)]  # touching
+        candidate = outline() if rng.random() < 0.9 else shapely.box(50, 0, 150, 100)
+        answers.append(overlaps(candidate, kept))
+        assert answers[-1] == every(candidate, kept)
+    assert overlaps(shapely.box(0, 0, 1, 1), []) is False
+    assert 50 < sum(answers) < 350  # both answers were checked often
