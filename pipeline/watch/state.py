@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS finding_events (
     area_m2 REAL, geometry TEXT NOT NULL, run_dir TEXT, seen_utc TEXT NOT NULL,
     PRIMARY KEY (finding_id, analysis_id));
 CREATE INDEX IF NOT EXISTS findings_site ON findings (site_id);
+CREATE INDEX IF NOT EXISTS finding_events_analysis ON finding_events (analysis_id);
 """
 
 

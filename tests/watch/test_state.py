@@ -181,3 +181,20 @@ def test_live_lock_is_refused_with_its_pid(tmp_path):
         holder.wait(timeout=30)
     with StateLock(path) as lock:  # released when the holder exited
         assert lock.stale_pid == holder.pid
+
+
+def test_an_analysis_events_are_found_by_index(tmp_path):
+    """The run's new-finding list reads one analysis's events through an index (not a scan
+    of the whole history, which grows with every analysis); a state database made before the
+    index gains it when opened."""
+    path = tmp_path / "watch.db"
+    query = "SELECT finding_id, feature_id FROM finding_events WHERE analysis_id = ?"
+    with WatchState(path) as state:
+        plan = " ".join(str(tuple(r)) for r in
+                        state.db.execute("EXPLAIN QUERY PLAN " + query, (1,)).fetchall())
+        assert "USING INDEX finding_events_analysis" in plan, plan
+        state.db.execute("DROP INDEX finding_events_analysis")  # as made before the index
+    with WatchState(path) as state:
+        names = {r[0] for r in state.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+        assert "finding_events_analysis" in names
