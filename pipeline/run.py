@@ -465,7 +465,7 @@ class _Scratch:
         files; with ``also`` (further Dask results computed in the same pass), ``(items,
         computed also)``. A single item comes back alone.
         """
-        arrays = [i.data if isinstance(i, xr.DataArray) else i for i in items]
+        arrays = [_data(i) for i in items]
         lazy = [a for a in arrays
                 if isinstance(a, dask.array.Array) and a.name not in self.files]
         prefixes = []
@@ -515,8 +515,8 @@ class _Scratch:
         """`drop` every stored array but ``items``; nothing when one of them is a lazy array
         not stored here (it may read the others)."""
         kept = {_name(item) for item in items}
-        if any(isinstance(item.data if isinstance(item, xr.DataArray) else item,
-                          dask.array.Array) and _name(item) not in self.files for item in items):
+        if any(isinstance(_data(item), dask.array.Array) and _name(item) not in self.files
+               for item in items):
             return
         self._delete([self.files.pop(name)[0] for name in list(self.files) if name not in kept])
 
@@ -534,10 +534,14 @@ class _Scratch:
             self._deleting.pop().join()
 
 
+def _data(item: Any) -> Any:
+    """The array of a DataArray, or the item itself."""
+    return item.data if isinstance(item, xr.DataArray) else item
+
+
 def _name(item: Any) -> str:
     """The Dask name of a stored array or DataArray (``""`` for NumPy data)."""
-    data = item.data if isinstance(item, xr.DataArray) else item
-    return str(getattr(data, "name", ""))
+    return str(getattr(_data(item), "name", ""))
 
 
 def _delete_chunks(folder: Path, names: list[str]) -> None:

@@ -174,10 +174,10 @@ class _Centroids:
         return [self.buildings[i] for i in idx.tolist()]
 
 
-def _claim(cand: CompoundCandidate, buildings: _Centroids, claimed: set[int]
+def _claim(cand: CompoundCandidate, centroids: _Centroids, claimed: set[int]
            ) -> list[ChangeObject]:
     """The buildings not yet claimed whose centroid the candidate's outline contains."""
-    return [b for b in buildings.inside(cand.polygon) if b.label not in claimed]
+    return [b for b in centroids.inside(cand.polygon) if b.label not in claimed]
 
 
 def _fine_sites(sites: list[_Site], buildings: list[ChangeObject], before: Any, after: Any,

@@ -10,7 +10,7 @@ in the site's UTM zone (lon/lat areas are not metric).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +81,23 @@ def match_findings(new: Sequence[Finding], known: Sequence[KnownFinding], *,
     to_metric = functools.partial(_project, crs=crs)
     new_geoms = [to_metric(f.geometry) for f in new]
     known_geoms = [to_metric(k.geometry) for k in known]
-    pairs = []
     # the intersecting pairs from a spatial index of the known findings (testing every pair
     # grew with new x known, and the known list grows with every analysis); the pairs are
-    # ranked by a total order below, so the order they are found in does not matter
+    # ranked by a total order, so the order they are found in does not matter
     hits = (shapely.STRtree(known_geoms).query(new_geoms, predicate="intersects")
             if new_geoms and known_geoms else np.zeros((2, 0), np.intp))
-    for i, j in zip(hits[0].tolist(), hits[1].tolist(), strict=True):
+    pairs = _scored(zip(hits[0].tolist(), hits[1].tolist(), strict=True),
+                    new, new_geoms, known, known_geoms)
+    return _assign(pairs, known, len(new))
+
+
+def _scored(intersecting: Iterable[tuple[int, int]], new: Sequence[Finding],
+            new_geoms: Sequence[BaseGeometry], known: Sequence[KnownFinding],
+            known_geoms: Sequence[BaseGeometry]) -> list[tuple[float, float, int, int]]:
+    """``(-overlap, -score, i, j)`` of the intersecting ``(new i, known j)`` pairs of one kind
+    whose overlap (shared area over the smaller area) reaches `MIN_OVERLAP`."""
+    pairs = []
+    for i, j in intersecting:
         finding, geom, other_geom = new[i], new_geoms[i], known_geoms[j]
         if known[j].kind != finding.kind:
             continue
@@ -95,7 +105,14 @@ def match_findings(new: Sequence[Finding], known: Sequence[KnownFinding], *,
         overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
         if overlap >= MIN_OVERLAP:
             pairs.append((-overlap, -(finding.score or 0.0), i, j))
-    result: list[str | None] = [None] * len(new)
+    return pairs
+
+
+def _assign(pairs: list[tuple[float, float, int, int]], known: Sequence[KnownFinding],
+            n_new: int) -> list[str | None]:
+    """Each new finding's known id from ``(-overlap, -score, new i, known j)`` candidate pairs:
+    best overlap first, then score, each known finding continued at most once."""
+    result: list[str | None] = [None] * n_new
     taken: set[int] = set()
     for _, _, i, j in sorted(pairs):
         if result[i] is None and j not in taken:

@@ -41,27 +41,15 @@ def test_match_by_overlap_and_kind():
 
 
 def _match_every_pair(new, known, *, crs):
-    """match_findings as it was: every new finding tested against every known one."""
-    from pipeline.watch.findings import MIN_OVERLAP, _project
+    """match_findings with its intersecting pairs found as they were: every new finding
+    tested against every known one."""
+    from pipeline.watch.findings import _assign, _project, _scored
 
     new_geoms = [_project(f.geometry, crs=crs) for f in new]
     known_geoms = [_project(k.geometry, crs=crs) for k in known]
-    pairs = []
-    for i, (finding, geom) in enumerate(zip(new, new_geoms, strict=True)):
-        for j, (other, other_geom) in enumerate(zip(known, known_geoms, strict=True)):
-            if other.kind != finding.kind or not geom.intersects(other_geom):
-                continue
-            smaller = min(geom.area, other_geom.area)
-            overlap = geom.intersection(other_geom).area / smaller if smaller > 0 else 0.0
-            if overlap >= MIN_OVERLAP:
-                pairs.append((-overlap, -(finding.score or 0.0), i, j))
-    result: list = [None] * len(new)
-    taken: set[int] = set()
-    for _, _, i, j in sorted(pairs):
-        if result[i] is None and j not in taken:
-            result[i] = known[j].id
-            taken.add(j)
-    return result
+    intersecting = [(i, j) for i, geom in enumerate(new_geoms)
+                    for j, other in enumerate(known_geoms) if geom.intersects(other)]
+    return _assign(_scored(intersecting, new, new_geoms, known, known_geoms), known, len(new))
 
 
 def test_match_same_as_testing_every_pair():
