@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from _helpers import ROOT
 from affine import Affine
 from numpy.testing import assert_allclose, assert_array_equal
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 
+import pipeline.run as run
 from pipeline.aoi import parse_aoi
 from pipeline.config import load_config
 from pipeline.fetch.local import chunk_origin
@@ -565,7 +570,6 @@ def test_run_detect_deletes_its_scratch_after_the_copies_and_before_the_chips(
     the two rasters are still written whole (the chunked = in-memory tests above), and
     nothing is left in TMPDIR."""
     import pipeline.report.package as package
-    import pipeline.run as run
 
     order: list = []
     real_preserve, real_chips = package.preserve_originals, package._chips
@@ -596,3 +600,53 @@ def test_run_detect_deletes_its_scratch_after_the_copies_and_before_the_chips(
     assert order[2] == ("kept", True)
     assert features and (mask == 1).any()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+_CHILD_RUN = """
+import sys
+import dask
+from rasterio.warp import transform_bounds
+import rasterio
+from pipeline.aoi import parse_aoi
+from pipeline.config import load_config
+from pipeline.run import run_detect
+before, after, out = sys.argv[1:4]
+with rasterio.open(before) as src:
+    lonlat = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+aoi = parse_aoi(",".join(f"{v:.6f}" for v in lonlat))
+with dask.config.set(num_workers=2):
+    result = run_detect(aoi, before, after, config=load_config(), out_root=out, chunks=None)
+print(result.run_dir, "distributed" in sys.modules)
+"""
+
+
+def test_run_detect_on_threads_does_not_import_distributed(pair, tmp_path):
+    """An in-memory run in a fresh process (as `sitewatch detect` on a small AOI) computes on
+    Dask's threaded scheduler without dask importing dask.distributed to look for a Client
+    (none can be active without it; the import took 0.35-0.77 s of such a run here). A
+    chunked run still imports it: dask does, to build graphs of Dask arrays in delayed calls."""
+    child = subprocess.run([sys.executable, "-c", _CHILD_RUN, *map(str, pair), str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.returncode == 0, child.stderr[-2000:]
+    run_dir, imported = child.stdout.split()
+    assert imported == "False"
+    assert json.loads((Path(run_dir) / "changes.geojson").read_text())["features"]
+
+
+def test_threaded_scheduler_is_named_only_when_no_client_can_be_active(monkeypatch):
+    """The threaded scheduler is named by its function for no choice or "threads" while
+    distributed is not imported; any other choice, or distributed imported, is left as is."""
+    import dask
+    import dask.threaded
+    import distributed  # noqa: F401  (imported: a Client could be active)
+
+    with run._threaded_scheduler():
+        assert dask.config.get("scheduler", None) is None
+    monkeypatch.delitem(sys.modules, "distributed")
+    with run._threaded_scheduler():
+        assert dask.config.get("scheduler") is dask.threaded.get
+    for chosen, kept in (("threads", dask.threaded.get), ("sync", "sync"),
+                         ("processes", "processes")):
+        with dask.config.set(scheduler=chosen), run._threaded_scheduler():
+            assert dask.config.get("scheduler") == kept
