@@ -564,11 +564,12 @@ def _threaded_scheduler() -> contextlib.AbstractContextManager[Any]:
     (none chosen, or "threads") while dask.distributed is not imported.
 
     Named by a string or not named, the scheduler is looked up by dask, which imports
-    dask.distributed to look for an active Client: 0.35-0.77 s measured here, in a run that
-    imports nothing else of it (an in-memory run; a chunked run's graphs of Dask arrays in
-    delayed calls make dask import it anyway). No Client can be active unless distributed was
-    imported, so the run is the same: the threaded scheduler, with the ``num_workers``
-    configured. Any other choice is left as is.
+    dask.distributed to look for an active Client, in a run that imports nothing else of it
+    (an in-memory run; a chunked run's graphs of Dask arrays in delayed calls make dask import
+    it anyway). Measured here: 0.77 s to import it alone; the first window search of the
+    co-registration of a 1024 px run, 0.55 s with the lookup and 0.25 s without. No Client
+    can be active unless distributed was imported, so the run is the same: the threaded
+    scheduler, with the ``num_workers`` configured. Any other choice is left as is.
     """
     chosen = dask.config.get("scheduler", None)
     if "distributed" in sys.modules or chosen not in (None, "threads", "threading"):

@@ -623,7 +623,7 @@ print(result.run_dir, "distributed" in sys.modules)
 def test_run_detect_on_threads_does_not_import_distributed(pair, tmp_path):
     """An in-memory run in a fresh process (as `sitewatch detect` on a small AOI) computes on
     Dask's threaded scheduler without dask importing dask.distributed to look for a Client
-    (none can be active without it; the import took 0.35-0.77 s of such a run here). A
+    (none can be active without it; importing it took 0.77 s here). A
     chunked run still imports it: dask does, to build graphs of Dask arrays in delayed calls."""
     child = subprocess.run([sys.executable, "-c", _CHILD_RUN, *map(str, pair), str(tmp_path)],
                            cwd=ROOT, capture_output=True, text=True, timeout=600,
