@@ -560,21 +560,26 @@ def _delete_chunks(folder: Path, names: list[str]) -> None:
 
 
 def _threaded_scheduler() -> contextlib.AbstractContextManager[Any]:
-    """Dask's threaded scheduler named by its function, for a run on the threaded scheduler
-    (none chosen, or "threads") while dask.distributed is not imported.
+    """Dask's threaded scheduler named by its function, and the rechunk method "tasks", for a
+    run on the threaded scheduler (none chosen, or "threads") while dask.distributed is not
+    imported.
 
-    Named by a string or not named, the scheduler is looked up by dask, which imports
-    dask.distributed to look for an active Client, in a run that imports nothing else of it
-    (an in-memory run; a chunked run's graphs of Dask arrays in delayed calls make dask import
-    it anyway). Measured here: 0.77 s to import it alone; the first window search of the
-    co-registration of a 1024 px run, 0.55 s with the lookup and 0.25 s without. No Client
-    can be active unless distributed was imported, so the run is the same: the threaded
-    scheduler, with the ``num_workers`` configured. Any other choice is left as is.
+    Otherwise dask imports dask.distributed to look for an active Client: when it looks the
+    scheduler up by name, and in every rechunk with no method configured. No Client can be
+    active unless distributed was imported, so the run is the same: the threaded scheduler
+    with the ``num_workers`` configured, and "tasks", which dask's rechunk chooses when there
+    is no Client. Any other choice is left as is. Importing distributed took 0.77 s here; the
+    first window search of the co-registration of a 1024 px run took 0.55 s with the lookup,
+    0.25 s without (measured). The run's other Dask calls are written not to import it either
+    (the synchronous scheduler named by its function, no Dask array in a delayed call).
     """
     chosen = dask.config.get("scheduler", None)
     if "distributed" in sys.modules or chosen not in (None, "threads", "threading"):
         return contextlib.nullcontext()
-    return dask.config.set(scheduler=dask.threaded.get)
+    settings: dict[str, Any] = {"scheduler": dask.threaded.get}
+    if dask.config.get("array.rechunk.method", None) is None:
+        settings["array.rechunk.method"] = "tasks"
+    return dask.config.set(settings)
 
 
 @contextmanager

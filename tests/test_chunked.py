@@ -610,42 +610,67 @@ import rasterio
 from pipeline.aoi import parse_aoi
 from pipeline.config import load_config
 from pipeline.run import run_detect
-before, after, out = sys.argv[1:4]
+before, after, out, chunks = sys.argv[1:5]
 with rasterio.open(before) as src:
     lonlat = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
 aoi = parse_aoi(",".join(f"{v:.6f}" for v in lonlat))
 with dask.config.set(num_workers=2):
-    result = run_detect(aoi, before, after, config=load_config(), out_root=out, chunks=None)
+    result = run_detect(aoi, before, after, config=load_config(), out_root=out,
+                        chunks=int(chunks) or None)
 print(result.run_dir, "distributed" in sys.modules)
 """
 
+_CHILD_RECHUNK = """
+import sys
+import dask.array as da
+import pipeline.run as run
+with run._threaded_scheduler():
+    total = da.ones((100, 100), chunks=30).rechunk(40).sum().compute()
+print(int(total), "distributed" in sys.modules)
+"""
 
-def test_run_detect_on_threads_does_not_import_distributed(pair, tmp_path):
-    """An in-memory run in a fresh process (as `sitewatch detect` on a small AOI) computes on
-    Dask's threaded scheduler without dask importing dask.distributed to look for a Client
-    (none can be active without it; importing it took 0.77 s here). A
-    chunked run still imports it: dask does, to build graphs of Dask arrays in delayed calls."""
-    child = subprocess.run([sys.executable, "-c", _CHILD_RUN, *map(str, pair), str(tmp_path)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+def _child(code: str, *args: str) -> list[str]:
+    child = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert child.returncode == 0, child.stderr[-2000:]
-    run_dir, imported = child.stdout.split()
+    return child.stdout.split()
+
+
+@pytest.mark.parametrize("chunks", [0, 256], ids=["in_memory", "chunked"])
+def test_run_detect_on_threads_does_not_import_distributed(pair, tmp_path, chunks):
+    """A run in a fresh process (as `sitewatch detect`), in memory or chunked, computes on
+    Dask's threaded scheduler without dask importing dask.distributed to look for a Client
+    (none can be active without it; importing it took 0.77 s here): the scheduler is named
+    by its function, and no Dask array goes into a delayed call."""
+    run_dir, imported = _child(_CHILD_RUN, *map(str, pair), str(tmp_path), str(chunks))
     assert imported == "False"
     assert json.loads((Path(run_dir) / "changes.geojson").read_text())["features"]
 
 
+def test_rechunk_in_a_run_does_not_import_distributed():
+    """A rechunk with no method configured made dask import distributed to look for a
+    Client; the run configures "tasks", dask's choice without one."""
+    assert _child(_CHILD_RECHUNK) == ["10000", "False"]
+
+
 def test_threaded_scheduler_is_named_only_when_no_client_can_be_active(monkeypatch):
-    """The threaded scheduler is named by its function for no choice or "threads" while
-    distributed is not imported; any other choice, or distributed imported, is left as is."""
+    """The threaded scheduler is named by its function (and the rechunk method "tasks", unless
+    one is configured) for no choice or "threads" while distributed is not imported; any
+    other choice, or distributed imported, is left as is."""
     import dask
     import dask.threaded
     import distributed  # noqa: F401  (imported: a Client could be active)
 
     with run._threaded_scheduler():
         assert dask.config.get("scheduler", None) is None
+        assert dask.config.get("array.rechunk.method", None) is None
     monkeypatch.delitem(sys.modules, "distributed")
     with run._threaded_scheduler():
         assert dask.config.get("scheduler") is dask.threaded.get
+        assert dask.config.get("array.rechunk.method") == "tasks"
+    with dask.config.set({"array.rechunk.method": "p2p"}), run._threaded_scheduler():
+        assert dask.config.get("array.rechunk.method") == "p2p"
     for chosen, kept in (("threads", dask.threaded.get), ("sync", "sync"),
                          ("processes", "processes")):
         with dask.config.set(scheduler=chosen), run._threaded_scheduler():

@@ -24,6 +24,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.local import get_sync
 from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
@@ -241,7 +242,7 @@ class Regions:
             if "delayed" not in self._recent:
                 self._recent["delayed"] = self.local.to_delayed()
             delayed = self._recent["delayed"][index]
-        block = np.asarray(delayed.compute(scheduler="synchronous"))
+        block = np.asarray(delayed.compute(scheduler=get_sync))
         with _RECENT_LOCK:
             chunks = [k for k in self._recent if k != "delayed"]
             if len(chunks) >= _RECENT_BLOCKS:

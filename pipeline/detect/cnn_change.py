@@ -23,6 +23,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.local import get_sync
 from scipy import ndimage as ndi
 
 from pipeline.core.change import MASK_NODATA
@@ -122,7 +123,7 @@ class _Windows:
         """A window's before and after, standardised with the whole-scene statistics, and
         its pixels valid in both."""
         a, b = (np.asarray(x, np.float32) for x in dask.compute(
-            self.a[:, ys, xs], self.b[:, ys, xs], scheduler="sync"))
+            self.a[:, ys, xs], self.b[:, ys, xs], scheduler=get_sync))
         valid = np.asarray(np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0))
         return (_standardized(a, valid, self.stats[0]),
                 _standardized(b, valid, self.stats[1]), valid)

@@ -17,6 +17,7 @@ from typing import Any, cast
 import dask
 import dask.array as da
 import numpy as np
+from dask.local import get_sync
 
 __all__ = ["WindowedArray", "StoredBlocks", "grid_stats", "pair_stats"]
 
@@ -72,7 +73,7 @@ class StoredBlocks:
         with self.lock:
             if (i, j) in self.recent:
                 return self.recent[i, j]
-        block = np.asarray(self.delayed[(*self.lead, i, j)].compute(scheduler="synchronous"))
+        block = np.asarray(self.delayed[(*self.lead, i, j)].compute(scheduler=get_sync))
         with self.lock:
             if len(self.recent) >= self.keep:
                 self.recent.pop(next(iter(self.recent)))
