@@ -559,10 +559,10 @@ def _delete_chunks(folder: Path, names: list[str]) -> None:
                 path.unlink()
 
 
-def _threaded_scheduler() -> contextlib.AbstractContextManager[Any]:
-    """Dask's threaded scheduler named by its function, and the rechunk method "tasks", for a
-    run on the threaded scheduler (none chosen, or "threads") while dask.distributed is not
-    imported.
+class _SchedulerSetting:
+    """Dask's threaded scheduler named by its function, and the rechunk method "tasks", for
+    runs on the threaded scheduler (none chosen, or "threads") while dask.distributed is not
+    imported. Calling it gives the context manager a run is wrapped in.
 
     Otherwise dask imports dask.distributed to look for an active Client: when it looks the
     scheduler up by name, and in every rechunk with no method configured. No Client can be
@@ -572,14 +572,45 @@ def _threaded_scheduler() -> contextlib.AbstractContextManager[Any]:
     first window search of the co-registration of a 1024 px run took 0.55 s with the lookup,
     0.25 s without (measured). The run's other Dask calls are written not to import it either
     (the synchronous scheduler named by its function, no Dask array in a delayed call).
+
+    Dask's configuration is global: runs that overlap in threads share one setting, made by
+    the first to start and undone by the last to end. Undone by each run, in whatever order
+    they ended, a setting could outlive them all (a later run would restore it).
     """
-    chosen = dask.config.get("scheduler", None)
-    if "distributed" in sys.modules or chosen not in (None, "threads", "threading"):
-        return contextlib.nullcontext()
-    settings: dict[str, Any] = {"scheduler": dask.threaded.get}
-    if dask.config.get("array.rechunk.method", None) is None:
-        settings["array.rechunk.method"] = "tasks"
-    return dask.config.set(settings)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs = 0
+        self._setting: Any = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._runs == 0:
+                self._setting = self._make()
+            self._runs += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._runs -= 1
+                if self._runs == 0 and self._setting is not None:
+                    self._setting.__exit__(None, None, None)
+                    self._setting = None
+
+    @staticmethod
+    def _make() -> Any:
+        """The setting made (dask.config.set applies it at once), or None to leave it."""
+        chosen = dask.config.get("scheduler", None)
+        if "distributed" in sys.modules or chosen not in (None, "threads", "threading"):
+            return None
+        settings: dict[str, Any] = {"scheduler": dask.threaded.get}
+        if dask.config.get("array.rechunk.method", None) is None:
+            settings["array.rechunk.method"] = "tasks"
+        return dask.config.set(settings)
+
+
+_threaded_scheduler = _SchedulerSetting()
 
 
 @contextmanager

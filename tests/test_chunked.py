@@ -631,8 +631,11 @@ print(int(total), "distributed" in sys.modules)
 
 
 def _child(code: str, *args: str) -> list[str]:
+    """The stdout words of ``code`` run in a fresh process, without the DASK_ settings of this
+    one (a scheduler chosen there would be looked up by name)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     child = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
     assert child.returncode == 0, child.stderr[-2000:]
     return child.stdout.split()
 
@@ -657,21 +660,50 @@ def test_rechunk_in_a_run_does_not_import_distributed():
 def test_threaded_scheduler_is_named_only_when_no_client_can_be_active(monkeypatch):
     """The threaded scheduler is named by its function (and the rechunk method "tasks", unless
     one is configured) for no choice or "threads" while distributed is not imported; any
-    other choice, or distributed imported, is left as is."""
+    other choice, or distributed imported, is left as is; the setting is undone after."""
+    import concurrent.futures
+
     import dask
     import dask.threaded
     import distributed  # noqa: F401  (imported: a Client could be active)
 
-    with run._threaded_scheduler():
+    unset = {"scheduler": None, "array.rechunk.method": None}
+    with dask.config.set(unset):  # whatever this process's own dask settings
+        with run._threaded_scheduler():
+            assert dask.config.get("scheduler", None) is None
+            assert dask.config.get("array.rechunk.method", None) is None
+        monkeypatch.delitem(sys.modules, "distributed")
+        with run._threaded_scheduler():
+            assert dask.config.get("scheduler") is dask.threaded.get
+            assert dask.config.get("array.rechunk.method") == "tasks"
         assert dask.config.get("scheduler", None) is None
         assert dask.config.get("array.rechunk.method", None) is None
-    monkeypatch.delitem(sys.modules, "distributed")
-    with run._threaded_scheduler():
+        with dask.config.set({"array.rechunk.method": "p2p"}), run._threaded_scheduler():
+            assert dask.config.get("array.rechunk.method") == "p2p"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for chosen, kept in (("threads", dask.threaded.get),
+                                 ("threading", dask.threaded.get), ("sync", "sync"),
+                                 ("processes", "processes"), (dask.local.get_sync,
+                                                              dask.local.get_sync),
+                                 (pool, pool)):
+                with dask.config.set(scheduler=chosen), run._threaded_scheduler():
+                    assert dask.config.get("scheduler") == kept
+
+
+def test_threaded_scheduler_of_overlapping_runs_is_undone_by_the_last(monkeypatch):
+    """Runs overlapping in threads share the setting: the first to start makes it, the last
+    to end undoes it, whatever the order they end in."""
+    import dask
+    import dask.threaded
+
+    monkeypatch.delitem(sys.modules, "distributed", raising=False)
+    setting = run._SchedulerSetting()
+    with dask.config.set({"scheduler": None, "array.rechunk.method": None}):
+        first, second = setting(), setting()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first ends before the second
         assert dask.config.get("scheduler") is dask.threaded.get
-        assert dask.config.get("array.rechunk.method") == "tasks"
-    with dask.config.set({"array.rechunk.method": "p2p"}), run._threaded_scheduler():
-        assert dask.config.get("array.rechunk.method") == "p2p"
-    for chosen, kept in (("threads", dask.threaded.get), ("sync", "sync"),
-                         ("processes", "processes")):
-        with dask.config.set(scheduler=chosen), run._threaded_scheduler():
-            assert dask.config.get("scheduler") == kept
+        second.__exit__(None, None, None)
+        assert dask.config.get("scheduler", None) is None
+        assert dask.config.get("array.rechunk.method", None) is None
