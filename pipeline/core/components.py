@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 
-__all__ = ["Regions", "label_regions", "select_by_area"]
+__all__ = ["Regions", "chunk_borders", "label_regions", "overlapping_chunks", "select_by_area"]
 
 _NONE = np.iinfo(np.int64).max
 # Guards the chunk caches of all Regions (cheap: held only around dict updates).
@@ -152,13 +152,18 @@ def _reduce(tables: list[_ChunkTable], row_of: np.ndarray, n: int
         return area, bbox, sums / area[:, None]
 
 
-def _overlapping(bounds: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
-    """``(first, stop)`` of the chunks between ``bounds`` (ascending borders) that overlap
-    ``[lo, hi)``; an empty range when it is empty."""
-    if hi <= lo:
-        return 0, 0
-    return (int(np.searchsorted(bounds, lo, "right")) - 1,
-            int(np.searchsorted(bounds, hi, "left")))
+def chunk_borders(chunks: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+    """Chunk borders along each axis of Dask ``chunks``: ``0``, then the cumulative sizes."""
+    return [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+
+
+def overlapping_chunks(bounds: np.ndarray, lo: int, hi: int) -> range:
+    """The chunks between ``bounds`` (ascending borders, `chunk_borders`) that overlap
+    ``[lo, hi)``: found by search, not by visiting every chunk (a 40 px window of a
+    100-chunk grid took 233 us that way, 57 us so). An empty ``[lo, hi)`` inside a chunk
+    gives that chunk, whose part is then empty; parts outside the borders give none."""
+    return range(max(0, int(np.searchsorted(bounds, lo, "right")) - 1),
+                 min(len(bounds) - 1, int(np.searchsorted(bounds, hi, "left"))))
 
 
 def _relabel_block(block: np.ndarray, luts: dict[tuple[int, ...], np.ndarray],
@@ -252,8 +257,8 @@ class Regions:
 
     @functools.cached_property
     def _bounds(self) -> list[np.ndarray]:
-        """Chunk borders along each axis: ``0``, the cumulative chunk sizes."""
-        return [np.concatenate([[0], np.cumsum(c)]) for c in self.chunks]
+        """Chunk borders along each axis (`chunk_borders`), computed once."""
+        return chunk_borders(self.chunks)
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The global int32 labels of ``[rows, cols]`` (steps of 1), computed.
@@ -264,12 +269,9 @@ class Regions:
         (r0, r1, _), (c0, c1, _) = rows.indices(self.shape[0]), cols.indices(self.shape[1])
         out = np.zeros((max(0, r1 - r0), max(0, c1 - c0)), np.int32)
         bounds = self._bounds
-        # only the chunks the window overlaps (visiting every chunk cost each window time in
-        # proportion to the scene's area: a 40 px window of a 100-chunk grid took 233 us,
-        # 57 us now)
-        for i in range(*_overlapping(bounds[0], r0, r1)):
+        for i in overlapping_chunks(bounds[0], r0, r1):
             lo_r, hi_r = max(r0, bounds[0][i]), min(r1, bounds[0][i + 1])
-            for j in range(*_overlapping(bounds[1], c0, c1)):
+            for j in overlapping_chunks(bounds[1], c0, c1):
                 lo_c, hi_c = max(c0, bounds[1][j]), min(c1, bounds[1][j + 1])
                 if lo_r >= hi_r or lo_c >= hi_c:
                     continue

@@ -15,6 +15,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from pipeline.core.components import chunk_borders, overlapping_chunks
+
 __all__ = ["grey", "block_mean", "compute_crops", "crop_batches", "CROP_BATCH_PX",
            "BlockWindows", "block_average_np", "aligned_chunks"]
 
@@ -187,16 +189,15 @@ class BlockWindows:
 
     def __post_init__(self) -> None:  # noqa: D105
         object.__setattr__(self, "blocks", self.arr.to_delayed())
-        object.__setattr__(self, "bounds", tuple(np.concatenate([[0], np.cumsum(c)])
-                                                 for c in self.arr.chunks))
+        object.__setattr__(self, "bounds", tuple(chunk_borders(self.arr.chunks)))
 
     def window(self, rows: slice, cols: slice) -> Any:
         """Delayed ``arr[rows, cols]`` (``start:stop`` slices inside the array)."""
         (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
         pieces, places = [], []
-        for i in range(len(self.bounds[0]) - 1):
+        for i in overlapping_chunks(self.bounds[0], r0, r1):
             lo, hi = max(r0, self.bounds[0][i]), min(r1, self.bounds[0][i + 1])
-            for j in range(len(self.bounds[1]) - 1):
+            for j in overlapping_chunks(self.bounds[1], c0, c1):
                 left, right = max(c0, self.bounds[1][j]), min(c1, self.bounds[1][j + 1])
                 if lo >= hi or left >= right:
                     continue

@@ -19,6 +19,8 @@ import dask.array as da
 import numpy as np
 from dask.local import get_sync
 
+from pipeline.core.components import chunk_borders, overlapping_chunks
+
 __all__ = ["WindowedArray", "StoredBlocks", "grid_stats", "pair_stats"]
 
 
@@ -63,7 +65,7 @@ class StoredBlocks:
         self.shape = (int(arr.shape[-2]), int(arr.shape[-1]))
         self.lead = (0,) * (arr.ndim - 2)
         self.delayed = arr.to_delayed()
-        self.bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[-2:]]
+        self.bounds = chunk_borders(arr.chunks[-2:])
         self.keep = keep
         self.recent: dict[tuple[int, int], np.ndarray] = {}
         self.lock = threading.Lock()
@@ -84,12 +86,10 @@ class StoredBlocks:
         """``arr[..., rows, cols]`` (steps of 1, inside the array) as NumPy."""
         (r0, r1), (c0, c1) = (rows.start, rows.stop), (cols.start, cols.stop)
         parts = []
-        for i in range(np.searchsorted(self.bounds[0], r0, "right") - 1,
-                       np.searchsorted(self.bounds[0], r1, "left")):
+        for i in overlapping_chunks(self.bounds[0], r0, r1):
             lo, hi = self.bounds[0][i], self.bounds[0][i + 1]
             line = []
-            for j in range(np.searchsorted(self.bounds[1], c0, "right") - 1,
-                           np.searchsorted(self.bounds[1], c1, "left")):
+            for j in overlapping_chunks(self.bounds[1], c0, c1):
                 left, right = self.bounds[1][j], self.bounds[1][j + 1]
                 line.append(self._block(i, j)[..., max(r0, lo) - lo:min(r1, hi) - lo,
                                               max(c0, left) - left:min(c1, right) - left])

@@ -32,7 +32,7 @@ from affine import Affine
 from scipy import ndimage as ndi
 from skimage import morphology
 
-from pipeline.core.components import Regions, label_regions
+from pipeline.core.components import Regions, chunk_borders, label_regions
 from pipeline.detect.blocks import aligned_chunks, block_average_np, grey
 from pipeline.detect.lines import along_lines
 from pipeline.detect.stored import StoredBlocks, WindowedArray, pair_stats
@@ -129,7 +129,7 @@ def _skeleton_pixels(regions: Regions, keep: np.ndarray) -> tuple[np.ndarray, np
     Components inside one chunk are thinned with the chunk; those across chunk borders on
     their own bounding-box windows.
     """
-    bounds = [np.concatenate([[0], np.cumsum(c)]) for c in regions.chunks]
+    bounds = chunk_borders(regions.chunks)
     box = regions.bbox
     chunk_r = np.searchsorted(bounds[0], box[:, 0], side="right") - 1
     chunk_c = np.searchsorted(bounds[1], box[:, 1], side="right") - 1

@@ -11,7 +11,12 @@ from hypothesis.extra.numpy import arrays
 from numpy.testing import assert_allclose, assert_array_equal
 from skimage import measure
 
-from pipeline.core.components import label_regions, select_by_area
+from pipeline.core.components import (
+    chunk_borders,
+    label_regions,
+    overlapping_chunks,
+    select_by_area,
+)
 
 
 def _assert_same_as_in_memory(mask: np.ndarray, chunks, connectivity: int) -> None:
@@ -141,6 +146,22 @@ def test_label_regions_window_reads_only_the_chunks_it_overlaps(monkeypatch):
                   if r0 < min(r1, rows_at[i + 1]) and max(r0, rows_at[i]) < r1
                   and c0 < min(c1, cols_at[j + 1]) and max(c0, cols_at[j]) < c1}
         assert set(read) == wanted, (rows, cols)
+
+
+def test_overlapping_chunks_are_the_chunks_a_range_overlaps():
+    """For any range, even reaching past the borders: the chunks with a part of it, found by
+    search; never an index outside the chunks (an empty range inside a chunk may give it)."""
+    bounds = chunk_borders(((9, 20, 1, 31), (4,)))[0]
+    assert bounds.tolist() == [0, 9, 29, 30, 61]
+    for lo in range(-3, 65):
+        for hi in range(lo - 2, 66):
+            found = list(overlapping_chunks(bounds, lo, hi))
+            wanted = [i for i in range(4) if max(lo, bounds[i]) < min(hi, bounds[i + 1])]
+            assert all(0 <= i < 4 for i in found), (lo, hi)
+            if hi > lo:
+                assert found == wanted, (lo, hi)
+            else:
+                assert len(found) <= 1, (lo, hi)
 
 
 def test_label_regions_relabel_maps_every_pixel():
