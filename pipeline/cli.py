@@ -20,6 +20,7 @@ from typing import Any, get_args
 import click
 
 from pipeline import __version__
+from pipeline.allocator import reuse_freed_memory
 from pipeline.cli_options import (
     OutFolder,
     config_opt,
@@ -330,7 +331,8 @@ cli.add_command(sites)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (the process's allocator set for large arrays first)."""
+    reuse_freed_memory()
     cli(prog_name="sitewatch")
 
 

@@ -591,7 +591,13 @@ def child_detect(paths: list[str], aoi: str, workdir: Path, status_path: Path,
 
 
 def child_main(args: argparse.Namespace) -> int:
-    """Entry point of a measuring subprocess: one measurement, written to --result as JSON."""
+    """Entry point of a measuring subprocess: one measurement, written to --result as JSON.
+
+    The process is set up as the command line sets up its own (`pipeline.allocator`).
+    """
+    from pipeline.allocator import reuse_freed_memory
+
+    allocator = reuse_freed_memory()
     logging.basicConfig(level=logging.INFO if args.verbose >= 0 else logging.WARNING,
                         stream=sys.stderr,
                         format=f"  [{args.child} %(relativeCreated)6.0f ms] %(name)s: %(message)s")
@@ -603,6 +609,7 @@ def child_main(args: argparse.Namespace) -> int:
     else:
         out = child_detect(paths, args.aoi, Path(args.workdir), Path(args.status),
                            peak_stacks=args.peak_stacks, threads=args.threads)
+    out["allocator_tuned"] = allocator
     _write_json(Path(args.result), out)
     return 0
 
@@ -1024,6 +1031,18 @@ def machine() -> dict[str, str]:
                         or "none of " + ", ".join(PERF_ENV) + " set"}
 
 
+def _allocator_line(rows: list[dict[str, Any]]) -> str:
+    """Whether the detect processes raised glibc's malloc thresholds, as `sitewatch` does."""
+    seen = {r.get("detect", {}).get("allocator_tuned") for r in rows}
+    if seen == {True}:
+        return ("glibc malloc: mmap and trim thresholds raised to 1 GiB in each measuring "
+                "process, as the `sitewatch` command does (`pipeline.allocator`)")
+    if seen == {False}:
+        return ("glibc malloc: thresholds left as they were (not glibc, or chosen in the "
+                "environment)")
+    return "glibc malloc: thresholds not recorded for every run (runs before it was recorded)"
+
+
 def write_docs(
     path: Path, rows: list[dict[str, Any]], info: dict[str, str], argv: list[str],
     fetch: dict[str, Any] | None = None,
@@ -1043,6 +1062,7 @@ asserted. Targets: the whole detect within {TARGET_RATIO:g}x of the time to read
 - Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM; {info['os']}
 - Python {info['python']}; {info['versions']}
 - Performance-related environment: {info['gdal_env']}
+- {_allocator_line(rows)}
 
 Inputs: synthetic pairs (size x size x 3 uint8, {RES_M} m, {CRS}, tiled {BLOCK_PX},
 DEFLATE, nodata 0), textured ground in both dates; in the after date walled compounds with
