@@ -1033,10 +1033,13 @@ def machine() -> dict[str, str]:
 
 def _allocator_line(rows: list[dict[str, Any]]) -> str:
     """Whether the detect processes raised glibc's malloc thresholds, as `sitewatch` does."""
+    from pipeline.allocator import THRESHOLD_BYTES
+
     seen = {r.get("detect", {}).get("allocator_tuned") for r in rows}
     if seen == {True}:
-        return ("glibc malloc: mmap and trim thresholds raised to 1 GiB in each measuring "
-                "process, as the `sitewatch` command does (`pipeline.allocator`)")
+        return (f"glibc malloc: mmap and trim thresholds raised to {THRESHOLD_BYTES / 2**30:g} "
+                "GiB in each measuring process, as the `sitewatch` command does "
+                "(`pipeline.allocator`)")
     if seen == {False}:
         return ("glibc malloc: thresholds left as they were (not glibc, or chosen in the "
                 "environment)")
