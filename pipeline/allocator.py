@@ -7,8 +7,9 @@ to the OS above its trim threshold. Every new buffer then faults its pages in ag
 zeroed by the kernel. With both thresholds at 1 GiB, freed buffers stay in the heap and the
 next chunk's arrays reuse them.
 
-Fewer page faults and less system time for the same work, at about the same peak memory
-(figures in docs/method.md, "Speed").
+Fewer page faults and less system time on chunked runs, at the cost of memory kept for
+reuse: the default run's peak rose by about a quarter, for no gain in time there (figures in
+docs/method.md, "Speed").
 
 Set by the entry points (the command line, the benchmark's measuring processes), never by
 the library on import: it is a setting of the whole process. Left alone on C libraries
