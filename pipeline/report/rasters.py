@@ -32,7 +32,7 @@ from pipeline.errors import GridError, OutputError
 from pipeline.files import atomic_path
 from pipeline.report.workers import dask_threads
 
-__all__ = ["BLOCKSIZE", "write_cog", "validate_cog"]
+__all__ = ["BLOCKSIZE", "COPY_CONFIG", "cog_options", "write_cog", "validate_cog"]
 
 BLOCKSIZE = 512
 # GDAL's COG driver builds the overviews into a temporary file compressed with ZSTD at
@@ -144,7 +144,7 @@ def write_cog(
             # 8446 px bench magnitude's copy took 2.5-2.9 s on two instead of 3.2 s)
             with rasterio.Env(CPL_TMPDIR=work, GDAL_PAM_ENABLED="NO", GDAL_NUM_THREADS=str(n),
                               **COPY_CONFIG):
-                rasterio.shutil.copy(src_path, tmp, driver="COG", **_cog_options(dtype, n))
+                rasterio.shutil.copy(src_path, tmp, driver="COG", **cog_options(dtype, n))
     return path
 
 
@@ -286,7 +286,7 @@ def _descriptions(
     return tuple(description)
 
 
-def _cog_options(dtype: str, threads: int) -> dict[str, Any]:
+def cog_options(dtype: str, threads: int) -> dict[str, Any]:
     """Creation options for GDAL's COG driver."""
     is_float = np.issubdtype(np.dtype(dtype), np.floating)
     return {

@@ -1,0 +1,129 @@
+"""scripts/bench_floor.py: the floor `make bench` times against the read (what it measures
+has to be right, or its figure means nothing), and how bench.py runs and shows it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    return importlib.import_module(name)
+
+
+def _write(path: Path, bands: np.ndarray) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1],
+                       count=bands.shape[0], dtype=bands.dtype, crs="EPSG:32645",
+                       transform=from_origin(500000, 4800000, 0.5, 0.5), tiled=True,
+                       blockxsize=128, blockysize=128, compress="deflate") as dst:
+        dst.write(bands)
+    return path
+
+
+def _ground(size: int, seed: int = 3) -> np.ndarray:
+    """Textured 3-band float ground (smooth enough for a sub-pixel shift to be measurable)."""
+    rng = np.random.default_rng(seed)
+    noise = ndi.gaussian_filter(rng.normal(size=(3, size, size)), sigma=(0, 3, 3))
+    return 120 + 40 * noise / noise.std()
+
+
+@pytest.mark.parametrize("dy, dx", [(0.37, -0.61), (-1.3, 2.25), (0.0, 0.0), (2.6, -0.1)])
+def test_shifted_bilinear_matches_scipy_shift(monkeypatch, dy, dx):
+    """Strip by strip, the floor's shift is scipy's linear shift with edges repeated, top and
+    bottom strips included."""
+    floor = _script("bench_floor", monkeypatch)
+    plane = np.random.default_rng(1).random((40, 33)).astype(np.float32)
+    want = ndi.shift(plane, (dy, dx), order=1, mode="nearest")
+    got = np.concatenate([floor.shifted_bilinear(plane, dy, dx, slice(r, min(r + 7, 40)))
+                          for r in range(0, 40, 7)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_otsu_splits_two_modes(monkeypatch):
+    floor = _script("bench_floor", monkeypatch)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(10, 2, 5000), rng.normal(60, 5, 500)])
+    edges = np.linspace(0, 100, 257)
+    t = floor.otsu(np.histogram(values, bins=edges)[0], edges)
+    assert 10 < t < 60
+    assert np.mean(values[5000:] > t) > 0.99 and np.mean(values[:5000] > t) < 0.05
+
+
+def test_floor_finds_the_shift_and_the_changed_block(monkeypatch, tmp_path):
+    """On a pair with a known shift, a new bright block and a gain: the shift is found to a
+    fifth of a pixel, the block is the change, both COGs were written and then removed."""
+    floor = _script("bench_floor", monkeypatch)
+    size, shift = 384, (0.4, -0.7)
+    ground = _ground(size)
+    after = ground.copy()
+    after[:, 20:80, 280:370] = 235  # the new building (off the centre the shift is read at)
+    after = np.stack([ndi.shift(b * 1.05 + 4, shift, order=1, mode="nearest") for b in after])
+    before_path = _write(tmp_path / "before.tif", np.clip(ground, 0, 255).astype(np.uint8))
+    after_path = _write(tmp_path / "after.tif", np.clip(after, 0, 255).astype(np.uint8))
+    work = tmp_path / "work"
+    work.mkdir()
+    written: list[str] = []
+    real_copy = floor.rasterio.shutil.copy
+    monkeypatch.setattr(floor.rasterio.shutil, "copy",
+                        lambda src, dst, **kw: (written.append(dst), real_copy(src, dst, **kw)))
+    got = floor.floor(before_path, after_path, work, threads=2)
+    # plain phase correlation: within a fifth of a pixel here (0.04 px on the bench pairs)
+    assert got["shift_px"] == pytest.approx([-shift[0], -shift[1]], abs=0.2)
+    assert [Path(p).name for p in written] == ["change_mask.tif", "change_magnitude.tif"]
+    assert list(work.iterdir()) == []  # the COGs go with their temporary folder
+    block_share = 60 * 90 / size**2
+    assert block_share * 0.8 < got["changed_share"] < block_share * 1.3
+    assert got["components"] >= 1
+    assert [name for name, _ in got["parts"]] == [
+        "read+sha256", "coregister", "histograms", "magnitude", "opening", "labels",
+        "mask COG", "magnitude COG"]
+    assert got["seconds"] >= sum(sec for _, sec in got["parts"]) - 1e-3
+
+
+def test_floor_of_a_pair_with_no_change_finds_no_shift(monkeypatch, tmp_path):
+    floor = _script("bench_floor", monkeypatch)
+    bands = np.clip(_ground(256, seed=5), 0, 255).astype(np.uint8)
+    same = _write(tmp_path / "a.tif", bands)
+    got = floor.floor(same, same, tmp_path, threads=1)
+    assert got["shift_px"] == [0.0, 0.0]
+    assert got["changed_share"] == 0.0
+
+
+def test_floor_refuses_other_than_8_bit(monkeypatch, tmp_path):
+    floor = _script("bench_floor", monkeypatch)
+    a = _write(tmp_path / "a.tif", np.zeros((3, 64, 64), np.uint16))
+    with pytest.raises(ValueError, match="8-bit"):
+        floor.floor(a, a, tmp_path)
+
+
+def test_bench_runs_the_floor_as_a_child_and_shows_it(monkeypatch, tmp_path):
+    """bench.py's ``--child floor`` writes the floor's result; its table puts the floor beside
+    the read and the detect, with the target of the sizes that have one."""
+    bench = _script("bench", monkeypatch)
+    bands = np.clip(_ground(256), 0, 255).astype(np.uint8)
+    path = _write(tmp_path / "a.tif", bands)
+    result = tmp_path / "result.json"
+    assert bench.main(["--child", "floor", "--before", str(path), "--after", str(path),
+                       "--workdir", str(tmp_path), "--result", str(result), "-q"]) == 0
+    data = json.loads(result.read_text())
+    assert data["shift_px"] == [0.0, 0.0] and data["seconds"] > 0
+    row = {"size": 8192, "read": {"seconds": 2.0}, "detect_ok": True, "detect_s": 50.0,
+           "truth": {"shift_px": [0.37, -0.61]},
+           "floor": {**data, "seconds": 9.0, "problem": None}}
+    table = bench.floor_rows([row, {**row, "size": 4096, "floor": None},
+                              {**row, "size": 20000, "floor": {"problem": "stopped: RSS"}}])
+    assert table[1][:6] == ["8192", "2.00", "9.0", "4.5", "25.0", "4"]
+    assert table[1][-1] == "+0.00, +0.00 (-0.37, +0.61)"
+    assert [r[0] for r in table[1:]] == ["8192", "20000"]
+    assert table[2][2] == "stopped: RSS" and table[2][5] == "3"
+    assert "## Floor" in bench._floor_section([row]) and bench._floor_section([]) == ""
