@@ -9,6 +9,9 @@ memory is clean:
 * the time to read both files fully with rasterio (and, beside it, in 2048-pixel windows);
 * the whole ``pipeline.run.run_detect`` on an AOI that is the image's lon/lat bbox, with the
   seconds and the peak resident memory of every stage.
+* (``--floor``, the default) the floor, ``scripts/bench_floor.py``: the raster part of the
+  evidence done plainly in memory with no detector, against the read, to show how much of
+  the ratio targets it takes by itself.
 
 Then (``--fetch``, the default; ``--no-fetch`` skips it) ``scripts/bench_fetch.py`` runs in a
 subprocess: the requests and bytes a STAC/COG fetch of a small AOI costs, against the bytes of
