@@ -11,7 +11,8 @@ memory is clean:
   seconds and the peak resident memory of every stage.
 * (``--floor``, the default) the floor, ``scripts/bench_floor.py``: the raster part of the
   evidence done plainly in memory with no detector, against the read, to show how much of
-  the ratio targets it takes by itself.
+  the ratio targets it takes by itself; the report then shows both ratios per size in a
+  picture (``docs/img/benchmarks_ratio.png``, `scripts/bench_chart.py`).
 
 Then (``--fetch``, the default; ``--no-fetch`` skips it) ``scripts/bench_fetch.py`` runs in a
 subprocess: the requests and bytes a STAC/COG fetch of a small AOI costs, against the bytes of
@@ -55,8 +56,10 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sitewatch-bench"
 DEFAULT_DOCS = PROJECT_ROOT / "docs" / "benchmarks.md"
+CHART_NAME = "img/benchmarks_ratio.png"  # beside the report, drawn with its floor section
 TARGET_RATIO = 4.0  # issue 2, at 8192
 TARGET_RATIO_LARGE = 3.0  # issue 7, at 20000
+RATIO_TARGETS = {8192: TARGET_RATIO, 20000: TARGET_RATIO_LARGE}  # size -> detect / read
 TARGET_PEAK_MB = 2048.0
 TARGET_SPEEDUP = 1.6  # issue 7: 2 cores against 1
 SPEEDUP_THREADS = 2  # the speed-up compares this many Dask threads with 1 (issue 7: 2 cores)
@@ -937,7 +940,7 @@ def floor_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         if not f:
             continue
         read = r["read"]["seconds"]
-        target = {8192: TARGET_RATIO, 20000: TARGET_RATIO_LARGE}.get(r["size"])
+        target = RATIO_TARGETS.get(r["size"])
         detect_ratio = _fmt(r["detect_s"] / read, 1) if r["detect_ok"] else "-"
         if f.get("problem"):
             out.append([str(r["size"]), _fmt(read), f["problem"], "-", detect_ratio,
@@ -1153,7 +1156,22 @@ write parts add up to more than the write stage.
     if kept:  # e.g. the COG fetch section of an earlier run, when this one skipped it
         text += "\n" + kept
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _floor_section(rows):
+        draw_chart(rows, path.parent / CHART_NAME)
     path.write_text(text)
+
+
+def draw_chart(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The report's picture (`bench_chart.ratio_chart`): detect / read and floor / read per
+    size, the ratio targets marked."""
+    def ratio(r: dict[str, Any], seconds: float | None) -> float:
+        return seconds / r["read"]["seconds"] if seconds is not None else math.nan
+
+    return _scripts_module("bench_chart").ratio_chart(
+        [r["size"] for r in rows],
+        [ratio(r, r["detect_s"] if r["detect_ok"] else None) for r in rows],
+        [ratio(r, (r.get("floor") or {}).get("seconds")) for r in rows],
+        RATIO_TARGETS, path)
 
 
 def _runs_lines(info: dict[str, Any], now: str, argv: list[str]) -> str:
@@ -1229,6 +1247,8 @@ checks, nodata and the AOI, the building, compound, wall and watchtower detector
 GeoJSON and manifest. "floor / read" is the share of the target it uses by itself.
 
 {md_table(floor_rows(rows))}
+
+![Detect and floor against the read time, per size, with the targets]({CHART_NAME})
 """
 
 

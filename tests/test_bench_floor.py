@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from PIL import Image
 from rasterio.transform import from_origin
 from scipy import ndimage as ndi
 
@@ -127,3 +128,50 @@ def test_bench_runs_the_floor_as_a_child_and_shows_it(monkeypatch, tmp_path):
     assert [r[0] for r in table[1:]] == ["8192", "20000"]
     assert table[2][2] == "stopped: RSS" and table[2][5] == "3"
     assert "## Floor" in bench._floor_section([row]) and bench._floor_section([]) == ""
+
+
+def test_ratio_chart_is_written_whole_and_leaves_out_what_was_not_measured(monkeypatch,
+                                                                           tmp_path):
+    """The report's picture: a PNG written atomically (nothing else left beside it), one bar
+    per measured ratio, a size without a measurement drawing no bar."""
+    chart = _script("bench_chart", monkeypatch)
+    drawn: list[int] = []  # the bars of each ax.bar call
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, *a, **k: (drawn.append(len(list(h))),
+                                                     real(self, x, h, *a, **k))[1])
+    out = chart.ratio_chart([4096, 8192, 20000], [23.3, 22.0, float("nan")], [5.1, 4.7, 4.2],
+                            {8192: 4.0, 20000: 3.0}, tmp_path / "img" / "r.png")
+    assert out == tmp_path / "img" / "r.png"
+    assert [p.name for p in out.parent.iterdir()] == ["r.png"]
+    assert out.stat().st_mode & 0o777 == 0o644
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (750, 420)
+    assert drawn == [2, 3]  # detect: 20000 left out; floor: all three
+
+
+def test_bench_docs_with_a_floor_draw_the_chart_they_link(monkeypatch, tmp_path):
+    bench = _script("bench", monkeypatch)
+    calls = []
+    monkeypatch.setattr(bench, "draw_chart", lambda rows, path: calls.append(path))
+    row = {"size": 8192, "read": {"seconds": 2.0}, "detect_ok": True, "detect_s": 50.0,
+           "truth": {"shift_px": [0.37, -0.61]},
+           "floor": {"seconds": 9.0, "cpu_s": 15.0, "peak_mb": 2000.0, "problem": None,
+                     "parts": [["read+sha256", 1.0]], "shift_px": [-0.35, 0.65]}}
+    section = bench._floor_section([row])
+    assert f"]({bench.CHART_NAME})" in section
+    # write_docs draws it beside the report (rows' other tables need more; only the call here)
+    monkeypatch.setattr(bench, "summary_rows", lambda rows: [["a"], ["b"]])
+    for name in ("stage_rows", "part_rows", "finding_rows"):
+        monkeypatch.setattr(bench, name, lambda rows: [["a"], ["b"]])
+    monkeypatch.setattr(bench, "per_mp_spread", lambda rows: "")
+    monkeypatch.setattr(bench, "_allocator_line", lambda rows: "")
+    info = {"cpu": "c", "cores": "2", "ram_gb": "1", "os": "o", "python": "p", "versions": "v",
+            "gdal_env": "g", "git": "abc"}
+    bench.write_docs(tmp_path / "benchmarks.md", [row], info, [])
+    assert calls == [tmp_path / bench.CHART_NAME]
+    calls.clear()
+    bench.write_docs(tmp_path / "benchmarks.md", [{**row, "floor": None}], info, [])
+    assert calls == []
