@@ -1241,7 +1241,7 @@ their SHA-256; the shift by phase correlation on a central window; after histogr
 before band by band and moved by the shift (bilinear); the change magnitude over the bands, an
 Otsu threshold, a 3 x 3 opening and connected components; the change mask and magnitude
 written as COGs with the evidence's creation options. Everything is held in memory (no 2 GB
-bound; about 24 bytes a pixel). It is plain NumPy, SciPy and GDAL, not a proven minimum, but
+bound; about 25 bytes a pixel). It is plain NumPy, SciPy and GDAL, not a proven minimum, but
 every detect that writes the evidence of issue 2 does all of it and more: the co-registration's
 checks, nodata and the AOI, the building, compound, wall and watchtower detectors, chips,
 GeoJSON and manifest. "floor / read" is the share of the target it uses by itself.
@@ -1366,7 +1366,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "fetch of a small AOI, and of a cached rerun)")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the floor (scripts/bench_floor.py: the raster part of the "
-                        "evidence done plainly, in memory, about 24 bytes a pixel) against "
+                        "evidence done plainly, in memory, about 25 bytes a pixel) against "
                         "the read, once per size")
     p.add_argument("--peak-stacks", action="store_true",
                    help="sample RSS every 5 ms in detect and report the pipeline line at each "
