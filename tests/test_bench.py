@@ -1,5 +1,6 @@
-"""scripts/bench_floor.py: the floor `make bench` times against the read (what it measures
-has to be right, or its figure means nothing), and how bench.py runs and shows it."""
+"""make bench's scripts: the floor it times against the read (scripts/bench_floor.py; what
+it measures has to be right, or its figure means nothing), how bench.py runs and reports it,
+the report's picture (scripts/bench_chart.py) and its speed-up verdict."""
 
 from __future__ import annotations
 
@@ -175,3 +176,21 @@ def test_bench_docs_with_a_floor_draw_the_chart_they_link(monkeypatch, tmp_path)
     calls.clear()
     bench.write_docs(tmp_path / "benchmarks.md", [{**row, "floor": None}], info, [])
     assert calls == []
+
+
+@pytest.mark.parametrize("median, shown, verdict", [
+    (1.59951, "1.5995", "not met"), (1.5991, "1.599", "not met"), (1.64, "1.64", "met"),
+    (1.6, "1.60", "met"), (1.52, "1.52", "not met")])
+def test_speedup_summary_prints_the_median_on_its_side_of_the_target(monkeypatch, median,
+                                                                      shown, verdict):
+    """A median just under 1.6 is printed with the decimals that keep it under (1.60 beside
+    "not met" reads as the target met); others with two."""
+    bench = _script("bench", monkeypatch)
+    runs = []
+    for pair, (one, two) in enumerate([(18.8, 18.8 / 1.4), (20.9, 11.9), (20.6, 20.6 / median)]):
+        for threads, seconds in ((1, one), (2, two)):
+            runs.append({"pair": pair, "threads": threads, "seconds": seconds, "problem": None,
+                         "ceiling": {"sort": 1.9, "stream": 1.4} if threads == 1 else None})
+    text = bench.speedup_summary([{"size": 4096, "speedup": runs}])
+    first = text.split("\n")[0]
+    assert f"median {shown} of 3 pairs" in first and first.endswith(f": {verdict}.")
