@@ -1162,7 +1162,7 @@ write parts add up to more than the write stage.
     if kept:  # e.g. the COG fetch section of an earlier run, when this one skipped it
         text += "\n" + kept
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _floor_section(rows):
+    if any(r.get("floor") for r in rows):  # the floor section links the chart
         draw_chart(rows, path.parent / CHART_NAME)
     path.write_text(text)
 
@@ -1250,7 +1250,8 @@ written as COGs with the evidence's creation options. Everything is held in memo
 bound; about 25 bytes a pixel). It is plain NumPy, SciPy and GDAL, not a proven minimum, but
 every detect that writes the evidence of issue 2 does all of it and more: the co-registration's
 checks, nodata and the AOI, the building, compound, wall and watchtower detectors, chips,
-GeoJSON and manifest. "floor / read" is the share of the target it uses by itself.
+GeoJSON and manifest. "floor / read" beside "ratio target" shows how much of the target the
+floor uses by itself.
 
 {md_table(floor_rows(rows))}
 
@@ -1317,7 +1318,7 @@ def run_fetch_bench(cfg: argparse.Namespace) -> dict[str, Any]:
 
 
 def _scripts_module(name: str) -> Any:
-    """A module of ``scripts/`` by name (``bench_fetch``, ``bench_floor``)."""
+    """A module of ``scripts/`` by name (``bench_fetch``, ``bench_floor``, ``bench_chart``)."""
     scripts = str(Path(__file__).resolve().parent)
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
