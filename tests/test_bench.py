@@ -89,7 +89,8 @@ def test_floor_finds_the_shift_and_the_changed_block(monkeypatch, tmp_path):
     assert [name for name, _ in got["parts"]] == [
         "read+sha256", "coregister", "histograms", "magnitude", "opening", "labels",
         "mask COG", "magnitude COG"]
-    assert got["seconds"] >= sum(sec for _, sec in got["parts"]) - 1e-3
+    # each part is rounded to a millisecond: their sum may pass the total by half of one each
+    assert got["seconds"] >= sum(sec for _, sec in got["parts"]) - 0.0005 * len(got["parts"])
 
 
 def test_floor_of_a_pair_with_no_change_finds_no_shift(monkeypatch, tmp_path):
