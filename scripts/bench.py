@@ -721,7 +721,7 @@ def bench_size(size: int, cfg: argparse.Namespace) -> dict[str, Any]:
     if cfg.floor:
         log.info("size %d: the floor (the raster part of the evidence, plainly done)", size)
         got = run_child("floor", pair, cfg)
-        floor = {**got.data, "problem": got.problem} if got.ok else {"problem": got.problem}
+        floor = {**got.data, "problem": got.problem}  # data is empty when it failed
     log.info("size %d: detect on AOI %s", size, aoi)
     load_detect = _load()
     det = run_child("detect", pair, cfg, aoi)

@@ -8,10 +8,10 @@ target, and whether the floor alone is already past it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from pipeline.files import atomic_path
 
 __all__ = ["ratio_chart"]
 
@@ -59,15 +59,8 @@ def ratio_chart(sizes: Sequence[int], detect: Sequence[float], floor: Sequence[f
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, overwrite=True) as tmp:
             fig.savefig(tmp, format="png")
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would stay with the file
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     finally:
         plt.close(fig)
     return path

@@ -22,7 +22,6 @@ runs on ``threads`` threads (NumPy, GDAL and hashlib release the GIL).
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import tempfile
 import time
@@ -35,39 +34,22 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 import scipy.ndimage as ndi
-from skimage.filters import window
+from skimage.filters import threshold_otsu, window
 from skimage.registration import phase_cross_correlation
 
+from pipeline.files import sha256_file
 from pipeline.report.rasters import COPY_CONFIG, cog_options
 
-__all__ = ["COREG_WINDOW_PX", "floor", "otsu", "shifted_bilinear"]
+__all__ = ["COREG_WINDOW_PX", "floor", "shifted_bilinear"]
 
 COREG_WINDOW_PX = 1024
 STRIP_ROWS = 512
 _BINS = 1024
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read(path: str) -> tuple[np.ndarray, dict[str, Any]]:
     with rasterio.open(path) as src:
         return src.read(), dict(src.profile)
-
-
-def otsu(hist: np.ndarray, edges: np.ndarray) -> float:
-    """Otsu's threshold of a histogram (``edges``: its bin edges): the bin centre that
-    maximises the between-class variance."""
-    mids = (edges[:-1] + edges[1:]) / 2
-    p = hist / max(hist.sum(), 1)
-    w0, m0 = np.cumsum(p), np.cumsum(p * mids)
-    between = (m0[-1] * w0 - m0) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
-    return float(mids[int(np.argmax(between))])
 
 
 def shifted_bilinear(plane: np.ndarray, dy: float, dx: float, rows: slice) -> np.ndarray:
@@ -106,7 +88,7 @@ def floor(before: str | Path, after: str | Path, workdir: str | Path, *, threads
 
     with ThreadPoolExecutor(threads) as pool, \
             tempfile.TemporaryDirectory(prefix="floor-", dir=workdir) as out:
-        hashes = [pool.submit(_sha256, str(p)) for p in (before, after)]
+        hashes = [pool.submit(sha256_file, p) for p in (before, after)]
         (b, profile), (a, _) = pool.map(_read, (str(before), str(after)))
         for h in hashes:
             h.result()
@@ -155,7 +137,9 @@ def floor(before: str | Path, after: str | Path, workdir: str | Path, *, threads
             np.sqrt(acc, out=magnitude[rows])
             return np.histogram(magnitude[rows], bins=edges)[0]
 
-        threshold = otsu(sum(pool.map(change, strips)), edges)
+        # Otsu on the histogram, as the detect's change step does (`core.change`)
+        threshold = float(threshold_otsu(hist=(sum(pool.map(change, strips)),
+                                               (edges[:-1] + edges[1:]) / 2)))
         mark("magnitude")
         mask = np.empty((height, width), bool)
         square = np.ones((3, 3), bool)

@@ -21,11 +21,14 @@ DABANCHENG = SHARED_DATA / "dabancheng"
 
 
 def load_script(name: str):
-    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    """``scripts/<name>.py`` as a module (the scripts are not a package), registered in
+    ``sys.modules`` as ``<name>_script`` (dataclasses look their module up there)."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
